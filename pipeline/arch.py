@@ -1,0 +1,64 @@
+"""Architecture registry: which Hugging Face causal LMs prunefit knows how to prune and export.
+
+Every supported architecture shares the Llama layout (``model.model.layers[i].self_attn.{q,k,v,o}_proj``
+and ``mlp.{gate,up,down}_proj`` or Phi-3's fused variants); the spec records where they differ. An
+explicit table, not discovery: an unknown ``model_type`` is rejected with the list of known ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from pipeline.errors import ModelLoadError
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """How to reach the parts of one architecture that pruning and export touch."""
+
+    model_type: str
+    layers_attr: str = "model.layers"
+    fused_qkv: bool = False  # Phi-3: self_attn.qkv_proj
+    fused_gate_up: bool = False  # Phi-3: mlp.gate_up_proj
+
+
+ARCHS: dict[str, ArchSpec] = {
+    spec.model_type: spec
+    for spec in (
+        ArchSpec("llama"),
+        ArchSpec("mistral"),
+        ArchSpec("qwen2"),
+        ArchSpec("qwen3"),
+        ArchSpec("gemma"),
+        ArchSpec("gemma2"),
+        ArchSpec("gemma3_text"),
+        ArchSpec("phi3", fused_qkv=True, fused_gate_up=True),
+    )
+}
+
+
+def arch_for(model_type: str) -> ArchSpec:
+    try:
+        return ARCHS[model_type]
+    except KeyError:
+        raise ModelLoadError(
+            f"Unsupported architecture '{model_type}'. prunefit supports: {', '.join(sorted(ARCHS))}. "
+            "Convert the model to one of these or open an issue asking for it."
+        ) from None
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The ModuleList of decoder blocks of a supported causal LM."""
+    spec = arch_for(model.config.model_type)
+    obj: object = model
+    for part in spec.layers_attr.split("."):
+        obj = getattr(obj, part)
+    assert isinstance(obj, nn.ModuleList)
+    return obj
+
+
+def head_dim(config: object) -> int:
+    hd = getattr(config, "head_dim", None)
+    return int(hd) if hd else int(config.hidden_size // config.num_attention_heads)  # type: ignore[attr-defined]

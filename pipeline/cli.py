@@ -1,0 +1,144 @@
+"""``prunefit`` command line: export (the whole pipeline), validate, profiles.
+
+User errors (every :class:`PrunefitError`) print one message and exit with the error's own code;
+tracebacks only with ``--debug``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from pipeline.errors import PrunefitError
+
+log = logging.getLogger("prunefit")
+
+
+def _setup_logging(verbosity: int, log_file: Path | None = None) -> None:
+    level = {-1: logging.WARNING, 0: logging.INFO}.get(verbosity, logging.DEBUG)
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(log_file))
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=handlers,
+                        force=True)
+    # Third-party import noise (torchao CUDA kernels, pytree enum notices) says nothing about the run.
+    for noisy in ("torchao", "torch.utils._pytree", "onnx_ir", "onnxscript", "root", "torch.onnx", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+    p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="prunefit", description=__doc__)
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    ex = sub.add_parser("export", help="prune to the profile's budget, export, validate (the whole job)")
+    ex.add_argument("--target", required=True, help="profile name (see `prunefit profiles`) or path to a profile YAML")
+    ex.add_argument("--model", default="default",
+                    help="HF model directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
+    ex.add_argument("--out", type=Path, default=None, help="output directory (default: artifacts/<target>)")
+    ex.add_argument("--calib", default=None,
+                    help="calibration text: file, directory of .txt/.jsonl, or hf:NAME[:CONFIG[:SPLIT]] "
+                         "(default: seeded model-generated text)")
+    ex.add_argument("--num-samples", type=int, default=32, help="calibration windows")
+    ex.add_argument("--seq-len", type=int, default=256, help="tokens per calibration window")
+    ex.add_argument("--eval", dest="eval_source", default=None,
+                    help="held-out text for perplexity (default: held-out model-generated text)")
+    ex.add_argument("--eval-samples", type=int, default=16)
+    ex.add_argument("--eval-seq-len", type=int, default=512)
+    ex.add_argument("--seed", type=int, default=0)
+    ex.add_argument("--max-prune-ratio", type=float, default=None,
+                    help="most decoder blocks that may be removed, as a fraction (overrides the profile)")
+    ex.add_argument("--force", action="store_true", help="redo every stage even if its inputs did not change")
+    ex.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code to run")
+    _add_common(ex)
+
+    va = sub.add_parser("validate", help="re-run validation on the artifacts of an earlier export")
+    va.add_argument("--out", type=Path, required=True, help="artifacts directory of an earlier `prunefit export`")
+    va.add_argument("--target", default=None, help="profile to validate against (default: the one exported for)")
+    _add_common(va)
+
+    pr = sub.add_parser("profiles", help="list the device profiles and their budgets")
+    _add_common(pr)
+    return ap
+
+
+def _cmd_profiles() -> int:
+    from targets.profile import load_profiles, profiles_dir
+
+    profiles = load_profiles()
+    print(f"Device profiles in {profiles_dir()}:")
+    print(f"{'name':<20} {'budget MiB':>10} {'RAM MiB':>8} {'context':>8} {'arch':<8} runtimes  device")
+    for name, p in profiles.items():
+        print(f"{name:<20} {p.memory_budget_mib:>10} {p.ram_mib:>8} {p.context_length:>8} {p.cpu.arch:<8} "
+              f"{','.join(p.runtimes)}  {p.device}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from pipeline.data import DataConfig
+    from pipeline.run import EvalConfig, RunConfig, run_pipeline
+
+    cfg = RunConfig(
+        target=args.target,
+        model=args.model,
+        out_dir=args.out,
+        calib=DataConfig(source=args.calib, num_samples=args.num_samples, seq_len=args.seq_len, seed=args.seed),
+        eval=EvalConfig(source=args.eval_source, num_samples=args.eval_samples, seq_len=args.eval_seq_len),
+        max_prune_ratio=args.max_prune_ratio,
+        force=args.force,
+        trust_remote_code=args.trust_remote_code,
+    )
+    report = run_pipeline(cfg)
+    v = report["validation"]
+    log.info("PASS: %d gates passed; report in %s", len(v["gates"]), (args.out or Path("artifacts") / report["profile"]["name"]) / "report.md")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    verbosity = -1 if args.quiet else (1 if args.verbose else 0)
+    log_file = None
+    if args.command == "export":
+        from targets.profile import load_profile
+
+        try:
+            name = load_profile(args.target).name
+            log_file = (args.out or Path("artifacts") / name) / "prunefit.log"
+        except PrunefitError:
+            log_file = None  # reported below with the proper message
+    _setup_logging(verbosity, log_file)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        if args.command == "profiles":
+            return _cmd_profiles()
+        if args.command == "export":
+            return _cmd_export(args)
+        if args.command == "validate":
+            from pipeline.run import validate_existing
+
+            validate_existing(args.out, args.target)
+            log.info("PASS: report in %s", args.out / "report.md")
+            return 0
+    except PrunefitError as exc:
+        if args.debug:
+            raise
+        print(f"prunefit: error ({type(exc).__name__}): {exc}", file=sys.stderr)
+        return exc.exit_code
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

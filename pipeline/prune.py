@@ -1,0 +1,205 @@
+"""Budget-targeted structured pruning.
+
+The loop is method-agnostic: ask the memory model whether the model fits the profile; if not, let
+the pruning method remove its least important unit (computed from calibration data) and ask again.
+It therefore removes the fewest units that make the model fit, and no more. Before touching the
+model it checks that the most pruning allowed (``max_removed_layer_ratio``) can fit at all, so an
+impossible budget fails fast with how far off it is.
+
+Methods implement :class:`Pruner`; ``depth`` (block removal by Block Influence) is the first.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, Protocol
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+
+from pipeline.arch import decoder_layers
+from pipeline.errors import BudgetError, ConfigError
+from pipeline.rewrite import remove_layers
+from targets.budget import ModelShape, estimate_all, model_shape, worst
+from targets.profile import DeviceProfile
+
+log = logging.getLogger(__name__)
+
+Method = Literal["depth"]
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """Knobs of the prune stage (the profile gives the budget and the default limit)."""
+
+    method: Method = "depth"
+    max_removed_layer_ratio: float = 0.5
+    iterative: bool = True  # re-score after each removal (the remaining blocks' roles shift)
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.max_removed_layer_ratio < 1.0:
+            raise ConfigError(f"max_removed_layer_ratio must be in (0, 1), got {self.max_removed_layer_ratio}.")
+        if self.method not in PRUNERS:
+            raise ConfigError(f"Unknown pruning method '{self.method}'. Available: {', '.join(PRUNERS)}.")
+
+
+@dataclass
+class PruneStep:
+    removed: str  # human-readable unit, e.g. "layer 17 (original 21)"
+    score: float
+    estimate_mib: float
+
+
+@dataclass
+class PrunePlan:
+    """What the prune stage did, for the report and for reproducing it."""
+
+    method: str
+    budget_mib: float
+    before: dict[str, Any]
+    after: dict[str, Any]
+    removed_layers: list[int] = field(default_factory=list)
+    kept_layers: list[int] = field(default_factory=list)
+    steps: list[PruneStep] = field(default_factory=list)
+    params_before: int = 0
+    params_after: int = 0
+    wall_s: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Pruner(Protocol):
+    """A pruning method: removes one unit per call, chosen from calibration data."""
+
+    name: str
+
+    def most_pruned_shape(self, shape: ModelShape, cfg: PruneConfig) -> ModelShape:
+        """The smallest model the method may produce under ``cfg``'s limits (for the feasibility check)."""
+        ...
+
+    def can_step(self, model: PreTrainedModel, original_layers: int, cfg: PruneConfig) -> bool: ...
+
+    def step(self, model: PreTrainedModel, calib: torch.Tensor, cfg: PruneConfig) -> tuple[str, float]:
+        """Remove the least important unit in place; return (description, its score)."""
+        ...
+
+
+@torch.no_grad()
+def block_influence(model: PreTrainedModel, calib: torch.Tensor, batch_size: int) -> list[float]:
+    """ShortGPT's Block Influence per decoder block: mean over tokens of 1 - cos(h_in, h_out).
+
+    A block whose output points where its input already pointed changes the residual stream
+    least, so removing it disturbs the rest of the network least. Hooks capture each block's input
+    and output; only running sums are kept, never the hidden states.
+    """
+    layers = decoder_layers(model)
+    sums = torch.zeros(len(layers), dtype=torch.float64)
+    count = 0
+    handles = []
+
+    def hook(idx: int):  # noqa: ANN202
+        def fn(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            h_in = args[0] if args else kwargs["hidden_states"]
+            h_out = output[0] if isinstance(output, tuple) else output
+            cos = torch.nn.functional.cosine_similarity(h_in.float(), h_out.float(), dim=-1)
+            sums[idx] += float((1.0 - cos).sum())
+
+        return fn
+
+    for i, layer in enumerate(layers):
+        handles.append(layer.register_forward_hook(hook(i), with_kwargs=True))
+    try:
+        base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+        for start in range(0, calib.shape[0], batch_size):
+            ids = calib[start : start + batch_size]
+            base(input_ids=ids, use_cache=False)
+            count += ids.numel()
+    finally:
+        for h in handles:
+            h.remove()
+    return (sums / max(count, 1)).tolist()
+
+
+class DepthPruner:
+    """Remove whole decoder blocks, least Block Influence first (ShortGPT; iterative by default)."""
+
+    name = "depth"
+
+    def most_pruned_shape(self, shape: ModelShape, cfg: PruneConfig) -> ModelShape:
+        n = max_removable_layers(len(shape.layers), cfg)
+        biggest = sorted(range(len(shape.layers)), key=lambda i: -shape.layers[i].params)[:n]
+        return shape.without_layers(set(biggest))
+
+    def can_step(self, model: PreTrainedModel, original_layers: int, cfg: PruneConfig) -> bool:
+        removed = original_layers - len(decoder_layers(model))
+        return removed < max_removable_layers(original_layers, cfg)
+
+    def step(self, model: PreTrainedModel, calib: torch.Tensor, cfg: PruneConfig) -> tuple[str, float]:
+        scores = block_influence(model, calib, cfg.batch_size)
+        idx = min(range(len(scores)), key=scores.__getitem__)
+        original = (getattr(model.config, "prunefit", None) or {}).get("kept_layers", list(range(len(scores))))[idx]
+        remove_layers(model, [idx])
+        return f"block {original}", scores[idx]
+
+
+PRUNERS: dict[str, type[DepthPruner]] = {"depth": DepthPruner}
+
+
+def max_removable_layers(num_layers: int, cfg: PruneConfig) -> int:
+    return min(num_layers - 1, math.floor(cfg.max_removed_layer_ratio * num_layers))
+
+
+def _estimates(shape: ModelShape, profile: DeviceProfile) -> dict[str, Any]:
+    ests = estimate_all(shape, profile)
+    return {"params": shape.total_params, "worst_mib": round(worst(ests).total_mib, 2), "per_runtime": [e.to_dict() for e in ests]}
+
+
+def prune_to_budget(
+    model: PreTrainedModel, calib: torch.Tensor, profile: DeviceProfile, cfg: PruneConfig
+) -> PrunePlan:
+    """Prune ``model`` in place until the memory model says it fits ``profile``; return the plan."""
+    t0 = time.perf_counter()
+    pruner = PRUNERS[cfg.method]()
+    shape = model_shape(model)
+    original_layers = len(shape.layers)
+    before = _estimates(shape, profile)
+    floor = worst(estimate_all(pruner.most_pruned_shape(shape, cfg), profile))
+    if not floor.fits:
+        raise BudgetError(
+            f"Budget infeasible for profile '{profile.name}': even the most pruning allowed "
+            f"({cfg.method}, max_removed_layer_ratio={cfg.max_removed_layer_ratio}) needs "
+            f"{floor.total_mib:.1f} MiB on {floor.runtime} (weights {floor.weights_mib:.1f} + KV "
+            f"{floor.kv_cache_mib:.1f} + activations {floor.activations_mib:.1f} + overhead {floor.overhead_mib:.1f}), "
+            f"{floor.total_mib - floor.budget_mib:.1f} MiB over the {floor.budget_mib:.0f} MiB budget. "
+            "Raise memory_budget_mib, lower context_length/prefill_tokens, allow more pruning "
+            "(pruning.max_removed_layer_ratio / --max-prune-ratio), or pick a smaller model."
+        )
+    plan = PrunePlan(method=cfg.method, budget_mib=float(profile.memory_budget_mib), before=before, after=before)
+    current = worst(estimate_all(shape, profile))
+    with tqdm(desc=f"prune ({cfg.method})", unit="step", disable=None) as bar:
+        while not current.fits:
+            if not pruner.can_step(model, original_layers, cfg):  # pragma: no cover - guarded by the floor check
+                raise BudgetError(f"Pruning limit reached at {current.total_mib:.1f} MiB > {current.budget_mib} MiB.")
+            what, score = pruner.step(model, calib, cfg)
+            current = worst(estimate_all(model_shape(model), profile))
+            plan.steps.append(PruneStep(what, score, round(current.total_mib, 2)))
+            log.info("removed %s (score %.4f): now %.1f MiB of %.0f", what, score, current.total_mib, current.budget_mib)
+            bar.update(1)
+            bar.set_postfix(mib=f"{current.total_mib:.0f}/{current.budget_mib:.0f}")
+    final = model_shape(model)
+    meta = getattr(model.config, "prunefit", None) or {}
+    plan.after = _estimates(final, profile)
+    plan.removed_layers = list(meta.get("removed_layers", []))
+    plan.kept_layers = list(meta.get("kept_layers", range(original_layers)))
+    plan.params_before, plan.params_after = shape.total_params, final.total_params
+    plan.wall_s = round(time.perf_counter() - t0, 2)
+    if meta:
+        model.config.prunefit = {**meta, "method": cfg.method, "profile": profile.name}
+    return plan

@@ -1,0 +1,232 @@
+"""The whole job, top to bottom: calibrate -> prune -> rewrite -> export -> validate -> report.
+
+1. Validate the profile and every option before anything heavy loads.
+2. Prune stage (cached): load the model, cut calibration windows, measure dense perplexity,
+   prune until the memory model says the profile's budget is met, save the pruned model
+   (safetensors + config.json) and check it reloads to identical logits.
+3. Export stage per runtime (cached): ONNX and/or .pte.
+4. Validate: run each artifact in its runtime in a child process; gates; report.json/report.md.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from exporters import get_exporter
+from exporters.base import ExportConfig
+from pipeline.cache import fingerprint_path, is_fresh, package_versions, stage_key, write_manifest
+from pipeline.data import DataConfig, first_windows, generate_samples, load_windows, read_text
+from pipeline.errors import CalibrationError, ConfigError
+from pipeline.evaluate import perplexity
+from pipeline.fsio import atomic_path, atomic_write_json, atomic_write_text, ensure_writable_dir
+from pipeline.model import DEFAULT_MODEL, load_model, resolve_model_path
+from pipeline.prune import PruneConfig, prune_to_budget
+from pipeline.rewrite import check_round_trip, save_model
+from targets.profile import DeviceProfile, Runtime, load_profile
+from targets.report import write_report
+from targets.validate import validate
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Held-out text for perplexity: first ``num_samples`` windows of ``seq_len`` tokens."""
+
+    source: str | None = None  # None: held-out model-generated text (different seed from calibration)
+    num_samples: int = 16
+    seq_len: int = 512
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    target: str
+    model: str = DEFAULT_MODEL
+    out_dir: Path | None = None
+    calib: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    max_prune_ratio: float | None = None  # overrides profile.pruning.max_removed_layer_ratio
+    threads: int | None = None  # torch threads for pruning/eval (default: all cores)
+    force: bool = False
+    trust_remote_code: bool = False
+
+    def resolved_out_dir(self, profile: DeviceProfile) -> Path:
+        return self.out_dir or Path("artifacts") / profile.name
+
+
+def _prune_config(cfg: RunConfig, profile: DeviceProfile) -> PruneConfig:
+    ratio = cfg.max_prune_ratio if cfg.max_prune_ratio is not None else profile.pruning.max_removed_layer_ratio
+    return PruneConfig(method=profile.pruning.method, max_removed_layer_ratio=ratio)
+
+
+def _eval_windows(cfg: RunConfig, model: PreTrainedModel, tokenizer: Any) -> torch.Tensor:
+    ev = cfg.eval
+    if ev.source is None:
+        return generate_samples(model, tokenizer, ev.num_samples, ev.seq_len, seed=cfg.calib.seed + 1_000)
+    return first_windows(read_text(ev.source), tokenizer, ev.num_samples, ev.seq_len, where=ev.source)
+
+
+def _prune_stage(cfg: RunConfig, profile: DeviceProfile, out: Path, key: str) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    loaded = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    model, tok = loaded.model, loaded.tokenizer
+    calib = load_windows(cfg.calib, model, tok)
+    evals = _eval_windows(cfg, model, tok)
+    tensors_path = out / "calibration.safetensors"
+    with atomic_path(tensors_path) as tmp:
+        save_file({"calibration": calib.contiguous(), "evaluation": evals.contiguous()}, str(tmp))
+    ppl_dense = perplexity(model, evals, desc="perplexity (dense)")
+    log.info("dense perplexity %.2f", ppl_dense)
+    plan = prune_to_budget(model, calib, profile, _prune_config(cfg, profile))
+    ppl_pruned = perplexity(model, evals, desc="perplexity (pruned)")
+    log.info("pruned perplexity %.2f (%.2fx)", ppl_pruned, ppl_pruned / ppl_dense)
+    model_dir = save_model(model, tok, out / "pruned_model")
+    check_round_trip(model, model_dir, calib[:1, :64])
+    result = {"plan": plan.to_dict(), "perplexity": {"dense": ppl_dense, "pruned": ppl_pruned}}
+    plan_path = atomic_write_json(out / "prune_plan.json", result)
+    write_manifest(out, "prune", key, [model_dir, plan_path, tensors_path], time.perf_counter() - t0, result["perplexity"])
+    return result
+
+
+def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
+    """Run every stage for ``cfg.target``; raise GateError (after writing the report) if a gate fails."""
+    profile = load_profile(cfg.target)
+    if cfg.max_prune_ratio is not None and not 0 < cfg.max_prune_ratio < 1:
+        raise ConfigError(f"--max-prune-ratio must be in (0, 1), got {cfg.max_prune_ratio}.")
+    model_path = resolve_model_path(cfg.model)
+    if cfg.calib.source is not None:
+        read_text(cfg.calib.source)  # fail on a bad calibration file before loading the model
+    if cfg.eval.source is not None:
+        read_text(cfg.eval.source)
+    out = ensure_writable_dir(cfg.resolved_out_dir(profile))
+    torch.set_num_threads(cfg.threads or torch.get_num_threads())
+    atomic_write_text(out / "profile.yaml", _profile_yaml(profile))
+    atomic_write_json(out / "run_config.json", {**asdict(cfg), "out_dir": str(out), "model_path": str(model_path)})
+    stages: dict[str, dict[str, Any]] = {}
+
+    prune_key = stage_key(
+        model=fingerprint_path(model_path), calib=asdict(cfg.calib), eval=asdict(cfg.eval),
+        prune=asdict(_prune_config(cfg, profile)), profile=profile.model_dump(), versions=package_versions(),
+    )
+    t0 = time.perf_counter()
+    fresh = None if cfg.force else is_fresh(out, "prune", prune_key)
+    if fresh:
+        log.info("prune stage up to date (inputs unchanged); reusing %s", out / "pruned_model")
+        result = json.loads((out / "prune_plan.json").read_text())
+    else:
+        result = _prune_stage(cfg, profile, out, prune_key)
+    stages["prune"] = {"wall_s": time.perf_counter() - t0 if not fresh else fresh["wall_s"], "cached": bool(fresh)}
+
+    artifacts: dict[Runtime, Path] = {}
+    export_cfg = ExportConfig(seq_len=profile.prefill_tokens, batch_size=profile.batch_size)
+    model = _load_pruned(out)
+    for runtime in profile.runtimes:
+        exporter = get_exporter(runtime)
+        key = stage_key(prune=prune_key, export=asdict(export_cfg), runtime=runtime)
+        stage = f"export-{runtime}"
+        t0 = time.perf_counter()
+        fresh = None if cfg.force else is_fresh(out, stage, key)
+        path = out / exporter.filename
+        if fresh:
+            log.info("%s up to date; reusing %s", stage, path)
+            details = fresh["metrics"]
+        else:
+            log.info("exporting %s for %s", path.name, runtime)
+            art = exporter.export(model, export_cfg, out)
+            details = {**art.details, "export_s": art.export_s, "size_bytes": art.size_bytes}
+            write_manifest(out, stage, key, [art.path], time.perf_counter() - t0, details)
+        stages[stage] = {"wall_s": fresh["wall_s"] if fresh else time.perf_counter() - t0, "cached": bool(fresh),
+                         "details": details}
+        artifacts[runtime] = path
+    return validate_and_report(out, profile, model, artifacts, result, stages, cfg, model_path)
+
+
+def _load_pruned(out: Path) -> PreTrainedModel:
+    model = AutoModelForCausalLM.from_pretrained(out / "pruned_model", dtype=torch.float32, use_safetensors=True).eval()
+    model.requires_grad_(False)
+    return model
+
+
+def validate_and_report(
+    out: Path,
+    profile: DeviceProfile,
+    model: PreTrainedModel,
+    artifacts: dict[Runtime, Path],
+    result: dict[str, Any],
+    stages: dict[str, dict[str, Any]],
+    cfg: RunConfig,
+    model_path: Path | str,
+) -> dict[str, Any]:
+    """Run the artifacts on the profile, write report.json/report.md, then raise if a gate failed."""
+    tensors = load_file(str(out / "calibration.safetensors"))
+    inputs = _validation_inputs(tensors["evaluation"], profile)
+    t0 = time.perf_counter()
+    report_obj = validate(profile, model, artifacts, inputs, out / "validation", result["perplexity"])
+    stages["validate"] = {"wall_s": time.perf_counter() - t0, "cached": False}
+    report = {
+        "model": str(model_path),
+        "eval_source": cfg.eval.source or "model-generated text (held-out seed)",
+        "calib_source": cfg.calib.source or "model-generated text",
+        "profile": profile.model_dump(),
+        "prune": result["plan"],
+        "validation": report_obj.to_dict(),
+        "stages": stages,
+        "versions": package_versions(),
+        "artifacts": {rt: p.name for rt, p in artifacts.items()} | {"pruned_model": "pruned_model"},
+    }
+    write_report(out, report)
+    log.info("report: %s", out / "report.md")
+    report_obj.raise_if_failed()
+    return report
+
+
+def validate_existing(out: Path, target: str | None = None) -> dict[str, Any]:
+    """Re-validate the artifacts of an earlier run in ``out`` (``prunefit validate``)."""
+    from pipeline.errors import ExportError
+
+    run_cfg_path = out / "run_config.json"
+    if not (out / "prune_plan.json").is_file() or not run_cfg_path.is_file():
+        raise ExportError(f"{out} holds no finished prunefit run (no prune_plan.json); run `prunefit export` first.")
+    saved = json.loads(run_cfg_path.read_text())
+    profile = load_profile(target or saved["target"])
+    artifacts: dict[Runtime, Path] = {}
+    for runtime in profile.runtimes:
+        path = out / get_exporter(runtime).filename
+        if not path.is_file():
+            raise ExportError(f"{path} is missing; run `prunefit export --target {profile.name}` to create it.")
+        artifacts[runtime] = path
+    cfg = RunConfig(
+        target=profile.name, model=saved["model"],
+        eval=EvalConfig(**saved["eval"]), calib=DataConfig(**saved["calib"]),
+    )
+    result = json.loads((out / "prune_plan.json").read_text())
+    return validate_and_report(out, profile, _load_pruned(out), artifacts, result, {}, cfg, saved["model_path"])
+
+
+def _validation_inputs(evals: torch.Tensor, profile: DeviceProfile) -> torch.Tensor:
+    """Real held-out tokens shaped (batch, prefill_tokens): what the static-shape artifacts take."""
+    flat = evals.reshape(-1)
+    need = profile.batch_size * profile.prefill_tokens
+    if flat.numel() < need:
+        raise CalibrationError(
+            f"Evaluation text has {flat.numel()} tokens; validation needs {need} (batch x prefill_tokens)."
+        )
+    return flat[:need].view(profile.batch_size, profile.prefill_tokens).clone()
+
+
+def _profile_yaml(profile: DeviceProfile) -> str:
+    import yaml
+
+    return "# Resolved profile used for this run (all defaults filled in).\n" + yaml.safe_dump(
+        profile.model_dump(mode="json"), sort_keys=False
+    )
+

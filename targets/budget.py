@@ -1,0 +1,183 @@
+"""Run-time memory model: predict an exported model's peak memory on a device from its shapes.
+
+peak = weights (export precision, as the runtime stores them)
+     + KV cache (every layer, every KV head, at the profile's context length and batch)
+     + activation working set (one prefill chunk: residual stream, attention, MLP, logits)
+     + runtime overhead (the runtime's own code, arenas and bookkeeping)
+
+Shapes are read from the live modules, not the config, so per-layer widths after pruning are
+counted exactly. The pruner calls this to decide how much to remove; validation compares it with a
+measured peak.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from torch import nn
+
+from pipeline.arch import decoder_layers, head_dim
+from targets.profile import DeviceProfile, Runtime
+
+MIB = 1024 * 1024
+BYTES_PER_ELEMENT = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1}
+
+# On-device runtime overhead (code + allocator/arena slack), MiB. onnxruntime: shared library
+# (~20 MiB text+data on arm64 Android builds) plus the BFC/CPU arena's rounding slack.
+# ExecuTorch: the runtime core is a few hundred KiB; XNNPACK's code + workspace dominate.
+# Profiles may override these per runtime (runtime_overhead_mib).
+DEFAULT_RUNTIME_OVERHEAD_MIB: dict[Runtime, float] = {"onnxruntime": 32.0, "executorch": 16.0}
+
+# Whether the runtime keeps one copy of a tied embedding / lm_head: ONNX from torch.onnx's dynamo
+# exporter shares the initializer; an ExecuTorch program serialises the lm_head weight separately.
+STORES_TIED_ONCE: dict[Runtime, bool] = {"onnxruntime": True, "executorch": False}
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """The widths of one decoder block that drive its memory."""
+
+    params: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """Everything the memory model needs to know about a (possibly pruned) model."""
+
+    vocab_size: int
+    hidden_size: int
+    embed_params: int
+    lm_head_params: int
+    tied: bool
+    other_params: int  # final norm and anything outside blocks/embeddings
+    layers: tuple[LayerShape, ...]
+
+    @property
+    def layer_params(self) -> int:
+        return sum(layer.params for layer in self.layers)
+
+    @property
+    def total_params(self) -> int:
+        head = 0 if self.tied else self.lm_head_params
+        return self.embed_params + head + self.other_params + self.layer_params
+
+    def without_layers(self, indices: set[int]) -> ModelShape:
+        kept = tuple(layer for i, layer in enumerate(self.layers) if i not in indices)
+        return ModelShape(
+            self.vocab_size, self.hidden_size, self.embed_params, self.lm_head_params, self.tied,
+            self.other_params, kept,
+        )
+
+
+def _n(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _out(linear: nn.Module) -> int:
+    return int(linear.weight.shape[0])  # type: ignore[union-attr,index]
+
+
+def layer_shape(layer: nn.Module, hd: int) -> LayerShape:
+    attn, mlp = layer.self_attn, layer.mlp  # type: ignore[union-attr]
+    if hasattr(attn, "qkv_proj"):  # Phi-3 fused
+        n_q = int(attn.o_proj.weight.shape[1]) // hd
+        n_kv = (_out(attn.qkv_proj) // hd - n_q) // 2
+    else:
+        n_q, n_kv = _out(attn.q_proj) // hd, _out(attn.k_proj) // hd
+    inter = _out(mlp.gate_up_proj) // 2 if hasattr(mlp, "gate_up_proj") else _out(mlp.up_proj)
+    return LayerShape(_n(layer), n_q, n_kv, hd, inter)
+
+
+def model_shape(model: nn.Module) -> ModelShape:
+    cfg = model.config
+    hd = head_dim(cfg)
+    layers = tuple(layer_shape(layer, hd) for layer in decoder_layers(model))
+    embed = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight is embed.weight
+    embed_n = _n(embed)
+    head_n = int(head.weight.numel()) if head is not None else 0
+    counted = {id(p) for layer in decoder_layers(model) for p in layer.parameters()}
+    counted |= {id(p) for p in embed.parameters()}
+    if head is not None:
+        counted |= {id(p) for p in head.parameters()}
+    other = sum(p.numel() for p in model.parameters() if id(p) not in counted)
+    return ModelShape(int(cfg.vocab_size), int(cfg.hidden_size), embed_n, head_n, tied, other, layers)
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Predicted peak run-time memory of one runtime, term by term (MiB)."""
+
+    runtime: str
+    weights_mib: float
+    kv_cache_mib: float
+    activations_mib: float
+    overhead_mib: float
+    budget_mib: float
+
+    @property
+    def total_mib(self) -> float:
+        return self.weights_mib + self.kv_cache_mib + self.activations_mib + self.overhead_mib
+
+    @property
+    def fits(self) -> bool:
+        return self.total_mib <= self.budget_mib
+
+    def to_dict(self) -> dict[str, float | str | bool]:
+        return {**asdict(self), "total_mib": round(self.total_mib, 2), "fits": self.fits}
+
+
+def weights_bytes(shape: ModelShape, runtime: Runtime, precision: str) -> int:
+    head = shape.lm_head_params if (not shape.tied or not STORES_TIED_ONCE[runtime]) else 0
+    n = shape.embed_params + head + shape.other_params + shape.layer_params
+    return n * BYTES_PER_ELEMENT[precision]
+
+
+def kv_cache_bytes(shape: ModelShape, context: int, batch: int, precision: str) -> int:
+    per_token = sum(2 * layer.num_kv_heads * layer.head_dim for layer in shape.layers)
+    return per_token * context * batch * BYTES_PER_ELEMENT[precision]
+
+
+def activation_bytes(shape: ModelShape, tokens: int, context: int, batch: int) -> int:
+    """Working set of one prefill chunk of ``tokens`` attending over up to ``context`` positions.
+
+    Activations stay fp32 on CPU runtimes. Layers run one after another, so the peak is the
+    residual stream plus the widest single layer's transients plus the logits of the chunk.
+    """
+    bt = batch * tokens
+    residual = 3 * bt * shape.hidden_size  # hidden, normed copy, residual add
+    widest = 0
+    for layer in shape.layers:
+        qkv = bt * (layer.num_heads + 2 * layer.num_kv_heads) * layer.head_dim
+        scores = 2 * batch * layer.num_heads * tokens * context  # scores + softmax output
+        mlp = 3 * bt * layer.intermediate_size  # gate, up, act*up
+        widest = max(widest, qkv + scores, mlp)
+    logits = bt * shape.vocab_size
+    return 4 * (residual + widest + logits)
+
+
+def estimate(shape: ModelShape, profile: DeviceProfile, runtime: Runtime) -> MemoryEstimate:
+    overhead = profile.runtime_overhead_mib.get(runtime, DEFAULT_RUNTIME_OVERHEAD_MIB[runtime])
+    return MemoryEstimate(
+        runtime=runtime,
+        weights_mib=weights_bytes(shape, runtime, profile.precision) / MIB,
+        kv_cache_mib=kv_cache_bytes(shape, profile.context_length, profile.batch_size, profile.precision) / MIB,
+        activations_mib=activation_bytes(shape, profile.prefill_tokens, profile.context_length, profile.batch_size)
+        / MIB,
+        overhead_mib=float(overhead),
+        budget_mib=float(profile.memory_budget_mib),
+    )
+
+
+def estimate_all(shape: ModelShape, profile: DeviceProfile) -> list[MemoryEstimate]:
+    """One estimate per runtime the profile exports to; the model must fit in each."""
+    return [estimate(shape, profile, rt) for rt in profile.runtimes]
+
+
+def worst(estimates: list[MemoryEstimate]) -> MemoryEstimate:
+    return max(estimates, key=lambda e: e.total_mib)

@@ -1,0 +1,154 @@
+"""Device profiles: YAML files validated into frozen, typed objects before any model loads.
+
+Unknown keys and wrong types are rejected with the file, the key path and what was expected, so a
+typo in a hand-edited profile fails immediately instead of silently falling back to a default.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pipeline.errors import ProfileError
+
+Runtime = Literal["onnxruntime", "executorch"]
+RUNTIMES: tuple[Runtime, ...] = ("onnxruntime", "executorch")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class CpuSpec(_Strict):
+    """The CPU the model runs on; ``features`` drive kernel choices (dotprod, fp16, i8mm)."""
+
+    arch: Literal["aarch64", "x86_64"]
+    cores: int = Field(ge=1, le=256)
+    features: list[str] = Field(default_factory=list)
+
+
+class PruningLimits(_Strict):
+    """How far the pruner may go to meet the budget before declaring it infeasible."""
+
+    max_removed_layer_ratio: float = Field(0.5, gt=0.0, lt=1.0)
+    method: Literal["depth"] = "depth"
+
+
+class Gates(_Strict):
+    """Thresholds that turn measurements into pass/fail."""
+
+    parity_atol: float = Field(1e-3, gt=0.0)
+    max_ppl_ratio: float | None = Field(None, gt=1.0)
+
+
+class DeviceProfile(_Strict):
+    """A target device and the run-time constraints an exported model must meet on it."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$")
+    device: str = Field(min_length=1)
+    cpu: CpuSpec
+    ram_mib: int = Field(gt=0)
+    memory_budget_mib: int = Field(gt=0)
+    context_length: int = Field(gt=0, le=1_048_576)
+    prefill_tokens: int = Field(gt=0)
+    batch_size: int = Field(1, ge=1, le=64)
+    runtimes: list[Runtime] = Field(min_length=1)
+    precision: Literal["fp32"] = "fp32"
+    threads: int = Field(ge=1, le=256)
+    width_multiple: int = Field(8, ge=1, le=256)
+    runtime_overhead_mib: dict[Runtime, float] = Field(default_factory=dict)
+    pruning: PruningLimits = PruningLimits()
+    gates: Gates = Gates()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DeviceProfile:
+        if self.memory_budget_mib >= self.ram_mib:
+            raise ValueError(
+                f"memory_budget_mib ({self.memory_budget_mib}) must be below ram_mib ({self.ram_mib}): "
+                "the OS and other apps need the rest"
+            )
+        if self.prefill_tokens > self.context_length:
+            raise ValueError(
+                f"prefill_tokens ({self.prefill_tokens}) cannot exceed context_length ({self.context_length})"
+            )
+        if len(set(self.runtimes)) != len(self.runtimes):
+            raise ValueError(f"runtimes lists a runtime twice: {list(self.runtimes)}")
+        if self.threads > self.cpu.cores:
+            raise ValueError(f"threads ({self.threads}) exceeds cpu.cores ({self.cpu.cores})")
+        for rt, mib in self.runtime_overhead_mib.items():
+            if mib < 0:
+                raise ValueError(f"runtime_overhead_mib.{rt} must be >= 0, got {mib}")
+        return self
+
+
+def profiles_dir() -> Path:
+    """Where shipped profiles live (override with PRUNEFIT_PROFILES_DIR)."""
+    env = os.environ.get("PRUNEFIT_PROFILES_DIR")
+    return Path(env) if env else Path(__file__).resolve().parent.parent / "device_profiles"
+
+
+def available_profiles(directory: Path | None = None) -> list[str]:
+    return sorted(p.stem for p in (directory or profiles_dir()).glob("*.yaml"))
+
+
+def _format_errors(path: Path, exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "<top level>"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  - unknown key '{loc}': remove it or check its spelling")
+        elif err["type"] == "missing":
+            lines.append(f"  - missing required key '{loc}'")
+        else:
+            got = err.get("input")
+            got_s = f" (got {got!r})" if not isinstance(got, dict) else ""
+            lines.append(f"  - {loc}: {err['msg']}{got_s}")
+    valid = ", ".join(DeviceProfile.model_fields)
+    return f"Invalid device profile {path}:\n" + "\n".join(lines) + f"\nValid top-level keys: {valid}."
+
+
+def resolve_profile_path(name_or_path: str | Path) -> Path:
+    """Accept a profile name (``android``) or a path to a YAML file."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.is_file():
+            raise ProfileError(f"Profile file {p} does not exist.")
+        return p
+    candidate = profiles_dir() / f"{name_or_path}.yaml"
+    if not candidate.is_file():
+        raise ProfileError(
+            f"Unknown target '{name_or_path}'. Valid targets: {', '.join(available_profiles()) or '(none)'} "
+            f"(files in {profiles_dir()}), or pass a path to a profile YAML."
+        )
+    return candidate
+
+
+def load_profile(name_or_path: str | Path) -> DeviceProfile:
+    """Load and validate one profile; the ``name`` key must equal the file stem."""
+    path = resolve_profile_path(name_or_path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ProfileError(f"Cannot read profile {path}: {exc}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ProfileError(f"Profile {path} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ProfileError(f"Profile {path} must be a YAML mapping of keys to values, got {type(data).__name__}.")
+    try:
+        profile = DeviceProfile.model_validate(data)
+    except ValidationError as exc:
+        raise ProfileError(_format_errors(path, exc)) from exc
+    if profile.name != path.stem:
+        raise ProfileError(f"Profile {path}: name '{profile.name}' must equal the file stem '{path.stem}'.")
+    return profile
+
+
+def load_profiles(directory: Path | None = None) -> dict[str, DeviceProfile]:
+    d = directory or profiles_dir()
+    return {p.stem: load_profile(p) for p in sorted(d.glob("*.yaml"))}

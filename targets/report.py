@@ -1,0 +1,87 @@
+"""Render a run's results as ``report.json`` (machine-readable, versioned) and ``report.md``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pipeline.fsio import atomic_write_json, atomic_write_text
+
+SCHEMA_VERSION = 1
+
+
+def _f(x: Any, nd: int = 1) -> str:
+    return f"{x:.{nd}f}" if isinstance(x, (int, float)) else str(x)
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    p, plan, val = report["profile"], report["prune"], report["validation"]
+    lines = [
+        f"# prunefit report: {p['name']}",
+        "",
+        f"**{p['device']}** — {p['cpu']['arch']} ({', '.join(p['cpu']['features']) or 'no extra features'}), "
+        f"{p['ram_mib']} MiB RAM, budget **{p['memory_budget_mib']} MiB**, context {p['context_length']}, "
+        f"prefill {p['prefill_tokens']}, batch {p['batch_size']}, {p['threads']} threads, {p['precision']}.",
+        "",
+        f"Model: `{report['model']}`. Overall: **{'PASS' if val['passed'] else 'FAIL'}**.",
+        "",
+        "## Pruning",
+        "",
+        f"Method `{plan['method']}`: removed {len(plan['removed_layers'])} of "
+        f"{len(plan['removed_layers']) + len(plan['kept_layers'])} decoder blocks "
+        f"{plan['removed_layers'] or ''}; parameters {plan['params_before']:,} -> {plan['params_after']:,} "
+        f"({1 - plan['params_after'] / plan['params_before']:.1%} removed) in {plan['wall_s']:.1f} s.",
+        "",
+        "| step | removed | score | predicted peak (MiB) |",
+        "|---:|---|---:|---:|",
+    ]
+    lines += [f"| {i} | {s['removed']} | {s['score']:.4f} | {s['estimate_mib']:.1f} |" for i, s in enumerate(plan["steps"], 1)]
+    lines += [
+        "",
+        "## Memory model (predicted, MiB)",
+        "",
+        "| runtime | when | weights | KV cache | activations | overhead | total | budget | fits |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for when in ("before", "after"):
+        for e in plan[when]["per_runtime"]:
+            lines.append(
+                f"| {e['runtime']} | {when} | {_f(e['weights_mib'])} | {_f(e['kv_cache_mib'])} | "
+                f"{_f(e['activations_mib'])} | {_f(e['overhead_mib'])} | {_f(e['total_mib'])} | "
+                f"{_f(e['budget_mib'], 0)} | {'yes' if e['fits'] else 'no'} |"
+            )
+    lines += [
+        "",
+        "## Exported artifacts, measured",
+        "",
+        "| runtime | file | size (MiB) | load (s) | forward (ms) | measured model peak (MiB) | predicted w+act (MiB) "
+        "| projected peak (MiB) | max abs logit diff | argmax agree |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in val["runtimes"]:
+        m, pr = r["measured"], r["predicted"]
+        lines.append(
+            f"| {r['runtime']} | {r['artifact']} | {_f(r['size_mib'])} | {_f(m['load_s'], 2)} | "
+            f"{_f(m['forward_s'] * 1000)} | {_f(m['model_peak_mib'])} | "
+            f"{_f(pr['weights_mib'] + pr['activations_mib'])} | {_f(r['projected_peak_mib'])} | "
+            f"{r['max_abs_logit_diff']:.2e} | {r['argmax_agreement']:.1%} |"
+        )
+    ppl = val.get("perplexity", {})
+    if ppl:
+        lines += ["", "## Perplexity", "", f"Evaluated on `{report.get('eval_source', 'generated text')}`.", "",
+                  "| model | perplexity |", "|---|---:|"]
+        lines += [f"| {k} | {v:.2f} |" for k, v in ppl.items()]
+    lines += ["", "## Gates", "", "| gate | result | detail |", "|---|---|---|"]
+    lines += [f"| {g['name']} | {'pass' if g['passed'] else '**FAIL**'} | {g['detail']} |" for g in val["gates"]]
+    lines += ["", "## Stage timings (s)", "", "| stage | wall (s) | cached |", "|---|---:|---|"]
+    lines += [f"| {k} | {v['wall_s']:.1f} | {'yes' if v['cached'] else 'no'} |" for k, v in report["stages"].items()]
+    lines.append("")
+    return "\n".join(lines)
+
+
+def write_report(out_dir: Path, report: dict[str, Any]) -> tuple[Path, Path]:
+    report = {"schema_version": SCHEMA_VERSION, **report}
+    return (
+        atomic_write_json(out_dir / "report.json", report),
+        atomic_write_text(out_dir / "report.md", render_markdown(report)),
+    )

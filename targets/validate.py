@@ -1,0 +1,148 @@
+"""Validate exported artifacts on a device profile: run each in its real runtime in a separate
+process, then turn measurements into gates (parity, memory vs budget, quality).
+
+Every gate is evaluated and recorded before any failure is raised, so the report shows all of
+them; the caller raises :class:`GateError` naming each failed gate and by how much.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import PreTrainedModel
+
+from pipeline.errors import GateError, RuntimeMissingError
+from targets.budget import MemoryEstimate, estimate, model_shape
+from targets.profile import DeviceProfile, Runtime
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Gate:
+    name: str
+    passed: bool
+    value: float
+    threshold: float
+    detail: str
+
+
+@dataclass
+class RuntimeReport:
+    runtime: str
+    artifact: str
+    size_mib: float
+    measured: dict[str, Any]
+    predicted: dict[str, Any]
+    projected_peak_mib: float
+    max_abs_logit_diff: float
+    argmax_agreement: float
+
+
+@dataclass
+class ValidationReport:
+    profile: str
+    runtimes: list[RuntimeReport] = field(default_factory=list)
+    gates: list[Gate] = field(default_factory=list)
+    perplexity: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return all(g.passed for g in self.gates)
+
+    def failures(self) -> list[Gate]:
+        return [g for g in self.gates if not g.passed]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "passed": self.passed}
+
+    def raise_if_failed(self) -> None:
+        failed = self.failures()
+        if failed:
+            lines = "\n".join(f"  - {g.name}: {g.detail}" for g in failed)
+            raise GateError(f"Validation on profile '{self.profile}' failed {len(failed)} gate(s):\n{lines}")
+
+
+def run_artifact(runtime: Runtime, artifact: Path, inputs: np.ndarray, work_dir: Path, threads: int) -> tuple[dict[str, Any], np.ndarray]:
+    """Run one artifact in a child process (``python -m targets.runner``); return (measurements, logits)."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    ids_path, logits_path = work_dir / f"{runtime}_inputs.npy", work_dir / f"{runtime}_logits.npy"
+    np.save(ids_path, inputs.astype(np.int64), allow_pickle=False)
+    cmd = [
+        sys.executable, "-m", "targets.runner", "--runtime", runtime, "--artifact", str(artifact),
+        "--inputs", str(ids_path), "--logits-out", str(logits_path), "--threads", str(threads),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    result = json.loads(lines[-1]) if lines else {}
+    if result.get("error") == "runtime_missing":
+        raise RuntimeMissingError(f"Runtime '{runtime}' is not installed: {result['message']}. Run `make setup`.")
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout)[-3000:]
+        raise GateError(f"Running {artifact} in {runtime} failed (exit {proc.returncode}):\n{tail}")
+    return result, np.load(logits_path, allow_pickle=False)
+
+
+def validate(
+    profile: DeviceProfile,
+    model: PreTrainedModel,
+    artifacts: dict[Runtime, Path],
+    inputs: torch.Tensor,
+    work_dir: Path,
+    perplexity: dict[str, float],
+) -> ValidationReport:
+    """Run every artifact, compare with PyTorch, and evaluate all gates."""
+    report = ValidationReport(profile=profile.name, perplexity=perplexity)
+    with torch.no_grad():
+        reference = model(inputs, use_cache=False).logits.float().numpy()
+    shape = model_shape(model)
+    for runtime, path in artifacts.items():
+        log.info("validating %s in %s (threads=%d)", path.name, runtime, profile.threads)
+        measured, logits = run_artifact(runtime, path, inputs.numpy(), work_dir, profile.threads)
+        pred: MemoryEstimate = estimate(shape, profile, runtime)
+        diff = float(np.abs(logits - reference).max())
+        agree = float((logits.argmax(-1) == reference.argmax(-1)).mean())
+        # The prefill graph holds no KV cache, so the cache a decode loop would hold at the
+        # profile's context length is added from the model; the runtime's on-device host cost is
+        # the overhead term (the measured baseline is the Python host, not the device runner).
+        projected = measured["model_peak_mib"] + pred.kv_cache_mib + pred.overhead_mib
+        rr = RuntimeReport(
+            runtime=runtime,
+            artifact=path.name,
+            size_mib=path.stat().st_size / 2**20,
+            measured=measured,
+            predicted=pred.to_dict(),
+            projected_peak_mib=projected,
+            max_abs_logit_diff=diff,
+            argmax_agreement=agree,
+        )
+        report.runtimes.append(rr)
+        atol = profile.gates.parity_atol
+        report.gates.append(
+            Gate(f"parity[{runtime}]", diff <= atol and agree == 1.0, diff, atol,
+                 f"max |logit diff| {diff:.2e} (limit {atol:.0e}), argmax agreement {agree:.1%} (need 100%)")
+        )
+        budget = float(profile.memory_budget_mib)
+        report.gates.append(
+            Gate(f"memory[{runtime}]", projected <= budget, projected, budget,
+                 f"measured model peak {measured['model_peak_mib']:.1f} MiB + KV cache {pred.kv_cache_mib:.1f} + "
+                 f"runtime overhead {pred.overhead_mib:.1f} = {projected:.1f} MiB vs budget {budget:.0f} MiB "
+                 f"({'under' if projected <= budget else 'over'} by {abs(budget - projected):.1f} MiB)")
+        )
+    max_ratio = profile.gates.max_ppl_ratio
+    if max_ratio is not None and "dense" in perplexity and "pruned" in perplexity:
+        ratio = perplexity["pruned"] / perplexity["dense"]
+        report.gates.append(
+            Gate("quality[perplexity]", ratio <= max_ratio, ratio, max_ratio,
+                 f"pruned/dense perplexity {perplexity['pruned']:.2f}/{perplexity['dense']:.2f} = {ratio:.2f}x "
+                 f"(limit {max_ratio:.2f}x)")
+        )
+    return report
