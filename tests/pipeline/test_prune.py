@@ -1,0 +1,78 @@
+"""Depth pruning to a budget on tiny random models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.errors import BudgetError, ConfigError
+from pipeline.prune import PruneConfig, block_influence, prune_to_budget
+from targets.budget import estimate_all, model_shape, worst
+from targets.profile import DeviceProfile
+from tests.conftest import tiny_model
+
+WIDE = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4)
+
+
+def profile(budget_mib: int, **kw: object) -> DeviceProfile:
+    data = dict(
+        name="test", device="test device", cpu={"arch": "x86_64", "cores": 2}, ram_mib=4096,
+        memory_budget_mib=budget_mib, context_length=256, prefill_tokens=32, runtimes=["onnxruntime", "executorch"],
+        threads=2, runtime_overhead_mib={"onnxruntime": 0.0, "executorch": 0.0},
+    )
+    data.update(kw)
+    return DeviceProfile.model_validate(data)
+
+
+def calib(n: int = 4, t: int = 32) -> torch.Tensor:
+    return torch.randint(0, 512, (n, t), generator=torch.Generator().manual_seed(1))
+
+
+def test_block_influence_is_a_distance() -> None:
+    m = tiny_model("llama", **WIDE)
+    scores = block_influence(m, calib(), batch_size=2)
+    assert len(scores) == 8
+    assert all(0.0 <= s <= 2.0 for s in scores)
+    assert len(set(round(s, 6) for s in scores)) > 1
+
+
+def test_prunes_fewest_blocks_that_fit() -> None:
+    m = tiny_model("llama", **WIDE)
+    dense = model_shape(m)
+    p = profile(16)
+    assert not worst(estimate_all(dense, p)).fits
+    plan = prune_to_budget(m, calib(), p, PruneConfig(max_removed_layer_ratio=0.75))
+    after = model_shape(m)
+    assert worst(estimate_all(after, p)).fits
+    k = len(plan.removed_layers)
+    assert k == 8 - len(after.layers) == len(plan.steps) and k >= 1
+    # one block fewer removed would not fit: no overshoot
+    assert not worst(estimate_all(dense.without_layers(set(plan.removed_layers[1:])), p)).fits
+    assert plan.params_after == sum(x.numel() for x in m.parameters())
+    assert m.config.num_hidden_layers == len(after.layers)
+    assert m.config.prunefit["removed_layers"] == plan.removed_layers
+    out = m(calib(1), use_cache=False).logits
+    assert out.shape == (1, 32, 512) and torch.isfinite(out).all()
+
+
+def test_no_pruning_when_it_already_fits() -> None:
+    m = tiny_model("llama", **WIDE)
+    plan = prune_to_budget(m, calib(), profile(512), PruneConfig())
+    assert plan.removed_layers == [] and plan.steps == []
+    assert len(model_shape(m).layers) == 8
+
+
+def test_impossible_budget_fails_before_pruning_and_says_how_far() -> None:
+    m = tiny_model("llama", **WIDE)
+    with pytest.raises(BudgetError) as err:
+        prune_to_budget(m, calib(), profile(2), PruneConfig(max_removed_layer_ratio=0.5))
+    msg = str(err.value)
+    assert "MiB over" in msg and "max_removed_layer_ratio=0.5" in msg
+    assert len(model_shape(m).layers) == 8  # untouched
+
+
+def test_bad_prune_config() -> None:
+    with pytest.raises(ConfigError):
+        PruneConfig(max_removed_layer_ratio=1.0)
+    with pytest.raises(ConfigError, match="Available: depth"):
+        PruneConfig(method="nope")  # type: ignore[arg-type]

@@ -1,0 +1,73 @@
+"""Budget model arithmetic on known shapes."""
+
+from __future__ import annotations
+
+import pytest
+
+from targets.budget import (
+    MIB,
+    activation_bytes,
+    estimate,
+    kv_cache_bytes,
+    model_shape,
+    weights_bytes,
+)
+from targets.profile import load_profile
+from tests.conftest import tiny_model
+
+
+def test_shape_of_tiny_llama() -> None:
+    m = tiny_model("llama")  # hidden 64, 4 layers, 4 heads / 2 KV heads (head_dim 16), MLP 128, vocab 512, tied
+    s = model_shape(m)
+    assert s.tied and len(s.layers) == 4
+    layer = s.layers[0]
+    assert (layer.num_heads, layer.num_kv_heads, layer.head_dim, layer.intermediate_size) == (4, 2, 16, 128)
+    # q 64x64 + k 64x32 + v 64x32 + o 64x64 + MLP 3x64x128 + two norms of 64
+    assert layer.params == 64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 128 + 2 * 64
+    assert s.total_params == sum(p.numel() for p in m.parameters())
+
+
+def test_weights_count_tied_head_per_runtime() -> None:
+    s = model_shape(tiny_model("llama"))
+    ort = weights_bytes(s, "onnxruntime", "fp32")
+    et = weights_bytes(s, "executorch", "fp32")
+    assert ort == s.total_params * 4
+    assert et - ort == 512 * 64 * 4  # ExecuTorch stores the tied lm_head a second time
+
+
+def test_untied_model_counts_head_once_everywhere() -> None:
+    s = model_shape(tiny_model("mistral"))
+    assert not s.tied
+    assert weights_bytes(s, "onnxruntime", "fp32") == weights_bytes(s, "executorch", "fp32") == s.total_params * 4
+
+
+def test_kv_cache_formula() -> None:
+    s = model_shape(tiny_model("llama"))
+    # 2 (K and V) x 4 layers x 2 KV heads x 16 head_dim x 1024 tokens x batch 2 x 4 bytes
+    assert kv_cache_bytes(s, 1024, 2, "fp32") == 2 * 4 * 2 * 16 * 1024 * 2 * 4
+
+
+def test_removing_layers_shrinks_every_term_but_logits() -> None:
+    s = model_shape(tiny_model("llama"))
+    smaller = s.without_layers({0, 2})
+    assert len(smaller.layers) == 2
+    assert weights_bytes(s, "onnxruntime", "fp32") - weights_bytes(smaller, "onnxruntime", "fp32") == 2 * s.layers[0].params * 4
+    assert kv_cache_bytes(smaller, 100, 1, "fp32") == kv_cache_bytes(s, 100, 1, "fp32") // 2
+
+
+def test_activation_terms() -> None:
+    s = model_shape(tiny_model("llama"))
+    t, ctx = 32, 128
+    expected = 4 * (3 * t * 64 + max(t * (4 + 4) * 16 + 2 * 4 * t * ctx, 3 * t * 128) + t * 512)
+    assert activation_bytes(s, t, ctx, 1) == expected
+
+
+def test_estimate_totals_and_overrides() -> None:
+    p = load_profile("android")
+    s = model_shape(tiny_model("llama"))
+    e = estimate(s, p, "executorch")
+    assert e.overhead_mib == p.runtime_overhead_mib["executorch"]
+    assert e.total_mib == pytest.approx(e.weights_mib + e.kv_cache_mib + e.activations_mib + e.overhead_mib)
+    assert e.weights_mib == weights_bytes(s, "executorch", "fp32") / MIB
+    assert e.fits  # a tiny model fits a phone
+    assert e.to_dict()["fits"] is True

@@ -1,0 +1,108 @@
+"""Profile schema: every shipped profile loads; bad YAML fails with the file, the key and the fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.errors import ProfileError
+from targets.profile import DeviceProfile, available_profiles, load_profile, profiles_dir
+
+SHIPPED = available_profiles()
+# Every shipped profile must be listed here with whether the default model needs pruning to fit it;
+# adding a profile file without adding it here fails test_every_profile_is_covered.
+NEEDS_PRUNING_FOR_DEFAULT = {"android": True, "rpi4": True, "rpi5": False, "jetson-orin-nano": False}
+
+
+def test_every_profile_is_covered() -> None:
+    assert set(SHIPPED) == set(NEEDS_PRUNING_FOR_DEFAULT)
+    assert {"android", "rpi4", "rpi5", "jetson-orin-nano"} <= set(SHIPPED)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_profile_loads(name: str) -> None:
+    p = load_profile(name)
+    assert p.name == name
+    assert 0 < p.memory_budget_mib < p.ram_mib
+    assert p.prefill_tokens <= p.context_length
+    assert p.runtimes
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_number_has_a_source_comment(name: str) -> None:
+    """Each top-level numeric key carries a YAML comment saying where it comes from."""
+    for line in (profiles_dir() / f"{name}.yaml").read_text().splitlines():
+        key, _, rest = line.partition(":")
+        if key.strip() in ("ram_mib", "memory_budget_mib", "context_length", "threads", "cores", "prefill_tokens"):
+            assert "#" in rest, f"{name}.yaml: '{key.strip()}' has no comment saying where the number comes from"
+
+
+def _base() -> dict:
+    return yaml.safe_load((profiles_dir() / "android.yaml").read_text())
+
+
+def _write(tmp_path: Path, data: dict | str, name: str = "dev") -> Path:
+    p = tmp_path / f"{name}.yaml"
+    if isinstance(data, dict):
+        data = {**data, "name": data.get("name", name)}
+        p.write_text(yaml.safe_dump(data))
+    else:
+        p.write_text(data)
+    return p
+
+
+def test_round_trip_through_yaml(tmp_path: Path) -> None:
+    p = load_profile(_write(tmp_path, {**_base(), "name": "dev"}))
+    assert isinstance(p, DeviceProfile) and p.memory_budget_mib == 640
+
+
+@pytest.mark.parametrize(
+    ("mutate", "expect"),
+    [
+        (lambda d: d.update(memory_budgit_mib=1), "unknown key 'memory_budgit_mib'"),
+        (lambda d: d["cpu"].update(simd="neon"), "unknown key 'cpu.simd'"),
+        (lambda d: d.update(memory_budget_mib="lots"), "memory_budget_mib"),
+        (lambda d: d.update(memory_budget_mib=-5), "memory_budget_mib"),
+        (lambda d: d.update(memory_budget_mib=10**9), "must be below ram_mib"),
+        (lambda d: d.update(threads=2.5), "threads"),
+        (lambda d: d.update(runtimes=["tflite"]), "runtimes.0"),
+        (lambda d: d.update(runtimes=[]), "runtimes"),
+        (lambda d: d.update(prefill_tokens=4096), "cannot exceed context_length"),
+        (lambda d: d.pop("context_length"), "missing required key 'context_length'"),
+        (lambda d: d.update(precision="int3"), "precision"),
+        (lambda d: d["pruning"].update(max_removed_layer_ratio=1.5), "pruning.max_removed_layer_ratio"),
+        (lambda d: d.update(name="other"), "must equal the file stem"),
+    ],
+)
+def test_bad_profile_is_rejected_with_key(tmp_path: Path, mutate, expect: str) -> None:
+    data = _base()
+    data["name"] = "dev"
+    mutate(data)
+    path = _write(tmp_path, data)
+    with pytest.raises(ProfileError) as err:
+        load_profile(path)
+    assert expect in str(err.value)
+    assert str(path) in str(err.value)
+
+
+def test_malformed_yaml(tmp_path: Path) -> None:
+    with pytest.raises(ProfileError, match="not valid YAML"):
+        load_profile(_write(tmp_path, "name: dev\n  bad: [indent"))
+
+
+def test_python_tag_is_rejected(tmp_path: Path) -> None:
+    with pytest.raises(ProfileError, match="not valid YAML"):
+        load_profile(_write(tmp_path, "name: !!python/object/apply:os.system ['echo pwned']\n"))
+
+
+def test_non_mapping_yaml(tmp_path: Path) -> None:
+    with pytest.raises(ProfileError, match="mapping"):
+        load_profile(_write(tmp_path, "- just\n- a list\n"))
+
+
+def test_unknown_target_lists_valid_ones() -> None:
+    with pytest.raises(ProfileError) as err:
+        load_profile("toaster")
+    assert "android" in str(err.value) and "rpi5" in str(err.value)
