@@ -33,6 +33,16 @@ class ExportArtifact:
     details: dict[str, Any]
 
 
+def artifact_files(path: Path) -> list[Path]:
+    """The file itself plus its external-data sidecar (``model.onnx.data``) when there is one."""
+    sidecar = path.with_name(path.name + ".data")
+    return [path, sidecar] if sidecar.is_file() else [path]
+
+
+def artifact_size_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in artifact_files(path))
+
+
 class Exporter(Protocol):
     name: str
     filename: str

@@ -65,13 +65,19 @@ def resolve_model_path(model: str | Path) -> Path:
 
 
 def _check_causal_lm(config: object, where: Path) -> None:
+    """Causal LM at all (transformers' own mapping), then one prunefit supports."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    model_type = getattr(config, "model_type", "<none>")
     archs = getattr(config, "architectures", None) or []
-    if archs and not any(a.endswith("ForCausalLM") for a in archs):
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or (archs and not any(
+        a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs
+    )):
         raise ModelLoadError(
-            f"{where} holds a {', '.join(archs)} model, not a causal language model (…ForCausalLM). "
-            "prunefit prunes decoder-only causal LMs."
+            f"{where} holds a '{model_type}' model ({', '.join(archs) or 'no architectures listed'}), not a causal "
+            "language model. prunefit prunes decoder-only causal LMs (…ForCausalLM)."
         )
-    arch_for(getattr(config, "model_type", "<none>"))
+    arch_for(model_type)
 
 
 def _strip_gguf_quantization(model: PreTrainedModel) -> None:

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from exporters import get_exporter
-from exporters.base import ExportConfig
+from exporters.base import ExportConfig, artifact_files
 from pipeline.cache import fingerprint_path, is_fresh, package_versions, stage_key, write_manifest
 from pipeline.data import DataConfig, first_windows, generate_samples, load_windows, read_text
 from pipeline.errors import CalibrationError, ConfigError
@@ -131,7 +131,7 @@ def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
     model = _load_pruned(out)
     for runtime in profile.runtimes:
         exporter = get_exporter(runtime)
-        key = stage_key(prune=prune_key, export=asdict(export_cfg), runtime=runtime)
+        key = stage_key(prune=prune_key, export=asdict(export_cfg), runtime=runtime, versions=package_versions())
         stage = f"export-{runtime}"
         t0 = time.perf_counter()
         fresh = None if cfg.force else is_fresh(out, stage, key)
@@ -143,7 +143,7 @@ def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
             log.info("exporting %s for %s", path.name, runtime)
             art = exporter.export(model, export_cfg, out)
             details = {**art.details, "export_s": art.export_s, "size_bytes": art.size_bytes}
-            write_manifest(out, stage, key, [art.path], time.perf_counter() - t0, details)
+            write_manifest(out, stage, key, artifact_files(art.path), time.perf_counter() - t0, details)
         stages[stage] = {"wall_s": fresh["wall_s"] if fresh else time.perf_counter() - t0, "cached": bool(fresh),
                          "details": details}
         artifacts[runtime] = path

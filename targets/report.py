@@ -54,16 +54,16 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         "## Exported artifacts, measured",
         "",
-        "| runtime | file | size (MiB) | load (s) | forward (ms) | measured model peak (MiB) | predicted w+act (MiB) "
-        "| projected peak (MiB) | max abs logit diff | argmax agree |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| runtime | file | size (MiB) | load (s) | forward (ms) | measured model peak (MiB) | predicted (MiB) "
+        "| error | projected peak incl. KV + library (MiB) | max abs logit diff | argmax agree |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in val["runtimes"]:
-        m, pr = r["measured"], r["predicted"]
+        m = r["measured"]
         lines.append(
             f"| {r['runtime']} | {r['artifact']} | {_f(r['size_mib'])} | {_f(m['load_s'], 2)} | "
             f"{_f(m['forward_s'] * 1000)} | {_f(m['model_peak_mib'])} | "
-            f"{_f(pr['weights_mib'] + pr['activations_mib'])} | {_f(r['projected_peak_mib'])} | "
+            f"{_f(r['predicted_model_peak_mib'])} | {r['prediction_error']:+.1%} | {_f(r['projected_peak_mib'])} | "
             f"{r['max_abs_logit_diff']:.2e} | {r['argmax_agreement']:.1%} |"
         )
     ppl = val.get("perplexity", {})

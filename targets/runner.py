@@ -99,15 +99,17 @@ def measure(runtime: str, artifact: Path, inputs: Path, logits_out: Path, thread
     session = load()
     load_s = time.perf_counter() - t0
     rss_loaded = _current_rss_bytes()
+    load_peak = _peak_rss_bytes()
     latencies = []
     logits = None
     for _ in range(repeats + 1):  # first run is warm-up (allocations, kernel selection)
+        logits = None  # never hold two outputs at once: that is the runner's cost, not the model's
         t = time.perf_counter()
         logits = run(session, ids)
         latencies.append(time.perf_counter() - t)
-    assert logits is not None
-    np.save(logits_out, logits.astype(np.float32), allow_pickle=False)
     peak = _peak_rss_bytes()
+    assert logits is not None
+    np.save(logits_out, np.asarray(logits, dtype=np.float32), allow_pickle=False)
     return {
         "runtime": runtime,
         "artifact": str(artifact),
@@ -116,6 +118,7 @@ def measure(runtime: str, artifact: Path, inputs: Path, logits_out: Path, thread
         "interpreter_rss_mib": rss_start / MIB,
         "baseline_rss_mib": baseline / MIB,
         "loaded_rss_mib": rss_loaded / MIB,
+        "load_peak_mib": (load_peak - baseline) / MIB,
         "peak_rss_mib": peak / MIB,
         "model_peak_mib": (peak - baseline) / MIB,
         "peak_reset": peak_was_reset,

@@ -19,8 +19,9 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel
 
+from exporters.base import artifact_size_bytes
 from pipeline.errors import GateError, RuntimeMissingError
-from targets.budget import MemoryEstimate, estimate, model_shape
+from targets.budget import MemoryEstimate, estimate, library_mib, model_shape
 from targets.profile import DeviceProfile, Runtime
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,8 @@ class RuntimeReport:
     measured: dict[str, Any]
     predicted: dict[str, Any]
     projected_peak_mib: float
+    predicted_model_peak_mib: float  # the part of the prediction the child process measures
+    prediction_error: float  # measured / predicted - 1
     max_abs_logit_diff: float
     argmax_agreement: float
 
@@ -111,16 +114,20 @@ def validate(
         diff = float(np.abs(logits - reference).max())
         agree = float((logits.argmax(-1) == reference.argmax(-1)).mean())
         # The prefill graph holds no KV cache, so the cache a decode loop would hold at the
-        # profile's context length is added from the model; the runtime's on-device host cost is
-        # the overhead term (the measured baseline is the Python host, not the device runner).
-        projected = measured["model_peak_mib"] + pred.kv_cache_mib + pred.overhead_mib
+        # profile's context length is added from the model's shapes. The runtime library's own
+        # resident size is in the measured baseline (with the Python host), so the device's figure
+        # for it is added from the profile.
+        lib = library_mib(profile, runtime)
+        projected = measured["model_peak_mib"] + pred.kv_cache_mib + lib
         rr = RuntimeReport(
             runtime=runtime,
             artifact=path.name,
-            size_mib=path.stat().st_size / 2**20,
+            size_mib=artifact_size_bytes(path) / 2**20,
             measured=measured,
             predicted=pred.to_dict(),
             projected_peak_mib=projected,
+            predicted_model_peak_mib=pred.total_mib - pred.kv_cache_mib - lib,
+            prediction_error=measured["model_peak_mib"] / (pred.total_mib - pred.kv_cache_mib - lib) - 1.0,
             max_abs_logit_diff=diff,
             argmax_agreement=agree,
         )
@@ -134,7 +141,7 @@ def validate(
         report.gates.append(
             Gate(f"memory[{runtime}]", projected <= budget, projected, budget,
                  f"measured model peak {measured['model_peak_mib']:.1f} MiB + KV cache {pred.kv_cache_mib:.1f} + "
-                 f"runtime overhead {pred.overhead_mib:.1f} = {projected:.1f} MiB vs budget {budget:.0f} MiB "
+                 f"runtime library {lib:.1f} = {projected:.1f} MiB vs budget {budget:.0f} MiB "
                  f"({'under' if projected <= budget else 'over'} by {abs(budget - projected):.1f} MiB)")
         )
     max_ratio = profile.gates.max_ppl_ratio

@@ -55,7 +55,7 @@ def _write(tmp_path: Path, data: dict | str, name: str = "dev") -> Path:
 
 def test_round_trip_through_yaml(tmp_path: Path) -> None:
     p = load_profile(_write(tmp_path, {**_base(), "name": "dev"}))
-    assert isinstance(p, DeviceProfile) and p.memory_budget_mib == 640
+    assert isinstance(p, DeviceProfile) and p.memory_budget_mib == 768
 
 
 @pytest.mark.parametrize(
