@@ -22,7 +22,9 @@ def get_exporter(runtime: str) -> Exporter:
     try:
         target = _REGISTRY[runtime]
     except KeyError:
-        raise ExportError(f"No exporter for runtime '{runtime}'. Available: {', '.join(available_exporters())}.") from None
+        raise ExportError(
+            f"No exporter for runtime '{runtime}'. Available: {', '.join(available_exporters())}."
+        ) from None
     module, cls = target.split(":")
     exporter: Exporter = getattr(importlib.import_module(module), cls)()
     return exporter

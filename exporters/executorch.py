@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 def _delegation(edge: Any) -> dict[str, Any]:
     """Count delegate calls and the ops left outside any delegate in the lowered graph."""
     graph = edge.exported_program().graph_module.graph
-    delegated, leftover = 0, collections.Counter()
+    delegated, leftover = 0, collections.Counter[str]()
     for node in graph.nodes:
         if node.op != "call_function":
             continue
@@ -57,7 +57,9 @@ class ExecuTorchExporter:
                 details = _delegation(edge)
                 buffer = edge.to_executorch().buffer
         except Exception as exc:
-            raise ExportError(f"ExecuTorch export failed for {model.config.model_type}: {type(exc).__name__}: {exc}") from exc
+            raise ExportError(
+                f"ExecuTorch export failed for {model.config.model_type}: {type(exc).__name__}: {exc}"
+            ) from exc
         path = atomic_write_bytes(out_dir / self.filename, buffer)
         log.info("wrote %s (%.1f MiB, %d XNNPACK delegate calls)", path, len(buffer) / 2**20, details["delegate_calls"])
         return ExportArtifact(

@@ -55,6 +55,7 @@ class OnnxExporter:
             # data first, graph last, so model.onnx never names data that is not complete.
             with tempfile.TemporaryDirectory(dir=out_dir, prefix=".onnx-") as tmp_dir:
                 tmp = Path(tmp_dir) / self.filename
+                assert program is not None  # dynamo=True always returns a program
                 onnx_ir.save(program.model, str(tmp), external_data=self.data_filename)
                 onnx.checker.check_model(str(tmp), full_check=False)
                 for name in (self.data_filename, self.filename):

@@ -8,6 +8,7 @@ explicit table, not discovery: an unknown ``model_type`` is rejected with the li
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
@@ -49,7 +50,7 @@ def arch_for(model_type: str) -> ArchSpec:
         ) from None
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
+def decoder_layers(model: Any) -> nn.ModuleList:
     """The ModuleList of decoder blocks of a supported causal LM."""
     spec = arch_for(model.config.model_type)
     obj: object = model

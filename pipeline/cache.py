@@ -32,7 +32,10 @@ def package_versions() -> dict[str, str]:
 def fingerprint_path(path: Path) -> dict[str, Any]:
     """Cheap identity of a file or directory tree: names, sizes and mtimes (not contents)."""
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    return {"path": str(path.resolve()), "files": [(str(p.name), p.stat().st_size, int(p.stat().st_mtime)) for p in files]}
+    return {
+        "path": str(path.resolve()),
+        "files": [(str(p.name), p.stat().st_size, int(p.stat().st_mtime)) for p in files],
+    }
 
 
 def stage_key(**inputs: Any) -> str:

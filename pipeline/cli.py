@@ -27,8 +27,9 @@ def _setup_logging(verbosity: int, log_file: Path | None = None) -> None:
             handlers.append(logging.FileHandler(log_file))
         except OSError:
             pass  # an unwritable --out is reported by the pipeline with its own message
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=handlers,
-                        force=True)
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=handlers, force=True
+    )
     # Third-party import noise (torchao CUDA kernels, pytree enum notices) says nothing about the run.
     for noisy in ("torchao", "torch.utils._pytree", "onnx_ir", "onnxscript", "torch.onnx", "httpx"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
@@ -51,21 +52,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     ex = sub.add_parser("export", help="prune to the profile's budget, export, validate (the whole job)")
     ex.add_argument("--target", required=True, help="profile name (see `prunefit profiles`) or path to a profile YAML")
-    ex.add_argument("--model", default="default",
-                    help="HF model directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
+    ex.add_argument(
+        "--model", default="default", help="HF model directory or .gguf file (default: embedded SmolLM2-135M-Instruct)"
+    )
     ex.add_argument("--out", type=Path, default=None, help="output directory (default: artifacts/<target>)")
-    ex.add_argument("--calib", default=None,
-                    help="calibration text: file, directory of .txt/.jsonl, or hf:NAME[:CONFIG[:SPLIT]] "
-                         "(default: seeded model-generated text)")
+    ex.add_argument(
+        "--calib",
+        default=None,
+        help="calibration text: file, directory of .txt/.jsonl, or hf:NAME[:CONFIG[:SPLIT]] "
+        "(default: seeded model-generated text)",
+    )
     ex.add_argument("--num-samples", type=int, default=32, help="calibration windows")
     ex.add_argument("--seq-len", type=int, default=128, help="tokens per calibration window")
-    ex.add_argument("--eval", dest="eval_source", default=None,
-                    help="held-out text for perplexity (default: held-out model-generated text)")
+    ex.add_argument(
+        "--eval",
+        dest="eval_source",
+        default=None,
+        help="held-out text for perplexity (default: held-out model-generated text)",
+    )
     ex.add_argument("--eval-samples", type=int, default=16)
     ex.add_argument("--eval-seq-len", type=int, default=512)
     ex.add_argument("--seed", type=int, default=0)
-    ex.add_argument("--max-prune-ratio", type=float, default=None,
-                    help="most decoder blocks that may be removed, as a fraction (overrides the profile)")
+    ex.add_argument(
+        "--max-prune-ratio",
+        type=float,
+        default=None,
+        help="most decoder blocks that may be removed, as a fraction (overrides the profile)",
+    )
     ex.add_argument("--force", action="store_true", help="redo every stage even if its inputs did not change")
     ex.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code to run")
     _add_common(ex)
@@ -87,8 +100,10 @@ def _cmd_profiles() -> int:
     print(f"Device profiles in {profiles_dir()}:")
     print(f"{'name':<20} {'budget MiB':>10} {'RAM MiB':>8} {'context':>8} {'arch':<8} runtimes  device")
     for name, p in profiles.items():
-        print(f"{name:<20} {p.memory_budget_mib:>10} {p.ram_mib:>8} {p.context_length:>8} {p.cpu.arch:<8} "
-              f"{','.join(p.runtimes)}  {p.device}")
+        print(
+            f"{name:<20} {p.memory_budget_mib:>10} {p.ram_mib:>8} {p.context_length:>8} {p.cpu.arch:<8} "
+            f"{','.join(p.runtimes)}  {p.device}"
+        )
     return 0
 
 
@@ -108,7 +123,11 @@ def _cmd_export(args: argparse.Namespace) -> int:
     )
     report = run_pipeline(cfg)
     v = report["validation"]
-    log.info("PASS: %d gates passed; report in %s", len(v["gates"]), (args.out or Path("artifacts") / report["profile"]["name"]) / "report.md")
+    log.info(
+        "PASS: %d gates passed; report in %s",
+        len(v["gates"]),
+        (args.out or Path("artifacts") / report["profile"]["name"]) / "report.md",
+    )
     return 0
 
 

@@ -15,6 +15,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -53,9 +54,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         if self.num_samples < 1 or self.seq_len < 8:
-            raise CalibrationError(
-                f"Need num_samples >= 1 and seq_len >= 8 (got {self.num_samples}, {self.seq_len})."
-            )
+            raise CalibrationError(f"Need num_samples >= 1 and seq_len >= 8 (got {self.num_samples}, {self.seq_len}).")
 
 
 def _read_text_file(path: Path) -> str:
@@ -91,7 +90,9 @@ def read_text(source: str) -> str:
         return _read_hf_dataset(source[3:])
     path = Path(source).expanduser()
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and (p.suffix in TEXT_SUFFIXES or p.suffix == ".jsonl"))
+        files = sorted(
+            p for p in path.rglob("*") if p.is_file() and (p.suffix in TEXT_SUFFIXES or p.suffix == ".jsonl")
+        )
         if not files:
             raise CalibrationError(f"Directory {path} has no .txt or .jsonl files.")
         return "\n\n".join(_read_text_file(p) for p in files)
@@ -105,7 +106,11 @@ def read_text(source: str) -> str:
 
 def _read_hf_dataset(spec: str) -> str:
     parts = spec.split(":")
-    name, config, split = parts[0], (parts[1] or None) if len(parts) > 1 else None, parts[2] if len(parts) > 2 else "train"
+    name, config, split = (
+        parts[0],
+        (parts[1] or None) if len(parts) > 1 else None,
+        parts[2] if len(parts) > 2 else "train",
+    )
     try:
         import datasets  # type: ignore[import-not-found]
     except ImportError as exc:
@@ -136,7 +141,9 @@ def tokenize_windows(
     return windows[pick].clone()
 
 
-def first_windows(text: str, tokenizer: PreTrainedTokenizerBase, num_samples: int, seq_len: int, *, where: str) -> torch.Tensor:
+def first_windows(
+    text: str, tokenizer: PreTrainedTokenizerBase, num_samples: int, seq_len: int, *, where: str
+) -> torch.Tensor:
     """The first ``num_samples`` consecutive windows: the usual perplexity protocol, comparable across runs."""
     if not text.strip():
         raise CalibrationError(f"{where} is empty.")
@@ -149,7 +156,7 @@ def first_windows(text: str, tokenizer: PreTrainedTokenizerBase, num_samples: in
 
 @torch.no_grad()
 def generate_samples(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, num_samples: int, seq_len: int, seed: int
+    model: Any, tokenizer: PreTrainedTokenizerBase, num_samples: int, seq_len: int, seed: int
 ) -> torch.Tensor:
     """Seeded text sampled from the model itself (no download needed).
 

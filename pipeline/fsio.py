@@ -22,8 +22,8 @@ def ensure_writable_dir(path: Path) -> Path:
     """Create ``path`` if needed and check we can write there, with an actionable error."""
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=path, prefix=".probe-", delete=True)
-        probe.close()
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".probe-", delete=True):
+            pass
     except OSError as exc:
         raise ConfigError(
             f"Output directory {path} is not writable ({exc.strerror}). "

@@ -70,9 +70,9 @@ def _check_causal_lm(config: object, where: Path) -> None:
 
     model_type = getattr(config, "model_type", "<none>")
     archs = getattr(config, "architectures", None) or []
-    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or (archs and not any(
-        a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs
-    )):
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or (
+        archs and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+    ):
         raise ModelLoadError(
             f"{where} holds a '{model_type}' model ({', '.join(archs) or 'no architectures listed'}), not a causal "
             "language model. prunefit prunes decoder-only causal LMs (…ForCausalLM)."
@@ -84,8 +84,8 @@ def _strip_gguf_quantization(model: PreTrainedModel) -> None:
     """GGUF-loaded models are dequantized already; drop the marker so save_pretrained works."""
     if getattr(model.config, "quantization_config", None) is not None:
         del model.config.quantization_config
-    model.hf_quantizer = None
-    model.is_quantized = False
+    setattr(model, "hf_quantizer", None)  # noqa: B010 - typed as a module attribute by torch
+    setattr(model, "is_quantized", False)  # noqa: B010
 
 
 def load_model(model: str | Path = DEFAULT_MODEL, *, trust_remote_code: bool = False) -> LoadedModel:

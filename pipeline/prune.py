@@ -104,7 +104,7 @@ def block_influence(model: PreTrainedModel, calib: torch.Tensor, batch_size: int
     count = 0
     handles = []
 
-    def hook(idx: int):  # noqa: ANN202
+    def hook(idx: int):
         def fn(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             h_in = args[0] if args else kwargs["hidden_states"]
             h_out = output[0] if isinstance(output, tuple) else output
@@ -158,12 +158,14 @@ def max_removable_layers(num_layers: int, cfg: PruneConfig) -> int:
 
 def _estimates(shape: ModelShape, profile: DeviceProfile) -> dict[str, Any]:
     ests = estimate_all(shape, profile)
-    return {"params": shape.total_params, "worst_mib": round(worst(ests).total_mib, 2), "per_runtime": [e.to_dict() for e in ests]}
+    return {
+        "params": shape.total_params,
+        "worst_mib": round(worst(ests).total_mib, 2),
+        "per_runtime": [e.to_dict() for e in ests],
+    }
 
 
-def prune_to_budget(
-    model: PreTrainedModel, calib: torch.Tensor, profile: DeviceProfile, cfg: PruneConfig
-) -> PrunePlan:
+def prune_to_budget(model: PreTrainedModel, calib: torch.Tensor, profile: DeviceProfile, cfg: PruneConfig) -> PrunePlan:
     """Prune ``model`` in place until the memory model says it fits ``profile``; return the plan."""
     t0 = time.perf_counter()
     pruner = PRUNERS[cfg.method]()
@@ -190,7 +192,9 @@ def prune_to_budget(
             what, score = pruner.step(model, calib, cfg)
             current = worst(estimate_all(model_shape(model), profile))
             plan.steps.append(PruneStep(what, score, round(current.total_mib, 2)))
-            log.info("removed %s (score %.4f): now %.1f MiB of %.0f", what, score, current.total_mib, current.budget_mib)
+            log.info(
+                "removed %s (score %.4f): now %.1f MiB of %.0f", what, score, current.total_mib, current.budget_mib
+            )
             bar.update(1)
             bar.set_postfix(mib=f"{current.total_mib:.0f}/{current.budget_mib:.0f}")
     final = model_shape(model)

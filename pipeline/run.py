@@ -93,7 +93,9 @@ def _prune_stage(cfg: RunConfig, profile: DeviceProfile, out: Path, key: str) ->
     check_round_trip(model, model_dir, calib[:1, :64])
     result = {"plan": plan.to_dict(), "perplexity": {"dense": ppl_dense, "pruned": ppl_pruned}}
     plan_path = atomic_write_json(out / "prune_plan.json", result)
-    write_manifest(out, "prune", key, [model_dir, plan_path, tensors_path], time.perf_counter() - t0, result["perplexity"])
+    write_manifest(
+        out, "prune", key, [model_dir, plan_path, tensors_path], time.perf_counter() - t0, result["perplexity"]
+    )
     return result
 
 
@@ -114,8 +116,12 @@ def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
     stages: dict[str, dict[str, Any]] = {}
 
     prune_key = stage_key(
-        model=fingerprint_path(model_path), calib=asdict(cfg.calib), eval=asdict(cfg.eval),
-        prune=asdict(_prune_config(cfg, profile)), profile=profile.model_dump(), versions=package_versions(),
+        model=fingerprint_path(model_path),
+        calib=asdict(cfg.calib),
+        eval=asdict(cfg.eval),
+        prune=asdict(_prune_config(cfg, profile)),
+        profile=profile.model_dump(),
+        versions=package_versions(),
     )
     t0 = time.perf_counter()
     fresh = None if cfg.force else is_fresh(out, "prune", prune_key)
@@ -144,8 +150,11 @@ def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
             art = exporter.export(model, export_cfg, out)
             details = {**art.details, "export_s": art.export_s, "size_bytes": art.size_bytes}
             write_manifest(out, stage, key, artifact_files(art.path), time.perf_counter() - t0, details)
-        stages[stage] = {"wall_s": fresh["wall_s"] if fresh else time.perf_counter() - t0, "cached": bool(fresh),
-                         "details": details}
+        stages[stage] = {
+            "wall_s": fresh["wall_s"] if fresh else time.perf_counter() - t0,
+            "cached": bool(fresh),
+            "details": details,
+        }
         artifacts[runtime] = path
     return validate_and_report(out, profile, model, artifacts, result, stages, cfg, model_path)
 
@@ -205,8 +214,10 @@ def validate_existing(out: Path, target: str | None = None) -> dict[str, Any]:
             raise ExportError(f"{path} is missing; run `prunefit export --target {profile.name}` to create it.")
         artifacts[runtime] = path
     cfg = RunConfig(
-        target=profile.name, model=saved["model"],
-        eval=EvalConfig(**saved["eval"]), calib=DataConfig(**saved["calib"]),
+        target=profile.name,
+        model=saved["model"],
+        eval=EvalConfig(**saved["eval"]),
+        calib=DataConfig(**saved["calib"]),
     )
     result = json.loads((out / "prune_plan.json").read_text())
     return validate_and_report(out, profile, _load_pruned(out), artifacts, result, {}, cfg, saved["model_path"])
@@ -229,4 +240,3 @@ def _profile_yaml(profile: DeviceProfile) -> str:
     return "# Resolved profile used for this run (all defaults filled in).\n" + yaml.safe_dump(
         profile.model_dump(mode="json"), sort_keys=False
     )
-

@@ -13,6 +13,7 @@ measured peak.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from torch import nn
 
@@ -21,6 +22,7 @@ from targets.profile import DeviceProfile, Runtime
 
 MIB = 1024 * 1024
 BYTES_PER_ELEMENT = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1}
+
 
 @dataclass(frozen=True)
 class RuntimeCost:
@@ -97,8 +99,13 @@ class ModelShape:
     def without_layers(self, indices: set[int]) -> ModelShape:
         kept = tuple(layer for i, layer in enumerate(self.layers) if i not in indices)
         return ModelShape(
-            self.vocab_size, self.hidden_size, self.embed_params, self.lm_head_params, self.tied,
-            self.other_params, kept,
+            self.vocab_size,
+            self.hidden_size,
+            self.embed_params,
+            self.lm_head_params,
+            self.tied,
+            self.other_params,
+            kept,
         )
 
 
@@ -110,7 +117,7 @@ def _out(linear: nn.Module) -> int:
     return int(linear.weight.shape[0])  # type: ignore[union-attr,index]
 
 
-def layer_shape(layer: nn.Module, hd: int) -> LayerShape:
+def layer_shape(layer: Any, hd: int) -> LayerShape:
     attn, mlp = layer.self_attn, layer.mlp  # type: ignore[union-attr]
     if hasattr(attn, "qkv_proj"):  # Phi-3 fused
         n_q = int(attn.o_proj.weight.shape[1]) // hd
@@ -121,7 +128,7 @@ def layer_shape(layer: nn.Module, hd: int) -> LayerShape:
     return LayerShape(_n(layer), n_q, n_kv, hd, inter)
 
 
-def model_shape(model: nn.Module) -> ModelShape:
+def model_shape(model: Any) -> ModelShape:
     cfg = model.config
     hd = head_dim(cfg)
     layers = tuple(layer_shape(layer, hd) for layer in decoder_layers(model))

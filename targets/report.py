@@ -35,7 +35,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         "| step | removed | score | predicted peak (MiB) |",
         "|---:|---|---:|---:|",
     ]
-    lines += [f"| {i} | {s['removed']} | {s['score']:.4f} | {s['estimate_mib']:.1f} |" for i, s in enumerate(plan["steps"], 1)]
+    lines += [
+        f"| {i} | {s['removed']} | {s['score']:.4f} | {s['estimate_mib']:.1f} |" for i, s in enumerate(plan["steps"], 1)
+    ]
     lines += [
         "",
         "## Memory model (predicted, MiB)",
@@ -68,8 +70,15 @@ def render_markdown(report: dict[str, Any]) -> str:
         )
     ppl = val.get("perplexity", {})
     if ppl:
-        lines += ["", "## Perplexity", "", f"Evaluated on `{report.get('eval_source', 'generated text')}`.", "",
-                  "| model | perplexity |", "|---|---:|"]
+        lines += [
+            "",
+            "## Perplexity",
+            "",
+            f"Evaluated on `{report.get('eval_source', 'generated text')}`.",
+            "",
+            "| model | perplexity |",
+            "|---|---:|",
+        ]
         lines += [f"| {k} | {v:.2f} |" for k, v in ppl.items()]
     lines += ["", "## Gates", "", "| gate | result | detail |", "|---|---|---|"]
     lines += [f"| {g['name']} | {'pass' if g['passed'] else '**FAIL**'} | {g['detail']} |" for g in val["gates"]]

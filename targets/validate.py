@@ -74,14 +74,27 @@ class ValidationReport:
             raise GateError(f"Validation on profile '{self.profile}' failed {len(failed)} gate(s):\n{lines}")
 
 
-def run_artifact(runtime: Runtime, artifact: Path, inputs: np.ndarray, work_dir: Path, threads: int) -> tuple[dict[str, Any], np.ndarray]:
+def run_artifact(
+    runtime: Runtime, artifact: Path, inputs: np.ndarray, work_dir: Path, threads: int
+) -> tuple[dict[str, Any], np.ndarray]:
     """Run one artifact in a child process (``python -m targets.runner``); return (measurements, logits)."""
     work_dir.mkdir(parents=True, exist_ok=True)
     ids_path, logits_path = work_dir / f"{runtime}_inputs.npy", work_dir / f"{runtime}_logits.npy"
     np.save(ids_path, inputs.astype(np.int64), allow_pickle=False)
     cmd = [
-        sys.executable, "-m", "targets.runner", "--runtime", runtime, "--artifact", str(artifact),
-        "--inputs", str(ids_path), "--logits-out", str(logits_path), "--threads", str(threads),
+        sys.executable,
+        "-m",
+        "targets.runner",
+        "--runtime",
+        runtime,
+        "--artifact",
+        str(artifact),
+        "--inputs",
+        str(ids_path),
+        "--logits-out",
+        str(logits_path),
+        "--threads",
+        str(threads),
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
@@ -134,22 +147,37 @@ def validate(
         report.runtimes.append(rr)
         atol = profile.gates.parity_atol
         report.gates.append(
-            Gate(f"parity[{runtime}]", diff <= atol and agree == 1.0, diff, atol,
-                 f"max |logit diff| {diff:.2e} (limit {atol:.0e}), argmax agreement {agree:.1%} (need 100%)")
+            Gate(
+                f"parity[{runtime}]",
+                diff <= atol and agree == 1.0,
+                diff,
+                atol,
+                f"max |logit diff| {diff:.2e} (limit {atol:.0e}), argmax agreement {agree:.1%} (need 100%)",
+            )
         )
         budget = float(profile.memory_budget_mib)
         report.gates.append(
-            Gate(f"memory[{runtime}]", projected <= budget, projected, budget,
-                 f"measured model peak {measured['model_peak_mib']:.1f} MiB + KV cache {pred.kv_cache_mib:.1f} + "
-                 f"runtime library {lib:.1f} = {projected:.1f} MiB vs budget {budget:.0f} MiB "
-                 f"({'under' if projected <= budget else 'over'} by {abs(budget - projected):.1f} MiB)")
+            Gate(
+                f"memory[{runtime}]",
+                projected <= budget,
+                projected,
+                budget,
+                f"measured model peak {measured['model_peak_mib']:.1f} MiB + KV cache {pred.kv_cache_mib:.1f} + "
+                f"runtime library {lib:.1f} = {projected:.1f} MiB vs budget {budget:.0f} MiB "
+                f"({'under' if projected <= budget else 'over'} by {abs(budget - projected):.1f} MiB)",
+            )
         )
     max_ratio = profile.gates.max_ppl_ratio
     if max_ratio is not None and "dense" in perplexity and "pruned" in perplexity:
         ratio = perplexity["pruned"] / perplexity["dense"]
         report.gates.append(
-            Gate("quality[perplexity]", ratio <= max_ratio, ratio, max_ratio,
-                 f"pruned/dense perplexity {perplexity['pruned']:.2f}/{perplexity['dense']:.2f} = {ratio:.2f}x "
-                 f"(limit {max_ratio:.2f}x)")
+            Gate(
+                "quality[perplexity]",
+                ratio <= max_ratio,
+                ratio,
+                max_ratio,
+                f"pruned/dense perplexity {perplexity['pruned']:.2f}/{perplexity['dense']:.2f} = {ratio:.2f}x "
+                f"(limit {max_ratio:.2f}x)",
+            )
         )
     return report

@@ -18,8 +18,13 @@ logging.getLogger("torchao").setLevel(logging.ERROR)
 
 # Tiny configs per architecture: GQA everywhere (4 query heads / 2 KV heads).
 _COMMON = dict(
-    hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-    max_position_embeddings=512, vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    vocab_size=512,
 )
 TINY_CONFIGS: dict[str, dict] = {
     "llama": dict(model_type="llama", tie_word_embeddings=True),
@@ -64,13 +69,17 @@ def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> PreTrainedTokenizerFa
     """A real byte-level BPE (vocab 512) trained in-process on WikiText-2 valid (or a built-in text)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    text = WIKI_VALID.read_text(encoding="utf-8")[:400_000] if WIKI_VALID.is_file() else (
-        "The quick brown fox jumps over the lazy dog. " * 2000
+    text = (
+        WIKI_VALID.read_text(encoding="utf-8")[:400_000]
+        if WIKI_VALID.is_file()
+        else ("The quick brown fox jumps over the lazy dog. " * 2000)
     )
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=512, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator([text[i : i + 10_000] for i in range(0, len(text), 10_000)], trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
     return fast

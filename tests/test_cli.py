@@ -64,15 +64,18 @@ def test_bad_calibration_file(tmp_path: Path, make_model_dir, content: bytes, ex
     calib = tmp_path / "calib.txt"
     calib.write_bytes(content)
     model = make_model_dir("llama")
-    code = cli.main(["export", "--target", "android", "--model", str(model), "--calib", str(calib),
-                     "--out", str(tmp_path / "o")])
+    code = cli.main(
+        ["export", "--target", "android", "--model", str(model), "--calib", str(calib), "--out", str(tmp_path / "o")]
+    )
     assert code == CalibrationError.exit_code
     assert expect in capsys.readouterr().err
     assert not (tmp_path / "o" / "model.onnx").exists()
 
 
 def test_missing_calibration_file_fails_before_model_load(tmp_path: Path, capsys) -> None:
-    code = cli.main(["export", "--target", "android", "--calib", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "o")])
+    code = cli.main(
+        ["export", "--target", "android", "--calib", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "o")]
+    )
     assert code == CalibrationError.exit_code
     assert "does not exist" in capsys.readouterr().err
 
@@ -84,12 +87,36 @@ def test_infeasible_budget_stops_before_export(tmp_path: Path, make_model_dir, w
     data.update(name="tiny-phone", memory_budget_mib=1, runtime_overhead_mib={"executorch": 0.0, "onnxruntime": 0.0})
     prof = tmp_path / "tiny-phone.yaml"
     prof.write_text(yaml.safe_dump(data))
-    model = make_model_dir("llama", num_hidden_layers=4, hidden_size=256, intermediate_size=1024,
-                           num_attention_heads=8, num_key_value_heads=4)
+    model = make_model_dir(
+        "llama",
+        num_hidden_layers=4,
+        hidden_size=256,
+        intermediate_size=1024,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+    )
     out = tmp_path / "o"
-    code = cli.main(["export", "--target", str(prof), "--model", str(model), "--calib", str(wiki_valid),
-                     "--eval", str(wiki_valid), "--num-samples", "4", "--eval-samples", "2", "--eval-seq-len", "128",
-                     "--out", str(out)])
+    code = cli.main(
+        [
+            "export",
+            "--target",
+            str(prof),
+            "--model",
+            str(model),
+            "--calib",
+            str(wiki_valid),
+            "--eval",
+            str(wiki_valid),
+            "--num-samples",
+            "4",
+            "--eval-samples",
+            "2",
+            "--eval-seq-len",
+            "128",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == BudgetError.exit_code
     err = capsys.readouterr().err
     assert "Budget infeasible" in err and "MiB over" in err

@@ -16,9 +16,16 @@ WIDE = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=8, num_att
 
 def profile(budget_mib: int, **kw: object) -> DeviceProfile:
     data = dict(
-        name="test", device="test device", cpu={"arch": "x86_64", "cores": 2}, ram_mib=4096,
-        memory_budget_mib=budget_mib, context_length=256, prefill_tokens=32, runtimes=["onnxruntime", "executorch"],
-        threads=2, runtime_overhead_mib={"onnxruntime": 0.0, "executorch": 0.0},
+        name="test",
+        device="test device",
+        cpu={"arch": "x86_64", "cores": 2},
+        ram_mib=4096,
+        memory_budget_mib=budget_mib,
+        context_length=256,
+        prefill_tokens=32,
+        runtimes=["onnxruntime", "executorch"],
+        threads=2,
+        runtime_overhead_mib={"onnxruntime": 0.0, "executorch": 0.0},
     )
     data.update(kw)
     return DeviceProfile.model_validate(data)

@@ -51,7 +51,10 @@ def test_removing_layers_shrinks_every_term_but_logits() -> None:
     s = model_shape(tiny_model("llama"))
     smaller = s.without_layers({0, 2})
     assert len(smaller.layers) == 2
-    assert weights_bytes(s, "onnxruntime", "fp32") - weights_bytes(smaller, "onnxruntime", "fp32") == 2 * s.layers[0].params * 4
+    assert (
+        weights_bytes(s, "onnxruntime", "fp32") - weights_bytes(smaller, "onnxruntime", "fp32")
+        == 2 * s.layers[0].params * 4
+    )
     assert kv_cache_bytes(smaller, 100, 1, "fp32") == kv_cache_bytes(s, 100, 1, "fp32") // 2
 
 
