@@ -79,6 +79,13 @@ def _prune_stage(cfg: RunConfig, profile: DeviceProfile, out: Path, key: str) ->
     t0 = time.perf_counter()
     loaded = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
     model, tok = loaded.model, loaded.tokenizer
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    if max_pos and profile.context_length > max_pos:
+        raise ConfigError(
+            f"Profile '{profile.name}' asks for context_length {profile.context_length}, but {loaded.source} "
+            f"supports at most {max_pos} positions. Lower context_length in the profile or pick a model "
+            "with a longer context."
+        )
     calib = load_windows(cfg.calib, model, tok)
     evals = _eval_windows(cfg, model, tok)
     tensors_path = out / "calibration.safetensors"

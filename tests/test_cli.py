@@ -130,3 +130,11 @@ def test_unwritable_output_dir(tmp_path: Path, capsys) -> None:
     code = cli.main(["export", "--target", "android", "--out", str(blocker / "sub")])
     assert code == 2
     assert "not writable" in capsys.readouterr().err
+
+
+def test_context_longer_than_model_supports(tmp_path: Path, make_model_dir, capsys) -> None:
+    model = make_model_dir("llama", max_position_embeddings=256)  # android asks for 1024
+    code = cli.main(["export", "--target", "android", "--model", str(model), "--out", str(tmp_path / "o")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "context_length 1024" in err and "at most 256" in err
