@@ -39,7 +39,7 @@ def test_bad_jsonl_names_line(tmp_path: Path) -> None:
 
 
 def test_empty_directory(tmp_path: Path) -> None:
-    with pytest.raises(CalibrationError, match="no .txt or .jsonl"):
+    with pytest.raises(CalibrationError, match=r"no \.txt or \.jsonl"):
         read_text(str(tmp_path))
 
 
