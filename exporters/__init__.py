@@ -4,14 +4,36 @@ profile checks never load heavy backends. Unknown names fail loudly with the val
 from __future__ import annotations
 
 import importlib
+import importlib.util
 
 from exporters.base import Exporter
-from pipeline.errors import ExportError
+from pipeline.errors import ExportError, RuntimeMissingError
 
 _REGISTRY: dict[str, str] = {
     "onnxruntime": "exporters.onnx:OnnxExporter",
     "executorch": "exporters.executorch:ExecuTorchExporter",
 }
+
+
+# Modules each runtime needs, checked before any model loads.
+_REQUIRES: dict[str, tuple[str, ...]] = {
+    "onnxruntime": ("onnx", "onnxscript", "onnxruntime"),
+    "executorch": ("executorch.exir", "executorch.runtime"),
+}
+
+
+def check_runtime_available(runtime: str) -> None:
+    """Raise RuntimeMissingError naming the missing package, without importing the backend."""
+    for module in _REQUIRES.get(runtime, ()):
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:
+            found = False
+        if not found:
+            raise RuntimeMissingError(
+                f"The profile exports for '{runtime}', but Python package '{module.split('.')[0]}' is not installed. "
+                f"Run `make setup`, or remove '{runtime}' from the profile's runtimes."
+            )
 
 
 def available_exporters() -> list[str]:

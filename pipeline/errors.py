@@ -59,3 +59,9 @@ class GateError(PrunefitError):
     """A validation gate (parity, memory, size, quality) failed."""
 
     exit_code = 9
+
+
+class OutputError(PrunefitError):
+    """An artifact could not be written (disk full, I/O error); nothing half-written is left."""
+
+    exit_code = 10

@@ -7,6 +7,7 @@ half written: readers see either the old complete artifact or the new complete o
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -15,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, OutputError
 
 
 def ensure_writable_dir(path: Path) -> Path:
@@ -30,6 +31,46 @@ def ensure_writable_dir(path: Path) -> Path:
             "Choose another --out directory or fix its permissions."
         ) from exc
     return path
+
+
+def remove_stale_temps(directory: Path) -> list[Path]:
+    """Delete temp files/dirs an interrupted run left in ``directory`` (never final names)."""
+    stale = [
+        p
+        for p in directory.glob(".*")
+        if p.name.endswith(".tmp") or p.name.startswith((".onnx-", ".probe-")) or ".old-" in p.name
+    ]
+    for p in stale:
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+    return stale
+
+
+@contextlib.contextmanager
+def exclusive_lock(directory: Path) -> Iterator[None]:
+    """One run per output directory at a time: a second one fails fast instead of interleaving."""
+    import fcntl
+
+    fh = open(directory / ".lock", "w")  # noqa: SIM115 - held for the whole run
+    try:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(
+                f"Another prunefit run is writing to {directory}. Wait for it or choose another --out."
+            ) from None
+        yield
+    finally:
+        fh.close()
+
+
+def _output_error(path: Path, exc: OSError) -> OutputError:
+    if exc.errno == errno.ENOSPC:
+        return OutputError(f"No space left on device while writing {path}. Free disk space or choose another --out.")
+    return OutputError(f"Could not write {path}: {exc.strerror or exc}. Check the output directory and disk.")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -51,9 +92,11 @@ def atomic_write_bytes(path: Path, data: bytes) -> Path:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise _output_error(path, exc) from exc
         raise
     _fsync_dir(path.parent)
     return path
@@ -81,6 +124,8 @@ def atomic_path(path: Path) -> Iterator[Path]:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
+    except OSError as exc:
+        raise _output_error(path, exc) from exc
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -105,6 +150,8 @@ def atomic_dir(path: Path) -> Iterator[Path]:
         _fsync_dir(path.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+    except OSError as exc:
+        raise _output_error(path, exc) from exc
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

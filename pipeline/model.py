@@ -9,7 +9,6 @@ the model can be pruned and saved as plain safetensors.
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,8 +109,17 @@ def load_model(model: str | Path = DEFAULT_MODEL, *, trust_remote_code: bool = F
             )
     except ModelLoadError:
         raise
-    except (OSError, ValueError, json.JSONDecodeError, KeyError, RuntimeError) as exc:
-        raise ModelLoadError(f"Could not load model from {path}: {exc}") from exc
+    except Exception as exc:  # corrupt safetensors/GGUF, bad config.json, missing tokenizer files, ...
+        raise ModelLoadError(
+            f"Could not load model from {path} ({type(exc).__name__}: {exc}). Check that the files are complete "
+            "(config.json, *.safetensors, tokenizer files) or re-download / re-convert the model."
+        ) from exc
+    n_tok, n_vocab = len(tok), int(lm.config.vocab_size)
+    if n_tok > n_vocab:
+        raise ModelLoadError(
+            f"The tokenizer in {path} has {n_tok} tokens but the model's embedding has only {n_vocab} rows: "
+            "the tokenizer does not belong to this model. Put the model's own tokenizer files beside it."
+        )
     lm.eval()
     lm.requires_grad_(False)
     if tok.pad_token is None:

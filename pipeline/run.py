@@ -21,13 +21,20 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from exporters import get_exporter
+from exporters import check_runtime_available, get_exporter
 from exporters.base import ExportConfig, artifact_files
 from pipeline.cache import fingerprint_path, is_fresh, package_versions, stage_key, write_manifest
 from pipeline.data import DataConfig, first_windows, generate_samples, load_windows, read_text
 from pipeline.errors import CalibrationError, ConfigError
 from pipeline.evaluate import perplexity
-from pipeline.fsio import atomic_path, atomic_write_json, atomic_write_text, ensure_writable_dir
+from pipeline.fsio import (
+    atomic_path,
+    atomic_write_json,
+    atomic_write_text,
+    ensure_writable_dir,
+    exclusive_lock,
+    remove_stale_temps,
+)
 from pipeline.model import DEFAULT_MODEL, load_model, resolve_model_path
 from pipeline.prune import PruneConfig, prune_to_budget
 from pipeline.rewrite import check_round_trip, save_model
@@ -111,12 +118,29 @@ def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
     profile = load_profile(cfg.target)
     if cfg.max_prune_ratio is not None and not 0 < cfg.max_prune_ratio < 1:
         raise ConfigError(f"--max-prune-ratio must be in (0, 1), got {cfg.max_prune_ratio}.")
+    for runtime in profile.runtimes:
+        check_runtime_available(runtime)
     model_path = resolve_model_path(cfg.model)
     if cfg.calib.source is not None:
         read_text(cfg.calib.source)  # fail on a bad calibration file before loading the model
     if cfg.eval.source is not None:
         read_text(cfg.eval.source)
     out = ensure_writable_dir(cfg.resolved_out_dir(profile))
+    with exclusive_lock(out):
+        stale = remove_stale_temps(out)
+        if stale:
+            log.info("removed %d temp file(s) left by an interrupted run", len(stale))
+        return _run_stages(cfg, profile, out, model_path)
+
+
+def _source_fingerprint(source: str | None) -> Any:
+    """Identity of a text source for cache keys: the file(s) when local, else the spec string."""
+    if source is not None and Path(source).expanduser().exists():
+        return fingerprint_path(Path(source).expanduser())
+    return source
+
+
+def _run_stages(cfg: RunConfig, profile: DeviceProfile, out: Path, model_path: Path) -> dict[str, Any]:
     torch.set_num_threads(cfg.threads or torch.get_num_threads())
     atomic_write_text(out / "profile.yaml", _profile_yaml(profile))
     atomic_write_json(out / "run_config.json", {**asdict(cfg), "out_dir": str(out), "model_path": str(model_path)})
@@ -125,7 +149,9 @@ def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
     prune_key = stage_key(
         model=fingerprint_path(model_path),
         calib=asdict(cfg.calib),
+        calib_data=_source_fingerprint(cfg.calib.source),
         eval=asdict(cfg.eval),
+        eval_data=_source_fingerprint(cfg.eval.source),
         prune=asdict(_prune_config(cfg, profile)),
         profile=profile.model_dump(),
         versions=package_versions(),
