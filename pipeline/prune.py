@@ -172,23 +172,25 @@ def prune_to_budget(model: PreTrainedModel, calib: torch.Tensor, profile: Device
     shape = model_shape(model)
     original_layers = len(shape.layers)
     before = _estimates(shape, profile)
+    target_mib = profile.memory_budget_mib - profile.pruning.headroom_mib
     floor = worst(estimate_all(pruner.most_pruned_shape(shape, cfg), profile))
-    if not floor.fits:
+    if floor.total_mib > target_mib:
         raise BudgetError(
             f"Budget infeasible for profile '{profile.name}': even the most pruning allowed "
             f"({cfg.method}, max_removed_layer_ratio={cfg.max_removed_layer_ratio}) needs "
             f"{floor.total_mib:.1f} MiB on {floor.runtime} (weights {floor.weights_mib:.1f} + KV "
             f"{floor.kv_cache_mib:.1f} + activations {floor.activations_mib:.1f} + overhead {floor.overhead_mib:.1f}), "
-            f"{floor.total_mib - floor.budget_mib:.1f} MiB over the {floor.budget_mib:.0f} MiB budget. "
+            f"{floor.total_mib - target_mib:.1f} MiB over the {floor.budget_mib:.0f} MiB budget"
+            f"{f' less {profile.pruning.headroom_mib:g} MiB headroom' if profile.pruning.headroom_mib else ''}. "
             "Raise memory_budget_mib, lower context_length/prefill_tokens, allow more pruning "
             "(pruning.max_removed_layer_ratio / --max-prune-ratio), or pick a smaller model."
         )
     plan = PrunePlan(method=cfg.method, budget_mib=float(profile.memory_budget_mib), before=before, after=before)
     current = worst(estimate_all(shape, profile))
     with tqdm(desc=f"prune ({cfg.method})", unit="step", disable=None) as bar:
-        while not current.fits:
+        while current.total_mib > target_mib:
             if not pruner.can_step(model, original_layers, cfg):  # pragma: no cover - guarded by the floor check
-                raise BudgetError(f"Pruning limit reached at {current.total_mib:.1f} MiB > {current.budget_mib} MiB.")
+                raise BudgetError(f"Pruning limit reached at {current.total_mib:.1f} MiB > {target_mib} MiB.")
             what, score = pruner.step(model, calib, cfg)
             current = worst(estimate_all(model_shape(model), profile))
             plan.steps.append(PruneStep(what, score, round(current.total_mib, 2)))
@@ -196,7 +198,7 @@ def prune_to_budget(model: PreTrainedModel, calib: torch.Tensor, profile: Device
                 "removed %s (score %.4f): now %.1f MiB of %.0f", what, score, current.total_mib, current.budget_mib
             )
             bar.update(1)
-            bar.set_postfix(mib=f"{current.total_mib:.0f}/{current.budget_mib:.0f}")
+            bar.set_postfix(mib=f"{current.total_mib:.0f}/{target_mib:.0f}")
     final = model_shape(model)
     meta = getattr(model.config, "prunefit", None) or {}
     plan.after = _estimates(final, profile)

@@ -36,6 +36,9 @@ class PruningLimits(_Strict):
 
     max_removed_layer_ratio: float = Field(0.5, gt=0.0, lt=1.0)
     method: Literal["depth"] = "depth"
+    # Prune until the prediction is this far under the budget: slack for allocator and workspace
+    # variation the memory model does not capture (a few MiB run to run in a Python host).
+    headroom_mib: float = Field(0.0, ge=0.0)
 
 
 class Gates(_Strict):
@@ -79,6 +82,11 @@ class DeviceProfile(_Strict):
             raise ValueError(f"runtimes lists a runtime twice: {list(self.runtimes)}")
         if self.threads > self.cpu.cores:
             raise ValueError(f"threads ({self.threads}) exceeds cpu.cores ({self.cpu.cores})")
+        if self.pruning.headroom_mib >= self.memory_budget_mib:
+            raise ValueError(
+                f"pruning.headroom_mib ({self.pruning.headroom_mib}) must be below memory_budget_mib "
+                f"({self.memory_budget_mib})"
+            )
         for rt, mib in self.runtime_overhead_mib.items():
             if mib < 0:
                 raise ValueError(f"runtime_overhead_mib.{rt} must be >= 0, got {mib}")

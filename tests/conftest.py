@@ -23,7 +23,7 @@ _COMMON = dict(
     num_hidden_layers=4,
     num_attention_heads=4,
     num_key_value_heads=2,
-    max_position_embeddings=512,
+    max_position_embeddings=2048,
     vocab_size=512,
 )
 TINY_CONFIGS: dict[str, dict] = {

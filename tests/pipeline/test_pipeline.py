@@ -31,7 +31,9 @@ def write_profile(tmp_path: Path, name: str = "tight", **overrides: object) -> P
         precision="fp32",
         threads=1,
         runtime_overhead_mib={"executorch": 0.0, "onnxruntime": 0.0},
-        pruning={"max_removed_layer_ratio": 0.75},
+        # headroom: ExecuTorch's run-time workspace on a model this small varies by ~10 MiB between
+        # hosts (measured 24-37 MiB for the same .pte), i.e. by a third of the budget.
+        pruning={"max_removed_layer_ratio": 0.75, "headroom_mib": 10.0},
         gates={"parity_atol": 1e-4, "max_ppl_ratio": 50.0},
     )
     data.update(overrides)
@@ -70,7 +72,9 @@ def test_prunes_exports_and_fits(run_cfg: RunConfig) -> None:
     assert not [p for p in out.iterdir() if p.name.startswith(".") and p.name != ".lock"]  # no temp leftovers
     plan = report["prune"]
     assert 1 <= len(plan["removed_layers"]) <= 6
-    assert plan["after"]["worst_mib"] <= 36 < plan["before"]["worst_mib"]
+    # the last removal was needed: before it the prediction was above budget - headroom
+    assert len(plan["steps"]) < 2 or plan["steps"][-2]["estimate_mib"] > 36 - 10
+    assert plan["after"]["worst_mib"] <= 36 - 10 < plan["before"]["worst_mib"]
     val = report["validation"]
     assert val["passed"] and all(g["passed"] for g in val["gates"])
     for rt in val["runtimes"]:

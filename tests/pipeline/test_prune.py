@@ -46,7 +46,7 @@ def test_block_influence_is_a_distance() -> None:
 def test_prunes_fewest_blocks_that_fit() -> None:
     m = tiny_model("llama", **WIDE)
     dense = model_shape(m)
-    p = profile(16)
+    p = profile(30)
     assert not worst(estimate_all(dense, p)).fits
     plan = prune_to_budget(m, calib(), p, PruneConfig(max_removed_layer_ratio=0.75))
     after = model_shape(m)
@@ -83,3 +83,17 @@ def test_bad_prune_config() -> None:
         PruneConfig(max_removed_layer_ratio=1.0)
     with pytest.raises(ConfigError, match="Available: depth"):
         PruneConfig(method="nope")  # type: ignore[arg-type]
+
+
+def test_headroom_prunes_until_prediction_is_that_far_under_budget() -> None:
+    plain = prune_to_budget(
+        tiny_model("llama", **WIDE), calib(), profile(30), PruneConfig(max_removed_layer_ratio=0.75)
+    )
+    spare = prune_to_budget(
+        tiny_model("llama", **WIDE),
+        calib(),
+        profile(30, pruning={"headroom_mib": 5.0}),
+        PruneConfig(max_removed_layer_ratio=0.75),
+    )
+    assert spare.after["worst_mib"] <= 25 < plain.after["worst_mib"] + 5
+    assert len(spare.removed_layers) > len(plain.removed_layers)

@@ -6,6 +6,7 @@ import pytest
 
 from targets.budget import (
     MIB,
+    RUNTIME_COSTS,
     activation_bytes,
     estimate,
     kv_cache_bytes,
@@ -69,7 +70,9 @@ def test_estimate_totals_and_overrides() -> None:
     p = load_profile("android")
     s = model_shape(tiny_model("llama"))
     e = estimate(s, p, "executorch")
-    assert e.overhead_mib == p.runtime_overhead_mib["executorch"]
+    cost = RUNTIME_COSTS["executorch"]
+    expected_overhead = p.runtime_overhead_mib["executorch"] + cost.session_mib
+    assert e.overhead_mib == pytest.approx(expected_overhead + cost.weight_transient_ratio * e.weights_mib)
     assert e.total_mib == pytest.approx(e.weights_mib + e.kv_cache_mib + e.activations_mib + e.overhead_mib)
     assert e.weights_mib == weights_bytes(s, "executorch", "fp32") / MIB
     assert e.fits  # a tiny model fits a phone
