@@ -18,7 +18,7 @@ EXTRA  ?=
 
 PROFILES := $(basename $(notdir $(wildcard device_profiles/*.yaml)))
 
-.PHONY: help setup export validate profiles test test-fast lint clean check-target
+.PHONY: help setup export validate report bench profiles test test-fast lint clean check-target
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -47,6 +47,12 @@ export: $(STAMP) check-target ## prune -> rewrite -> export -> validate for TARG
 
 validate: $(STAMP) check-target ## re-validate the artifacts in OUT against TARGET
 	$(VENV)/bin/prunefit validate --out "$(OUT)" --target $(TARGET)
+
+report: $(STAMP) check-target ## re-render OUT/report.md from OUT/report.json
+	$(VENV)/bin/prunefit report --out "$(OUT)"
+
+bench: $(STAMP) ## run the benchmarks (JSON + Markdown in benchmarks/results/)
+	$(PY) benchmarks/depth_pruning.py
 
 profiles: $(STAMP) ## list device profiles and their budgets
 	$(VENV)/bin/prunefit profiles

@@ -88,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     va.add_argument("--target", default=None, help="profile to validate against (default: the one exported for)")
     _add_common(va)
 
+    rp = sub.add_parser("report", help="re-render report.md from the report.json of an earlier run")
+    rp.add_argument("--out", type=Path, required=True, help="artifacts directory of an earlier `prunefit export`")
+    _add_common(rp)
+
     pr = sub.add_parser("profiles", help="list the device profiles and their budgets")
     _add_common(pr)
     return ap
@@ -150,6 +154,11 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_profiles()
         if args.command == "export":
             return _cmd_export(args)
+        if args.command == "report":
+            from targets.report import rerender
+
+            print(rerender(args.out))
+            return 0
         if args.command == "validate":
             from pipeline.run import validate_existing
 

@@ -24,6 +24,7 @@ from transformers import PreTrainedModel
 
 from pipeline.arch import decoder_layers
 from pipeline.errors import BudgetError, ConfigError
+from pipeline.evaluate import perplexity
 from pipeline.rewrite import remove_layers
 from targets.budget import ModelShape, estimate_all, model_shape, worst
 from targets.profile import DeviceProfile
@@ -31,6 +32,7 @@ from targets.profile import DeviceProfile
 log = logging.getLogger(__name__)
 
 Method = Literal["depth"]
+PPL_WINDOWS = 8  # calibration windows used to report perplexity after each step (cheap progress signal)
 
 
 @dataclass(frozen=True)
@@ -51,9 +53,10 @@ class PruneConfig:
 
 @dataclass
 class PruneStep:
-    removed: str  # human-readable unit, e.g. "layer 17 (original 21)"
+    removed: str  # human-readable unit, e.g. "block 17"
     score: float
     estimate_mib: float
+    calib_ppl: float  # perplexity on (a slice of) the calibration windows after this step
 
 
 @dataclass
@@ -117,7 +120,7 @@ def block_influence(model: PreTrainedModel, calib: torch.Tensor, batch_size: int
         handles.append(layer.register_forward_hook(hook(i), with_kwargs=True))
     try:
         base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-        for start in range(0, calib.shape[0], batch_size):
+        for start in tqdm(range(0, calib.shape[0], batch_size), desc="block influence", leave=False, disable=None):
             ids = calib[start : start + batch_size]
             base(input_ids=ids, use_cache=False)
             count += ids.numel()
@@ -193,12 +196,14 @@ def prune_to_budget(model: PreTrainedModel, calib: torch.Tensor, profile: Device
                 raise BudgetError(f"Pruning limit reached at {current.total_mib:.1f} MiB > {target_mib} MiB.")
             what, score = pruner.step(model, calib, cfg)
             current = worst(estimate_all(model_shape(model), profile))
-            plan.steps.append(PruneStep(what, score, round(current.total_mib, 2)))
+            ppl = perplexity(model, calib[:PPL_WINDOWS], batch_size=cfg.batch_size, desc="calibration perplexity")
+            plan.steps.append(PruneStep(what, score, round(current.total_mib, 2), round(ppl, 3)))
             log.info(
-                "removed %s (score %.4f): now %.1f MiB of %.0f", what, score, current.total_mib, current.budget_mib
-            )
+                "removed %s (score %.4f): now %.1f MiB (target %.1f), calibration perplexity %.2f",
+                what, score, current.total_mib, target_mib, ppl,
+            )  # fmt: skip
             bar.update(1)
-            bar.set_postfix(mib=f"{current.total_mib:.0f}/{target_mib:.0f}")
+            bar.set_postfix(mib=f"{current.total_mib:.0f}/{target_mib:.0f}", ppl=f"{ppl:.2f}")
     final = model_shape(model)
     meta = getattr(model.config, "prunefit", None) or {}
     plan.after = _estimates(final, profile)

@@ -19,13 +19,14 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from exporters import check_runtime_available, get_exporter
 from exporters.base import ExportConfig, artifact_files
 from pipeline.cache import fingerprint_path, is_fresh, package_versions, stage_key, write_manifest
 from pipeline.data import DataConfig, first_windows, generate_samples, load_windows, read_text
-from pipeline.errors import CalibrationError, ConfigError
+from pipeline.errors import CalibrationError, ConfigError, ExportError
 from pipeline.evaluate import perplexity
 from pipeline.fsio import (
     atomic_path,
@@ -168,7 +169,7 @@ def _run_stages(cfg: RunConfig, profile: DeviceProfile, out: Path, model_path: P
     artifacts: dict[Runtime, Path] = {}
     export_cfg = ExportConfig(seq_len=profile.prefill_tokens, batch_size=profile.batch_size)
     model = _load_pruned(out)
-    for runtime in profile.runtimes:
+    for runtime in tqdm(profile.runtimes, desc="export", unit="runtime", disable=None):
         exporter = get_exporter(runtime)
         key = stage_key(prune=prune_key, export=asdict(export_cfg), runtime=runtime, versions=package_versions())
         stage = f"export-{runtime}"
@@ -225,6 +226,9 @@ def validate_and_report(
         "versions": package_versions(),
         "artifacts": {rt: p.name for rt, p in artifacts.items()} | {"pruned_model": "pruned_model"},
     }
+    missing = [name for name in report["artifacts"].values() if not (out / name).exists()]
+    if missing:  # never publish a report that claims files which are not there
+        raise ExportError(f"Artifacts {missing} are missing from {out}; rerun with --force.")
     write_report(out, report)
     log.info("report: %s", out / "report.md")
     report_obj.raise_if_failed()
@@ -233,7 +237,6 @@ def validate_and_report(
 
 def validate_existing(out: Path, target: str | None = None) -> dict[str, Any]:
     """Re-validate the artifacts of an earlier run in ``out`` (``prunefit validate``)."""
-    from pipeline.errors import ExportError
 
     run_cfg_path = out / "run_config.json"
     if not (out / "prune_plan.json").is_file() or not run_cfg_path.is_file():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +33,12 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"{plan['removed_layers'] or ''}; parameters {plan['params_before']:,} -> {plan['params_after']:,} "
         f"({1 - plan['params_after'] / plan['params_before']:.1%} removed) in {plan['wall_s']:.1f} s.",
         "",
-        "| step | removed | score | predicted peak (MiB) |",
-        "|---:|---|---:|---:|",
+        "| step | removed | score | predicted peak (MiB) | calibration perplexity |",
+        "|---:|---|---:|---:|---:|",
     ]
     lines += [
-        f"| {i} | {s['removed']} | {s['score']:.4f} | {s['estimate_mib']:.1f} |" for i, s in enumerate(plan["steps"], 1)
+        f"| {i} | {s['removed']} | {s['score']:.4f} | {s['estimate_mib']:.1f} | {_f(s.get('calib_ppl', '-'), 2)} |"
+        for i, s in enumerate(plan["steps"], 1)
     ]
     lines += [
         "",
@@ -88,8 +90,20 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def rerender(out_dir: Path) -> Path:
+    """Re-render report.md from an existing report.json (``prunefit report``)."""
+    from pipeline.errors import ConfigError
+
+    path = out_dir / "report.json"
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"No readable report at {path} ({exc}); run `prunefit export` first.") from exc
+    return write_report(out_dir, report)[1]
+
+
 def write_report(out_dir: Path, report: dict[str, Any]) -> tuple[Path, Path]:
-    report = {"schema_version": SCHEMA_VERSION, **report}
+    report = {**report, "schema_version": SCHEMA_VERSION}
     return (
         atomic_write_json(out_dir / "report.json", report),
         atomic_write_text(out_dir / "report.md", render_markdown(report)),

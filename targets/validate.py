@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from exporters.base import artifact_size_bytes
@@ -120,7 +121,7 @@ def validate(
     with torch.no_grad():
         reference = model(inputs, use_cache=False).logits.float().numpy()
     shape = model_shape(model)
-    for runtime, path in artifacts.items():
+    for runtime, path in tqdm(artifacts.items(), desc="validate", unit="runtime", disable=None):
         log.info("validating %s in %s (threads=%d)", path.name, runtime, profile.threads)
         measured, logits = run_artifact(runtime, path, inputs.numpy(), work_dir, profile.threads)
         pred: MemoryEstimate = estimate(shape, profile, runtime)

@@ -24,6 +24,12 @@ def test_profiles_lists_every_profile() -> None:
         assert name in r.stdout
 
 
+def test_make_unknown_target_lists_valid_ones() -> None:
+    r = subprocess.run(["make", "-s", "check-target", "TARGET=toaster"], capture_output=True, text=True, check=False)
+    assert r.returncode != 0
+    assert "Unknown TARGET 'toaster'" in r.stdout and "android" in r.stdout and "rpi5" in r.stdout
+
+
 def test_unknown_target(tmp_path: Path) -> None:
     r = run_cli("export", "--target", "toaster", "--out", str(tmp_path / "o"))
     assert r.returncode == ProfileError.exit_code

@@ -90,6 +90,13 @@ def test_prunes_exports_and_fits(run_cfg: RunConfig) -> None:
     pruned = AutoModelForCausalLM.from_pretrained(out / "pruned_model")
     assert pruned.config.num_hidden_layers == 8 - len(plan["removed_layers"])
 
+    # `prunefit report` re-renders the human report from report.json
+    (out / "report.md").unlink()
+    from pipeline import cli
+
+    assert cli.main(["report", "--out", str(out)]) == 0
+    assert (out / "report.md").read_text() == md
+
     # unchanged inputs: nothing is redone
     again = run_pipeline(run_cfg)
     assert all(again["stages"][s]["cached"] for s in ("prune", "export-onnxruntime", "export-executorch"))
