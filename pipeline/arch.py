@@ -23,6 +23,9 @@ class ArchSpec:
     layers_attr: str = "model.layers"
     fused_qkv: bool = False  # Phi-3: self_attn.qkv_proj
     fused_gate_up: bool = False  # Phi-3: mlp.gate_up_proj
+    # Phi-3's attention splits its fused qkv output by the *global* config head counts, so a
+    # per-layer head count cannot be expressed with stock modules: width pruning leaves its heads.
+    per_layer_heads: bool = True
 
 
 ARCHS: dict[str, ArchSpec] = {
@@ -35,7 +38,7 @@ ARCHS: dict[str, ArchSpec] = {
         ArchSpec("gemma"),
         ArchSpec("gemma2"),
         ArchSpec("gemma3_text"),
-        ArchSpec("phi3", fused_qkv=True, fused_gate_up=True),
+        ArchSpec("phi3", fused_qkv=True, fused_gate_up=True, per_layer_heads=False),
     )
 }
 
@@ -50,8 +53,8 @@ def arch_for(model_type: str) -> ArchSpec:
         ) from None
 
 
-def decoder_layers(model: Any) -> nn.ModuleList:
-    """The ModuleList of decoder blocks of a supported causal LM."""
+def decoder_layers(model: Any) -> Any:
+    """The ModuleList of decoder blocks of a supported causal LM (typed Any: HF modules are dynamic)."""
     spec = arch_for(model.config.model_type)
     obj: object = model
     for part in spec.layers_attr.split("."):

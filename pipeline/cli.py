@@ -79,6 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="most decoder blocks that may be removed, as a fraction (overrides the profile)",
     )
+    ex.add_argument(
+        "--method",
+        choices=["depth", "width"],
+        default=None,
+        help="pruning method (overrides the profile): depth = whole blocks, width = MLP channels + KV "
+        "groups with least-squares compensation",
+    )
     ex.add_argument("--force", action="store_true", help="redo every stage even if its inputs did not change")
     ex.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code to run")
     _add_common(ex)
@@ -122,6 +129,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         calib=DataConfig(source=args.calib, num_samples=args.num_samples, seq_len=args.seq_len, seed=args.seed),
         eval=EvalConfig(source=args.eval_source, num_samples=args.eval_samples, seq_len=args.eval_seq_len),
         max_prune_ratio=args.max_prune_ratio,
+        method=args.method,
         force=args.force,
         trust_remote_code=args.trust_remote_code,
     )

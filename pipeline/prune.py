@@ -31,7 +31,7 @@ from targets.profile import DeviceProfile
 
 log = logging.getLogger(__name__)
 
-Method = Literal["depth"]
+Method = Literal["depth", "width"]
 PPL_WINDOWS = 8  # calibration windows used to report perplexity after each step (cheap progress signal)
 
 
@@ -43,6 +43,7 @@ class PruneConfig:
     max_removed_layer_ratio: float = 0.5
     iterative: bool = True  # re-score after each removal (the remaining blocks' roles shift)
     batch_size: int = 8
+    width_multiple: int = 8  # width pruning removes channels in groups of this size (kernel-friendly widths)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.max_removed_layer_ratio < 1.0:
@@ -79,19 +80,27 @@ class PrunePlan:
 
 
 class Pruner(Protocol):
-    """A pruning method: removes one unit per call, chosen from calibration data."""
+    """A pruning method, driven by :func:`prune_to_budget` one unit at a time.
+
+    ``step`` removes (or plans to remove) the least important unit; ``shape`` is the model's shape
+    after everything stepped so far; ``finalize`` applies what was planned (and compensates).
+    """
 
     name: str
 
-    def most_pruned_shape(self, shape: ModelShape, cfg: PruneConfig) -> ModelShape:
+    def prepare(self, model: PreTrainedModel, calib: torch.Tensor, cfg: PruneConfig) -> None: ...
+
+    def most_pruned_shape(self, model: PreTrainedModel, shape: ModelShape, cfg: PruneConfig) -> ModelShape:
         """The smallest model the method may produce under ``cfg``'s limits (for the feasibility check)."""
         ...
 
-    def can_step(self, model: PreTrainedModel, original_layers: int, cfg: PruneConfig) -> bool: ...
+    def can_step(self, model: PreTrainedModel, cfg: PruneConfig) -> bool: ...
 
-    def step(self, model: PreTrainedModel, calib: torch.Tensor, cfg: PruneConfig) -> tuple[str, float]:
-        """Remove the least important unit in place; return (description, its score)."""
-        ...
+    def step(self, model: PreTrainedModel, calib: torch.Tensor, cfg: PruneConfig) -> tuple[str, float]: ...
+
+    def shape(self, model: PreTrainedModel) -> ModelShape: ...
+
+    def finalize(self, model: PreTrainedModel) -> None: ...
 
 
 @torch.no_grad()
@@ -135,14 +144,26 @@ class DepthPruner:
 
     name = "depth"
 
-    def most_pruned_shape(self, shape: ModelShape, cfg: PruneConfig) -> ModelShape:
+    def __init__(self) -> None:
+        self.original_layers = 0
+
+    def prepare(self, model: PreTrainedModel, calib: torch.Tensor, cfg: PruneConfig) -> None:
+        self.original_layers = len(decoder_layers(model))
+
+    def shape(self, model: PreTrainedModel) -> ModelShape:
+        return model_shape(model)
+
+    def finalize(self, model: PreTrainedModel) -> None:
+        return None
+
+    def most_pruned_shape(self, model: PreTrainedModel, shape: ModelShape, cfg: PruneConfig) -> ModelShape:
         n = max_removable_layers(len(shape.layers), cfg)
         biggest = sorted(range(len(shape.layers)), key=lambda i: -shape.layers[i].params)[:n]
         return shape.without_layers(set(biggest))
 
-    def can_step(self, model: PreTrainedModel, original_layers: int, cfg: PruneConfig) -> bool:
-        removed = original_layers - len(decoder_layers(model))
-        return removed < max_removable_layers(original_layers, cfg)
+    def can_step(self, model: PreTrainedModel, cfg: PruneConfig) -> bool:
+        removed = self.original_layers - len(decoder_layers(model))
+        return removed < max_removable_layers(self.original_layers, cfg)
 
     def step(self, model: PreTrainedModel, calib: torch.Tensor, cfg: PruneConfig) -> tuple[str, float]:
         scores = block_influence(model, calib, cfg.batch_size)
@@ -152,7 +173,13 @@ class DepthPruner:
         return f"block {original}", scores[idx]
 
 
-PRUNERS: dict[str, type[DepthPruner]] = {"depth": DepthPruner}
+def _width_pruner() -> Pruner:
+    from pipeline.width import WidthPruner
+
+    return WidthPruner()
+
+
+PRUNERS: dict[str, Any] = {"depth": DepthPruner, "width": _width_pruner}
 
 
 def max_removable_layers(num_layers: int, cfg: PruneConfig) -> int:
@@ -171,12 +198,12 @@ def _estimates(shape: ModelShape, profile: DeviceProfile) -> dict[str, Any]:
 def prune_to_budget(model: PreTrainedModel, calib: torch.Tensor, profile: DeviceProfile, cfg: PruneConfig) -> PrunePlan:
     """Prune ``model`` in place until the memory model says it fits ``profile``; return the plan."""
     t0 = time.perf_counter()
-    pruner = PRUNERS[cfg.method]()
+    pruner: Pruner = PRUNERS[cfg.method]()
     shape = model_shape(model)
     original_layers = len(shape.layers)
     before = _estimates(shape, profile)
     target_mib = profile.memory_budget_mib - profile.pruning.headroom_mib
-    floor = worst(estimate_all(pruner.most_pruned_shape(shape, cfg), profile))
+    floor = worst(estimate_all(pruner.most_pruned_shape(model, shape, cfg), profile))
     if floor.total_mib > target_mib:
         raise BudgetError(
             f"Budget infeasible for profile '{profile.name}': even the most pruning allowed "
@@ -189,14 +216,20 @@ def prune_to_budget(model: PreTrainedModel, calib: torch.Tensor, profile: Device
             "(pruning.max_removed_layer_ratio / --max-prune-ratio), or pick a smaller model."
         )
     plan = PrunePlan(method=cfg.method, budget_mib=float(profile.memory_budget_mib), before=before, after=before)
+    if worst(estimate_all(shape, profile)).total_mib > target_mib:
+        pruner.prepare(model, calib, cfg)
     current = worst(estimate_all(shape, profile))
     with tqdm(desc=f"prune ({cfg.method})", unit="step", disable=None) as bar:
         while current.total_mib > target_mib:
-            if not pruner.can_step(model, original_layers, cfg):  # pragma: no cover - guarded by the floor check
+            if not pruner.can_step(model, cfg):  # pragma: no cover - guarded by the floor check
                 raise BudgetError(f"Pruning limit reached at {current.total_mib:.1f} MiB > {target_mib} MiB.")
             what, score = pruner.step(model, calib, cfg)
-            current = worst(estimate_all(model_shape(model), profile))
-            ppl = perplexity(model, calib[:PPL_WINDOWS], batch_size=cfg.batch_size, desc="calibration perplexity")
+            current = worst(estimate_all(pruner.shape(model), profile))
+            ppl = (
+                perplexity(model, calib[:PPL_WINDOWS], batch_size=cfg.batch_size, desc="calibration perplexity")
+                if pruner.name == "depth"  # width steps are only planned until finalize
+                else float("nan")
+            )
             plan.steps.append(PruneStep(what, score, round(current.total_mib, 2), round(ppl, 3)))
             log.info(
                 "removed %s (score %.4f): now %.1f MiB (target %.1f), calibration perplexity %.2f",
@@ -204,6 +237,8 @@ def prune_to_budget(model: PreTrainedModel, calib: torch.Tensor, profile: Device
             )  # fmt: skip
             bar.update(1)
             bar.set_postfix(mib=f"{current.total_mib:.0f}/{target_mib:.0f}", ppl=f"{ppl:.2f}")
+    if plan.steps:
+        pruner.finalize(model)
     final = model_shape(model)
     meta = getattr(model.config, "prunefit", None) or {}
     plan.after = _estimates(final, profile)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
-from pipeline.arch import arch_for, decoder_layers
+from pipeline.arch import arch_for, decoder_layers, head_dim
 from pipeline.errors import ExportError
 from pipeline.fsio import atomic_dir
 
@@ -63,18 +63,75 @@ def remove_layers(model: PreTrainedModel, remove: Iterable[int]) -> list[int]:
     return kept_original
 
 
+def _uniform_widths(model: PreTrainedModel) -> dict[str, int] | None:
+    widths = (getattr(model.config, "prunefit", None) or {}).get("layers")
+    if not widths:
+        return None
+    first = widths[0]
+    return first if all(w == first for w in widths) else None
+
+
 def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> Path:
-    """Save as safetensors + config.json + tokenizer, atomically (temp dir, then rename)."""
+    """Save as safetensors + config.json + tokenizer, atomically (temp dir, then rename).
+
+    Uniform widths are written as a plain stock config (any transformers loads it); per-layer
+    widths keep the original global sizes in the config plus ``prunefit.layers``, which
+    :func:`load_pruned` applies.
+    """
+    uniform = _uniform_widths(model)
+    if uniform is not None and hasattr(model.config, "head_dim"):
+        model.config.head_dim = head_dim(model.config)  # pin it: it is derived from the head count otherwise
+        for key, value in uniform.items():
+            setattr(model.config, key, value)
+        meta = dict(model.config.prunefit)
+        meta["uniform"] = True
+        model.config.prunefit = meta
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
     return out_dir
 
 
+def load_pruned(model_dir: Path) -> PreTrainedModel:
+    """Load a prunefit model directory: stock ``from_pretrained`` when the config is stock, else
+    build stock modules, narrow each block to its recorded widths, then load the safetensors."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    from pipeline.width import layer_widths, prune_kv_groups, prune_mlp
+
+    config = AutoConfig.from_pretrained(model_dir)
+    meta = getattr(config, "prunefit", None) or {}
+    widths = meta.get("layers")
+    if not widths or meta.get("uniform"):
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True)
+        return model.eval().requires_grad_(False)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    hd = head_dim(config)
+    for layer, w, now in zip(decoder_layers(model), widths, layer_widths(model), strict=True):
+        if w["intermediate_size"] != now["intermediate_size"]:
+            prune_mlp(layer, torch.arange(w["intermediate_size"]), None)
+        if w["num_key_value_heads"] != now["num_key_value_heads"]:
+            prune_kv_groups(layer, torch.arange(w["num_key_value_heads"]), hd, None)
+    state: dict[str, torch.Tensor] = {}
+    for f in sorted(model_dir.glob("*.safetensors")):
+        state.update(load_file(str(f)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    if unexpected or set(missing) - tied:
+        raise ExportError(
+            f"{model_dir} does not match its recorded per-layer widths (missing {sorted(set(missing) - tied)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}). Re-run `prunefit export --force`."
+        )
+    if tied:
+        model.tie_weights()
+    return model.eval().requires_grad_(False)
+
+
 @torch.no_grad()
 def check_round_trip(model: PreTrainedModel, saved_dir: Path, input_ids: torch.Tensor) -> float:
     """Reload ``saved_dir`` with stock transformers and return the max |logit diff| (must be 0)."""
-    reloaded = AutoModelForCausalLM.from_pretrained(saved_dir, dtype=torch.float32, use_safetensors=True).eval()
+    reloaded = load_pruned(saved_dir)
     a = model(input_ids, use_cache=False).logits
     b = reloaded(input_ids, use_cache=False).logits
     diff = float((a - b).abs().max())

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import PreTrainedModel
 
 from exporters import check_runtime_available, get_exporter
 from exporters.base import ExportConfig, artifact_files
@@ -38,7 +38,7 @@ from pipeline.fsio import (
 )
 from pipeline.model import DEFAULT_MODEL, load_model, resolve_model_path
 from pipeline.prune import PruneConfig, prune_to_budget
-from pipeline.rewrite import check_round_trip, save_model
+from pipeline.rewrite import check_round_trip, load_pruned, save_model
 from targets.profile import DeviceProfile, Runtime, load_profile
 from targets.report import write_report
 from targets.validate import validate
@@ -63,6 +63,7 @@ class RunConfig:
     calib: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     max_prune_ratio: float | None = None  # overrides profile.pruning.max_removed_layer_ratio
+    method: str | None = None  # overrides profile.pruning.method
     threads: int | None = None  # torch threads for pruning/eval (default: all cores)
     force: bool = False
     trust_remote_code: bool = False
@@ -73,7 +74,10 @@ class RunConfig:
 
 def _prune_config(cfg: RunConfig, profile: DeviceProfile) -> PruneConfig:
     ratio = cfg.max_prune_ratio if cfg.max_prune_ratio is not None else profile.pruning.max_removed_layer_ratio
-    return PruneConfig(method=profile.pruning.method, max_removed_layer_ratio=ratio)
+    method = cfg.method or profile.pruning.method
+    if method not in ("depth", "width"):
+        raise ConfigError(f"Unknown pruning method '{method}'. Available: depth, width.")
+    return PruneConfig(method=method, max_removed_layer_ratio=ratio, width_multiple=profile.width_multiple)  # type: ignore[arg-type]
 
 
 def _eval_windows(cfg: RunConfig, model: PreTrainedModel, tokenizer: Any) -> torch.Tensor:
@@ -194,9 +198,7 @@ def _run_stages(cfg: RunConfig, profile: DeviceProfile, out: Path, model_path: P
 
 
 def _load_pruned(out: Path) -> PreTrainedModel:
-    model = AutoModelForCausalLM.from_pretrained(out / "pruned_model", dtype=torch.float32, use_safetensors=True).eval()
-    model.requires_grad_(False)
-    return model
+    return load_pruned(out / "pruned_model")
 
 
 def validate_and_report(

@@ -1,0 +1,319 @@
+"""Width pruning: remove MLP channels and attention KV groups, then compensate by least squares.
+
+Ideas from COMP (arXiv 2501.15255) and Wanda-style structured scores, written for prunefit:
+
+1. **Statistics.** One pass over the calibration windows accumulates, per decoder block, the Gram
+   matrix of the input of ``down_proj`` (the MLP's intermediate activations, I x I) and of
+   ``o_proj`` (the concatenated head outputs, D x D). Nothing else is kept.
+2. **Importance.** A channel's score is the energy it contributes to the block's output:
+   ``||W_down[:, j]||^2 * E[a_j^2]``; a KV group's score sums that over the rows of ``o_proj``'s
+   input that belong to its query heads. Scores are normalised by the block's total so units in
+   different blocks compete on the share of the block they carry.
+3. **Budget.** Units (a group of ``width_multiple`` channels, or one KV group with its query heads)
+   are taken cheapest-first by score per MiB saved, until the memory model says the model fits.
+   Each block keeps at least one KV group and ``min_keep_ratio`` of its channels.
+4. **Compensation instead of fine-tuning.** After slicing, the output projection's remaining
+   columns are re-fit by ridge least squares so that, on calibration data, the block's output
+   matches the dense output: ``W_S' = W Sigma[:, S] (Sigma[S, S] + lambda I)^-1``.
+
+Per-layer widths may differ; they are recorded in ``config.prunefit["layers"]`` and rebuilt by
+:func:`pipeline.rewrite.load_pruned`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from pipeline.arch import arch_for, decoder_layers, head_dim
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LayerStats:
+    mlp_gram: torch.Tensor  # [I, I] sum of a a^T over calibration tokens (down_proj input)
+    attn_gram: torch.Tensor  # [D, D] sum over tokens of o_proj input outer products
+    tokens: int
+
+
+@torch.no_grad()
+def collect_stats(model: Any, calib: torch.Tensor, batch_size: int = 8) -> list[LayerStats]:
+    """Accumulate the Gram matrices of down_proj and o_proj inputs for every block (float64)."""
+    layers = decoder_layers(model)
+    stats: list[LayerStats] = []
+    handles = []
+    for layer in layers:
+        down, o = _down_proj(layer), layer.self_attn.o_proj
+        st = LayerStats(
+            torch.zeros(down.in_features, down.in_features, dtype=torch.float64),
+            torch.zeros(o.in_features, o.in_features, dtype=torch.float64),
+            0,
+        )
+        stats.append(st)
+
+        def mlp_hook(mod: nn.Module, args: tuple, st: LayerStats = st) -> None:
+            x = args[0].reshape(-1, args[0].shape[-1]).double()
+            st.mlp_gram += x.T @ x
+            st.tokens += x.shape[0]
+
+        def attn_hook(mod: nn.Module, args: tuple, st: LayerStats = st) -> None:
+            x = args[0].reshape(-1, args[0].shape[-1]).double()
+            st.attn_gram += x.T @ x
+
+        handles.append(down.register_forward_pre_hook(mlp_hook))
+        handles.append(o.register_forward_pre_hook(attn_hook))
+    try:
+        base = model.get_decoder()
+        for start in tqdm(range(0, calib.shape[0], batch_size), desc="width statistics", leave=False, disable=None):
+            base(input_ids=calib[start : start + batch_size], use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
+
+
+def _down_proj(layer: Any) -> nn.Linear:
+    return layer.mlp.down_proj
+
+
+def channel_scores(layer: Any, st: LayerStats) -> torch.Tensor:
+    """Energy each intermediate channel contributes to the MLP output."""
+    w = _down_proj(layer).weight.double()
+    return (w.pow(2).sum(0) * st.mlp_gram.diagonal()) / max(st.tokens, 1)
+
+
+def kv_group_scores(layer: Any, st: LayerStats, hd: int) -> torch.Tensor:
+    """Energy each KV group (its query heads' slice of o_proj's input) contributes to the output."""
+    w = layer.self_attn.o_proj.weight.double()
+    per_dim = w.pow(2).sum(0) * st.attn_gram.diagonal() / max(st.tokens, 1)
+    n_q = w.shape[1] // hd
+    n_kv = _n_kv(layer, hd)
+    per_head = per_dim.view(n_q, hd).sum(1)
+    return per_head.view(n_kv, n_q // n_kv).sum(1)
+
+
+def _n_kv(layer: Any, hd: int) -> int:
+    attn = layer.self_attn
+    if hasattr(attn, "qkv_proj"):
+        n_q = attn.o_proj.in_features // hd
+        return (attn.qkv_proj.out_features // hd - n_q) // 2
+    return int(attn.k_proj.out_features // hd)
+
+
+def _slice_linear(lin: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> nn.Linear:
+    w = lin.weight.data
+    b = lin.bias.data if lin.bias is not None else None
+    if rows is not None:
+        w = w[rows]
+        b = b[rows] if b is not None else None
+    if cols is not None:
+        w = w[:, cols]
+    new = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, dtype=w.dtype)
+    new.weight.data.copy_(w)
+    if b is not None:
+        new.bias.data.copy_(b)
+    new.requires_grad_(False)
+    return new
+
+
+def _ls_refit(weight: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, ridge: float) -> torch.Tensor:
+    """Columns for ``keep`` minimising E||W_keep' x_keep - W x||^2 over the calibration inputs."""
+    g = gram.double()
+    g_ss = g[keep][:, keep]
+    lam = ridge * g_ss.diagonal().mean().clamp_min(1e-12)
+    rhs = weight.double() @ g[:, keep]  # [out, |S|]
+    sol = torch.linalg.solve(g_ss + lam * torch.eye(len(keep), dtype=torch.float64), rhs.T).T
+    return sol.to(weight.dtype)
+
+
+def prune_mlp(layer: Any, keep: torch.Tensor, gram: torch.Tensor | None, ridge: float = 1e-3) -> None:
+    """Keep intermediate channels ``keep`` (sorted); re-fit down_proj by least squares if ``gram``."""
+    mlp = layer.mlp
+    down = mlp.down_proj
+    new_w = _ls_refit(down.weight.data, gram, keep, ridge) if gram is not None else down.weight.data[:, keep]
+    if hasattr(mlp, "gate_up_proj"):  # Phi-3: rows [gate | up]
+        inter = mlp.gate_up_proj.out_features // 2
+        mlp.gate_up_proj = _slice_linear(mlp.gate_up_proj, rows=torch.cat([keep, keep + inter]))
+    else:
+        mlp.gate_proj = _slice_linear(mlp.gate_proj, rows=keep)
+        mlp.up_proj = _slice_linear(mlp.up_proj, rows=keep)
+    mlp.down_proj = _slice_linear(down, cols=keep)
+    mlp.down_proj.weight.data.copy_(new_w)
+    if hasattr(mlp, "intermediate_size"):
+        mlp.intermediate_size = len(keep)
+
+
+def prune_kv_groups(
+    layer: Any, keep_groups: torch.Tensor, hd: int, gram: torch.Tensor | None, ridge: float = 1e-3
+) -> None:
+    """Keep KV groups ``keep_groups`` (sorted) with all their query heads; re-fit o_proj if ``gram``."""
+    attn = layer.self_attn
+    n_kv = _n_kv(layer, hd)
+    n_q = attn.o_proj.in_features // hd
+    rep = n_q // n_kv
+    q_heads = torch.cat([torch.arange(g * rep, (g + 1) * rep) for g in keep_groups.tolist()])
+    q_dims = torch.cat([torch.arange(h * hd, (h + 1) * hd) for h in q_heads.tolist()])
+    kv_dims = torch.cat([torch.arange(g * hd, (g + 1) * hd) for g in keep_groups.tolist()])
+    o = attn.o_proj
+    new_w = _ls_refit(o.weight.data, gram, q_dims, ridge) if gram is not None else o.weight.data[:, q_dims]
+    if hasattr(attn, "qkv_proj"):  # Phi-3: rows [q | k | v]
+        rows = torch.cat([q_dims, n_q * hd + kv_dims, (n_q + n_kv) * hd + kv_dims])
+        attn.qkv_proj = _slice_linear(attn.qkv_proj, rows=rows)
+    else:
+        attn.q_proj = _slice_linear(attn.q_proj, rows=q_dims)
+        attn.k_proj = _slice_linear(attn.k_proj, rows=kv_dims)
+        attn.v_proj = _slice_linear(attn.v_proj, rows=kv_dims)
+    attn.o_proj = _slice_linear(o, cols=q_dims)
+    attn.o_proj.weight.data.copy_(new_w)
+    for name, value in (("num_heads", len(q_heads)), ("num_key_value_heads", len(keep_groups))):
+        if hasattr(attn, name):
+            setattr(attn, name, value)
+
+
+def layer_widths(model: Any) -> list[dict[str, int]]:
+    """Per-block widths as the config records them."""
+    hd = head_dim(model.config)
+    out = []
+    for layer in decoder_layers(model):
+        n_q = layer.self_attn.o_proj.in_features // hd
+        out.append(
+            {
+                "intermediate_size": int(_down_proj(layer).in_features),
+                "num_attention_heads": int(n_q),
+                "num_key_value_heads": _n_kv(layer, hd),
+            }
+        )
+    return out
+
+
+@dataclass
+class _Unit:
+    layer: int
+    kind: str  # "mlp" | "kv"
+    indices: list[int]  # original channel indices / KV group ids within the layer
+    score: float  # share of the residual stream's energy the unit carries
+    params: int
+    priority: float = 0.0
+
+
+class WidthPruner:
+    """Plan MLP-channel and KV-group removals cheapest-first, then slice and compensate once."""
+
+    name = "width"
+    min_keep_ratio = 0.25  # every block keeps at least this share of its MLP channels
+
+    def __init__(self) -> None:
+        self.units: list[_Unit] = []
+        self.next = 0
+        self.removed: dict[tuple[int, str], list[int]] = {}
+        self.stats: list[LayerStats] = []
+        self._base_shape: Any = None
+
+    def prepare(self, model: Any, calib: torch.Tensor, cfg: Any) -> None:
+        from targets.budget import model_shape
+
+        hd = head_dim(model.config)
+        multiple = max(1, getattr(cfg, "width_multiple", 8))
+        self.stats = collect_stats(model, calib, cfg.batch_size)
+        self._base_shape = model_shape(model)
+        hidden = model.config.hidden_size
+        heads_prunable = arch_for(model.config.model_type).per_layer_heads
+        units: list[_Unit] = []
+        for li, (layer, st) in enumerate(zip(decoder_layers(model), self.stats, strict=True)):
+            resid = float(st.attn_gram.diagonal().sum() + st.mlp_gram.diagonal().sum()) / max(st.tokens, 1) or 1.0
+            ch = channel_scores(layer, st)
+            order = torch.argsort(ch).tolist()
+            n_inter = len(order)
+            removable = n_inter - max(multiple, int(self.min_keep_ratio * n_inter))
+            removable -= removable % multiple
+            for g in range(0, removable, multiple):
+                idx = order[g : g + multiple]
+                units.append(_Unit(li, "mlp", idx, float(ch[idx].sum()) / resid, 3 * hidden * len(idx)))
+            if not heads_prunable:
+                continue
+            kv = kv_group_scores(layer, st, hd)
+            n_kv = len(kv)
+            rep = (layer.self_attn.o_proj.in_features // hd) // n_kv
+            for g in torch.argsort(kv).tolist()[: n_kv - 1]:
+                units.append(_Unit(li, "kv", [g], float(kv[g]) / resid, 2 * (rep + 1) * hd * hidden))
+        for u in units:
+            u.priority = u.score / u.params
+        # A layer's units must leave in score order, so sort within (layer, kind) by score and
+        # make priorities monotone there before the global sort.
+        units.sort(key=lambda u: u.priority)
+        self.units = units
+        self.next = 0
+
+    def most_pruned_shape(self, model: Any, shape: Any, cfg: Any) -> Any:
+        from targets.budget import LayerShape
+
+        heads_prunable = arch_for(model.config.model_type).per_layer_heads
+        layers = []
+        for layer in shape.layers:
+            multiple = max(1, getattr(cfg, "width_multiple", 8))
+            keep_i = max(multiple, int(self.min_keep_ratio * layer.intermediate_size))
+            rep = layer.num_heads // layer.num_kv_heads
+            removed_params = (layer.intermediate_size - keep_i) * 3 * (shape.hidden_size)
+            kv_keep = 1 if heads_prunable else layer.num_kv_heads
+            removed_params += (layer.num_kv_heads - kv_keep) * 2 * (rep + 1) * layer.head_dim * shape.hidden_size
+            layers.append(LayerShape(layer.params - removed_params, rep * kv_keep, kv_keep, layer.head_dim, keep_i))
+        return type(shape)(
+            shape.vocab_size, shape.hidden_size, shape.embed_params, shape.lm_head_params, shape.tied,
+            shape.other_params, tuple(layers),
+        )  # fmt: skip
+
+    def can_step(self, model: Any, cfg: Any) -> bool:
+        return self.next < len(self.units)
+
+    def step(self, model: Any, calib: torch.Tensor, cfg: Any) -> tuple[str, float]:
+        u = self.units[self.next]
+        self.next += 1
+        self.removed.setdefault((u.layer, u.kind), []).extend(u.indices)
+        unit = f"{len(u.indices)} MLP channels" if u.kind == "mlp" else f"KV group {u.indices[0]}"
+        what = f"block {u.layer}: {unit}"
+        return what, u.score
+
+    def shape(self, model: Any) -> Any:
+        from targets.budget import LayerShape
+
+        base = self._base_shape
+        layers = []
+        for li, layer in enumerate(base.layers):
+            n_ch = len(self.removed.get((li, "mlp"), []))
+            n_g = len(self.removed.get((li, "kv"), []))
+            rep = layer.num_heads // layer.num_kv_heads
+            params = (
+                layer.params - n_ch * 3 * base.hidden_size - n_g * 2 * (rep + 1) * layer.head_dim * base.hidden_size
+            )
+            layers.append(
+                LayerShape(params, layer.num_heads - n_g * rep, layer.num_kv_heads - n_g, layer.head_dim,
+                           layer.intermediate_size - n_ch)
+            )  # fmt: skip
+        return type(base)(
+            base.vocab_size, base.hidden_size, base.embed_params, base.lm_head_params, base.tied, base.other_params,
+            tuple(layers),
+        )  # fmt: skip
+
+    def finalize(self, model: Any) -> None:
+        """Slice every planned unit out and re-fit the output projections by least squares."""
+        hd = head_dim(model.config)
+        for li, layer in enumerate(tqdm(decoder_layers(model), desc="slice + compensate", leave=False, disable=None)):
+            st = self.stats[li]
+            gone = set(self.removed.get((li, "mlp"), []))
+            if gone:
+                keep = torch.tensor([i for i in range(_down_proj(layer).in_features) if i not in gone])
+                prune_mlp(layer, keep, st.mlp_gram)
+            gone_g = set(self.removed.get((li, "kv"), []))
+            if gone_g:
+                keep_g = torch.tensor([g for g in range(_n_kv(layer, hd)) if g not in gone_g])
+                prune_kv_groups(layer, keep_g, hd, st.attn_gram)
+        meta = dict(getattr(model.config, "prunefit", None) or {})
+        meta["layers"] = layer_widths(model)
+        model.config.prunefit = meta
+        self.stats = []
