@@ -28,7 +28,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         "## Pruning",
         "",
-        f"Method `{plan['method']}`: removed {len(plan['removed_layers'])} of "
+        f"Method `{plan['method']}`, {len(plan['steps'])} steps: removed {len(plan['removed_layers'])} of "
         f"{len(plan['removed_layers']) + len(plan['kept_layers'])} decoder blocks "
         f"{plan['removed_layers'] or ''}; parameters {plan['params_before']:,} -> {plan['params_after']:,} "
         f"({1 - plan['params_after'] / plan['params_before']:.1%} removed) in {plan['wall_s']:.1f} s.",
@@ -36,10 +36,14 @@ def render_markdown(report: dict[str, Any]) -> str:
         "| step | removed | score | predicted peak (MiB) | calibration perplexity |",
         "|---:|---|---:|---:|---:|",
     ]
-    lines += [
-        f"| {i} | {s['removed']} | {s['score']:.4f} | {s['estimate_mib']:.1f} | {_f(s.get('calib_ppl', '-'), 2)} |"
-        for i, s in enumerate(plan["steps"], 1)
-    ]
+    steps = list(enumerate(plan["steps"], 1))
+    shown = steps if len(steps) <= 24 else steps[:12] + steps[-12:]  # width pruning takes hundreds of small steps
+    for n, (i, s) in enumerate(shown):
+        if n == 12 and len(steps) > 24:
+            lines.append(f"| ... | {len(steps) - 24} more steps in prune_plan.json | | | |")
+        lines.append(
+            f"| {i} | {s['removed']} | {s['score']:.4f} | {s['estimate_mib']:.1f} | {_f(s.get('calib_ppl', '-'), 2)} |"
+        )
     lines += [
         "",
         "## Memory model (predicted, MiB)",
