@@ -44,6 +44,9 @@ class PruneConfig:
     iterative: bool = True  # re-score after each removal (the remaining blocks' roles shift)
     batch_size: int = 8
     width_multiple: int = 8  # width pruning removes channels in groups of this size (kernel-friendly widths)
+    compensate: bool = True  # width: least-squares re-fit of the output projections after slicing
+    ridge: float = 1e-3  # width: ridge of the re-fit, relative to the mean diagonal of the Gram matrix
+    min_keep_ratio: float = 0.5  # width: each block keeps at least this share of its MLP channels
 
     def __post_init__(self) -> None:
         if not 0.0 < self.max_removed_layer_ratio < 1.0:

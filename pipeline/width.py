@@ -40,6 +40,7 @@ class LayerStats:
     mlp_gram: torch.Tensor  # [I, I] sum of a a^T over calibration tokens (down_proj input)
     attn_gram: torch.Tensor  # [D, D] sum over tokens of o_proj input outer products
     tokens: int
+    resid_energy: float = 0.0  # sum over tokens of ||h||^2 of the block's input (residual stream)
 
 
 @torch.no_grad()
@@ -66,6 +67,11 @@ def collect_stats(model: Any, calib: torch.Tensor, batch_size: int = 8) -> list[
             x = args[0].reshape(-1, args[0].shape[-1]).double()
             st.attn_gram += x.T @ x
 
+        def resid_hook(mod: nn.Module, args: tuple, kwargs: dict, st: LayerStats = st) -> None:
+            h = args[0] if args else kwargs["hidden_states"]
+            st.resid_energy += float(h.double().pow(2).sum())
+
+        handles.append(layer.register_forward_pre_hook(resid_hook, with_kwargs=True))
         handles.append(down.register_forward_pre_hook(mlp_hook))
         handles.append(o.register_forward_pre_hook(attn_hook))
     try:
@@ -206,7 +212,6 @@ class WidthPruner:
     """Plan MLP-channel and KV-group removals cheapest-first, then slice and compensate once."""
 
     name = "width"
-    min_keep_ratio = 0.25  # every block keeps at least this share of its MLP channels
 
     def __init__(self) -> None:
         self.units: list[_Unit] = []
@@ -214,6 +219,8 @@ class WidthPruner:
         self.removed: dict[tuple[int, str], list[int]] = {}
         self.stats: list[LayerStats] = []
         self._base_shape: Any = None
+        self.compensate = True
+        self.ridge = 1e-3
 
     def prepare(self, model: Any, calib: torch.Tensor, cfg: Any) -> None:
         from targets.budget import model_shape
@@ -221,16 +228,19 @@ class WidthPruner:
         hd = head_dim(model.config)
         multiple = max(1, getattr(cfg, "width_multiple", 8))
         self.stats = collect_stats(model, calib, cfg.batch_size)
+        self.compensate = cfg.compensate
+        self.ridge = cfg.ridge
         self._base_shape = model_shape(model)
         hidden = model.config.hidden_size
         heads_prunable = arch_for(model.config.model_type).per_layer_heads
         units: list[_Unit] = []
         for li, (layer, st) in enumerate(zip(decoder_layers(model), self.stats, strict=True)):
-            resid = float(st.attn_gram.diagonal().sum() + st.mlp_gram.diagonal().sum()) / max(st.tokens, 1) or 1.0
+            # What a unit adds to the residual stream, relative to what the stream already carries there.
+            resid = st.resid_energy / max(st.tokens, 1) or 1.0
             ch = channel_scores(layer, st)
             order = torch.argsort(ch).tolist()
             n_inter = len(order)
-            removable = n_inter - max(multiple, int(self.min_keep_ratio * n_inter))
+            removable = n_inter - max(multiple, int(cfg.min_keep_ratio * n_inter))
             removable -= removable % multiple
             for g in range(0, removable, multiple):
                 idx = order[g : g + multiple]
@@ -257,7 +267,7 @@ class WidthPruner:
         layers = []
         for layer in shape.layers:
             multiple = max(1, getattr(cfg, "width_multiple", 8))
-            keep_i = max(multiple, int(self.min_keep_ratio * layer.intermediate_size))
+            keep_i = max(multiple, int(cfg.min_keep_ratio * layer.intermediate_size))
             rep = layer.num_heads // layer.num_kv_heads
             removed_params = (layer.intermediate_size - keep_i) * 3 * (shape.hidden_size)
             kv_keep = 1 if heads_prunable else layer.num_kv_heads
@@ -308,11 +318,11 @@ class WidthPruner:
             gone = set(self.removed.get((li, "mlp"), []))
             if gone:
                 keep = torch.tensor([i for i in range(_down_proj(layer).in_features) if i not in gone])
-                prune_mlp(layer, keep, st.mlp_gram)
+                prune_mlp(layer, keep, st.mlp_gram if self.compensate else None, self.ridge)
             gone_g = set(self.removed.get((li, "kv"), []))
             if gone_g:
                 keep_g = torch.tensor([g for g in range(_n_kv(layer, hd)) if g not in gone_g])
-                prune_kv_groups(layer, keep_g, hd, st.attn_gram)
+                prune_kv_groups(layer, keep_g, hd, st.attn_gram if self.compensate else None, self.ridge)
         meta = dict(getattr(model.config, "prunefit", None) or {})
         meta["layers"] = layer_widths(model)
         model.config.prunefit = meta
