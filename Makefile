@@ -52,7 +52,7 @@ report: $(STAMP) check-target ## re-render OUT/report.md from OUT/report.json
 	$(VENV)/bin/prunefit report --out "$(OUT)"
 
 bench: $(STAMP) ## run the benchmarks (JSON + Markdown in benchmarks/results/)
-	$(PY) benchmarks/depth_pruning.py
+	$(PY) benchmarks/pruning.py
 
 profiles: $(STAMP) ## list device profiles and their budgets
 	$(VENV)/bin/prunefit profiles

@@ -46,7 +46,11 @@ class PruneConfig:
     width_multiple: int = 8  # width pruning removes channels in groups of this size (kernel-friendly widths)
     compensate: bool = True  # width: least-squares re-fit of the output projections after slicing
     ridge: float = 1e-3  # width: ridge of the re-fit, relative to the mean diagonal of the Gram matrix
+    score: Literal["energy", "wanda", "magnitude"] = "energy"  # width: unit importance (others are baselines)
     min_keep_ratio: float = 0.5  # width: each block keeps at least this share of its MLP channels
+    # Instead of the profile's budget, remove this share of decoder-block parameters (benchmarks,
+    # "prune 20%" requests). None: target the budget.
+    target_decoder_ratio: float | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 < self.max_removed_layer_ratio < 1.0:
@@ -206,8 +210,22 @@ def prune_to_budget(model: PreTrainedModel, calib: torch.Tensor, profile: Device
     original_layers = len(shape.layers)
     before = _estimates(shape, profile)
     target_mib = profile.memory_budget_mib - profile.pruning.headroom_mib
-    floor = worst(estimate_all(pruner.most_pruned_shape(model, shape, cfg), profile))
-    if floor.total_mib > target_mib:
+    dense_layer_params = shape.layer_params
+    ratio = cfg.target_decoder_ratio
+
+    def needs_more(s: ModelShape) -> bool:
+        if ratio is not None:
+            return (dense_layer_params - s.layer_params) / dense_layer_params < ratio
+        return worst(estimate_all(s, profile)).total_mib > target_mib
+
+    most = pruner.most_pruned_shape(model, shape, cfg)
+    if ratio is not None and needs_more(most):
+        raise BudgetError(
+            f"Cannot remove {ratio:.0%} of decoder parameters with {cfg.method} under its limits "
+            f"(at most {(dense_layer_params - most.layer_params) / dense_layer_params:.0%})."
+        )
+    floor = worst(estimate_all(most, profile))
+    if ratio is None and floor.total_mib > target_mib:
         raise BudgetError(
             f"Budget infeasible for profile '{profile.name}': even the most pruning allowed "
             f"({cfg.method}, max_removed_layer_ratio={cfg.max_removed_layer_ratio}) needs "
@@ -219,22 +237,24 @@ def prune_to_budget(model: PreTrainedModel, calib: torch.Tensor, profile: Device
             "(pruning.max_removed_layer_ratio / --max-prune-ratio), or pick a smaller model."
         )
     plan = PrunePlan(method=cfg.method, budget_mib=float(profile.memory_budget_mib), before=before, after=before)
-    if worst(estimate_all(shape, profile)).total_mib > target_mib:
+    if needs_more(shape):
         pruner.prepare(model, calib, cfg)
-    current = worst(estimate_all(shape, profile))
+    current_shape = shape
     with tqdm(desc=f"prune ({cfg.method})", unit="step", disable=None) as bar:
-        while current.total_mib > target_mib:
+        while needs_more(current_shape):
             if not pruner.can_step(model, cfg):  # pragma: no cover - guarded by the floor check
-                raise BudgetError(f"Pruning limit reached at {current.total_mib:.1f} MiB > {target_mib} MiB.")
+                raise BudgetError(f"Pruning limit reached before the target ({cfg.method}).")
             what, score = pruner.step(model, calib, cfg)
-            current = worst(estimate_all(pruner.shape(model), profile))
+            current_shape = pruner.shape(model)
+            current = worst(estimate_all(current_shape, profile))
             ppl = (
                 perplexity(model, calib[:PPL_WINDOWS], batch_size=cfg.batch_size, desc="calibration perplexity")
                 if pruner.name == "depth"  # width steps are only planned until finalize
                 else float("nan")
             )
             plan.steps.append(PruneStep(what, score, round(current.total_mib, 2), round(ppl, 3)))
-            log.info(
+            log.log(
+                logging.INFO if pruner.name == "depth" else logging.DEBUG,
                 "removed %s (score %.4f): now %.1f MiB (target %.1f), calibration perplexity %.2f",
                 what, score, current.total_mib, target_mib, ppl,
             )  # fmt: skip

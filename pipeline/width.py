@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -88,16 +88,33 @@ def _down_proj(layer: Any) -> nn.Linear:
     return layer.mlp.down_proj
 
 
-def channel_scores(layer: Any, st: LayerStats) -> torch.Tensor:
-    """Energy each intermediate channel contributes to the MLP output."""
-    w = _down_proj(layer).weight.double()
-    return (w.pow(2).sum(0) * st.mlp_gram.diagonal()) / max(st.tokens, 1)
+Score = Literal["energy", "wanda", "magnitude"]
 
 
-def kv_group_scores(layer: Any, st: LayerStats, hd: int) -> torch.Tensor:
-    """Energy each KV group (its query heads' slice of o_proj's input) contributes to the output."""
-    w = layer.self_attn.o_proj.weight.double()
-    per_dim = w.pow(2).sum(0) * st.attn_gram.diagonal() / max(st.tokens, 1)
+def _column_scores(w: torch.Tensor, gram: torch.Tensor, tokens: int, score: Score) -> torch.Tensor:
+    """Importance of each input column of an output projection ``w`` [out, in].
+
+    energy (ours): ||W[:, j]||^2 E[x_j^2], the energy column j adds to the output.
+    wanda: sum_i |W_ij| * ||x_j|| (Wanda's |W| x ||X||, summed over the structure).
+    magnitude: ||W[:, j]||, no data.
+    """
+    w = w.double()
+    if score == "magnitude":
+        return w.pow(2).sum(0).sqrt()
+    if score == "wanda":
+        return w.abs().sum(0) * gram.diagonal().clamp_min(0).sqrt()
+    return w.pow(2).sum(0) * gram.diagonal() / max(tokens, 1)
+
+
+def channel_scores(layer: Any, st: LayerStats, score: Score = "energy") -> torch.Tensor:
+    """Importance of each intermediate MLP channel."""
+    return _column_scores(_down_proj(layer).weight, st.mlp_gram, st.tokens, score)
+
+
+def kv_group_scores(layer: Any, st: LayerStats, hd: int, score: Score = "energy") -> torch.Tensor:
+    """Importance of each KV group (its query heads' slice of o_proj's input)."""
+    w = layer.self_attn.o_proj.weight
+    per_dim = _column_scores(w, st.attn_gram, st.tokens, score)
     n_q = w.shape[1] // hd
     n_kv = _n_kv(layer, hd)
     per_head = per_dim.view(n_q, hd).sum(1)
@@ -237,7 +254,9 @@ class WidthPruner:
         for li, (layer, st) in enumerate(zip(decoder_layers(model), self.stats, strict=True)):
             # What a unit adds to the residual stream, relative to what the stream already carries there.
             resid = st.resid_energy / max(st.tokens, 1) or 1.0
-            ch = channel_scores(layer, st)
+            if cfg.score != "energy":
+                resid = 1.0  # baselines compare raw scores, as published
+            ch = channel_scores(layer, st, cfg.score)
             order = torch.argsort(ch).tolist()
             n_inter = len(order)
             removable = n_inter - max(multiple, int(cfg.min_keep_ratio * n_inter))
@@ -247,7 +266,7 @@ class WidthPruner:
                 units.append(_Unit(li, "mlp", idx, float(ch[idx].sum()) / resid, 3 * hidden * len(idx)))
             if not heads_prunable:
                 continue
-            kv = kv_group_scores(layer, st, hd)
+            kv = kv_group_scores(layer, st, hd, cfg.score)
             n_kv = len(kv)
             rep = (layer.self_attn.o_proj.in_features // hd) // n_kv
             for g in torch.argsort(kv).tolist()[: n_kv - 1]:

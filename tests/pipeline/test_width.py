@@ -31,10 +31,10 @@ def test_width_prune_save_load(arch: str, tmp_path: Path, tokenizer) -> None:
     params_before = sum(p.numel() for p in m.parameters())
     dense_est = worst(estimate_all(model_shape(m), profile(1000))).total_mib
     p = profile(int(dense_est) + 1, runtime_overhead_mib={"onnxruntime": 0.0, "executorch": 0.0})
-    # a budget that needs ~30% of the weights gone
+    # a budget that needs ~20% of the weights gone (Phi-3 can only lose MLP channels)
     weights = worst(estimate_all(model_shape(m), profile(1000))).weights_mib
     zero = {"onnxruntime": 0.0, "executorch": 0.0}
-    target = profile(int(dense_est - 0.3 * weights), runtime_overhead_mib=zero)
+    target = profile(int(dense_est - 0.2 * weights), runtime_overhead_mib=zero)
     assert p.memory_budget_mib > target.memory_budget_mib
     plan = prune_to_budget(m, calib(), target, PruneConfig(method="width", width_multiple=8))
     shape = model_shape(m)
@@ -94,3 +94,13 @@ def test_compensation_lowers_reconstruction_error() -> None:
     err_a = (a.self_attn.o_proj(o_in[:, cols]) - dense_o).pow(2).mean()
     err_b = (b.self_attn.o_proj(o_in[:, cols]) - dense_o).pow(2).mean()
     assert err_b < err_a
+
+
+@pytest.mark.parametrize("method", ["depth", "width"])
+def test_explicit_decoder_ratio_target(method: str) -> None:
+    m = tiny_model("llama", **{**WIDE, "num_hidden_layers": 8})
+    dense = model_shape(m).layer_params
+    plan = prune_to_budget(m, calib(), profile(4000), PruneConfig(method=method, target_decoder_ratio=0.2))
+    removed = (dense - model_shape(m).layer_params) / dense
+    assert 0.2 <= removed < 0.2 + 0.13  # stops within one unit (a block is 1/8 of the decoder here)
+    assert plan.steps
