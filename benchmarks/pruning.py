@@ -147,9 +147,15 @@ def main() -> None:
             }  # fmt: skip
             rows.append(row)
             log.info("%s @%.0f%%: ppl %.2f, %.1fs, +%.0f MiB", name, 100 * ratio, row["test_ppl"], wall, peak)
+            write(args.out, rows)
             del model
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "pruning.json").write_text(json.dumps({"model": "SmolLM2-135M-Instruct", "rows": rows}, indent=2))
+    write(args.out, rows)
+
+
+def write(out: Path, rows: list[dict[str, Any]]) -> None:
+    """Write JSON + Markdown (called after every row, so a long run keeps what it measured)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "pruning.json").write_text(json.dumps({"model": "SmolLM2-135M-Instruct", "rows": rows}, indent=2))
     dense_ppl = rows[0]["test_ppl"]
     lines = [
         f"Dense WikiText-2 test perplexity: {dense_ppl:.2f}",
@@ -168,8 +174,8 @@ def main() -> None:
                 f"{r['test_ppl']:.2f} | {r['test_ppl'] / best:.2f}x | {r['prune_wall_s']:.1f} | "
                 f"{r['prune_peak_rss_over_start_mib']:.0f} |"
             )
-    (args.out / "pruning.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    (out / "pruning.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines), flush=True)
 
 
 if __name__ == "__main__":
