@@ -22,6 +22,7 @@ Per-layer widths may differ; they are recorded in ``config.prunefit["layers"]`` 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -215,6 +216,18 @@ def layer_widths(model: Any) -> list[dict[str, int]]:
     return out
 
 
+def _narrowed(layer: Any, hidden: int, drop_channels: int, drop_groups: int) -> Any:
+    """A LayerShape with ``drop_channels`` MLP channels and ``drop_groups`` KV groups removed."""
+    from targets.budget import LayerShape
+
+    rep = layer.num_heads // layer.num_kv_heads
+    params = layer.params - drop_channels * 3 * hidden - drop_groups * 2 * (rep + 1) * layer.head_dim * hidden
+    return LayerShape(
+        params, layer.num_heads - drop_groups * rep, layer.num_kv_heads - drop_groups, layer.head_dim,
+        layer.intermediate_size - drop_channels,
+    )  # fmt: skip
+
+
 @dataclass
 class _Unit:
     layer: int
@@ -280,22 +293,14 @@ class WidthPruner:
         self.next = 0
 
     def most_pruned_shape(self, model: Any, shape: Any, cfg: Any) -> Any:
-        from targets.budget import LayerShape
-
         heads_prunable = arch_for(model.config.model_type).per_layer_heads
+        multiple = max(1, getattr(cfg, "width_multiple", 8))
         layers = []
         for layer in shape.layers:
-            multiple = max(1, getattr(cfg, "width_multiple", 8))
             keep_i = max(multiple, int(cfg.min_keep_ratio * layer.intermediate_size))
-            rep = layer.num_heads // layer.num_kv_heads
-            removed_params = (layer.intermediate_size - keep_i) * 3 * (shape.hidden_size)
-            kv_keep = 1 if heads_prunable else layer.num_kv_heads
-            removed_params += (layer.num_kv_heads - kv_keep) * 2 * (rep + 1) * layer.head_dim * shape.hidden_size
-            layers.append(LayerShape(layer.params - removed_params, rep * kv_keep, kv_keep, layer.head_dim, keep_i))
-        return type(shape)(
-            shape.vocab_size, shape.hidden_size, shape.embed_params, shape.lm_head_params, shape.tied,
-            shape.other_params, tuple(layers),
-        )  # fmt: skip
+            drop_groups = layer.num_kv_heads - 1 if heads_prunable else 0
+            layers.append(_narrowed(layer, shape.hidden_size, layer.intermediate_size - keep_i, drop_groups))
+        return dataclasses.replace(shape, layers=tuple(layers))
 
     def can_step(self, model: Any, cfg: Any) -> bool:
         return self.next < len(self.units)
@@ -309,25 +314,14 @@ class WidthPruner:
         return what, u.score
 
     def shape(self, model: Any) -> Any:
-        from targets.budget import LayerShape
-
         base = self._base_shape
-        layers = []
-        for li, layer in enumerate(base.layers):
-            n_ch = len(self.removed.get((li, "mlp"), []))
-            n_g = len(self.removed.get((li, "kv"), []))
-            rep = layer.num_heads // layer.num_kv_heads
-            params = (
-                layer.params - n_ch * 3 * base.hidden_size - n_g * 2 * (rep + 1) * layer.head_dim * base.hidden_size
+        layers = [
+            _narrowed(
+                layer, base.hidden_size, len(self.removed.get((li, "mlp"), [])), len(self.removed.get((li, "kv"), []))
             )
-            layers.append(
-                LayerShape(params, layer.num_heads - n_g * rep, layer.num_kv_heads - n_g, layer.head_dim,
-                           layer.intermediate_size - n_ch)
-            )  # fmt: skip
-        return type(base)(
-            base.vocab_size, base.hidden_size, base.embed_params, base.lm_head_params, base.tied, base.other_params,
-            tuple(layers),
-        )  # fmt: skip
+            for li, layer in enumerate(base.layers)
+        ]
+        return dataclasses.replace(base, layers=tuple(layers))
 
     def finalize(self, model: Any) -> None:
         """Slice every planned unit out and re-fit the output projections by least squares."""
