@@ -74,9 +74,7 @@ class RunConfig:
 
 def _prune_config(cfg: RunConfig, profile: DeviceProfile) -> PruneConfig:
     ratio = cfg.max_prune_ratio if cfg.max_prune_ratio is not None else profile.pruning.max_removed_layer_ratio
-    method = cfg.method or profile.pruning.method
-    if method not in ("depth", "width"):
-        raise ConfigError(f"Unknown pruning method '{method}'. Available: depth, width.")
+    method = cfg.method or profile.pruning.method  # PruneConfig rejects unknown names, listing the known ones
     return PruneConfig(method=method, max_removed_layer_ratio=ratio, width_multiple=profile.width_multiple)  # type: ignore[arg-type]
 
 

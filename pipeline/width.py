@@ -32,6 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pipeline.arch import arch_for, decoder_layers, head_dim
+from targets.budget import LayerShape, layer_shape, model_shape
 
 log = logging.getLogger(__name__)
 
@@ -123,11 +124,7 @@ def kv_group_scores(layer: Any, st: LayerStats, hd: int, score: Score = "energy"
 
 
 def _n_kv(layer: Any, hd: int) -> int:
-    attn = layer.self_attn
-    if hasattr(attn, "qkv_proj"):
-        n_q = attn.o_proj.in_features // hd
-        return (attn.qkv_proj.out_features // hd - n_q) // 2
-    return int(attn.k_proj.out_features // hd)
+    return layer_shape(layer, hd).num_kv_heads
 
 
 def _slice_linear(lin: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> nn.Linear:
@@ -201,25 +198,20 @@ def prune_kv_groups(
 
 
 def layer_widths(model: Any) -> list[dict[str, int]]:
-    """Per-block widths as the config records them."""
+    """Per-block widths as the config records them (read from the live modules by the budget model)."""
     hd = head_dim(model.config)
-    out = []
-    for layer in decoder_layers(model):
-        n_q = layer.self_attn.o_proj.in_features // hd
-        out.append(
-            {
-                "intermediate_size": int(_down_proj(layer).in_features),
-                "num_attention_heads": int(n_q),
-                "num_key_value_heads": _n_kv(layer, hd),
-            }
-        )
-    return out
+    return [
+        {
+            "intermediate_size": shape.intermediate_size,
+            "num_attention_heads": shape.num_heads,
+            "num_key_value_heads": shape.num_kv_heads,
+        }
+        for shape in (layer_shape(layer, hd) for layer in decoder_layers(model))
+    ]
 
 
 def _narrowed(layer: Any, hidden: int, drop_channels: int, drop_groups: int) -> Any:
     """A LayerShape with ``drop_channels`` MLP channels and ``drop_groups`` KV groups removed."""
-    from targets.budget import LayerShape
-
     rep = layer.num_heads // layer.num_kv_heads
     params = layer.params - drop_channels * 3 * hidden - drop_groups * 2 * (rep + 1) * layer.head_dim * hidden
     return LayerShape(
@@ -253,8 +245,6 @@ class WidthPruner:
         self.ridge = 1e-3
 
     def prepare(self, model: Any, calib: torch.Tensor, cfg: Any) -> None:
-        from targets.budget import model_shape
-
         hd = head_dim(model.config)
         multiple = max(1, getattr(cfg, "width_multiple", 8))
         self.stats = collect_stats(model, calib, cfg.batch_size)
