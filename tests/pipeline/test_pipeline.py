@@ -80,7 +80,11 @@ def test_prunes_exports_and_fits(run_cfg: RunConfig) -> None:
     for rt in val["runtimes"]:
         assert rt["projected_peak_mib"] <= 36, rt  # measured, not just predicted, fits the budget
         assert rt["max_abs_logit_diff"] <= 1e-4 and rt["argmax_agreement"] == 1.0
-        assert abs(rt["prediction_error"]) < 0.5
+        # Tiny models: the fixed session term (allocator arenas, thread pools) dominates and moves
+        # by several MiB from host to host, so the bound is absolute here; relative accuracy is
+        # checked on the real model (tests/test_e2e_default.py).
+        miss = rt["measured"]["model_peak_mib"] - rt["predicted_model_peak_mib"]
+        assert abs(miss) <= 12, rt
     ppl = val["perplexity"]
     assert 1.0 < ppl["dense"] < 1e4 and 1.0 < ppl["pruned"] < 1e4
     on_disk = json.loads((out / "report.json").read_text())
