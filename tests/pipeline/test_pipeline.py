@@ -84,7 +84,7 @@ def test_prunes_exports_and_fits(run_cfg: RunConfig) -> None:
         # by several MiB from host to host, so the bound is absolute here; relative accuracy is
         # checked on the real model (tests/test_e2e_default.py).
         miss = rt["measured"]["model_peak_mib"] - rt["predicted_model_peak_mib"]
-        assert abs(miss) <= 12, rt
+        assert abs(miss) <= 15, rt  # seen: -3.1 (ET) and -0.9 (ORT) here, +10.4 (ET) on a CI host
     ppl = val["perplexity"]
     assert 1.0 < ppl["dense"] < 1e4 and 1.0 < ppl["pruned"] < 1e4
     on_disk = json.loads((out / "report.json").read_text())
