@@ -109,6 +109,11 @@ METHODS = {
     "depth": via_prunefit(method="depth"),
     "width-nocomp": via_prunefit(method="width", compensate=False),
     "width": via_prunefit(method="width"),
+    "comp-nocomp": via_prunefit(method="comp", compensate=False),
+    "comp": via_prunefit(method="comp"),
+    "comp-widthonly": via_prunefit(method="comp", comp_blocks=False),
+    "comp-residual": via_prunefit(method="comp", comp_target="residual"),
+    "comp-residual-widthonly": via_prunefit(method="comp", comp_target="residual", comp_blocks=False),
 }
 
 
@@ -116,6 +121,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="10%% only, 4 eval windows")
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--ratios", default="0.1,0.2,0.3", help="shares of decoder parameters to remove")
     ap.add_argument("--out", type=Path, default=ROOT / "results")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -130,7 +136,7 @@ def main() -> None:
     total = sum(p.numel() for p in dense_model.parameters())
     dec = sum(p.numel() for layer in decoder_layers(dense_model) for p in layer.parameters())
     rows: list[dict[str, Any]] = [{"method": "dense", "target": 0.0, "test_ppl": perplexity(dense_model, evals)}]
-    for ratio in (0.1,) if args.quick else (0.1, 0.2, 0.3):
+    for ratio in (0.1,) if args.quick else [float(r) for r in args.ratios.split(",")]:
         for name in args.methods.split(","):
             model = copy.deepcopy(dense_model)
             _reset_peak()

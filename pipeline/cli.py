@@ -13,7 +13,9 @@ import sys
 import warnings
 from pathlib import Path
 
-from pipeline.errors import PrunefitError
+from pipeline.errors import ModelLoadError, PrunefitError
+
+METHODS = ("depth", "width", "comp")  # pipeline.prune.PRUNERS (not imported here: it pulls in torch)
 
 log = logging.getLogger("prunefit")
 
@@ -81,10 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ex.add_argument(
         "--method",
-        choices=["depth", "width"],
+        choices=METHODS,
         default=None,
-        help="pruning method (overrides the profile): depth = whole blocks, width = MLP channels + KV "
-        "groups with least-squares compensation",
+        help="pruning method (overrides the profile): depth = whole blocks (Block Influence); width = MLP "
+        "channels + KV groups, energy scores, least-squares compensation; comp = layer-wise blocks + "
+        "channels + KV groups, condition-aware scores, compensation on the pruned stream",
     )
     ex.add_argument("--force", action="store_true", help="redo every stage even if its inputs did not change")
     ex.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code to run")
@@ -98,6 +101,21 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help="re-render report.md from the report.json of an earlier run")
     rp.add_argument("--out", type=Path, required=True, help="artifacts directory of an earlier `prunefit export`")
     _add_common(rp)
+
+    pn = sub.add_parser(
+        "prune",
+        help="prune a checkpoint directory to a profile's budget (or a ratio) block by block, "
+        "never holding the whole model (method comp)",
+    )
+    pn.add_argument("--model", type=Path, required=True, help="HF model directory (config.json + *.safetensors)")
+    pn.add_argument("--target", required=True, help="profile name or YAML (its budget, unless --ratio)")
+    pn.add_argument("--ratio", type=float, default=None, help="remove this share of decoder-block parameters")
+    pn.add_argument("--calib", required=True, help="calibration text: file or directory of .txt/.jsonl")
+    pn.add_argument("--num-samples", type=int, default=32)
+    pn.add_argument("--seq-len", type=int, default=128)
+    pn.add_argument("--seed", type=int, default=0)
+    pn.add_argument("--out", type=Path, required=True, help="output model directory (written atomically)")
+    _add_common(pn)
 
     pr = sub.add_parser("profiles", help="list the device profiles and their budgets")
     _add_common(pr)
@@ -143,6 +161,46 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_prune(args: argparse.Namespace) -> int:
+    """Streamed pruning of a checkpoint; prints the plan summary (with peak RSS) as JSON."""
+    import json
+    import time
+
+    from transformers import AutoTokenizer
+
+    from pipeline.checkpoint import prune_checkpoint
+    from pipeline.data import read_text, tokenize_windows
+    from pipeline.prune import PruneConfig
+    from targets.profile import load_profile
+    from targets.runner import peak_rss_bytes
+
+    profile = load_profile(args.target)
+    t0 = time.perf_counter()
+    try:
+        tok = AutoTokenizer.from_pretrained(args.model)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"No usable tokenizer in {args.model}: {exc}") from None
+    calib = tokenize_windows(read_text(args.calib), tok, args.num_samples, args.seq_len, args.seed, where=args.calib)
+    cfg = PruneConfig(
+        method="comp",
+        max_removed_layer_ratio=profile.pruning.max_removed_layer_ratio,
+        width_multiple=profile.width_multiple,
+        target_decoder_ratio=args.ratio,
+    )
+    plan = prune_checkpoint(args.model, calib, profile, cfg, args.out)
+    summary = {
+        "out": str(args.out),
+        "params_before": plan.params_before,
+        "params_after": plan.params_after,
+        "removed_layers": plan.removed_layers,
+        "after_worst_mib": plan.after["worst_mib"],
+        "wall_s": round(time.perf_counter() - t0, 2),
+        "peak_rss_mib": peak_rss_bytes() / 2**20,
+    }
+    print(json.dumps(summary))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     verbosity = -1 if args.quiet else (1 if args.verbose else 0)
@@ -162,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_profiles()
         if args.command == "export":
             return _cmd_export(args)
+        if args.command == "prune":
+            return _cmd_prune(args)
         if args.command == "report":
             from targets.report import rerender
 

@@ -31,7 +31,7 @@ from targets.profile import DeviceProfile
 
 log = logging.getLogger(__name__)
 
-Method = Literal["depth", "width"]
+Method = Literal["depth", "width", "comp"]
 PPL_WINDOWS = 8  # calibration windows used to report perplexity after each step (cheap progress signal)
 
 
@@ -47,7 +47,13 @@ class PruneConfig:
     compensate: bool = True  # width: least-squares re-fit of the output projections after slicing
     ridge: float = 1e-3  # width: ridge of the re-fit, relative to the mean diagonal of the Gram matrix
     score: Literal["energy", "wanda", "magnitude"] = "energy"  # width: unit importance (others are baselines)
-    min_keep_ratio: float = 0.5  # width: each block keeps at least this share of its MLP channels
+    min_keep_ratio: float = 0.5  # width/comp: each block keeps at least this share of its MLP channels
+    # comp: whole blocks compete with channels and heads in one plan. Off by default: on
+    # SmolLM2-135M at 20% it measured worse (test PPL 48.2 vs 46.7, benchmarks/results/pruning.md).
+    comp_blocks: bool = False
+    # comp: what the re-fit reproduces: the dense sub-layer's output, or that plus the residual
+    # stream's drift from the dense model (Llama-layout blocks; 46.7 vs 51.4 at 20%).
+    comp_target: Literal["sublayer", "residual"] = "residual"
     # Instead of the profile's budget, remove this share of decoder-block parameters (benchmarks,
     # "prune 20%" requests). None: target the budget.
     target_decoder_ratio: float | None = None
@@ -186,7 +192,13 @@ def _width_pruner() -> Pruner:
     return WidthPruner()
 
 
-PRUNERS: dict[str, Any] = {"depth": DepthPruner, "width": _width_pruner}
+def _comp_pruner() -> Pruner:
+    from pipeline.comp import CompPruner
+
+    return CompPruner()
+
+
+PRUNERS: dict[str, Any] = {"depth": DepthPruner, "width": _width_pruner, "comp": _comp_pruner}
 
 
 def max_removable_layers(num_layers: int, cfg: PruneConfig) -> int:

@@ -71,13 +71,8 @@ def _uniform_widths(model: PreTrainedModel) -> dict[str, int] | None:
     return first if all(w == first for w in widths) else None
 
 
-def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> Path:
-    """Save as safetensors + config.json + tokenizer, atomically (temp dir, then rename).
-
-    Uniform widths are written as a plain stock config (any transformers loads it); per-layer
-    widths keep the original global sizes in the config plus ``prunefit.layers``, which
-    :func:`load_pruned` applies.
-    """
+def finalise_config(model: PreTrainedModel) -> None:
+    """Uniform widths become the stock config keys; per-layer widths stay under ``prunefit.layers``."""
     uniform = _uniform_widths(model)
     if uniform is not None and hasattr(model.config, "head_dim"):
         model.config.head_dim = head_dim(model.config)  # pin it: it is derived from the head count otherwise
@@ -86,6 +81,16 @@ def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_d
         meta = dict(model.config.prunefit)
         meta["uniform"] = True
         model.config.prunefit = meta
+
+
+def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> Path:
+    """Save as safetensors + config.json + tokenizer, atomically (temp dir, then rename).
+
+    Uniform widths are written as a plain stock config (any transformers loads it); per-layer
+    widths keep the original global sizes in the config plus ``prunefit.layers``, which
+    :func:`load_pruned` applies.
+    """
+    finalise_config(model)
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)

@@ -153,11 +153,19 @@ def _ls_refit(weight: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, ridg
     return sol.to(weight.dtype)
 
 
-def prune_mlp(layer: Any, keep: torch.Tensor, gram: torch.Tensor | None, ridge: float = 1e-3) -> None:
-    """Keep intermediate channels ``keep`` (sorted); re-fit down_proj by least squares if ``gram``."""
+def prune_mlp(
+    layer: Any, keep: torch.Tensor, gram: torch.Tensor | None, ridge: float = 1e-3, weight: torch.Tensor | None = None
+) -> None:
+    """Keep intermediate channels ``keep`` (sorted); re-fit down_proj by least squares if ``gram``,
+    or use the given ``weight`` (already fitted, [hidden, len(keep)]) for down_proj."""
     mlp = layer.mlp
     down = mlp.down_proj
-    new_w = _ls_refit(down.weight.data, gram, keep, ridge) if gram is not None else down.weight.data[:, keep]
+    if weight is not None:
+        new_w = weight.to(down.weight.dtype)
+    elif gram is not None:
+        new_w = _ls_refit(down.weight.data, gram, keep, ridge)
+    else:
+        new_w = down.weight.data[:, keep]
     if hasattr(mlp, "gate_up_proj"):  # Phi-3: rows [gate | up]
         inter = mlp.gate_up_proj.out_features // 2
         mlp.gate_up_proj = _slice_linear(mlp.gate_up_proj, rows=torch.cat([keep, keep + inter]))
@@ -170,10 +178,23 @@ def prune_mlp(layer: Any, keep: torch.Tensor, gram: torch.Tensor | None, ridge: 
         mlp.intermediate_size = len(keep)
 
 
+def kv_group_dims(layer: Any, groups: list[int], hd: int) -> torch.Tensor:
+    """o_proj input dims (query-head slices) that belong to KV groups ``groups``."""
+    n_kv = _n_kv(layer, hd)
+    rep = (layer.self_attn.o_proj.in_features // hd) // n_kv
+    return torch.tensor([d for g in groups for d in range(g * rep * hd, (g + 1) * rep * hd)], dtype=torch.long)
+
+
 def prune_kv_groups(
-    layer: Any, keep_groups: torch.Tensor, hd: int, gram: torch.Tensor | None, ridge: float = 1e-3
+    layer: Any,
+    keep_groups: torch.Tensor,
+    hd: int,
+    gram: torch.Tensor | None,
+    ridge: float = 1e-3,
+    weight: torch.Tensor | None = None,
 ) -> None:
-    """Keep KV groups ``keep_groups`` (sorted) with all their query heads; re-fit o_proj if ``gram``."""
+    """Keep KV groups ``keep_groups`` (sorted) with all their query heads; re-fit o_proj if ``gram``,
+    or use the given ``weight`` (already fitted) for o_proj's remaining columns."""
     attn = layer.self_attn
     n_kv = _n_kv(layer, hd)
     n_q = attn.o_proj.in_features // hd
@@ -182,7 +203,12 @@ def prune_kv_groups(
     q_dims = torch.cat([torch.arange(h * hd, (h + 1) * hd) for h in q_heads.tolist()])
     kv_dims = torch.cat([torch.arange(g * hd, (g + 1) * hd) for g in keep_groups.tolist()])
     o = attn.o_proj
-    new_w = _ls_refit(o.weight.data, gram, q_dims, ridge) if gram is not None else o.weight.data[:, q_dims]
+    if weight is not None:
+        new_w = weight.to(o.weight.dtype)
+    elif gram is not None:
+        new_w = _ls_refit(o.weight.data, gram, q_dims, ridge)
+    else:
+        new_w = o.weight.data[:, q_dims]
     if hasattr(attn, "qkv_proj"):  # Phi-3: rows [q | k | v]
         rows = torch.cat([q_dims, n_q * hd + kv_dims, (n_q + n_kv) * hd + kv_dims])
         attn.qkv_proj = _slice_linear(attn.qkv_proj, rows=rows)

@@ -32,7 +32,7 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"{field} missing from /proc/self/status")
 
 
-def _peak_rss_bytes() -> int:
+def peak_rss_bytes() -> int:
     """VmHWM: this process's RSS high-water mark. Unlike ``ru_maxrss`` it is not inherited from
     the (large) parent across fork+exec, so it measures only what this runner touched."""
     return _status_kib("VmHWM") * 1024
@@ -99,7 +99,7 @@ def measure(runtime: str, artifact: Path, inputs: Path, logits_out: Path, thread
     session = load()
     load_s = time.perf_counter() - t0
     rss_loaded = _current_rss_bytes()
-    load_peak = _peak_rss_bytes()
+    load_peak = peak_rss_bytes()
     latencies = []
     logits = None
     for _ in range(repeats + 1):  # first run is warm-up (allocations, kernel selection)
@@ -107,7 +107,7 @@ def measure(runtime: str, artifact: Path, inputs: Path, logits_out: Path, thread
         t = time.perf_counter()
         logits = run(session, ids)
         latencies.append(time.perf_counter() - t)
-    peak = _peak_rss_bytes()
+    peak = peak_rss_bytes()
     assert logits is not None
     np.save(logits_out, np.asarray(logits, dtype=np.float32), allow_pickle=False)
     return {

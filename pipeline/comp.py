@@ -1,0 +1,374 @@
+"""COMP-style layer-wise structured pruning with condition-aware importance and LS compensation.
+
+Ideas from COMP (Xu et al., arXiv 2501.15255), written for prunefit and its memory budget:
+
+* **Layer-wise, low memory.** Two passes over the decoder, one block resident at a time
+  (:class:`pipeline.stream.LayerStream`; with a checkpoint directory the blocks stream from
+  safetensors). Pass 1 scores, pass 2 prunes and compensates. Nothing but one block, the
+  calibration hidden states and one block's Gram matrices is ever held.
+* **Hybrid granularity.** Whole blocks and, inside the blocks that stay, MLP channels and KV
+  groups (a KV head with its query heads) compete in one plan. A unit's cost is the share of the
+  residual stream's energy that removing it destroys: for a block, ``||h_out - h_in||^2 / ||h||^2``;
+  for channels and heads, the *compensated* output error below.
+* **Matrix-condition-based importance.** For an output projection ``y = W x`` with calibration Gram
+  ``G = sum x x^T``, removing input set ``S`` and re-fitting the rest optimally costs
+  ``tr(W_S [G^-1]_SS^-1 W_S^T)``. Compared with the plain energy ``||W_j||^2 G_jj`` this divides by
+  the variance inflation factor ``G_jj [G^-1]_jj``: a channel that is well conditioned (independent
+  of the others) is expensive to lose, one that is collinear with others is cheap, because the
+  others can take over its output. Channels leave greedily in groups of the width multiple, with
+  ``G^-1`` and ``W`` down-dated after each group (Optimal Brain Surgeon, structured).
+* **Compensation instead of fine-tuning (COMP's mask tuning, in closed form).** Pass 2 runs the
+  dense and the pruned model side by side: for every block it re-selects the planned number of
+  units on the *pruned* stream's statistics, then solves a ridge least-squares problem for the
+  remaining columns of ``o_proj`` / ``down_proj`` so that, on the pruned stream's inputs, the
+  sub-layer reproduces the dense model's output (``target="sublayer"``) or also pulls the residual
+  stream back toward the dense one (``target="residual"``, Llama-layout blocks).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from pipeline.arch import arch_for, head_dim
+from pipeline.rewrite import remove_layers
+from pipeline.stream import LayerStream, run_block
+from pipeline.width import _narrowed, kv_group_dims, layer_widths, prune_kv_groups, prune_mlp
+from targets.budget import ModelShape, layer_shape, model_shape
+
+log = logging.getLogger(__name__)
+
+
+# -- condition-aware greedy removal ---------------------------------------------------------------
+def greedy_obs(
+    weight: torch.Tensor,
+    gram: torch.Tensor,
+    blocks: list[torch.Tensor],
+    n_steps: int,
+    per_step: int = 1,
+    ridge: float = 1e-3,
+) -> tuple[list[list[int]], list[float]]:
+    """Remove ``n_steps`` x ``per_step`` input blocks of ``weight`` [out, n], cheapest first.
+
+    ``blocks`` are groups of input dims that leave together (one channel, or one KV group's
+    query-head dims). Returns the block ids removed at each step and the increase of the
+    compensated squared output error (summed over calibration tokens) that step caused.
+    """
+    w = weight.detach().double().clone()
+    g = gram.double().clone()
+    g.diagonal().add_(ridge * float(g.diagonal().mean().clamp_min(1e-12)))
+    ginv = torch.linalg.inv(g)
+    del g
+    alive = list(range(len(blocks)))
+    singles = all(len(b) == 1 for b in blocks)
+    dims_of = torch.stack(blocks).squeeze(1) if singles else None
+    steps: list[list[int]] = []
+    costs: list[float] = []
+    for _ in range(n_steps):
+        if singles:
+            assert dims_of is not None
+            idx = dims_of[alive]
+            cost = w[:, idx].pow(2).sum(0) / ginv.diagonal()[idx].clamp_min(1e-30)
+            take = [alive[int(j)] for j in torch.argsort(cost)[:per_step]]
+        else:
+            cost_b = []
+            for b in alive:
+                d = blocks[b]
+                m = torch.linalg.pinv(ginv[d][:, d])
+                cost_b.append(float(((w[:, d] @ m) * w[:, d]).sum()))
+            order = sorted(range(len(alive)), key=cost_b.__getitem__)[:per_step]
+            take = [alive[j] for j in order]
+        s = torch.cat([blocks[b] for b in take])
+        m = torch.linalg.pinv(ginv[s][:, s])
+        step_cost = float(((w[:, s] @ m) * w[:, s]).sum())
+        row = m @ ginv[s, :]  # [|s|, n]
+        w -= w[:, s] @ row
+        ginv -= ginv[:, s] @ row
+        w[:, s] = 0.0
+        steps.append(take)
+        costs.append(max(step_cost, 0.0))
+        alive = [b for b in alive if b not in set(take)]
+    return steps, costs
+
+
+def ls_fit(cross: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, ridge: float) -> torch.Tensor:
+    """argmin_W sum ||W x_keep - t||^2 + ridge: ``cross = sum t x^T`` [out, n], ``gram = sum x x^T``."""
+    g = gram.double()[keep][:, keep]
+    g.diagonal().add_(ridge * float(g.diagonal().mean().clamp_min(1e-12)))
+    rhs = cross.double()[:, keep]
+    return torch.linalg.solve(g, rhs.T).T
+
+
+# -- capturing sub-layer inputs and outputs ------------------------------------------------------
+@contextmanager
+def _tap(layer: Any, want: str = "zoam") -> Iterator[dict[str, list[torch.Tensor]]]:
+    """Record o_proj's input (z) / output (o) and down_proj's input (a) / output (m) while the
+    block runs, as [tokens, features] float64; only the keys in ``want`` are kept."""
+    rec: dict[str, list[torch.Tensor]] = {"z": [], "o": [], "a": [], "m": []}
+
+    def hook(kin: str, kout: str) -> Any:
+        def fn(mod: Any, args: tuple, out: torch.Tensor) -> None:
+            if kin in want:
+                rec[kin].append(_flat(args[0]))
+            if kout in want:
+                rec[kout].append(_flat(out))
+
+        return fn
+
+    handles = [
+        layer.self_attn.o_proj.register_forward_hook(hook("z", "o")),
+        layer.mlp.down_proj.register_forward_hook(hook("a", "m")),
+    ]
+    try:
+        yield rec
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _flat(h: torch.Tensor) -> torch.Tensor:
+    return h.detach().reshape(-1, h.shape[-1]).double()
+
+
+@dataclass
+class _Unit:
+    layer: int
+    kind: str  # "block" | "mlp" | "kv"
+    count: int  # channels or KV groups this unit removes (block: 0)
+    cost: float  # share of the residual stream's energy lost
+    params: int
+    priority: float = 0.0
+
+
+@dataclass
+class _LayerPlan:
+    mlp: int = 0  # channels to remove
+    kv: int = 0  # KV groups to remove
+    drop: bool = False
+
+
+class CompPruner:
+    """Plan blocks, MLP channels and KV groups by compensated cost per parameter; apply layer-wise."""
+
+    name = "comp"
+
+    def __init__(self, compensate: bool = True) -> None:
+        self.units: list[_Unit] = []
+        self.next = 0
+        self.plan: list[_LayerPlan] = []
+        self.base: ModelShape | None = None
+        self.compensate = compensate
+        self.cfg: Any = None
+        self.stream: LayerStream | None = None
+        self.calib: torch.Tensor | None = None
+        self.reconstruction: list[dict[str, Any]] = []
+
+    # -- pass 1: score ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def prepare(self, model: Any, calib: torch.Tensor, cfg: Any) -> None:
+        self.cfg, self.calib = cfg, calib
+        self.compensate = cfg.compensate
+        self.stream = getattr(model, "prunefit_stream", None) or LayerStream(model)
+        stream = self.stream
+        self.base = model_shape(model)
+        hd = head_dim(model.config)
+        hidden_size = model.config.hidden_size
+        multiple = max(1, cfg.width_multiple)
+        heads_prunable = arch_for(model.config.model_type).per_layer_heads
+        allow_blocks = cfg.comp_blocks
+        hidden, kwargs = stream.capture(calib, cfg.batch_size)
+        units: list[_Unit] = []
+        for i in tqdm(range(len(stream)), desc="comp: score blocks", leave=False, disable=None):
+            layer = stream.layer(i)
+            kw = [k[i] for k in kwargs]
+            with _tap(layer, "za") as rec:
+                out = run_block(layer, hidden, kw)
+            resid = sum(float(h.double().pow(2).sum()) for h in hidden) or 1.0
+            update = sum(float((o.double() - h.double()).pow(2).sum()) for h, o in zip(hidden, out, strict=True))
+            shape = self.base.layers[i]
+            if allow_blocks:
+                units.append(_Unit(i, "block", 0, update / resid, shape.params))
+            a = torch.cat(rec["a"])
+            inter = a.shape[1]
+            removable = inter - max(multiple, int(cfg.min_keep_ratio * inter))
+            removable -= removable % multiple
+            if removable > 0:
+                w = layer.mlp.down_proj.weight
+                _, costs = greedy_obs(w, a.T @ a, [torch.tensor([j]) for j in range(inter)], removable // multiple,
+                                      multiple, cfg.ridge)  # fmt: skip
+                units += self._chain(i, "mlp", multiple, costs, resid, 3 * hidden_size * multiple)
+            del a
+            if heads_prunable and shape.num_kv_heads > 1:
+                z = torch.cat(rec["z"])
+                groups = [kv_group_dims(layer, [g], hd) for g in range(shape.num_kv_heads)]
+                _, costs = greedy_obs(layer.self_attn.o_proj.weight, z.T @ z, groups, shape.num_kv_heads - 1, 1,
+                                      cfg.ridge)  # fmt: skip
+                rep = shape.num_heads // shape.num_kv_heads
+                units += self._chain(i, "kv", 1, costs, resid, 2 * (rep + 1) * hd * hidden_size)
+            hidden = [o.detach() for o in out]
+            stream.release(i)
+        for u in units:
+            u.priority = u.cost / u.params
+        units.sort(key=lambda u: u.priority)
+        self.units = units
+        self.next = 0
+        self.plan = [_LayerPlan() for _ in range(len(stream))]
+
+    @staticmethod
+    def _chain(layer: int, kind: str, count: int, costs: list[float], resid: float, params: int) -> list[_Unit]:
+        """Units of one layer in removal order; costs made non-decreasing so they leave in order."""
+        out, running = [], 0.0
+        for c in costs:
+            running = max(running, c / resid)
+            out.append(_Unit(layer, kind, count, running, params))
+        return out
+
+    # -- planning (driven by prune_to_budget) ----------------------------------------------------
+    def most_pruned_shape(self, model: Any, shape: ModelShape, cfg: Any) -> ModelShape:
+        heads_prunable = arch_for(model.config.model_type).per_layer_heads
+        multiple = max(1, cfg.width_multiple)
+        layers = []
+        for layer in shape.layers:
+            keep_i = max(multiple, int(cfg.min_keep_ratio * layer.intermediate_size))
+            drop_i = layer.intermediate_size - keep_i
+            drop_i -= drop_i % multiple
+            drop_g = layer.num_kv_heads - 1 if heads_prunable else 0
+            layers.append(_narrowed(layer, shape.hidden_size, drop_i, drop_g))
+        narrow = dataclasses.replace(shape, layers=tuple(layers))
+        if not cfg.comp_blocks:
+            return narrow
+        from pipeline.prune import max_removable_layers
+
+        n = max_removable_layers(len(shape.layers), cfg)
+        biggest = sorted(range(len(narrow.layers)), key=lambda i: -narrow.layers[i].params)[:n]
+        return narrow.without_layers(set(biggest))
+
+    def can_step(self, model: Any, cfg: Any) -> bool:
+        return any(self._usable(u, cfg) for u in self.units[self.next :])
+
+    def _usable(self, u: _Unit, cfg: Any) -> bool:
+        lp = self.plan[u.layer]
+        if lp.drop:
+            return False
+        if u.kind == "block":
+            from pipeline.prune import max_removable_layers
+
+            dropped = sum(p.drop for p in self.plan)
+            return dropped < max_removable_layers(len(self.plan), cfg)
+        return True
+
+    def step(self, model: Any, calib: torch.Tensor, cfg: Any) -> tuple[str, float]:
+        while not self._usable(self.units[self.next], cfg):
+            self.next += 1
+        u = self.units[self.next]
+        self.next += 1
+        lp = self.plan[u.layer]
+        if u.kind == "block":
+            lp.drop = True
+            return f"block {u.layer}", u.cost
+        if u.kind == "mlp":
+            lp.mlp += u.count
+            return f"block {u.layer}: {u.count} MLP channels", u.cost
+        lp.kv += u.count
+        return f"block {u.layer}: KV group", u.cost
+
+    def shape(self, model: Any) -> ModelShape:
+        assert self.base is not None
+        base = self.base
+        layers = [_narrowed(layer, base.hidden_size, lp.mlp, lp.kv) for layer, lp in zip(base.layers, self.plan)]
+        return dataclasses.replace(base, layers=tuple(layers)).without_layers(
+            {i for i, lp in enumerate(self.plan) if lp.drop}
+        )
+
+    # -- pass 2: select on the pruned stream, slice, compensate --------------------------------------
+    @torch.no_grad()
+    def finalize(self, model: Any) -> None:
+        assert self.stream is not None and self.calib is not None
+        stream, cfg = self.stream, self.cfg
+        hd = head_dim(model.config)
+        multiple = max(1, cfg.width_multiple)
+        hidden, kwargs = stream.capture(self.calib, cfg.batch_size)
+        dense = hidden
+        pruned = [h.clone() for h in hidden]
+        for i in tqdm(range(len(stream)), desc="comp: prune + compensate", leave=False, disable=None):
+            lp = self.plan[i]
+            layer = stream.layer(i)
+            kw = [k[i] for k in kwargs]
+            if lp.drop:
+                dense = run_block(layer, dense, kw)
+                stream.release(i)
+                continue
+            residual = cfg.comp_target == "residual" and not hasattr(layer, "post_feedforward_layernorm")
+            with _tap(layer, "om") as d_rec:
+                dense_out = run_block(layer, dense, kw)
+            if lp.kv:
+                with _tap(layer, "z") as p_rec:
+                    run_block(layer, pruned, kw)
+                z = torch.cat(p_rec["z"])
+                t = torch.cat(d_rec["o"])
+                if residual:
+                    t = t + torch.cat([_flat(d) - _flat(p) for d, p in zip(dense, pruned, strict=True)])
+                self._prune_heads(layer, z, t, lp.kv, hd, i)
+            if lp.mlp:
+                with _tap(layer, "ao") as p_rec:
+                    run_block(layer, pruned, kw)
+                a = torch.cat(p_rec["a"])
+                t = torch.cat(d_rec["m"])
+                if residual:
+                    d_mid = torch.cat([_flat(d) for d in dense]) + torch.cat(d_rec["o"])
+                    p_mid = torch.cat([_flat(p) for p in pruned]) + torch.cat(p_rec["o"])
+                    t = t + d_mid - p_mid
+                self._prune_channels(layer, a, t, lp.mlp, multiple, i)
+            pruned = run_block(layer, pruned, kw)
+            dense = dense_out
+            stream.store(i)
+        dropped = [i for i, lp in enumerate(self.plan) if lp.drop]
+        if dropped:
+            remove_layers(model, dropped)
+        meta = dict(getattr(model.config, "prunefit", None) or {})
+        meta["layers"] = layer_widths(model)
+        model.config.prunefit = meta
+
+    def _prune_channels(self, layer: Any, a: torch.Tensor, t: torch.Tensor, n: int, multiple: int, li: int) -> None:
+        w = layer.mlp.down_proj.weight
+        gram = a.T @ a
+        steps, _ = greedy_obs(w, gram, [torch.tensor([j]) for j in range(w.shape[1])], n // multiple, multiple,
+                              self.cfg.ridge)  # fmt: skip
+        gone = {j for s in steps for j in s}
+        keep = torch.tensor([j for j in range(w.shape[1]) if j not in gone], dtype=torch.long)
+        fitted = ls_fit(t.T @ a, gram, keep, self.cfg.ridge) if self.compensate else None
+        self._record(li, "mlp", a, t, w.double()[:, keep], fitted, keep)
+        prune_mlp(layer, keep, None, weight=fitted)
+
+    def _prune_heads(self, layer: Any, z: torch.Tensor, t: torch.Tensor, n: int, hd: int, li: int) -> None:
+        w = layer.self_attn.o_proj.weight
+        n_kv = layer_shape(layer, hd).num_kv_heads
+        groups = [kv_group_dims(layer, [g], hd) for g in range(n_kv)]
+        gram = z.T @ z
+        steps, _ = greedy_obs(w, gram, groups, n, 1, self.cfg.ridge)
+        gone = {g for s in steps for g in s}
+        keep_g = [g for g in range(n_kv) if g not in gone]
+        keep = kv_group_dims(layer, keep_g, hd)
+        fitted = ls_fit(t.T @ z, gram, keep, self.cfg.ridge) if self.compensate else None
+        self._record(li, "kv", z, t, w.double()[:, keep], fitted, keep)
+        prune_kv_groups(layer, torch.tensor(keep_g), hd, None, weight=fitted)
+
+    def _record(
+        self, li: int, kind: str, x: torch.Tensor, t: torch.Tensor, sliced: torch.Tensor,
+        fitted: torch.Tensor | None, keep: torch.Tensor,
+    ) -> None:  # fmt: skip
+        """Relative reconstruction error of the sub-layer on calibration data, sliced vs fitted."""
+        xs = x[:, keep]
+        norm = float(t.pow(2).sum()) or 1.0
+        entry = {"layer": li, "kind": kind, "sliced": float((xs @ sliced.T - t).pow(2).sum()) / norm}
+        if fitted is not None:
+            entry["compensated"] = float((xs @ fitted.T - t).pow(2).sum()) / norm
+        self.reconstruction.append(entry)
+        log.debug("block %d %s reconstruction error %s", li, kind, entry)

@@ -1,0 +1,155 @@
+"""Run a command inside a memory-limited cgroup and read back its peak usage.
+
+A budget is only proven when the process is *held* to it: the kernel kills a confined process that
+exceeds its limit instead of letting it borrow from the rest of the machine. cgroup v2 (a
+``memory.max`` / ``memory.peak`` hierarchy) is used where the memory controller is available,
+cgroup v1 (``memory.limit_in_bytes`` / ``memory.max_usage_in_bytes``) otherwise. Both count page
+cache the process touches, which the kernel reclaims under pressure before it kills.
+
+The child joins the group before it runs anything: a constant ``sh`` snippet writes its own pid
+into ``cgroup.procs`` and ``exec``\\ s the command, whose arguments are passed as positional
+parameters (never spliced into a shell string).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.errors import RuntimeMissingError
+
+MIB = 1024 * 1024
+_JOIN = 'echo $$ > "$0/cgroup.procs" && exec "$@"'
+
+
+@dataclass(frozen=True)
+class Confined:
+    """Outcome of one confined run."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+    limit_mib: float
+    peak_mib: float  # the group's high-water mark (includes page cache)
+    oom_killed: bool
+    version: int  # cgroup version used
+
+
+def _v1_root() -> Path | None:
+    base = Path("/sys/fs/cgroup/memory")
+    if not (base / "memory.limit_in_bytes").exists():
+        return None
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(","):
+            own = base / path.lstrip("/")
+            return own if own.is_dir() else base
+    return base
+
+
+def _v2_root() -> Path | None:
+    base = Path("/sys/fs/cgroup")
+    controllers = base / "cgroup.controllers"
+    if not controllers.is_file() or "memory" not in controllers.read_text().split():
+        return None
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        if line.startswith("0::"):
+            own = base / line[3:].lstrip("/")
+            return own.parent if own.is_dir() else base  # a process may not sit in an inner node with children
+    return base
+
+
+def available() -> tuple[bool, str]:
+    """Whether this process may create memory-limited cgroups (and why not)."""
+    for version, root in ((2, _v2_root()), (1, _v1_root())):
+        if root is None:
+            continue
+        probe = root / f"prunefit-probe-{uuid.uuid4().hex[:8]}"
+        try:
+            probe.mkdir()
+            probe.rmdir()
+            return True, f"cgroup v{version} at {root}"
+        except OSError as exc:
+            last = f"cannot create a cgroup under {root}: {exc.strerror}"
+            continue
+    return False, locals().get("last", "no cgroup memory controller mounted")
+
+
+@contextlib.contextmanager
+def memory_cgroup(limit_bytes: int) -> Iterator[tuple[Path, int]]:
+    """A fresh cgroup limited to ``limit_bytes`` (removed afterwards); yields (path, version)."""
+    for version, root in ((2, _v2_root()), (1, _v1_root())):
+        if root is None:
+            continue
+        group = root / f"prunefit-{uuid.uuid4().hex[:12]}"
+        try:
+            group.mkdir()
+        except OSError:
+            continue
+        try:
+            if version == 2:
+                (group / "memory.max").write_text(str(limit_bytes))
+                with contextlib.suppress(OSError):
+                    (group / "memory.swap.max").write_text("0")
+            else:
+                (group / "memory.limit_in_bytes").write_text(str(limit_bytes))
+                with contextlib.suppress(OSError):  # no swap accounting: the limit is already RAM-only
+                    (group / "memory.memsw.limit_in_bytes").write_text(str(limit_bytes))
+            yield group, version
+        finally:
+            with contextlib.suppress(OSError):
+                (group / "cgroup.procs").read_text()
+                group.rmdir()
+        return
+    _, why = available()
+    raise RuntimeMissingError(f"Cannot confine a process to a memory budget here: {why}. Run as root on Linux.")
+
+
+def _peak_bytes(group: Path, version: int) -> int:
+    name = "memory.peak" if version == 2 else "memory.max_usage_in_bytes"
+    try:
+        return int((group / name).read_text().split()[0])
+    except (OSError, ValueError):
+        return 0
+
+
+def _oom(group: Path, version: int, returncode: int) -> bool:
+    """Whether the kernel's OOM killer acted in the group (v2 memory.events, v1 memory.oom_control)."""
+    name = "memory.events" if version == 2 else "memory.oom_control"
+    try:
+        fields = dict(line.split()[:2] for line in (group / name).read_text().splitlines() if line.strip())
+        if "oom_kill" in fields:
+            return int(fields["oom_kill"]) > 0
+    except (OSError, ValueError):
+        pass
+    return returncode == -9
+
+
+def run_confined(
+    cmd: Sequence[str], limit_mib: float, env: dict[str, str] | None = None, timeout: float | None = None
+) -> Confined:
+    """Run ``cmd`` held to ``limit_mib`` of memory; a process over the limit is killed, not failed over."""
+    limit = int(limit_mib * MIB)
+    with memory_cgroup(limit) as (group, version):
+        proc = subprocess.run(
+            ["sh", "-c", _JOIN, str(group), *cmd],
+            capture_output=True,
+            text=True,
+            env={**os.environ, **(env or {})},
+            timeout=timeout,
+            check=False,
+        )
+        return Confined(
+            returncode=proc.returncode,
+            stdout=proc.stdout,
+            stderr=proc.stderr,
+            limit_mib=limit_mib,
+            peak_mib=_peak_bytes(group, version) / MIB,
+            oom_killed=_oom(group, version, proc.returncode),
+            version=version,
+        )

@@ -1,0 +1,118 @@
+"""COMP-style layer-wise pruning: condition-aware scores, compensation, budget targeting, every architecture."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.comp import CompPruner, greedy_obs, ls_fit
+from pipeline.prune import PruneConfig, prune_to_budget
+from pipeline.rewrite import check_round_trip, save_model
+from pipeline.width import layer_widths
+from targets.budget import estimate_all, model_shape, worst
+from tests.conftest import TINY_CONFIGS, tiny_model
+from tests.pipeline.test_prune import profile
+
+WIDE = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4)
+ZERO = {"onnxruntime": 0.0, "executorch": 0.0}
+
+
+def calib(n: int = 8, t: int = 32) -> torch.Tensor:
+    return torch.randint(0, 512, (n, t), generator=torch.Generator().manual_seed(3))
+
+
+def test_greedy_obs_matches_brute_force_on_small_problem() -> None:
+    """The greedy first pick is the input whose compensated removal costs least, and the cost is exact."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 6, generator=g, dtype=torch.float64)
+    x[:, 5] = x[:, 0] + 0.01 * torch.randn(200, generator=g, dtype=torch.float64)  # 5 is nearly a copy of 0
+    w = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    w[:, 5] *= 3.0  # large weights: plain energy would keep it, the condition-aware score must not
+    gram = x.T @ x
+    steps, costs = greedy_obs(w, gram, [torch.tensor([j]) for j in range(6)], 1, 1, ridge=0.0)
+
+    def refit_err(drop: int) -> float:
+        keep = torch.tensor([j for j in range(6) if j != drop])
+        fitted = ls_fit(w @ gram, gram, keep, ridge=0.0)
+        return float((x[:, keep] @ fitted.T - x @ w.T).pow(2).sum())
+
+    errs = [refit_err(j) for j in range(6)]
+    assert steps[0][0] in (0, 5) and steps[0][0] == min(range(6), key=errs.__getitem__)
+    assert costs[0] == pytest.approx(errs[steps[0][0]], rel=1e-6)
+    energy = (w.pow(2).sum(0) * gram.diagonal()).tolist()
+    assert max(range(6), key=energy.__getitem__) == 5  # energy alone ranks the redundant input as most important
+
+
+def test_greedy_obs_groups_leave_whole() -> None:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(100, 8, generator=g, dtype=torch.float64)
+    w = torch.randn(3, 8, generator=g, dtype=torch.float64)
+    blocks = [torch.arange(i * 2, i * 2 + 2) for i in range(4)]
+    steps, costs = greedy_obs(w, x.T @ x, blocks, 3, 1)
+    assert sorted(itertools.chain(*steps)) != [] and len({b for s in steps for b in s}) == 3
+    assert all(c >= 0 for c in costs)
+
+
+@pytest.mark.parametrize("arch", sorted(TINY_CONFIGS))
+def test_comp_prunes_to_budget_on_every_architecture(arch: str, tmp_path: Path, tokenizer) -> None:
+    m = tiny_model(arch, **WIDE)
+    dense = model_shape(m)
+    weights = worst(estimate_all(dense, profile(1000))).weights_mib
+    total = worst(estimate_all(dense, profile(1000, runtime_overhead_mib=ZERO))).total_mib
+    target = profile(int(total - 0.25 * weights), runtime_overhead_mib=ZERO)
+    plan = prune_to_budget(m, calib(), target, PruneConfig(method="comp", width_multiple=8))
+    after = model_shape(m)
+    assert worst(estimate_all(after, target)).fits
+    assert plan.params_after == sum(p.numel() for p in m.parameters()) < plan.params_before
+    assert plan.params_after == after.total_params
+    # no overshoot beyond one unit: the last step was needed
+    assert len(plan.steps) >= 1 and (len(plan.steps) < 2 or plan.steps[-2].estimate_mib > target.memory_budget_mib)
+    for w in layer_widths(m):
+        assert w["intermediate_size"] % 8 == 0 and w["intermediate_size"] >= 256 // 2
+        rep = WIDE["num_attention_heads"] // WIDE["num_key_value_heads"]
+        assert w["num_attention_heads"] == rep * w["num_key_value_heads"] >= rep  # GQA groups intact
+    out = m(calib(2, 16), use_cache=False).logits
+    assert torch.isfinite(out).all()
+    tokenizer_dir = save_model(m, tokenizer, tmp_path / "pruned")
+    assert check_round_trip(m, tokenizer_dir, calib(1, 16)) == 0.0
+
+
+def test_compensation_lowers_reconstruction_error() -> None:
+    m = tiny_model("llama", **WIDE)
+    pruner = CompPruner()
+    cfg = PruneConfig(method="comp", width_multiple=8, target_decoder_ratio=0.25, comp_blocks=False)
+    pruner.prepare(m, calib(16), cfg)
+    while (sum(lp.mlp for lp in pruner.plan) < 512) and pruner.can_step(m, cfg):
+        pruner.step(m, calib(), cfg)
+    pruner.finalize(m)
+    assert pruner.reconstruction
+    for entry in pruner.reconstruction:
+        assert entry["compensated"] < entry["sliced"], entry
+
+
+def test_comp_keeps_more_quality_than_uncompensated() -> None:
+    """Same plan with and without the least-squares re-fit: the re-fit model is closer to the dense one."""
+    ids = calib(16)
+    dense = tiny_model("llama", **WIDE)
+    ref = dense(ids, use_cache=False).logits
+    errs = {}
+    for compensate in (True, False):
+        m = tiny_model("llama", **WIDE)
+        cfg = PruneConfig(method="comp", width_multiple=8, target_decoder_ratio=0.3, compensate=compensate)
+        prune_to_budget(m, ids, profile(1000), cfg)
+        errs[compensate] = float((m(ids, use_cache=False).logits - ref).pow(2).mean())
+    assert errs[True] < errs[False]
+
+
+def test_comp_ratio_target_and_blocks_compete() -> None:
+    m = tiny_model("llama", **dict(WIDE, num_hidden_layers=8))
+    dec = sum(p.numel() for layer in m.model.layers for p in layer.parameters())
+    plan = prune_to_budget(
+        m, calib(), profile(1000), PruneConfig(method="comp", target_decoder_ratio=0.4, comp_blocks=True)
+    )
+    dec_after = sum(p.numel() for layer in m.model.layers for p in layer.parameters())
+    assert 0.4 <= 1 - dec_after / dec < 0.4 + 0.15  # within one step (a block is 1/8 of the decoder)
+    assert m.config.num_hidden_layers == len(m.model.layers) == 8 - len(plan.removed_layers)
