@@ -5,36 +5,46 @@ perplexity = first 16 x 512 tokens of WikiText-2 test. At 10/20/30% of decoder-b
 removed (the share of all parameters is reported too):
 
 - dense
-- ``shortgpt``: one-shot Block Influence (1 - cos(in, out)), drop the lowest blocks
-- ``blockpruner``: greedy block removal by calibration perplexity (one forward per candidate)
-- ``magnitude``: MLP-channel / KV-group removal by weight L2 norm, no data, no compensation
-- ``wanda``: structured Wanda score sum |W| * ||X||, no compensation
-- ``depth`` (prunefit): iterative Block Influence
-- ``width-nocomp`` / ``width`` (prunefit): residual-energy scores, balanced floor, with and
-  without least-squares compensation
+- baselines: ``shortgpt`` (one-shot Block Influence = 1 - cos(in, out), drop the lowest blocks),
+  ``blockpruner`` (greedy block removal by calibration perplexity, one forward per candidate),
+  ``magnitude`` and ``wanda`` (LLM-Pruner-style uniform: every block loses the same share of MLP
+  channels ranked by ||W|| or sum |W| * ||X||; no compensation)
+- prunefit: ``depth`` (iterative Block Influence), ``width`` (energy scores, global plan, LS
+  re-fit on dense statistics), ``multipruner`` (balanced 44:52:4 greedy by calibration
+  perplexity), ``comp`` (layer-wise, condition-aware scores, re-fit on the pruned stream toward
+  the dense residual stream; streamed from safetensors) and its ablations ``comp-nocomp`` (no
+  re-fit), ``comp-sublayer`` (re-fit toward the dense sub-layer output only), ``comp-blocks``
+  (whole blocks compete in the plan)
 
-Columns: test perplexity, pruning wall time, pruning peak RSS (VmHWM reset per method), parameters
-and fp32 bytes removed. Writes benchmarks/results/pruning.{json,md}. ``--quick`` = 10% only.
+Each method runs in its own process (its peak RSS is its own). Columns: test perplexity, pruning
+wall time, pruning peak RSS, parameters and fp32 bytes removed. Writes
+benchmarks/results/pruning.{json,md}. ``--quick`` = 10% only, 4 eval windows.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
+import shutil
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from pipeline.arch import decoder_layers
+from pipeline.checkpoint import prune_checkpoint
 from pipeline.data import first_windows, read_text, tokenize_windows
 from pipeline.evaluate import perplexity
 from pipeline.model import load_model
 from pipeline.prune import PruneConfig, block_influence, prune_to_budget
-from pipeline.rewrite import remove_layers
+from pipeline.rewrite import load_pruned, remove_layers, save_model
+from pipeline.width import channel_scores, collect_stats, prune_mlp
 from targets.profile import load_profile
 
 ROOT = Path(__file__).resolve().parent
@@ -100,21 +110,75 @@ def via_prunefit(**kw: Any) -> Any:
     return run
 
 
+def uniform_channels(score: str) -> Any:
+    """LLM-Pruner-style uniform baseline: every block loses the same share of MLP channels, ranked
+    within the block by ``score`` (magnitude: ||W_down[:, j]||; wanda: sum |W| * ||x||); no compensation."""
+
+    def run(model: Any, calib: torch.Tensor, ratio: float) -> None:
+        stats = collect_stats(model, calib, 8)
+        hidden = model.config.hidden_size
+        for layer, st in zip(decoder_layers(model), stats, strict=True):
+            layer_params = sum(p.numel() for p in layer.parameters())
+            inter = layer.mlp.down_proj.in_features
+            drop = round(ratio * layer_params / (3 * hidden) / 8) * 8
+            order = torch.argsort(channel_scores(layer, st, score))  # type: ignore[arg-type]
+            prune_mlp(layer, torch.sort(order[drop:]).values, None)
+            assert layer.mlp.down_proj.in_features == inter - drop
+
+    return run
+
+
 PROFILE = load_profile("android")  # only used for its width multiple here (ratio targets ignore the budget)
+BASELINES = ("shortgpt", "blockpruner", "magnitude", "wanda")
 METHODS = {
     "shortgpt": shortgpt,
     "blockpruner": blockpruner,
-    "magnitude": via_prunefit(method="width", score="magnitude", compensate=False),
-    "wanda": via_prunefit(method="width", score="wanda", compensate=False),
+    "magnitude": uniform_channels("magnitude"),
+    "wanda": uniform_channels("wanda"),
     "depth": via_prunefit(method="depth"),
-    "width-nocomp": via_prunefit(method="width", compensate=False),
     "width": via_prunefit(method="width"),
+    "multipruner": via_prunefit(method="multipruner"),
     "comp-nocomp": via_prunefit(method="comp", compensate=False),
-    "comp": via_prunefit(method="comp"),
-    "comp-widthonly": via_prunefit(method="comp", comp_blocks=False),
-    "comp-residual": via_prunefit(method="comp", comp_target="residual"),
-    "comp-residual-widthonly": via_prunefit(method="comp", comp_target="residual", comp_blocks=False),
+    "comp-sublayer": via_prunefit(method="comp", comp_target="sublayer"),
+    "comp-blocks": via_prunefit(method="comp", comp_blocks=True),
+    "comp": "streamed",  # prunefit's default: layer-wise from safetensors (the low-memory path)
 }
+
+
+def child(method: str, ratio: float, work: Path) -> dict[str, Any]:
+    """One method at one ratio, in its own process so its peak RSS is its own."""
+    logging.basicConfig(level=logging.WARNING)
+    torch.manual_seed(0)
+    # Library code is not pruning memory: import the model's modules before the baseline is taken.
+    import transformers.models.llama.modeling_llama  # noqa: F401
+
+    data = load_file(str(work / "windows.safetensors"))
+    calib, evals = data["calibration"], data["evaluation"]
+    start_rss = _status_mib("VmRSS")
+    _reset_peak()
+    t0 = time.perf_counter()
+    if METHODS[method] == "streamed":
+        cfg = PruneConfig(method="comp", target_decoder_ratio=ratio, width_multiple=PROFILE.width_multiple)
+        prune_checkpoint(work / "dense", calib, PROFILE, cfg, work / f"{method}-{ratio}")
+        wall = time.perf_counter() - t0
+        peak = _status_mib("VmHWM") - start_rss  # everything the pruning process held, model included
+        model = load_pruned(work / f"{method}-{ratio}")
+        shutil.rmtree(work / f"{method}-{ratio}")
+        peak_kind = "streamed: whole model never loaded"
+    else:
+        model = load_pruned(work / "dense")
+        loaded = _status_mib("VmRSS")
+        _reset_peak()
+        t0 = time.perf_counter()
+        METHODS[method](model, calib, ratio)  # type: ignore[operator]
+        wall = time.perf_counter() - t0
+        peak = _status_mib("VmHWM") - loaded  # working memory on top of the resident model
+        peak_kind = "in memory: above the loaded model"
+    params = sum(p.numel() for p in model.parameters())
+    return {
+        "method": method, "target": ratio, "test_ppl": perplexity(model, evals), "prune_wall_s": wall,
+        "prune_peak_rss_mib": peak, "peak_kind": peak_kind, "params_after": params,
+    }  # fmt: skip
 
 
 def main() -> None:
@@ -123,54 +187,80 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--ratios", default="0.1,0.2,0.3", help="shares of decoder parameters to remove")
     ap.add_argument("--out", type=Path, default=ROOT / "results")
+    ap.add_argument("--append", action="store_true", help="keep the rows of an earlier run (other ratios/methods)")
+    ap.add_argument("--child", nargs=3, metavar=("METHOD", "RATIO", "WORK"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.child:
+        method, ratio, work = args.child
+        print("ROW " + json.dumps(child(method, float(ratio), Path(work))), flush=True)
+        return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     for noisy in ("torchao", "pipeline.prune"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    torch.manual_seed(0)
     loaded = load_model()
-    tok = loaded.tokenizer
+    tok, dense_model = loaded.tokenizer, loaded.model
     calib = tokenize_windows(read_text(str(WIKI / "wiki.valid.tokens")), tok, 32, 128, 0, where="valid")
     evals = first_windows(read_text(str(WIKI / "wiki.test.tokens")), tok, 4 if args.quick else 16, 512, where="test")
-    dense_model = loaded.model
     total = sum(p.numel() for p in dense_model.parameters())
     dec = sum(p.numel() for layer in decoder_layers(dense_model) for p in layer.parameters())
+    meta = {
+        "model": "SmolLM2-135M-Instruct", "dense_fp32_mib": 4 * total / 2**20,
+        "calibration_activations_mib": 4 * calib.numel() * dense_model.config.hidden_size / 2**20,
+        "decoder_params": dec, "params": total,
+    }  # fmt: skip
     rows: list[dict[str, Any]] = [{"method": "dense", "target": 0.0, "test_ppl": perplexity(dense_model, evals)}]
-    for ratio in (0.1,) if args.quick else [float(r) for r in args.ratios.split(",")]:
-        for name in args.methods.split(","):
-            model = copy.deepcopy(dense_model)
-            _reset_peak()
-            base = _status_mib("VmRSS")
-            t0 = time.perf_counter()
-            METHODS[name](model, calib, ratio)
-            wall = time.perf_counter() - t0
-            peak = _status_mib("VmHWM") - base
-            params = sum(p.numel() for p in model.parameters())
-            row = {
-                "method": name, "target": ratio, "test_ppl": perplexity(model, evals), "prune_wall_s": wall,
-                "prune_peak_rss_over_start_mib": peak, "decoder_params_removed": (total - params) / dec,
-                "all_params_removed": (total - params) / total, "bytes_removed_fp32": 4 * (total - params),
-            }  # fmt: skip
-            rows.append(row)
-            log.info("%s @%.0f%%: ppl %.2f, %.1fs, +%.0f MiB", name, 100 * ratio, row["test_ppl"], wall, peak)
-            write(args.out, rows)
-            del model
-    write(args.out, rows)
+    ratios = (0.1,) if args.quick else [float(r) for r in args.ratios.split(",")]
+    methods = args.methods.split(",")
+    if args.append and (args.out / "pruning.json").is_file():
+        earlier = json.loads((args.out / "pruning.json").read_text())["rows"][1:]
+        rows += [r for r in earlier if not (r["target"] in ratios and r["method"] in methods)]
+    with tempfile.TemporaryDirectory(prefix="prunefit-bench-") as tmp:
+        work = Path(tmp)
+        save_model(dense_model, tok, work / "dense")
+        save_file(
+            {"calibration": calib.contiguous(), "evaluation": evals.contiguous()}, str(work / "windows.safetensors")
+        )
+        del dense_model, loaded
+        for ratio in ratios:
+            for name in methods:
+                proc = subprocess.run(
+                    [sys.executable, str(Path(__file__).resolve()), "--child", name, str(ratio), str(work)],
+                    capture_output=True, text=True, check=False,
+                )  # fmt: skip
+                found = [ln[4:] for ln in proc.stdout.splitlines() if ln.startswith("ROW ")]
+                if proc.returncode != 0 or not found:
+                    log.error("%s @%.0f%% failed:\n%s", name, 100 * ratio, proc.stderr[-3000:])
+                    continue
+                row = json.loads(found[-1])
+                removed = total - row["params_after"]
+                row.update(
+                    decoder_params_removed=removed / dec, all_params_removed=removed / total,
+                    bytes_removed_fp32=4 * removed,
+                )  # fmt: skip
+                rows.append(row)
+                log.info("%s @%.0f%%: ppl %.2f, %.1fs, %.0f MiB", name, 100 * ratio, row["test_ppl"],
+                         row["prune_wall_s"], row["prune_peak_rss_mib"])  # fmt: skip
+                write(args.out, rows, meta)
+    write(args.out, rows, meta)
 
 
-def write(out: Path, rows: list[dict[str, Any]]) -> None:
+def write(out: Path, rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
     """Write JSON + Markdown (called after every row, so a long run keeps what it measured)."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "pruning.json").write_text(json.dumps({"model": "SmolLM2-135M-Instruct", "rows": rows}, indent=2))
+    (out / "pruning.json").write_text(json.dumps({**meta, "rows": rows}, indent=2))
     dense_ppl = rows[0]["test_ppl"]
     lines = [
-        f"Dense WikiText-2 test perplexity: {dense_ppl:.2f}",
+        f"Dense WikiText-2 test perplexity: {dense_ppl:.2f}. Dense fp32 model {meta['dense_fp32_mib']:.0f} MiB; "
+        f"calibration activations (32x128 tokens x hidden, fp32) {meta['calibration_activations_mib']:.1f} MiB.",
+        "Peak RSS: for `comp` (streamed from safetensors) everything the pruning process held after start-up, "
+        "the model included; for the others the working memory on top of the already-loaded model. Each "
+        "method runs in its own process.",
         "",
         "| target | method | decoder params removed | all params removed | test PPL | PPL / best baseline "
-        "| prune wall (s) | prune peak RSS above start (MiB) |",
+        "| prune wall (s) | prune peak RSS (MiB) |",
         "|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
-    baselines = {"shortgpt", "blockpruner", "magnitude", "wanda"}
+    baselines = set(BASELINES)
     for ratio in sorted({r["target"] for r in rows if r["target"]}):
         group = [r for r in rows if r["target"] == ratio]
         best = min((r["test_ppl"] for r in group if r["method"] in baselines), default=float("nan"))
@@ -178,7 +268,7 @@ def write(out: Path, rows: list[dict[str, Any]]) -> None:
             lines.append(
                 f"| {ratio:.0%} | {r['method']} | {r['decoder_params_removed']:.1%} | {r['all_params_removed']:.1%} | "
                 f"{r['test_ppl']:.2f} | {r['test_ppl'] / best:.2f}x | {r['prune_wall_s']:.1f} | "
-                f"{r['prune_peak_rss_over_start_mib']:.0f} |"
+                f"{r['prune_peak_rss_mib']:.0f} |"
             )
     (out / "pruning.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)

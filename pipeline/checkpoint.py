@@ -95,13 +95,9 @@ def write_checkpoint(stream: LayerStream, out: Path) -> None:
         weight_map.update(dict.fromkeys(tensors, name))
         total += sum(t.numel() * t.element_size() for t in tensors.values())
     name = f"model-{n_files:05d}-of-{n_files:05d}.safetensors"
-    rest = dict(stream.tensors_outside_blocks())
-    if getattr(model.config, "tie_word_embeddings", False):
-        rest.pop("lm_head.weight", None)
-    save_file({k: v.contiguous() for k, v in rest.items()}, str(out / name), metadata={"format": "pt"})
-    weight_map.update(dict.fromkeys(rest, name))
-    total += sum(t.numel() * t.element_size() for t in rest.values())
-    del rest
+    sizes = stream.copy_outside_blocks(out / name)
+    weight_map.update(dict.fromkeys(sizes, name))
+    total += sum(sizes.values())
     (out / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2)
     )

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pipeline.errors import ModelLoadError, PrunefitError
 
-METHODS = ("depth", "width", "comp")  # pipeline.prune.PRUNERS (not imported here: it pulls in torch)
+METHODS = ("depth", "width", "comp", "multipruner")  # pipeline.prune.PRUNERS (not imported here: it pulls in torch)
 
 log = logging.getLogger("prunefit")
 
@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="pruning method (overrides the profile): depth = whole blocks (Block Influence); width = MLP "
         "channels + KV groups, energy scores, least-squares compensation; comp = layer-wise blocks + "
-        "channels + KV groups, condition-aware scores, compensation on the pruned stream",
+        "channels + KV groups, condition-aware scores, compensation on the pruned stream; multipruner = "
+        "blocks + channels + KV groups in a fixed mix, each step the one that raises calibration perplexity least",
     )
     ex.add_argument("--force", action="store_true", help="redo every stage even if its inputs did not change")
     ex.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code to run")

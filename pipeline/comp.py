@@ -108,17 +108,14 @@ def ls_fit(cross: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, ridge: f
 
 # -- capturing sub-layer inputs and outputs ------------------------------------------------------
 @contextmanager
-def _tap(layer: Any, want: str = "zoam") -> Iterator[dict[str, list[torch.Tensor]]]:
-    """Record o_proj's input (z) / output (o) and down_proj's input (a) / output (m) while the
-    block runs, as [tokens, features] float64; only the keys in ``want`` are kept."""
-    rec: dict[str, list[torch.Tensor]] = {"z": [], "o": [], "a": [], "m": []}
+def _tap(layer: Any) -> Iterator[dict[str, torch.Tensor]]:
+    """While the block runs, keep the latest input/output of o_proj (z, o) and down_proj (a, m)
+    as [tokens, features] float64. One batch at a time: statistics are accumulated by the caller."""
+    rec: dict[str, torch.Tensor] = {}
 
     def hook(kin: str, kout: str) -> Any:
         def fn(mod: Any, args: tuple, out: torch.Tensor) -> None:
-            if kin in want:
-                rec[kin].append(_flat(args[0]))
-            if kout in want:
-                rec[kout].append(_flat(out))
+            rec[kin], rec[kout] = _flat(args[0]), _flat(out)
 
         return fn
 
@@ -135,6 +132,32 @@ def _tap(layer: Any, want: str = "zoam") -> Iterator[dict[str, list[torch.Tensor
 
 def _flat(h: torch.Tensor) -> torch.Tensor:
     return h.detach().reshape(-1, h.shape[-1]).double()
+
+
+@dataclass
+class _Moments:
+    """Running ``sum x x^T``, ``sum t x^T`` and ``sum ||t||^2`` of a linear layer's input x and target t."""
+
+    gram: torch.Tensor | None = None
+    cross: torch.Tensor | None = None
+    target_energy: float = 0.0
+
+    def add(self, x: torch.Tensor, t: torch.Tensor | None = None) -> None:
+        g = x.T @ x
+        self.gram = g if self.gram is None else self.gram.add_(g)
+        if t is not None:
+            c = t.T @ x
+            self.cross = c if self.cross is None else self.cross.add_(c)
+            self.target_energy += float(t.pow(2).sum())
+
+    def error(self, w: torch.Tensor, keep: torch.Tensor) -> float:
+        """sum ||W x_keep - t||^2 over the accumulated tokens, from the moments alone."""
+        assert self.gram is not None and self.cross is not None
+        w = w.double()
+        g = self.gram[keep][:, keep]
+        quad = float(((w @ g) * w).sum())
+        lin = float((w * self.cross[:, keep]).sum())
+        return quad - 2.0 * lin + self.target_energy
 
 
 @dataclass
@@ -188,30 +211,34 @@ class CompPruner:
         for i in tqdm(range(len(stream)), desc="comp: score blocks", leave=False, disable=None):
             layer = stream.layer(i)
             kw = [k[i] for k in kwargs]
-            with _tap(layer, "za") as rec:
-                out = run_block(layer, hidden, kw)
+            mlp_m, attn_m = _Moments(), _Moments()
+            out = []
+            with _tap(layer) as rec:
+                for h, k in zip(hidden, kw, strict=True):
+                    out.append(layer(h, **k))
+                    mlp_m.add(rec["a"])
+                    attn_m.add(rec["z"])
             resid = sum(float(h.double().pow(2).sum()) for h in hidden) or 1.0
             update = sum(float((o.double() - h.double()).pow(2).sum()) for h, o in zip(hidden, out, strict=True))
             shape = self.base.layers[i]
             if allow_blocks:
                 units.append(_Unit(i, "block", 0, update / resid, shape.params))
-            a = torch.cat(rec["a"])
-            inter = a.shape[1]
+            assert mlp_m.gram is not None and attn_m.gram is not None
+            inter = mlp_m.gram.shape[0]
             removable = inter - max(multiple, int(cfg.min_keep_ratio * inter))
             removable -= removable % multiple
             if removable > 0:
                 w = layer.mlp.down_proj.weight
-                _, costs = greedy_obs(w, a.T @ a, [torch.tensor([j]) for j in range(inter)], removable // multiple,
+                _, costs = greedy_obs(w, mlp_m.gram, [torch.tensor([j]) for j in range(inter)], removable // multiple,
                                       multiple, cfg.ridge)  # fmt: skip
                 units += self._chain(i, "mlp", multiple, costs, resid, 3 * hidden_size * multiple)
-            del a
             if heads_prunable and shape.num_kv_heads > 1:
-                z = torch.cat(rec["z"])
                 groups = [kv_group_dims(layer, [g], hd) for g in range(shape.num_kv_heads)]
-                _, costs = greedy_obs(layer.self_attn.o_proj.weight, z.T @ z, groups, shape.num_kv_heads - 1, 1,
+                _, costs = greedy_obs(layer.self_attn.o_proj.weight, attn_m.gram, groups, shape.num_kv_heads - 1, 1,
                                       cfg.ridge)  # fmt: skip
                 rep = shape.num_heads // shape.num_kv_heads
                 units += self._chain(i, "kv", 1, costs, resid, 2 * (rep + 1) * hd * hidden_size)
+            del mlp_m, attn_m
             hidden = [o.detach() for o in out]
             stream.release(i)
         for u in units:
@@ -306,26 +333,34 @@ class CompPruner:
                 stream.release(i)
                 continue
             residual = cfg.comp_target == "residual" and not hasattr(layer, "post_feedforward_layernorm")
-            with _tap(layer, "om") as d_rec:
-                dense_out = run_block(layer, dense, kw)
+            # the dense model's block on the dense stream: outputs and sub-layer targets, per batch
+            dense_out, o_d, m_d = [], [], []
+            with _tap(layer) as rec:
+                for h, k in zip(dense, kw, strict=True):
+                    dense_out.append(layer(h, **k))
+                    o_d.append(rec["o"].float())
+                    m_d.append(rec["m"].float())
             if lp.kv:
-                with _tap(layer, "z") as p_rec:
-                    run_block(layer, pruned, kw)
-                z = torch.cat(p_rec["z"])
-                t = torch.cat(d_rec["o"])
-                if residual:
-                    t = t + torch.cat([_flat(d) - _flat(p) for d, p in zip(dense, pruned, strict=True)])
-                self._prune_heads(layer, z, t, lp.kv, hd, i)
+                attn_m = _Moments()
+                with _tap(layer) as rec:
+                    for b, (h, k) in enumerate(zip(pruned, kw, strict=True)):
+                        layer(h, **k)
+                        t = o_d[b].double()
+                        if residual:
+                            t = t + _flat(dense[b]) - _flat(h)
+                        attn_m.add(rec["z"], t)
+                self._prune_heads(layer, attn_m, lp.kv, hd, i)
             if lp.mlp:
-                with _tap(layer, "ao") as p_rec:
-                    run_block(layer, pruned, kw)
-                a = torch.cat(p_rec["a"])
-                t = torch.cat(d_rec["m"])
-                if residual:
-                    d_mid = torch.cat([_flat(d) for d in dense]) + torch.cat(d_rec["o"])
-                    p_mid = torch.cat([_flat(p) for p in pruned]) + torch.cat(p_rec["o"])
-                    t = t + d_mid - p_mid
-                self._prune_channels(layer, a, t, lp.mlp, multiple, i)
+                mlp_m = _Moments()
+                with _tap(layer) as rec:
+                    for b, (h, k) in enumerate(zip(pruned, kw, strict=True)):
+                        layer(h, **k)
+                        t = m_d[b].double()
+                        if residual:  # dense residual after attention minus the pruned one
+                            t = t + (_flat(dense[b]) + o_d[b].double()) - (_flat(h) + rec["o"])
+                        mlp_m.add(rec["a"], t)
+                self._prune_channels(layer, mlp_m, lp.mlp, multiple, i)
+            del o_d, m_d
             pruned = run_block(layer, pruned, kw)
             dense = dense_out
             stream.store(i)
@@ -336,39 +371,37 @@ class CompPruner:
         meta["layers"] = layer_widths(model)
         model.config.prunefit = meta
 
-    def _prune_channels(self, layer: Any, a: torch.Tensor, t: torch.Tensor, n: int, multiple: int, li: int) -> None:
+    def _prune_channels(self, layer: Any, mom: _Moments, n: int, multiple: int, li: int) -> None:
+        assert mom.gram is not None and mom.cross is not None
         w = layer.mlp.down_proj.weight
-        gram = a.T @ a
-        steps, _ = greedy_obs(w, gram, [torch.tensor([j]) for j in range(w.shape[1])], n // multiple, multiple,
+        steps, _ = greedy_obs(w, mom.gram, [torch.tensor([j]) for j in range(w.shape[1])], n // multiple, multiple,
                               self.cfg.ridge)  # fmt: skip
         gone = {j for s in steps for j in s}
         keep = torch.tensor([j for j in range(w.shape[1]) if j not in gone], dtype=torch.long)
-        fitted = ls_fit(t.T @ a, gram, keep, self.cfg.ridge) if self.compensate else None
-        self._record(li, "mlp", a, t, w.double()[:, keep], fitted, keep)
+        fitted = ls_fit(mom.cross, mom.gram, keep, self.cfg.ridge) if self.compensate else None
+        self._record(li, "mlp", mom, w.double()[:, keep], fitted, keep)
         prune_mlp(layer, keep, None, weight=fitted)
 
-    def _prune_heads(self, layer: Any, z: torch.Tensor, t: torch.Tensor, n: int, hd: int, li: int) -> None:
+    def _prune_heads(self, layer: Any, mom: _Moments, n: int, hd: int, li: int) -> None:
+        assert mom.gram is not None and mom.cross is not None
         w = layer.self_attn.o_proj.weight
         n_kv = layer_shape(layer, hd).num_kv_heads
         groups = [kv_group_dims(layer, [g], hd) for g in range(n_kv)]
-        gram = z.T @ z
-        steps, _ = greedy_obs(w, gram, groups, n, 1, self.cfg.ridge)
+        steps, _ = greedy_obs(w, mom.gram, groups, n, 1, self.cfg.ridge)
         gone = {g for s in steps for g in s}
         keep_g = [g for g in range(n_kv) if g not in gone]
         keep = kv_group_dims(layer, keep_g, hd)
-        fitted = ls_fit(t.T @ z, gram, keep, self.cfg.ridge) if self.compensate else None
-        self._record(li, "kv", z, t, w.double()[:, keep], fitted, keep)
+        fitted = ls_fit(mom.cross, mom.gram, keep, self.cfg.ridge) if self.compensate else None
+        self._record(li, "kv", mom, w.double()[:, keep], fitted, keep)
         prune_kv_groups(layer, torch.tensor(keep_g), hd, None, weight=fitted)
 
     def _record(
-        self, li: int, kind: str, x: torch.Tensor, t: torch.Tensor, sliced: torch.Tensor,
-        fitted: torch.Tensor | None, keep: torch.Tensor,
-    ) -> None:  # fmt: skip
+        self, li: int, kind: str, mom: _Moments, sliced: torch.Tensor, fitted: torch.Tensor | None, keep: torch.Tensor
+    ) -> None:
         """Relative reconstruction error of the sub-layer on calibration data, sliced vs fitted."""
-        xs = x[:, keep]
-        norm = float(t.pow(2).sum()) or 1.0
-        entry = {"layer": li, "kind": kind, "sliced": float((xs @ sliced.T - t).pow(2).sum()) / norm}
+        norm = mom.target_energy or 1.0
+        entry: dict[str, Any] = {"layer": li, "kind": kind, "sliced": mom.error(sliced, keep) / norm}
         if fitted is not None:
-            entry["compensated"] = float((xs @ fitted.T - t).pow(2).sum()) / norm
+            entry["compensated"] = mom.error(fitted, keep) / norm
         self.reconstruction.append(entry)
         log.debug("block %d %s reconstruction error %s", li, kind, entry)

@@ -31,7 +31,7 @@ from targets.profile import DeviceProfile
 
 log = logging.getLogger(__name__)
 
-Method = Literal["depth", "width", "comp"]
+Method = Literal["depth", "width", "comp", "multipruner"]
 PPL_WINDOWS = 8  # calibration windows used to report perplexity after each step (cheap progress signal)
 
 
@@ -54,6 +54,10 @@ class PruneConfig:
     # comp: what the re-fit reproduces: the dense sub-layer's output, or that plus the residual
     # stream's drift from the dense model (Llama-layout blocks; 46.7 vs 51.4 at 20%).
     comp_target: Literal["sublayer", "residual"] = "residual"
+    # multipruner: shares of the removed parameters taken as blocks : MLP channels : KV groups
+    # (MultiPruner's example distribution), and the MLP channels one candidate removes
+    multipruner_shares: tuple[float, float, float] = (0.44, 0.52, 0.04)
+    multipruner_group: int = 64
     # Instead of the profile's budget, remove this share of decoder-block parameters (benchmarks,
     # "prune 20%" requests). None: target the budget.
     target_decoder_ratio: float | None = None
@@ -63,6 +67,10 @@ class PruneConfig:
             raise ConfigError(f"max_removed_layer_ratio must be in (0, 1), got {self.max_removed_layer_ratio}.")
         if self.method not in PRUNERS:
             raise ConfigError(f"Unknown pruning method '{self.method}'. Available: {', '.join(PRUNERS)}.")
+        if len(self.multipruner_shares) != 3 or min(self.multipruner_shares) < 0 or sum(self.multipruner_shares) <= 0:
+            raise ConfigError(f"multipruner_shares must be three non-negative numbers, got {self.multipruner_shares}.")
+        if self.multipruner_group < 1 or self.width_multiple < 1:
+            raise ConfigError("multipruner_group and width_multiple must be positive.")
 
 
 @dataclass
@@ -198,7 +206,18 @@ def _comp_pruner() -> Pruner:
     return CompPruner()
 
 
-PRUNERS: dict[str, Any] = {"depth": DepthPruner, "width": _width_pruner, "comp": _comp_pruner}
+def _multipruner() -> Pruner:
+    from pipeline.multipruner import MultiPruner
+
+    return MultiPruner()
+
+
+PRUNERS: dict[str, Any] = {
+    "depth": DepthPruner,
+    "width": _width_pruner,
+    "comp": _comp_pruner,
+    "multipruner": _multipruner,
+}
 
 
 def max_removable_layers(num_layers: int, cfg: PruneConfig) -> int:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import ctypes
 import json
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -100,7 +99,9 @@ class LayerStream:
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         model.eval().requires_grad_(False)
         staging.mkdir(parents=True, exist_ok=True)
-        return cls(model, model_dir, staging)
+        stream = cls(model, model_dir, staging)
+        stream._retie()
+        return stream
 
     @property
     def streaming(self) -> bool:
@@ -158,8 +159,15 @@ class LayerStream:
         model = self.model
         base = model.get_decoder()
         embed = model.get_input_embeddings()
+        padding_idx = getattr(embed, "padding_idx", None)
+        placeholder = embed.weight
         if self.streaming:
-            self._materialise(f"{self.prefix.rsplit('.', 1)[0]}.embed_tokens", embed)
+            # Only the rows of tokens that occur: a compact table and ids renumbered into it (the
+            # module itself runs, so architecture-specific embedding scales still apply).
+            uniq, inverse = torch.unique(ids, return_inverse=True)
+            embed.weight = nn.Parameter(self._embedding_rows(uniq), requires_grad=False)
+            embed.padding_idx = None  # only affects gradients; it may lie outside the compact table
+            ids = inverse.reshape(ids.shape)
         layers = decoder_layers(model)
         saved = list(layers)
         hidden: list[torch.Tensor] = []
@@ -180,9 +188,27 @@ class LayerStream:
             for i, layer in enumerate(saved):
                 layers[i] = layer
             if self.streaming:
-                _drop_params(embed)
+                embed.weight = placeholder
+                embed.padding_idx = padding_idx
+                trim_heap()
                 self._retie()
         return hidden, kwargs
+
+    def _embedding_rows(self, rows: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+        """Rows ``rows`` (sorted) of the input embedding table, read in chunks from safetensors."""
+        name = f"{self.prefix.rsplit('.', 1)[0]}.embed_tokens.weight"
+        path = self.weights.get(name)
+        if path is None:
+            raise ModelLoadError(f"{self.source_dir} lacks '{name}'; the checkpoint does not match its config.json.")
+        parts = []
+        with safe_open(str(path), framework="pt") as fh:
+            table = fh.get_slice(name)
+            for start in range(0, int(rows.max()) + 1, chunk):
+                sel = rows[(rows >= start) & (rows < start + chunk)]
+                if len(sel):
+                    block = table[start : start + chunk]
+                    parts.append(block[sel - start].to(torch.float32))
+        return torch.cat(parts)
 
     def _retie(self) -> None:
         """Loading with ``assign=True`` replaces the embedding Parameter; a tied head must follow it."""
@@ -191,13 +217,47 @@ class LayerStream:
             head.weight = self.model.get_input_embeddings().weight
 
     # -- writing the result ------------------------------------------------------------------
-    def tensors_outside_blocks(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Every checkpoint tensor that is not in a decoder block (embeddings, final norm, head)."""
+    def copy_outside_blocks(self, dest: Path) -> dict[str, int]:
+        """Copy every tensor that is not in a decoder block (embeddings, final norm, untied head)
+        byte for byte into one safetensors file, in chunks; returns {name: bytes}."""
         block = f"{self.prefix}."
-        for key, path in self.weights.items():
-            if not key.startswith(block):
-                with safe_open(str(path), framework="pt") as fh:
-                    yield key, fh.get_tensor(key).to(torch.float32)
+        tied = getattr(self.model.config, "tie_word_embeddings", False)
+        keys = [k for k in self.weights if not k.startswith(block) and not (tied and k == "lm_head.weight")]
+        return copy_safetensors(keys, self.weights, dest)
+
+
+def _header(path: Path) -> tuple[int, dict[str, Any]]:
+    with open(path, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        return 8 + n, json.loads(fh.read(n))
+
+
+def copy_safetensors(keys: list[str], where: dict[str, Path], dest: Path, chunk: int = 16 << 20) -> dict[str, int]:
+    """Write tensors ``keys`` (found in files ``where[key]``) to ``dest`` without loading them:
+    a new safetensors header, then each tensor's bytes copied in ``chunk``-sized pieces."""
+    headers = {p: _header(p) for p in {where[k] for k in keys}}
+    entries, offset = {}, 0
+    for k in keys:
+        info = headers[where[k]][1][k]
+        size = info["data_offsets"][1] - info["data_offsets"][0]
+        entries[k] = {"dtype": info["dtype"], "shape": info["shape"], "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps({"__metadata__": {"format": "pt"}, **entries}, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(dest, "wb") as out:
+        out.write(len(raw).to_bytes(8, "little"))
+        out.write(raw)
+        for k in keys:
+            start, info = headers[where[k]][0], headers[where[k]][1][k]
+            begin, end = info["data_offsets"]
+            with open(where[k], "rb") as src:
+                src.seek(start + begin)
+                left = end - begin
+                while left:
+                    piece = src.read(min(chunk, left))
+                    out.write(piece)
+                    left -= len(piece)
+    return {k: e["data_offsets"][1] - e["data_offsets"][0] for k, e in entries.items()}
 
 
 def _drop_params(module: nn.Module) -> None:

@@ -116,3 +116,22 @@ def test_comp_ratio_target_and_blocks_compete() -> None:
     dec_after = sum(p.numel() for layer in m.model.layers for p in layer.parameters())
     assert 0.4 <= 1 - dec_after / dec < 0.4 + 0.15  # within one step (a block is 1/8 of the decoder)
     assert m.config.num_hidden_layers == len(m.model.layers) == 8 - len(plan.removed_layers)
+
+
+@pytest.mark.parametrize("arch", sorted(TINY_CONFIGS))
+def test_multipruner_balanced_greedy_on_every_architecture(arch: str, tmp_path: Path, tokenizer) -> None:
+    m = tiny_model(arch, **dict(WIDE, num_hidden_layers=6))
+    dec = sum(p.numel() for layer in m.model.layers for p in layer.parameters())
+    cfg = PruneConfig(method="multipruner", target_decoder_ratio=0.3, multipruner_group=32)
+    plan = prune_to_budget(m, calib(), profile(1000), cfg)
+    dec_after = sum(p.numel() for layer in m.model.layers for p in layer.parameters())
+    assert 0.3 <= 1 - dec_after / dec < 0.3 + 1 / 6  # stops within one step (a block is 1/6)
+    assert plan.params_after == sum(p.numel() for p in m.parameters())
+    kinds = {("MLP" in s.removed) + 2 * ("KV" in s.removed) for s in plan.steps}
+    assert 0 in kinds and 1 in kinds  # blocks and MLP channels both taken (the 44:52 mix)
+    # every step reports the calibration perplexity of the candidate it chose
+    assert all(s.score > 1.0 for s in plan.steps)
+    for w in layer_widths(m):
+        assert w["num_attention_heads"] == 2 * w["num_key_value_heads"] >= 2
+    assert torch.isfinite(m(calib(2, 16), use_cache=False).logits).all()
+    assert check_round_trip(m, save_model(m, tokenizer, tmp_path / "mp"), calib(1, 16)) == 0.0

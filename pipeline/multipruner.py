@@ -1,0 +1,240 @@
+"""MultiPruner-style pruning: training-free, iterative, balanced across blocks, MLP channels and heads.
+
+Ideas from MultiPruner (Munoz et al., arXiv 2501.09949), written for prunefit:
+
+* The removal target is split across three dimensions by a distribution (``multipruner_shares``,
+  shares of removed parameters for blocks : MLP channels : KV groups). Each step serves the
+  dimension furthest below its share, so the mix holds at every point of the budget search.
+* Inside a dimension every layer offers one candidate: the block itself, its next group of
+  ``multipruner_group`` MLP channels, or its next KV group (with its query heads). Channels and
+  groups are ordered beforehand by an importance score (their output energy) so that groups are
+  contiguous in importance. The step removes the candidate whose removal raises calibration
+  perplexity least: every candidate is scored by a real forward pass.
+* Candidates are evaluated by masking (zeroing the output columns a removal takes away, or skipping
+  the block), which is exactly the pruned function; the slicing happens once at the end.
+  Hidden states entering each block are cached, so a candidate in block ``L`` only re-runs the
+  blocks from ``L`` on.
+
+No compensation (the paper has none); ``comp`` is prunefit's compensated method.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.arch import arch_for, decoder_layers, head_dim
+from pipeline.rewrite import remove_layers
+from pipeline.stream import LayerStream
+from pipeline.width import (
+    _narrowed,
+    channel_scores,
+    collect_stats,
+    kv_group_dims,
+    kv_group_scores,
+    layer_widths,
+    prune_kv_groups,
+    prune_mlp,
+)
+from targets.budget import ModelShape, model_shape
+
+log = logging.getLogger(__name__)
+EVAL_WINDOWS = 4  # calibration windows scored per candidate (MultiPruner uses a small subset too)
+
+
+class MultiPruner:
+    name = "multipruner"
+
+    def __init__(self) -> None:
+        self.base: ModelShape | None = None
+        self.dropped: set[int] = set()
+        self.mlp_removed: dict[int, list[int]] = {}
+        self.kv_removed: dict[int, list[int]] = {}
+        self.mlp_order: list[list[int]] = []
+        self.kv_order: list[list[int]] = []
+        self.removed_params = {"block": 0, "mlp": 0, "kv": 0}
+        self.hidden: list[torch.Tensor] = []  # hidden state entering each block (current model)
+        self.kwargs: list[dict[str, Any]] = []
+        self.ids: torch.Tensor | None = None
+
+    # -- setup ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def prepare(self, model: Any, calib: torch.Tensor, cfg: Any) -> None:
+        self.cfg = cfg
+        self.base = model_shape(model)
+        hd = head_dim(model.config)
+        stats = collect_stats(model, calib, cfg.batch_size)
+        layers = decoder_layers(model)
+        self.mlp_order = [torch.argsort(channel_scores(layer, st)).tolist() for layer, st in zip(layers, stats)]
+        self.heads = arch_for(model.config.model_type).per_layer_heads
+        self.kv_order = [
+            torch.argsort(kv_group_scores(layer, st, hd)).tolist() if self.heads else []
+            for layer, st in zip(layers, stats)
+        ]
+        del stats
+        self.ids = calib[:EVAL_WINDOWS]
+        hidden, kwargs = LayerStream(model).capture(self.ids, self.ids.shape[0])
+        self.kwargs = kwargs[0]
+        self.hidden = [hidden[0]] + [hidden[0]] * len(layers)
+        self._refresh(model, 0)
+
+    def _block_out(self, model: Any, i: int, h: torch.Tensor) -> torch.Tensor:
+        if i in self.dropped:
+            return h
+        return decoder_layers(model)[i](h, **self.kwargs[i])
+
+    @torch.no_grad()
+    def _refresh(self, model: Any, start: int) -> None:
+        """Recompute cached block inputs from block ``start`` on (after a change there)."""
+        for i in range(start, len(decoder_layers(model))):
+            self.hidden[i + 1] = self._block_out(model, i, self.hidden[i])
+
+    @torch.no_grad()
+    def _ppl_from(self, model: Any, start: int, skip: int | None = None) -> float:
+        h = self.hidden[start]
+        for i in range(start, len(decoder_layers(model))):
+            h = h if i == skip else self._block_out(model, i, h)
+        logits = model.lm_head(model.get_decoder().norm(h))[:, :-1].float()
+        assert self.ids is not None
+        target = self.ids[:, 1:]
+        return math.exp(float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))))
+
+    # -- candidates ----------------------------------------------------------------------------------
+    def _next_mlp(self, model: Any, i: int) -> list[int] | None:
+        done = self.mlp_removed.get(i, [])
+        inter = len(self.mlp_order[i])
+        keep_min = max(self.cfg.width_multiple, int(self.cfg.min_keep_ratio * inter))
+        g = self.cfg.multipruner_group
+        if i in self.dropped or inter - len(done) - g < keep_min:
+            return None
+        return self.mlp_order[i][len(done) : len(done) + g]
+
+    def _next_kv(self, i: int) -> int | None:
+        done = self.kv_removed.get(i, [])
+        if not self.heads or i in self.dropped or len(self.kv_order[i]) - len(done) <= 1:
+            return None
+        return self.kv_order[i][len(done)]
+
+    def _masked_ppl(self, model: Any, i: int, kind: str, unit: Any) -> float:
+        """Perplexity with the candidate removed (by zeroing the columns it takes away)."""
+        layer = decoder_layers(model)[i]
+        if kind == "block":
+            return self._ppl_from(model, i, skip=i)
+        if kind == "mlp":
+            w = layer.mlp.down_proj.weight
+            cols = torch.tensor(unit)
+        else:
+            w = layer.self_attn.o_proj.weight
+            cols = kv_group_dims(layer, [unit], head_dim(model.config))
+        saved = w[:, cols].clone()
+        w[:, cols] = 0.0
+        try:
+            return self._ppl_from(model, i)
+        finally:
+            w[:, cols] = saved
+
+    def _unit_params(self, i: int, kind: str) -> int:
+        assert self.base is not None
+        shape, hidden = self.base.layers[i], self.base.hidden_size
+        if kind == "block":
+            return self.shape_params(i)
+        if kind == "mlp":
+            return 3 * hidden * self.cfg.multipruner_group
+        rep = shape.num_heads // shape.num_kv_heads
+        return 2 * (rep + 1) * shape.head_dim * hidden
+
+    def shape_params(self, i: int) -> int:
+        return self._current_layers()[i].params
+
+    # -- Pruner protocol -------------------------------------------------------------------------------
+    def _dimensions(self, model: Any) -> list[str]:
+        shares = dict(zip(("block", "mlp", "kv"), self.cfg.multipruner_shares, strict=True))
+        dims = [d for d, s in shares.items() if s > 0 and self._has_candidate(model, d)]
+        return sorted(dims, key=lambda d: self.removed_params[d] / shares[d])
+
+    def _has_candidate(self, model: Any, kind: str) -> bool:
+        n = len(decoder_layers(model))
+        if kind == "block":
+            from pipeline.prune import max_removable_layers
+
+            return len(self.dropped) < max_removable_layers(n, self.cfg)
+        if kind == "mlp":
+            return any(self._next_mlp(model, i) is not None for i in range(n))
+        return any(self._next_kv(i) is not None for i in range(n))
+
+    def can_step(self, model: Any, cfg: Any) -> bool:
+        return bool(self._dimensions(model))
+
+    @torch.no_grad()
+    def step(self, model: Any, calib: torch.Tensor, cfg: Any) -> tuple[str, float]:
+        kind = self._dimensions(model)[0]
+        best: tuple[float, int, Any] | None = None
+        for i in range(len(decoder_layers(model))):
+            unit: Any
+            if kind == "block":
+                unit = None if i in self.dropped else i
+            elif kind == "mlp":
+                unit = self._next_mlp(model, i)
+            else:
+                unit = self._next_kv(i)
+            if unit is None:
+                continue
+            ppl = self._masked_ppl(model, i, kind, unit)
+            if best is None or ppl < best[0]:
+                best = (ppl, i, unit)
+        assert best is not None
+        ppl, i, unit = best
+        self.removed_params[kind] += self._unit_params(i, kind)
+        layer = decoder_layers(model)[i]
+        if kind == "block":
+            self.dropped.add(i)
+            what = f"block {i}"
+        elif kind == "mlp":
+            self.mlp_removed.setdefault(i, []).extend(unit)
+            layer.mlp.down_proj.weight[:, torch.tensor(unit)] = 0.0
+            what = f"block {i}: {len(unit)} MLP channels"
+        else:
+            self.kv_removed.setdefault(i, []).append(unit)
+            layer.self_attn.o_proj.weight[:, kv_group_dims(layer, [unit], head_dim(model.config))] = 0.0
+            what = f"block {i}: KV group {unit}"
+        self._refresh(model, i)
+        return what, ppl
+
+    def _current_layers(self) -> list[Any]:
+        assert self.base is not None
+        return [
+            _narrowed(layer, self.base.hidden_size, len(self.mlp_removed.get(i, [])), len(self.kv_removed.get(i, [])))
+            for i, layer in enumerate(self.base.layers)
+        ]
+
+    def shape(self, model: Any) -> ModelShape:
+        assert self.base is not None
+        return dataclasses.replace(self.base, layers=tuple(self._current_layers())).without_layers(self.dropped)
+
+    def most_pruned_shape(self, model: Any, shape: ModelShape, cfg: Any) -> ModelShape:
+        from pipeline.comp import CompPruner
+
+        return CompPruner().most_pruned_shape(model, shape, dataclasses.replace(cfg, comp_blocks=True))
+
+    def finalize(self, model: Any) -> None:
+        hd = head_dim(model.config)
+        for i, layer in enumerate(decoder_layers(model)):
+            gone = set(self.mlp_removed.get(i, []))
+            if gone and i not in self.dropped:
+                keep = torch.tensor([j for j in range(layer.mlp.down_proj.in_features) if j not in gone])
+                prune_mlp(layer, keep, None)
+            gone_g = set(self.kv_removed.get(i, []))
+            if gone_g and i not in self.dropped:
+                n_kv = len(self.kv_order[i])
+                prune_kv_groups(layer, torch.tensor([g for g in range(n_kv) if g not in gone_g]), hd, None)
+        if self.dropped:
+            remove_layers(model, sorted(self.dropped))
+        meta = dict(getattr(model.config, "prunefit", None) or {})
+        meta["layers"] = layer_widths(model)
+        model.config.prunefit = meta
+        self.hidden = []
