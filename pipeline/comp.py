@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -158,6 +158,40 @@ class _Moments:
         quad = float(((w @ g) * w).sum())
         lin = float((w * self.cross[:, keep]).sum())
         return quad - 2.0 * lin + self.target_energy
+
+
+def _moments(layer: Any, hidden: list[torch.Tensor], kw: list[dict[str, Any]], key: str, target: Target) -> _Moments:
+    """Run the block on every batch; accumulate moments of sub-layer input ``key`` (z or a)
+    against ``target(batch, block_input, recorded)``."""
+    mom = _Moments()
+    with _tap(layer) as rec:
+        for b, (h, k) in enumerate(zip(hidden, kw, strict=True)):
+            layer(h, **k)
+            mom.add(rec[key], target(b, h, rec))
+    return mom
+
+
+Target = Callable[[int, torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]
+
+
+def _attn_target(o_d: list[torch.Tensor], dense: list[torch.Tensor], residual: bool) -> Target:
+    """What o_proj should produce for batch b: the dense attention output (+ the residual drift)."""
+
+    def target(b: int, h: torch.Tensor, rec: dict[str, torch.Tensor]) -> torch.Tensor:
+        t = o_d[b].double()
+        return t + _flat(dense[b]) - _flat(h) if residual else t
+
+    return target
+
+
+def _mlp_target(o_d: list[torch.Tensor], m_d: list[torch.Tensor], dense: list[torch.Tensor], residual: bool) -> Target:
+    """What down_proj should produce: the dense MLP output (+ dense minus pruned residual after attention)."""
+
+    def target(b: int, h: torch.Tensor, rec: dict[str, torch.Tensor]) -> torch.Tensor:
+        t = m_d[b].double()
+        return t + (_flat(dense[b]) + o_d[b].double()) - (_flat(h) + rec["o"]) if residual else t
+
+    return target
 
 
 @dataclass
@@ -341,25 +375,11 @@ class CompPruner:
                     o_d.append(rec["o"].float())
                     m_d.append(rec["m"].float())
             if lp.kv:
-                attn_m = _Moments()
-                with _tap(layer) as rec:
-                    for b, (h, k) in enumerate(zip(pruned, kw, strict=True)):
-                        layer(h, **k)
-                        t = o_d[b].double()
-                        if residual:
-                            t = t + _flat(dense[b]) - _flat(h)
-                        attn_m.add(rec["z"], t)
-                self._prune_heads(layer, attn_m, lp.kv, hd, i)
+                target = _attn_target(o_d, dense, residual)
+                self._prune_heads(layer, _moments(layer, pruned, kw, "z", target), lp.kv, hd, i)
             if lp.mlp:
-                mlp_m = _Moments()
-                with _tap(layer) as rec:
-                    for b, (h, k) in enumerate(zip(pruned, kw, strict=True)):
-                        layer(h, **k)
-                        t = m_d[b].double()
-                        if residual:  # dense residual after attention minus the pruned one
-                            t = t + (_flat(dense[b]) + o_d[b].double()) - (_flat(h) + rec["o"])
-                        mlp_m.add(rec["a"], t)
-                self._prune_channels(layer, mlp_m, lp.mlp, multiple, i)
+                target = _mlp_target(o_d, m_d, dense, residual)
+                self._prune_channels(layer, _moments(layer, pruned, kw, "a", target), lp.mlp, multiple, i)
             del o_d, m_d
             pruned = run_block(layer, pruned, kw)
             dense = dense_out

@@ -153,6 +153,17 @@ def _ls_refit(weight: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, ridg
     return sol.to(weight.dtype)
 
 
+def _kept_columns(
+    w: torch.Tensor, keep: torch.Tensor, gram: torch.Tensor | None, ridge: float, fitted: torch.Tensor | None
+) -> torch.Tensor:
+    """The output projection's new columns: given (fitted elsewhere), re-fit on ``gram``, or sliced."""
+    if fitted is not None:
+        return fitted.to(w.dtype)
+    if gram is not None:
+        return _ls_refit(w, gram, keep, ridge)
+    return w[:, keep]
+
+
 def prune_mlp(
     layer: Any, keep: torch.Tensor, gram: torch.Tensor | None, ridge: float = 1e-3, weight: torch.Tensor | None = None
 ) -> None:
@@ -160,12 +171,7 @@ def prune_mlp(
     or use the given ``weight`` (already fitted, [hidden, len(keep)]) for down_proj."""
     mlp = layer.mlp
     down = mlp.down_proj
-    if weight is not None:
-        new_w = weight.to(down.weight.dtype)
-    elif gram is not None:
-        new_w = _ls_refit(down.weight.data, gram, keep, ridge)
-    else:
-        new_w = down.weight.data[:, keep]
+    new_w = _kept_columns(down.weight.data, keep, gram, ridge, weight)
     if hasattr(mlp, "gate_up_proj"):  # Phi-3: rows [gate | up]
         inter = mlp.gate_up_proj.out_features // 2
         mlp.gate_up_proj = _slice_linear(mlp.gate_up_proj, rows=torch.cat([keep, keep + inter]))
@@ -203,12 +209,7 @@ def prune_kv_groups(
     q_dims = torch.cat([torch.arange(h * hd, (h + 1) * hd) for h in q_heads.tolist()])
     kv_dims = torch.cat([torch.arange(g * hd, (g + 1) * hd) for g in keep_groups.tolist()])
     o = attn.o_proj
-    if weight is not None:
-        new_w = weight.to(o.weight.dtype)
-    elif gram is not None:
-        new_w = _ls_refit(o.weight.data, gram, q_dims, ridge)
-    else:
-        new_w = o.weight.data[:, q_dims]
+    new_w = _kept_columns(o.weight.data, q_dims, gram, ridge, weight)
     if hasattr(attn, "qkv_proj"):  # Phi-3: rows [q | k | v]
         rows = torch.cat([q_dims, n_q * hd + kv_dims, (n_q + n_kv) * hd + kv_dims])
         attn.qkv_proj = _slice_linear(attn.qkv_proj, rows=rows)

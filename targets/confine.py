@@ -64,50 +64,48 @@ def _v2_root() -> Path | None:
     return base
 
 
-def available() -> tuple[bool, str]:
-    """Whether this process may create memory-limited cgroups (and why not)."""
+def _new_group(prefix: str) -> tuple[Path, int]:
+    """Create an empty child cgroup with the memory controller (v2 first); raise with the reason."""
+    why = "no cgroup memory controller mounted"
     for version, root in ((2, _v2_root()), (1, _v1_root())):
         if root is None:
             continue
-        probe = root / f"prunefit-probe-{uuid.uuid4().hex[:8]}"
+        group = root / f"{prefix}-{uuid.uuid4().hex[:12]}"
         try:
-            probe.mkdir()
-            probe.rmdir()
-            return True, f"cgroup v{version} at {root}"
+            group.mkdir()
+            return group, version
         except OSError as exc:
-            last = f"cannot create a cgroup under {root}: {exc.strerror}"
-            continue
-    return False, locals().get("last", "no cgroup memory controller mounted")
+            why = f"cannot create a cgroup under {root}: {exc.strerror}"
+    raise RuntimeMissingError(f"Cannot confine a process to a memory budget here: {why}. Run as root on Linux.")
+
+
+def available() -> tuple[bool, str]:
+    """Whether this process may create memory-limited cgroups (and why not)."""
+    try:
+        group, version = _new_group("prunefit-probe")
+    except RuntimeMissingError as exc:
+        return False, str(exc)
+    group.rmdir()
+    return True, f"cgroup v{version} at {group.parent}"
 
 
 @contextlib.contextmanager
 def memory_cgroup(limit_bytes: int) -> Iterator[tuple[Path, int]]:
     """A fresh cgroup limited to ``limit_bytes`` (removed afterwards); yields (path, version)."""
-    for version, root in ((2, _v2_root()), (1, _v1_root())):
-        if root is None:
-            continue
-        group = root / f"prunefit-{uuid.uuid4().hex[:12]}"
-        try:
-            group.mkdir()
-        except OSError:
-            continue
-        try:
-            if version == 2:
-                (group / "memory.max").write_text(str(limit_bytes))
-                with contextlib.suppress(OSError):
-                    (group / "memory.swap.max").write_text("0")
-            else:
-                (group / "memory.limit_in_bytes").write_text(str(limit_bytes))
-                with contextlib.suppress(OSError):  # no swap accounting: the limit is already RAM-only
-                    (group / "memory.memsw.limit_in_bytes").write_text(str(limit_bytes))
-            yield group, version
-        finally:
+    group, version = _new_group("prunefit")
+    try:
+        if version == 2:
+            (group / "memory.max").write_text(str(limit_bytes))
             with contextlib.suppress(OSError):
-                (group / "cgroup.procs").read_text()
-                group.rmdir()
-        return
-    _, why = available()
-    raise RuntimeMissingError(f"Cannot confine a process to a memory budget here: {why}. Run as root on Linux.")
+                (group / "memory.swap.max").write_text("0")
+        else:
+            (group / "memory.limit_in_bytes").write_text(str(limit_bytes))
+            with contextlib.suppress(OSError):  # no swap accounting: the limit is already RAM-only
+                (group / "memory.memsw.limit_in_bytes").write_text(str(limit_bytes))
+        yield group, version
+    finally:
+        with contextlib.suppress(OSError):
+            group.rmdir()
 
 
 def _peak_bytes(group: Path, version: int) -> int:
