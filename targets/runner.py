@@ -136,7 +136,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--logits-out", type=Path, required=True)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--probe", action="store_true", help="only import the runtime and report the host's RSS")
     args = ap.parse_args(argv)
+    if args.probe:
+        try:
+            RUNTIMES[args.runtime](args.artifact, args.threads)
+        except ImportError as exc:
+            print(json.dumps({"error": "runtime_missing", "message": str(exc)}))
+            return 3
+        print(json.dumps({"baseline_rss_mib": _current_rss_bytes() / MIB}))
+        return 0
     try:
         result = measure(args.runtime, args.artifact, args.inputs, args.logits_out, args.threads, args.repeats)
     except ImportError as exc:

@@ -22,10 +22,12 @@ from transformers import PreTrainedModel
 
 from exporters.base import artifact_size_bytes
 from pipeline.errors import GateError, RuntimeMissingError
+from targets import confine
 from targets.budget import MemoryEstimate, estimate, library_mib, model_shape
 from targets.profile import DeviceProfile, Runtime
 
 log = logging.getLogger(__name__)
+HOST_PROBE_LIMIT_MIB = 8192.0  # generous: the probe only imports the runtime
 
 
 @dataclass
@@ -75,37 +77,65 @@ class ValidationReport:
             raise GateError(f"Validation on profile '{self.profile}' failed {len(failed)} gate(s):\n{lines}")
 
 
+def _runner_cmd(runtime: Runtime, artifact: Path, ids: Path, logits: Path, threads: int, *extra: str) -> list[str]:
+    return [
+        sys.executable, "-m", "targets.runner", "--runtime", runtime, "--artifact", str(artifact),
+        "--inputs", str(ids), "--logits-out", str(logits), "--threads", str(threads), *extra,
+    ]  # fmt: skip
+
+
+def _last_json(stdout: str) -> dict[str, Any]:
+    lines = [ln for ln in stdout.splitlines() if ln.startswith("{")]
+    return json.loads(lines[-1]) if lines else {}
+
+
+def _check_missing(runtime: Runtime, result: dict[str, Any]) -> None:
+    if result.get("error") == "runtime_missing":
+        raise RuntimeMissingError(f"Runtime '{runtime}' is not installed: {result['message']}. Run `make setup`.")
+
+
 def run_artifact(
-    runtime: Runtime, artifact: Path, inputs: np.ndarray, work_dir: Path, threads: int
-) -> tuple[dict[str, Any], np.ndarray]:
-    """Run one artifact in a child process (``python -m targets.runner``); return (measurements, logits)."""
+    runtime: Runtime,
+    artifact: Path,
+    inputs: np.ndarray,
+    work_dir: Path,
+    threads: int,
+    model_limit_mib: float | None = None,
+) -> tuple[dict[str, Any], np.ndarray | None]:
+    """Run one artifact in a child process (``python -m targets.runner``); return (measurements, logits).
+
+    With ``model_limit_mib`` the child runs in a memory cgroup limited to its host baseline (the
+    interpreter and runtime library, measured by a probe run) plus that many MiB for the model: a
+    model over budget is killed by the kernel instead of borrowing memory, and comes back as
+    ``oom_killed`` with no logits. Without cgroups here, the run is unconfined (``confined: false``).
+    """
     work_dir.mkdir(parents=True, exist_ok=True)
     ids_path, logits_path = work_dir / f"{runtime}_inputs.npy", work_dir / f"{runtime}_logits.npy"
     np.save(ids_path, inputs.astype(np.int64), allow_pickle=False)
-    cmd = [
-        sys.executable,
-        "-m",
-        "targets.runner",
-        "--runtime",
-        runtime,
-        "--artifact",
-        str(artifact),
-        "--inputs",
-        str(ids_path),
-        "--logits-out",
-        str(logits_path),
-        "--threads",
-        str(threads),
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    result = json.loads(lines[-1]) if lines else {}
-    if result.get("error") == "runtime_missing":
-        raise RuntimeMissingError(f"Runtime '{runtime}' is not installed: {result['message']}. Run `make setup`.")
-    if proc.returncode != 0 or not lines:
-        tail = (proc.stderr or proc.stdout)[-3000:]
-        raise GateError(f"Running {artifact} in {runtime} failed (exit {proc.returncode}):\n{tail}")
-    return result, np.load(logits_path, allow_pickle=False)
+    cmd = _runner_cmd(runtime, artifact, ids_path, logits_path, threads)
+    confined = model_limit_mib is not None and confine.available()[0]
+    if confined:
+        assert model_limit_mib is not None
+        # The host's own charge (interpreter + runtime library, as the cgroup counts it: pages
+        # already cached by another process are not charged again) is measured by a probe run.
+        probe = confine.run_confined([*cmd, "--probe"], HOST_PROBE_LIMIT_MIB)
+        _check_missing(runtime, _last_json(probe.stdout))
+        limit = probe.peak_mib + model_limit_mib
+        run = confine.run_confined(cmd, limit)
+        returncode, stdout, stderr = run.returncode, run.stdout, run.stderr
+        extra = {"confined": True, "cgroup_limit_mib": limit, "cgroup_peak_mib": run.peak_mib}
+        if run.oom_killed:
+            return {**extra, "oom_killed": True, "model_limit_mib": model_limit_mib}, None
+    else:
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        returncode, stdout, stderr = proc.returncode, proc.stdout, proc.stderr
+        extra = {"confined": False}
+    result = _last_json(stdout)
+    _check_missing(runtime, result)
+    if returncode != 0 or not result:
+        tail = (stderr or stdout)[-3000:]
+        raise GateError(f"Running {artifact} in {runtime} failed (exit {returncode}):\n{tail}")
+    return {**result, **extra, "oom_killed": False}, np.load(logits_path, allow_pickle=False)
 
 
 def validate(
@@ -115,23 +145,47 @@ def validate(
     inputs: torch.Tensor,
     work_dir: Path,
     perplexity: dict[str, float],
+    enforce: bool = True,
 ) -> ValidationReport:
-    """Run every artifact, compare with PyTorch, and evaluate all gates."""
+    """Run every artifact, compare with PyTorch, and evaluate all gates.
+
+    With ``enforce`` (the default) each run is confined to the model's share of the budget in a
+    memory cgroup where this machine allows it (see :func:`run_artifact`)."""
     report = ValidationReport(profile=profile.name, perplexity=perplexity)
     with torch.no_grad():
         reference = model(inputs, use_cache=False).logits.float().numpy()
     shape = model_shape(model)
     for runtime, path in tqdm(artifacts.items(), desc="validate", unit="runtime", disable=None):
         log.info("validating %s in %s (threads=%d)", path.name, runtime, profile.threads)
-        measured, logits = run_artifact(runtime, path, inputs.numpy(), work_dir, profile.threads)
         pred: MemoryEstimate = estimate(shape, profile, runtime)
-        diff = float(np.abs(logits - reference).max())
-        agree = float((logits.argmax(-1) == reference.argmax(-1)).mean())
         # The prefill graph holds no KV cache, so the cache a decode loop would hold at the
         # profile's context length is added from the model's shapes. The runtime library's own
         # resident size is in the measured baseline (with the Python host), so the device's figure
-        # for it is added from the profile.
+        # for it is added from the profile. What is left of the budget is what the model may use.
         lib = library_mib(profile, runtime)
+        model_share = float(profile.memory_budget_mib) - pred.kv_cache_mib - lib
+        measured, logits = run_artifact(
+            runtime, path, inputs.numpy(), work_dir, profile.threads, model_share if enforce else None
+        )
+        if logits is None:  # killed by the kernel at the budget: gates say so; no measured row
+            report.gates.append(
+                Gate(
+                    f"memory[{runtime}]",
+                    False,
+                    float(measured["cgroup_limit_mib"]),
+                    float(profile.memory_budget_mib),
+                    f"killed by the kernel: the model needed more than its {model_share:.1f} MiB share of the "
+                    f"{profile.memory_budget_mib} MiB budget (KV cache {pred.kv_cache_mib:.1f} + runtime library "
+                    f"{lib:.1f} take the rest); predicted {pred.total_mib:.1f} MiB in all. Raise "
+                    "pruning.headroom_mib (prune further under the budget) or memory_budget_mib.",
+                )
+            )
+            report.gates.append(
+                Gate(f"parity[{runtime}]", False, 0.0, profile.gates.parity_atol, "not checked: killed at the budget")
+            )
+            continue
+        diff = float(np.abs(logits - reference).max())
+        agree = float((logits.argmax(-1) == reference.argmax(-1)).mean())
         projected = measured["model_peak_mib"] + pred.kv_cache_mib + lib
         rr = RuntimeReport(
             runtime=runtime,

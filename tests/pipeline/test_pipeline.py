@@ -129,7 +129,7 @@ def test_tight_profile_measured_over_budget_fails_gate(run_cfg: RunConfig, tmp_p
     )
     from pipeline.run import validate_existing
 
-    with pytest.raises(GateError, match=r"memory\[onnxruntime\].*over by"):
+    with pytest.raises(GateError, match=r"memory\[onnxruntime\].*(over by|killed by the kernel)"):
         validate_existing(cfg.out_dir, str(heavy))  # type: ignore[arg-type]
     report = json.loads((cfg.out_dir / "report.json").read_text())  # type: ignore[operator]
     assert report["validation"]["passed"] is False

@@ -1,0 +1,56 @@
+"""Budget enforcement: an artifact run is confined to the model's share of the budget in a memory
+cgroup; over budget it is killed by the kernel and reported as a failed gate, not a crash."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from exporters import get_exporter
+from exporters.base import ExportConfig
+from targets import confine
+from targets.validate import validate
+from tests.conftest import tiny_model
+from tests.pipeline.test_prune import profile
+
+WIDE = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.nn.Module, Path]:
+    model = tiny_model("llama", **WIDE)
+    out = tmp_path_factory.mktemp("enforce")
+    art = get_exporter("onnxruntime").export(model, ExportConfig(seq_len=16), out)
+    return model, art.path
+
+
+def _run(exported, budget: int, tmp_path: Path):
+    model, path = exported
+    ids = torch.randint(0, 512, (1, 16), generator=torch.Generator().manual_seed(0))
+    prof = profile(budget, runtimes=["onnxruntime"], context_length=64, prefill_tokens=16)
+    return validate(prof, model, {"onnxruntime": path}, ids, tmp_path, {}, enforce=True)
+
+
+def test_over_budget_run_is_killed_and_reported(exported, tmp_path: Path) -> None:
+    ok, why = confine.available()
+    if not ok:
+        pytest.skip(why)
+    # the weights alone are ~12 MiB in fp32; a 4 MiB budget cannot hold them
+    report = _run(exported, 4, tmp_path)
+    mem = next(g for g in report.gates if g.name == "memory[onnxruntime]")
+    assert not mem.passed and "killed by the kernel" in mem.detail
+    assert report.runtimes == []  # no measured row for a run that did not finish
+    assert not report.passed
+
+
+def test_within_budget_run_is_confined_and_passes(exported, tmp_path: Path) -> None:
+    ok, why = confine.available()
+    if not ok:
+        pytest.skip(why)
+    report = _run(exported, 400, tmp_path)
+    rt = report.runtimes[0]
+    assert rt.measured["confined"] and not rt.measured["oom_killed"]
+    assert rt.measured["cgroup_peak_mib"] <= rt.measured["cgroup_limit_mib"]
+    assert report.passed, [g.detail for g in report.gates if not g.passed]
