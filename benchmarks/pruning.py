@@ -44,6 +44,7 @@ from pipeline.evaluate import perplexity
 from pipeline.model import load_model
 from pipeline.prune import PruneConfig, block_influence, prune_to_budget
 from pipeline.rewrite import load_pruned, remove_layers, save_model
+from pipeline.stream import trim_heap
 from pipeline.width import channel_scores, collect_stats, prune_mlp
 from targets.profile import load_profile
 
@@ -167,6 +168,9 @@ def child(method: str, ratio: float, work: Path) -> dict[str, Any]:
         peak_kind = "streamed: whole model never loaded"
     else:
         model = load_pruned(work / "dense")
+        for p in model.parameters():  # own the weights: mmap-backed pages would fault in during pruning
+            p.data = p.data.clone()
+        trim_heap()
         loaded = _status_mib("VmRSS")
         _reset_peak()
         t0 = time.perf_counter()
