@@ -28,6 +28,7 @@ from pipeline.evaluate import perplexity
 from pipeline.rewrite import remove_layers
 from targets.budget import ModelShape, estimate_all, model_shape, worst
 from targets.profile import DeviceProfile
+from targets.runner import current_rss_bytes, peak_rss_bytes, reset_peak
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,10 @@ class PrunePlan:
     params_before: int = 0
     params_after: int = 0
     wall_s: float = 0.0
+    # process resident-set high-water mark during pruning, and how far it rose above the RSS at
+    # the start of pruning (the model was already loaded then)
+    peak_rss_mib: float = 0.0
+    peak_rss_over_start_mib: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -236,6 +241,8 @@ def _estimates(shape: ModelShape, profile: DeviceProfile) -> dict[str, Any]:
 def prune_to_budget(model: PreTrainedModel, calib: torch.Tensor, profile: DeviceProfile, cfg: PruneConfig) -> PrunePlan:
     """Prune ``model`` in place until the memory model says it fits ``profile``; return the plan."""
     t0 = time.perf_counter()
+    start_rss = current_rss_bytes()
+    reset_peak()
     pruner: Pruner = PRUNERS[cfg.method]()
     shape = model_shape(model)
     original_layers = len(shape.layers)
@@ -300,6 +307,8 @@ def prune_to_budget(model: PreTrainedModel, calib: torch.Tensor, profile: Device
     plan.kept_layers = list(meta.get("kept_layers", range(original_layers)))
     plan.params_before, plan.params_after = shape.total_params, final.total_params
     plan.wall_s = round(time.perf_counter() - t0, 2)
+    plan.peak_rss_mib = round(peak_rss_bytes() / 2**20, 1)
+    plan.peak_rss_over_start_mib = round((peak_rss_bytes() - start_rss) / 2**20, 1)
     if meta:
         model.config.prunefit = {**meta, "method": cfg.method, "profile": profile.name}
     return plan

@@ -31,7 +31,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"Method `{plan['method']}`, {len(plan['steps'])} steps: removed {len(plan['removed_layers'])} of "
         f"{len(plan['removed_layers']) + len(plan['kept_layers'])} decoder blocks "
         f"{plan['removed_layers'] or ''}; parameters {plan['params_before']:,} -> {plan['params_after']:,} "
-        f"({1 - plan['params_after'] / plan['params_before']:.1%} removed) in {plan['wall_s']:.1f} s.",
+        f"({1 - plan['params_after'] / plan['params_before']:.1%} removed) in {plan['wall_s']:.1f} s"
+        f"{_peak(plan)}.",
         "",
         "| step | removed | score | predicted peak (MiB) | calibration perplexity |",
         "|---:|---|---:|---:|---:|",
@@ -92,6 +93,13 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += [f"| {k} | {v['wall_s']:.1f} | {'yes' if v['cached'] else 'no'} |" for k, v in report["stages"].items()]
     lines.append("")
     return "\n".join(lines)
+
+
+def _peak(plan: dict[str, Any]) -> str:
+    if "peak_rss_mib" not in plan:  # reports written before the field existed
+        return ""
+    over = plan["peak_rss_over_start_mib"]
+    return f", process peak RSS {plan['peak_rss_mib']:.0f} MiB (+{over:.0f} over the loaded model)"
 
 
 def rerender(out_dir: Path) -> Path:

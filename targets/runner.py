@@ -38,11 +38,11 @@ def peak_rss_bytes() -> int:
     return _status_kib("VmHWM") * 1024
 
 
-def _current_rss_bytes() -> int:
+def current_rss_bytes() -> int:
     return _status_kib("VmRSS") * 1024
 
 
-def _reset_peak() -> bool:
+def reset_peak() -> bool:
     """Reset VmHWM to the current RSS (Linux >= 4.0: write 5 to clear_refs)."""
     try:
         with open("/proc/self/clear_refs", "w") as fh:
@@ -91,14 +91,14 @@ RUNTIMES = {"onnxruntime": _onnxruntime, "executorch": _executorch}
 
 def measure(runtime: str, artifact: Path, inputs: Path, logits_out: Path, threads: int, repeats: int) -> dict[str, Any]:
     ids = np.load(inputs, allow_pickle=False).astype(np.int64)
-    rss_start = _current_rss_bytes()
+    rss_start = current_rss_bytes()
     load, run = RUNTIMES[runtime](artifact, threads)
-    baseline = _current_rss_bytes()
-    peak_was_reset = _reset_peak()
+    baseline = current_rss_bytes()
+    peak_was_reset = reset_peak()
     t0 = time.perf_counter()
     session = load()
     load_s = time.perf_counter() - t0
-    rss_loaded = _current_rss_bytes()
+    rss_loaded = current_rss_bytes()
     load_peak = peak_rss_bytes()
     latencies = []
     logits = None
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError as exc:
             print(json.dumps({"error": "runtime_missing", "message": str(exc)}))
             return 3
-        print(json.dumps({"baseline_rss_mib": _current_rss_bytes() / MIB}))
+        print(json.dumps({"baseline_rss_mib": current_rss_bytes() / MIB}))
         return 0
     try:
         result = measure(args.runtime, args.artifact, args.inputs, args.logits_out, args.threads, args.repeats)
