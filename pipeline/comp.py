@@ -275,8 +275,18 @@ class CompPruner:
             del mlp_m, attn_m
             hidden = [o.detach() for o in out]
             stream.release(i)
-        for u in units:
-            u.priority = u.cost / u.params
+        if cfg.comp_allocation == "uniform":
+            # every block gives up the same number of MLP channels, round by round (heads stay):
+            # the n-th unit of each block before the (n+1)-th of any
+            mlp_units = [u for u in units if u.kind == "mlp"]
+            rank: dict[int, int] = {}
+            for u in mlp_units:
+                rank[u.layer] = rank.get(u.layer, -1) + 1
+                u.priority = rank[u.layer] * len(stream) + u.layer
+            units = mlp_units
+        else:
+            for u in units:
+                u.priority = u.cost / u.params
         units.sort(key=lambda u: u.priority)
         self.units = units
         self.next = 0

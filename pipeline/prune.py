@@ -55,6 +55,10 @@ class PruneConfig:
     # comp: what the re-fit reproduces: the dense sub-layer's output, or that plus the residual
     # stream's drift from the dense model (Llama-layout blocks; 46.7 vs 51.4 at 20%).
     comp_target: Literal["sublayer", "residual"] = "residual"
+    # comp: how the removal is spread: globally cheapest-first by compensated cost per parameter,
+    # or the same number of MLP channels from every block (units still chosen by condition-aware
+    # cost inside each block)
+    comp_allocation: Literal["global", "uniform"] = "global"
     # multipruner: shares of the removed parameters taken as blocks : MLP channels : KV groups
     # (MultiPruner's example distribution), and the MLP channels one candidate removes
     multipruner_shares: tuple[float, float, float] = (0.44, 0.52, 0.04)

@@ -135,3 +135,12 @@ def test_multipruner_balanced_greedy_on_every_architecture(arch: str, tmp_path: 
         assert w["num_attention_heads"] == 2 * w["num_key_value_heads"] >= 2
     assert torch.isfinite(m(calib(2, 16), use_cache=False).logits).all()
     assert check_round_trip(m, save_model(m, tokenizer, tmp_path / "mp"), calib(1, 16)) == 0.0
+
+
+def test_comp_uniform_allocation_spreads_evenly() -> None:
+    m = tiny_model("llama", **WIDE)
+    cfg = PruneConfig(method="comp", width_multiple=8, target_decoder_ratio=0.2, comp_allocation="uniform")
+    prune_to_budget(m, calib(), profile(1000), cfg)
+    widths = [w["intermediate_size"] for w in layer_widths(m)]
+    assert max(widths) - min(widths) <= 8  # at most one group apart (the last, partial round)
+    assert all(w["num_key_value_heads"] == 4 for w in layer_widths(m))
