@@ -98,11 +98,21 @@ def greedy_obs(
     return steps, costs
 
 
-def ls_fit(cross: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, ridge: float) -> torch.Tensor:
-    """argmin_W sum ||W x_keep - t||^2 + ridge: ``cross = sum t x^T`` [out, n], ``gram = sum x x^T``."""
+def ls_fit(
+    cross: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, ridge: float, prior: torch.Tensor | None = None
+) -> torch.Tensor:
+    """argmin_W sum ||W x_keep - t||^2 + lam ||W - prior||^2 with ``cross = sum t x^T`` [out, n] and
+    ``gram = sum x x^T``; ``lam`` is ``ridge`` times the mean diagonal of the kept Gram block.
+
+    Shrinking toward the layer's own (sliced) weights rather than toward zero means a strong
+    ridge degrades gracefully to plain slicing instead of to a dead layer.
+    """
     g = gram.double()[keep][:, keep]
-    g.diagonal().add_(ridge * float(g.diagonal().mean().clamp_min(1e-12)))
+    lam = ridge * float(g.diagonal().mean().clamp_min(1e-12))
+    g.diagonal().add_(lam)
     rhs = cross.double()[:, keep]
+    if prior is not None:
+        rhs = rhs + lam * prior.double()
     return torch.linalg.solve(g, rhs.T).T
 
 
@@ -264,12 +274,12 @@ class CompPruner:
             if removable > 0:
                 w = layer.mlp.down_proj.weight
                 _, costs = greedy_obs(w, mlp_m.gram, [torch.tensor([j]) for j in range(inter)], removable // multiple,
-                                      multiple, cfg.ridge)  # fmt: skip
+                                      multiple, cfg.comp_ridge)  # fmt: skip
                 units += self._chain(i, "mlp", multiple, costs, resid, 3 * hidden_size * multiple)
             if heads_prunable and shape.num_kv_heads > 1:
                 groups = [kv_group_dims(layer, [g], hd) for g in range(shape.num_kv_heads)]
                 _, costs = greedy_obs(layer.self_attn.o_proj.weight, attn_m.gram, groups, shape.num_kv_heads - 1, 1,
-                                      cfg.ridge)  # fmt: skip
+                                      cfg.comp_ridge)  # fmt: skip
                 rep = shape.num_heads // shape.num_kv_heads
                 units += self._chain(i, "kv", 1, costs, resid, 2 * (rep + 1) * hd * hidden_size)
             del mlp_m, attn_m
@@ -405,10 +415,10 @@ class CompPruner:
         assert mom.gram is not None and mom.cross is not None
         w = layer.mlp.down_proj.weight
         steps, _ = greedy_obs(w, mom.gram, [torch.tensor([j]) for j in range(w.shape[1])], n // multiple, multiple,
-                              self.cfg.ridge)  # fmt: skip
+                              self.cfg.comp_ridge)  # fmt: skip
         gone = {j for s in steps for j in s}
         keep = torch.tensor([j for j in range(w.shape[1]) if j not in gone], dtype=torch.long)
-        fitted = ls_fit(mom.cross, mom.gram, keep, self.cfg.ridge) if self.compensate else None
+        fitted = ls_fit(mom.cross, mom.gram, keep, self.cfg.comp_ridge) if self.compensate else None
         self._record(li, "mlp", mom, w.double()[:, keep], fitted, keep)
         prune_mlp(layer, keep, None, weight=fitted)
 
@@ -417,11 +427,11 @@ class CompPruner:
         w = layer.self_attn.o_proj.weight
         n_kv = layer_shape(layer, hd).num_kv_heads
         groups = [kv_group_dims(layer, [g], hd) for g in range(n_kv)]
-        steps, _ = greedy_obs(w, mom.gram, groups, n, 1, self.cfg.ridge)
+        steps, _ = greedy_obs(w, mom.gram, groups, n, 1, self.cfg.comp_ridge)
         gone = {g for s in steps for g in s}
         keep_g = [g for g in range(n_kv) if g not in gone]
         keep = kv_group_dims(layer, keep_g, hd)
-        fitted = ls_fit(mom.cross, mom.gram, keep, self.cfg.ridge) if self.compensate else None
+        fitted = ls_fit(mom.cross, mom.gram, keep, self.cfg.comp_ridge) if self.compensate else None
         self._record(li, "kv", mom, w.double()[:, keep], fitted, keep)
         prune_kv_groups(layer, torch.tensor(keep_g), hd, None, weight=fitted)
 

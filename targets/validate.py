@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
@@ -20,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from exporters.base import artifact_size_bytes
+from exporters.base import artifact_files, artifact_size_bytes
 from pipeline.errors import GateError, RuntimeMissingError
 from targets import confine
 from targets.budget import MemoryEstimate, estimate, library_mib, model_shape
@@ -94,6 +95,23 @@ def _check_missing(runtime: Runtime, result: dict[str, Any]) -> None:
         raise RuntimeMissingError(f"Runtime '{runtime}' is not installed: {result['message']}. Run `make setup`.")
 
 
+def _evict_from_page_cache(artifact: Path) -> None:
+    """Drop the artifact's files from the page cache, so the confined run is charged for reading
+    (or mapping) its weights: pages already cached by an earlier process would be free for it."""
+    for f in artifact_files(artifact):
+        try:
+            fd = os.open(f, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+
 def run_artifact(
     runtime: Runtime,
     artifact: Path,
@@ -118,6 +136,7 @@ def run_artifact(
         assert model_limit_mib is not None
         # The host's own charge (interpreter + runtime library, as the cgroup counts it: pages
         # already cached by another process are not charged again) is measured by a probe run.
+        _evict_from_page_cache(artifact)
         probe = confine.run_confined([*cmd, "--probe"], HOST_PROBE_LIMIT_MIB)
         _check_missing(runtime, _last_json(probe.stdout))
         limit = probe.peak_mib + model_limit_mib
