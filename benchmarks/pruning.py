@@ -248,6 +248,10 @@ def main() -> None:
     write(args.out, rows, meta)
 
 
+def _mib(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0f}"
+
+
 def write(out: Path, rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
     """Write JSON + Markdown (called after every row, so a long run keeps what it measured)."""
     out.mkdir(parents=True, exist_ok=True)
@@ -256,9 +260,9 @@ def write(out: Path, rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
     lines = [
         f"Dense WikiText-2 test perplexity: {dense_ppl:.2f}. Dense fp32 model {meta['dense_fp32_mib']:.0f} MiB; "
         f"calibration activations (32x128 tokens x hidden, fp32) {meta['calibration_activations_mib']:.1f} MiB.",
-        "Peak RSS: for `comp` (streamed from safetensors) everything the pruning process held after start-up, "
-        "the model included; for the others the working memory on top of the already-loaded model. Each "
-        "method runs in its own process.",
+        "Peak RSS: for a streamed run everything the pruning process held after start-up, the model included; "
+        "for an in-memory run the working memory on top of the loaded model (pruning.json says which, per row). "
+        "Each method runs in its own process.",
         "",
         "| target | method | decoder params removed | all params removed | test PPL | PPL / best baseline "
         "| prune wall (s) | prune peak RSS (MiB) |",
@@ -272,7 +276,7 @@ def write(out: Path, rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
             lines.append(
                 f"| {ratio:.0%} | {r['method']} | {r['decoder_params_removed']:.1%} | {r['all_params_removed']:.1%} | "
                 f"{r['test_ppl']:.2f} | {r['test_ppl'] / best:.2f}x | {r['prune_wall_s']:.1f} | "
-                f"{r['prune_peak_rss_mib']:.0f} |"
+                f"{_mib(r.get('prune_peak_rss_mib'))} |"
             )
     (out / "pruning.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
