@@ -129,7 +129,8 @@ def test_prunes_a_model_larger_than_its_memory_cap(tmp_path: Path, tokenizer, wi
     summary = json.loads(run.stdout.strip().splitlines()[-1])
     assert run.peak_mib <= cap_mib
     assert summary["peak_rss_mib"] < cap_mib
-    assert 0.2 <= 1 - summary["params_after"] / summary["params_before"] < 0.3
+    # --ratio counts decoder-block parameters; the embeddings (0.2% here) stay
+    assert 0.19 <= 1 - summary["params_after"] / summary["params_before"] < 0.3
     pruned = load_pruned(out)
     ids = torch.randint(0, 512, (1, 16))
     assert torch.isfinite(pruned(ids, use_cache=False).logits).all()
