@@ -47,23 +47,19 @@ from pipeline.rewrite import load_pruned, remove_layers, save_model
 from pipeline.stream import trim_heap
 from pipeline.width import channel_scores, collect_stats, prune_mlp
 from targets.profile import load_profile
+from targets.runner import current_rss_bytes, peak_rss_bytes, reset_peak
 
 ROOT = Path(__file__).resolve().parent
 WIKI = ROOT.parent.parent / "shared" / "data" / "wikitext-2"
 log = logging.getLogger("bench")
 
 
-def _status_mib(field: str) -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+def _rss_mib() -> float:
+    return current_rss_bytes() / 2**20
 
 
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")
+def _peak_mib() -> float:
+    return peak_rss_bytes() / 2**20
 
 
 def drop_blocks_until(model: Any, ratio: float, pick: Any) -> None:
@@ -155,14 +151,14 @@ def child(method: str, ratio: float, work: Path) -> dict[str, Any]:
 
     data = load_file(str(work / "windows.safetensors"))
     calib, evals = data["calibration"], data["evaluation"]
-    start_rss = _status_mib("VmRSS")
-    _reset_peak()
+    start_rss = _rss_mib()
+    reset_peak()
     t0 = time.perf_counter()
     if METHODS[method] == "streamed":
         cfg = PruneConfig(method="comp", target_decoder_ratio=ratio, width_multiple=PROFILE.width_multiple)
         prune_checkpoint(work / "dense", calib, PROFILE, cfg, work / f"{method}-{ratio}")
         wall = time.perf_counter() - t0
-        peak = _status_mib("VmHWM") - start_rss  # everything the pruning process held, model included
+        peak = _peak_mib() - start_rss  # everything the pruning process held, model included
         model = load_pruned(work / f"{method}-{ratio}")
         shutil.rmtree(work / f"{method}-{ratio}")
         peak_kind = "streamed: whole model never loaded"
@@ -171,12 +167,12 @@ def child(method: str, ratio: float, work: Path) -> dict[str, Any]:
         for p in model.parameters():  # own the weights: mmap-backed pages would fault in during pruning
             p.data = p.data.clone()
         trim_heap()
-        loaded = _status_mib("VmRSS")
-        _reset_peak()
+        loaded = _rss_mib()
+        reset_peak()
         t0 = time.perf_counter()
         METHODS[method](model, calib, ratio)  # type: ignore[operator]
         wall = time.perf_counter() - t0
-        peak = _status_mib("VmHWM") - loaded  # working memory on top of the resident model
+        peak = _peak_mib() - loaded  # working memory on top of the resident model
         peak_kind = "in memory: above the loaded model"
     params = sum(p.numel() for p in model.parameters())
     return {

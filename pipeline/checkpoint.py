@@ -23,7 +23,6 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from pipeline.arch import arch_for
 from pipeline.errors import ConfigError, ModelLoadError
 from pipeline.fsio import atomic_dir
 from pipeline.prune import PruneConfig, PrunePlan, prune_to_budget
@@ -102,5 +101,4 @@ def write_checkpoint(stream: LayerStream, out: Path) -> None:
         json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2)
     )
     finalise_config(model)
-    arch_for(model.config.model_type)
     model.config.save_pretrained(out)

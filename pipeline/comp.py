@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from pipeline.arch import arch_for, head_dim
 from pipeline.rewrite import remove_layers
 from pipeline.stream import LayerStream, run_block
-from pipeline.width import _narrowed, kv_group_dims, layer_widths, prune_kv_groups, prune_mlp
+from pipeline.width import _narrowed, kv_group_dims, narrowest_shape, prune_kv_groups, prune_mlp, record_widths
 from targets.budget import ModelShape, layer_shape, model_shape
 
 log = logging.getLogger(__name__)
@@ -226,12 +226,12 @@ class CompPruner:
 
     name = "comp"
 
-    def __init__(self, compensate: bool = True) -> None:
+    def __init__(self) -> None:
         self.units: list[_Unit] = []
         self.next = 0
         self.plan: list[_LayerPlan] = []
         self.base: ModelShape | None = None
-        self.compensate = compensate
+        self.compensate = True
         self.cfg: Any = None
         self.stream: LayerStream | None = None
         self.calib: torch.Tensor | None = None
@@ -313,23 +313,7 @@ class CompPruner:
 
     # -- planning (driven by prune_to_budget) ----------------------------------------------------
     def most_pruned_shape(self, model: Any, shape: ModelShape, cfg: Any) -> ModelShape:
-        heads_prunable = arch_for(model.config.model_type).per_layer_heads
-        multiple = max(1, cfg.width_multiple)
-        layers = []
-        for layer in shape.layers:
-            keep_i = max(multiple, int(cfg.min_keep_ratio * layer.intermediate_size))
-            drop_i = layer.intermediate_size - keep_i
-            drop_i -= drop_i % multiple
-            drop_g = layer.num_kv_heads - 1 if heads_prunable else 0
-            layers.append(_narrowed(layer, shape.hidden_size, drop_i, drop_g))
-        narrow = dataclasses.replace(shape, layers=tuple(layers))
-        if not cfg.comp_blocks:
-            return narrow
-        from pipeline.prune import max_removable_layers
-
-        n = max_removable_layers(len(shape.layers), cfg)
-        biggest = sorted(range(len(narrow.layers)), key=lambda i: -narrow.layers[i].params)[:n]
-        return narrow.without_layers(set(biggest))
+        return narrowest_shape(model, shape, cfg, drop_blocks=cfg.comp_blocks)
 
     def can_step(self, model: Any, cfg: Any) -> bool:
         return any(self._usable(u, cfg) for u in self.units[self.next :])
@@ -407,9 +391,7 @@ class CompPruner:
         dropped = [i for i, lp in enumerate(self.plan) if lp.drop]
         if dropped:
             remove_layers(model, dropped)
-        meta = dict(getattr(model.config, "prunefit", None) or {})
-        meta["layers"] = layer_widths(model)
-        model.config.prunefit = meta
+        record_widths(model)
 
     def _prune_channels(self, layer: Any, mom: _Moments, n: int, multiple: int, li: int) -> None:
         assert mom.gram is not None and mom.cross is not None

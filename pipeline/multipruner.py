@@ -37,9 +37,10 @@ from pipeline.width import (
     collect_stats,
     kv_group_dims,
     kv_group_scores,
-    layer_widths,
+    narrowest_shape,
     prune_kv_groups,
     prune_mlp,
+    record_widths,
 )
 from targets.budget import ModelShape, model_shape
 
@@ -217,9 +218,7 @@ class MultiPruner:
         return dataclasses.replace(self.base, layers=tuple(self._current_layers())).without_layers(self.dropped)
 
     def most_pruned_shape(self, model: Any, shape: ModelShape, cfg: Any) -> ModelShape:
-        from pipeline.comp import CompPruner
-
-        return CompPruner().most_pruned_shape(model, shape, dataclasses.replace(cfg, comp_blocks=True))
+        return narrowest_shape(model, shape, cfg, drop_blocks=True)
 
     def finalize(self, model: Any) -> None:
         hd = head_dim(model.config)
@@ -234,7 +233,5 @@ class MultiPruner:
                 prune_kv_groups(layer, torch.tensor([g for g in range(n_kv) if g not in gone_g]), hd, None)
         if self.dropped:
             remove_layers(model, sorted(self.dropped))
-        meta = dict(getattr(model.config, "prunefit", None) or {})
-        meta["layers"] = layer_widths(model)
-        model.config.prunefit = meta
+        record_widths(model)
         self.hidden = []

@@ -314,8 +314,9 @@ def prune_to_budget(model: PreTrainedModel, calib: torch.Tensor, profile: Device
     plan.kept_layers = list(meta.get("kept_layers", range(original_layers)))
     plan.params_before, plan.params_after = shape.total_params, final.total_params
     plan.wall_s = round(time.perf_counter() - t0, 2)
-    plan.peak_rss_mib = round(peak_rss_bytes() / 2**20, 1)
-    plan.peak_rss_over_start_mib = round((peak_rss_bytes() - start_rss) / 2**20, 1)
+    peak = peak_rss_bytes()
+    plan.peak_rss_mib = round(peak / 2**20, 1)
+    plan.peak_rss_over_start_mib = round((peak - start_rss) / 2**20, 1)
     if meta:
         model.config.prunefit = {**meta, "method": cfg.method, "profile": profile.name}
     return plan

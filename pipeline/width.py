@@ -237,6 +237,35 @@ def layer_widths(model: Any) -> list[dict[str, int]]:
     ]
 
 
+def record_widths(model: Any) -> None:
+    """Write the live per-block widths into ``config.prunefit["layers"]`` (what load_pruned rebuilds)."""
+    meta = dict(getattr(model.config, "prunefit", None) or {})
+    meta["layers"] = layer_widths(model)
+    model.config.prunefit = meta
+
+
+def narrowest_shape(model: Any, shape: Any, cfg: Any, drop_blocks: bool = False) -> Any:
+    """The smallest shape width pruning may reach under ``cfg``: every block down to
+    ``min_keep_ratio`` of its MLP channels (in whole groups of ``width_multiple``) and one KV group,
+    and with ``drop_blocks`` also the largest blocks ``max_removed_layer_ratio`` allows removed."""
+    heads_prunable = arch_for(model.config.model_type).per_layer_heads
+    multiple = max(1, cfg.width_multiple)
+    layers = []
+    for layer in shape.layers:
+        drop_i = layer.intermediate_size - max(multiple, int(cfg.min_keep_ratio * layer.intermediate_size))
+        drop_i -= drop_i % multiple
+        drop_g = layer.num_kv_heads - 1 if heads_prunable else 0
+        layers.append(_narrowed(layer, shape.hidden_size, drop_i, drop_g))
+    narrow = dataclasses.replace(shape, layers=tuple(layers))
+    if not drop_blocks:
+        return narrow
+    from pipeline.prune import max_removable_layers
+
+    n = max_removable_layers(len(shape.layers), cfg)
+    biggest = sorted(range(len(narrow.layers)), key=lambda i: -narrow.layers[i].params)[:n]
+    return narrow.without_layers(set(biggest))
+
+
 def _narrowed(layer: Any, hidden: int, drop_channels: int, drop_groups: int) -> Any:
     """A LayerShape with ``drop_channels`` MLP channels and ``drop_groups`` KV groups removed."""
     rep = layer.num_heads // layer.num_kv_heads
@@ -310,14 +339,7 @@ class WidthPruner:
         self.next = 0
 
     def most_pruned_shape(self, model: Any, shape: Any, cfg: Any) -> Any:
-        heads_prunable = arch_for(model.config.model_type).per_layer_heads
-        multiple = max(1, getattr(cfg, "width_multiple", 8))
-        layers = []
-        for layer in shape.layers:
-            keep_i = max(multiple, int(cfg.min_keep_ratio * layer.intermediate_size))
-            drop_groups = layer.num_kv_heads - 1 if heads_prunable else 0
-            layers.append(_narrowed(layer, shape.hidden_size, layer.intermediate_size - keep_i, drop_groups))
-        return dataclasses.replace(shape, layers=tuple(layers))
+        return narrowest_shape(model, shape, cfg)
 
     def can_step(self, model: Any, cfg: Any) -> bool:
         return self.next < len(self.units)
@@ -353,7 +375,5 @@ class WidthPruner:
             if gone_g:
                 keep_g = torch.tensor([g for g in range(_n_kv(layer, hd)) if g not in gone_g])
                 prune_kv_groups(layer, keep_g, hd, st.attn_gram if self.compensate else None, self.ridge)
-        meta = dict(getattr(model.config, "prunefit", None) or {})
-        meta["layers"] = layer_widths(model)
-        model.config.prunefit = meta
+        record_widths(model)
         self.stats = []

@@ -14,6 +14,7 @@ parameters (never spliced into a shell string).
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import subprocess
 import uuid
@@ -79,8 +80,10 @@ def _new_group(prefix: str) -> tuple[Path, int]:
     raise RuntimeMissingError(f"Cannot confine a process to a memory budget here: {why}. Run as root on Linux.")
 
 
+@functools.cache
 def available() -> tuple[bool, str]:
-    """Whether this process may create memory-limited cgroups (and why not)."""
+    """Whether this process may create memory-limited cgroups (and why not); a property of the
+    machine and the process's privileges, probed once."""
     try:
         group, version = _new_group("prunefit-probe")
     except RuntimeMissingError as exc:
