@@ -18,7 +18,7 @@ EXTRA  ?=
 
 PROFILES := $(basename $(notdir $(wildcard device_profiles/*.yaml)))
 
-.PHONY: help setup export validate report bench profiles test test-fast lint clean check-target
+.PHONY: help setup export validate report bench bench-export profiles test test-fast lint clean check-target
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -51,8 +51,19 @@ validate: $(STAMP) check-target ## re-validate the artifacts in OUT against TARG
 report: $(STAMP) check-target ## re-render OUT/report.md from OUT/report.json
 	$(VENV)/bin/prunefit report --out "$(OUT)"
 
-bench: $(STAMP) ## run the benchmarks (JSON + Markdown in benchmarks/results/)
+bench: $(STAMP) ## run the pruning benchmark (JSON + Markdown in benchmarks/results/)
 	$(PY) benchmarks/pruning.py
+
+# optimum-onnx (the export benchmark's peer) needs transformers<4.58: it gets its own venv.
+OPT_VENV := .venv-optimum
+$(OPT_VENV)/.installed:
+	test -x $(OPT_VENV)/bin/python || $(PYTHON) -m venv $(OPT_VENV)
+	$(OPT_VENV)/bin/pip install --quiet torch==2.13.0
+	$(OPT_VENV)/bin/pip install --quiet transformers==4.57.6 optimum-onnx==0.1.0 onnxruntime==1.32.0 torch==2.13.0
+	touch $@
+
+bench-export: $(STAMP) $(OPT_VENV)/.installed ## export benchmark: dense vs pruned, both runtimes, quantized, optimum peer
+	$(PY) benchmarks/export.py --quantized --optimum-python $(OPT_VENV)/bin/python
 
 profiles: $(STAMP) ## list device profiles and their budgets
 	$(VENV)/bin/prunefit profiles

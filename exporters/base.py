@@ -1,26 +1,32 @@
-"""What every exporter provides, and the wrapper module that is actually exported."""
+"""What every exporter provides: the export shapes, the artifact record, the Exporter protocol."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-import torch
-from torch import nn
 from transformers import PreTrainedModel
 
 
 @dataclass(frozen=True)
 class ExportConfig:
-    """Shapes the exported graph is traced for.
+    """Shapes the exported decoder is built for.
 
-    ``seq_len`` is the example (and, for static-shape runtimes, the only) prefill length;
-    ``batch_size`` likewise.
+    ``seq_len`` is the longest chunk one call takes (the profile's prefill chunk; decode calls take
+    1 token), ``max_cache_len`` the KV cache capacity (the profile's context length), which static
+    caches preallocate. ``batch_size`` is fixed for static caches and the example elsewhere.
     """
 
     seq_len: int
+    max_cache_len: int = 0  # 0: seq_len + 64 (tests); the pipeline passes the profile's context
     batch_size: int = 1
+    quantize: str | None = None  # a scheme of exporters.quantize (per runtime), None: fp32
+
+    @property
+    def cache_len(self) -> int:
+        return self.max_cache_len or self.seq_len + 64
 
 
 @dataclass
@@ -50,20 +56,31 @@ class Exporter(Protocol):
     def export(self, model: PreTrainedModel, cfg: ExportConfig, out_dir: Path) -> ExportArtifact: ...
 
 
-class LogitsOnly(nn.Module):
-    """input_ids -> logits, with no cache and an all-ones mask: the prefill graph.
-
-    Returning a bare tensor keeps both exporters' output signatures trivial.
-    """
-
-    def __init__(self, model: PreTrainedModel) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, use_cache=False).logits
+# How exporters name an operator they cannot handle: torch.onnx's dispatcher prints the OpOverload,
+# torch.export / ExecuTorch print the qualified name.
+_OP_OVERLOAD = re.compile(r"op='([\w.]+)', overload='(\w+)'")
+_OP_NAME = re.compile(r"\b((?:aten|prims|quantized_decomposed|torchao)(?:\.|::)\w+(?:\.\w+)?)")
 
 
-def example_inputs(cfg: ExportConfig, vocab_size: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(0)
-    return torch.randint(0, vocab_size, (cfg.batch_size, cfg.seq_len), generator=g)
+def failing_op(exc: BaseException) -> str | None:
+    """The operator an export error (or any error it was raised from) names, if any."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        text = str(seen)
+        if m := _OP_OVERLOAD.search(text):
+            return f"{m.group(1)}.{m.group(2)}"
+        if m := _OP_NAME.search(text):
+            return m.group(1)
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def export_error(runtime: str, model_type: str, exc: BaseException) -> str:
+    """One message for a failed export: the operator when one is named, then the first lines."""
+    op = failing_op(exc)
+    where = f" at operator {op} (no {runtime} kernel or conversion for it)" if op else ""
+    head = " ".join(str(exc).split())[:600]
+    return (
+        f"{runtime} export failed for {model_type}{where}: {type(exc).__name__}: {head}. "
+        "Run with --debug for the full trace."
+    )

@@ -1,4 +1,5 @@
-"""ONNX export with torch.onnx's dynamo exporter (dynamic batch and sequence), run by onnxruntime.
+"""ONNX export with torch.onnx's dynamo exporter, run by onnxruntime: one decoder graph with the KV
+cache as inputs and outputs (see :mod:`exporters.cache`), dynamic batch / sequence / past axes.
 
 The dynamo exporter keeps a tied embedding / lm_head as one initializer (the legacy exporter
 stores it twice), and its output is checked with ``onnx.checker`` before it is renamed into place.
@@ -11,14 +12,45 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel
 
-from exporters.base import ExportArtifact, ExportConfig, LogitsOnly, artifact_size_bytes, example_inputs
+from exporters.base import ExportArtifact, ExportConfig, artifact_size_bytes, export_error
+from exporters.cache import KvLayout, PastKeyValuesDecoder, kv_layout
+from exporters.quantize import check_scheme, quantize_onnx
 from pipeline.errors import ExportError
 
 log = logging.getLogger(__name__)
+
+INPUT_NAMES = ["input_ids", "attention_mask", "position_ids"]
+
+
+def example_inputs(layout: KvLayout, vocab_size: int) -> tuple[torch.Tensor, ...]:
+    """Batch 2, 3 new tokens after 2 past ones: torch.export specialises any dimension whose example
+    size is 0 or 1, so every dynamic axis is traced at >= 2; the graph then accepts any size,
+    past length 0 (prefill) included."""
+    batch, seq, past = 2, 3, 2
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab_size, (batch, seq), generator=g)
+    mask = torch.ones(batch, past + seq, dtype=torch.long)
+    pos = torch.arange(past, past + seq).expand(batch, seq).contiguous()
+    cache = [
+        torch.randn(batch, h, past, layout.head_dim, generator=g) for h in layout.kv_heads for _ in ("key", "value")
+    ]
+    return (ids, mask, pos, *cache)
+
+
+def dynamic_shapes(layout: KvLayout) -> tuple[Any, ...]:
+    batch = torch.export.Dim("batch", min=1, max=64)
+    seq = torch.export.Dim("sequence_length", min=1, max=1 << 16)
+    past = torch.export.Dim("past_sequence_length", min=0, max=1 << 17)
+    # The mask spans past + new tokens; Dim arithmetic (past + seq) is not exportable, so it gets
+    # its own axis.
+    total = torch.export.Dim("total_sequence_length", min=1, max=(1 << 17) + (1 << 16))
+    cache = tuple({0: batch, 2: past} for _ in range(2 * layout.num_layers))
+    return ({0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq}, cache)
 
 
 class OnnxExporter:
@@ -31,21 +63,19 @@ class OnnxExporter:
         import onnx_ir
 
         t0 = time.perf_counter()
-        # torch.export specialises any dimension whose example size is 1, so trace with >= 2 on
-        # both dynamic axes; the graph then accepts any batch and length.
-        traced = ExportConfig(seq_len=max(2, cfg.seq_len), batch_size=max(2, cfg.batch_size))
-        ids = example_inputs(traced, model.config.vocab_size)
-        batch, seq = torch.export.Dim("batch", min=1, max=64), torch.export.Dim("seq", min=1, max=1 << 16)
+        if cfg.quantize:
+            check_scheme(self.name, cfg.quantize)
+        layout = kv_layout(model)
         path = out_dir / self.filename
         try:
             with torch.no_grad():
                 program = torch.onnx.export(
-                    LogitsOnly(model).eval(),
-                    (ids,),
+                    PastKeyValuesDecoder(model).eval(),
+                    example_inputs(layout, model.config.vocab_size),
                     dynamo=True,
-                    input_names=["input_ids"],
-                    output_names=["logits"],
-                    dynamic_shapes=({0: batch, 1: seq},),
+                    input_names=INPUT_NAMES + layout.input_names(),
+                    output_names=["logits", *layout.output_names()],
+                    dynamic_shapes=dynamic_shapes(layout),
                     optimize=True,
                     verbose=False,
                 )
@@ -56,14 +86,29 @@ class OnnxExporter:
             with tempfile.TemporaryDirectory(dir=out_dir, prefix=".onnx-") as tmp_dir:
                 tmp = Path(tmp_dir) / self.filename
                 assert program is not None  # dynamo=True always returns a program
-                onnx_ir.save(program.model, str(tmp), external_data=self.data_filename)
+                if cfg.quantize:
+                    fp32 = Path(tmp_dir) / "fp32" / self.filename
+                    fp32.parent.mkdir()
+                    onnx_ir.save(program.model, str(fp32), external_data=self.data_filename)
+                    del program
+                    quantize_onnx(fp32, tmp)
+                else:
+                    onnx_ir.save(program.model, str(tmp), external_data=self.data_filename)
                 onnx.checker.check_model(str(tmp), full_check=False)
                 for name in (self.data_filename, self.filename):
                     with open(Path(tmp_dir) / name, "rb") as fh:
                         os.fsync(fh.fileno())
                     os.replace(Path(tmp_dir) / name, out_dir / name)
+        except ExportError:
+            raise
         except Exception as exc:
-            raise ExportError(f"ONNX export failed for {model.config.model_type}: {type(exc).__name__}: {exc}") from exc
+            raise ExportError(export_error("ONNX", model.config.model_type, exc)) from exc
         size = artifact_size_bytes(path)
         log.info("wrote %s (%.1f MiB)", path, size / 2**20)
-        return ExportArtifact(self.name, path, size, round(time.perf_counter() - t0, 2), None, {"opset": 20})
+        details = {
+            "opset": 20,
+            "kv_cache": "past_key_values inputs",
+            "kv_heads": list(layout.kv_heads),
+            "quantization": cfg.quantize or "none",
+        }
+        return ExportArtifact(self.name, path, size, round(time.perf_counter() - t0, 2), None, details)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -169,11 +169,14 @@ def _run_stages(cfg: RunConfig, profile: DeviceProfile, out: Path, model_path: P
     stages["prune"] = {"wall_s": time.perf_counter() - t0 if not fresh else fresh["wall_s"], "cached": bool(fresh)}
 
     artifacts: dict[Runtime, Path] = {}
-    export_cfg = ExportConfig(seq_len=profile.prefill_tokens, batch_size=profile.batch_size)
+    export_cfg = ExportConfig(
+        seq_len=profile.prefill_tokens, max_cache_len=profile.context_length, batch_size=profile.batch_size
+    )
     model = _load_pruned(out)
     for runtime in tqdm(profile.runtimes, desc="export", unit="runtime", disable=None):
         exporter = get_exporter(runtime)
-        key = stage_key(prune=prune_key, export=asdict(export_cfg), runtime=runtime, versions=package_versions())
+        rt_cfg = replace(export_cfg, quantize=profile.quantize.get(runtime))
+        key = stage_key(prune=prune_key, export=asdict(rt_cfg), runtime=runtime, versions=package_versions())
         stage = f"export-{runtime}"
         t0 = time.perf_counter()
         fresh = None if cfg.force else is_fresh(out, stage, key)
@@ -183,7 +186,7 @@ def _run_stages(cfg: RunConfig, profile: DeviceProfile, out: Path, model_path: P
             details = fresh["metrics"]
         else:
             log.info("exporting %s for %s", path.name, runtime)
-            art = exporter.export(model, export_cfg, out)
+            art = exporter.export(model, rt_cfg, out)
             details = {**art.details, "export_s": art.export_s, "size_bytes": art.size_bytes}
             write_manifest(out, stage, key, artifact_files(art.path), time.perf_counter() - t0, details)
         stages[stage] = {
@@ -213,7 +216,15 @@ def validate_and_report(
     tensors = load_file(str(out / "calibration.safetensors"))
     inputs = _validation_inputs(tensors["evaluation"], profile)
     t0 = time.perf_counter()
-    report_obj = validate(profile, model, artifacts, inputs, out / "validation", result["perplexity"])
+    report_obj = validate(
+        profile,
+        model,
+        artifacts,
+        inputs,
+        out / "validation",
+        dict(result["perplexity"]),
+        eval_windows=tensors["evaluation"],
+    )
     stages["validate"] = {"wall_s": time.perf_counter() - t0, "cached": False}
     report = {
         "model": str(model_path),

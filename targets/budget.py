@@ -64,6 +64,11 @@ def library_mib(profile: DeviceProfile, runtime: Runtime) -> float:
 STORES_TIED_ONCE: dict[Runtime, bool] = {"onnxruntime": True, "executorch": False}
 
 
+# Whether the runtime's KV cache is allocated whole at load (ExecuTorch's static cache is planned
+# memory of the program) or grows with the tokens seen (ONNX past/present tensors).
+KV_PREALLOCATED: dict[Runtime, bool] = {"onnxruntime": False, "executorch": True}
+
+
 @dataclass(frozen=True)
 class LayerShape:
     """The widths of one decoder block that drive its memory."""
@@ -168,15 +173,40 @@ class MemoryEstimate:
         return {**asdict(self), "total_mib": round(self.total_mib, 2), "fits": self.fits}
 
 
-def weights_bytes(shape: ModelShape, runtime: Runtime, precision: str) -> int:
-    head = shape.lm_head_params if (not shape.tied or not STORES_TIED_ONCE[runtime]) else 0
-    n = shape.embed_params + head + shape.other_params + shape.layer_params
-    return n * BYTES_PER_ELEMENT[precision]
+def weights_bytes(shape: ModelShape, runtime: Runtime, precision: str, scheme: str | None = None) -> int:
+    """Weights as the runtime stores them. Quantized (``scheme``): every block's linear weights and
+    a separately stored lm_head take the scheme's bytes; embeddings, norms and a lm_head shared
+    with the embedding stay in ``precision``. int4 groups must tile a weight's input width, so a
+    down_proj whose (pruned) intermediate size is not a multiple of the group stays in fp32."""
+    fp = BYTES_PER_ELEMENT[precision]
+    separate_head = not shape.tied or not STORES_TIED_ONCE[runtime]
+    head = shape.lm_head_params if separate_head else 0
+    if scheme is None:
+        return (shape.embed_params + head + shape.other_params + shape.layer_params) * fp
+    from exporters.quantize import GROUP_SIZE, WEIGHT_BYTES
+
+    q = WEIGHT_BYTES[scheme]
+    total = (shape.embed_params + shape.other_params) * fp + head * q
+    for layer in shape.layers:
+        unquantized = 0
+        if scheme == "8da4w" and layer.intermediate_size % GROUP_SIZE:
+            unquantized = shape.hidden_size * layer.intermediate_size
+        total += (layer.params - unquantized) * q + unquantized * fp
+    return int(total)
 
 
 def kv_cache_bytes(shape: ModelShape, context: int, batch: int, precision: str) -> int:
     per_token = sum(2 * layer.num_kv_heads * layer.head_dim for layer in shape.layers)
     return per_token * context * batch * BYTES_PER_ELEMENT[precision]
+
+
+def kv_cache_not_held_mib(shape: ModelShape, profile: DeviceProfile, runtime: Runtime, tokens_run: int) -> float:
+    """The part of the context's KV cache a validation run of ``tokens_run`` tokens did not hold:
+    none for a preallocated cache, the remaining positions for a growing one."""
+    if KV_PREALLOCATED[runtime]:
+        return 0.0
+    rest = max(0, profile.context_length - tokens_run)
+    return kv_cache_bytes(shape, rest, profile.batch_size, profile.precision) / MIB
 
 
 def activation_bytes(shape: ModelShape, tokens: int, context: int, batch: int) -> int:
@@ -199,7 +229,7 @@ def activation_bytes(shape: ModelShape, tokens: int, context: int, batch: int) -
 
 def estimate(shape: ModelShape, profile: DeviceProfile, runtime: Runtime) -> MemoryEstimate:
     cost = RUNTIME_COSTS[runtime]
-    weights_mib = weights_bytes(shape, runtime, profile.precision) / MIB
+    weights_mib = weights_bytes(shape, runtime, profile.precision, profile.quantize.get(runtime)) / MIB
     overhead = library_mib(profile, runtime) + cost.session_mib + cost.weight_transient_ratio * weights_mib
     return MemoryEstimate(
         runtime=runtime,

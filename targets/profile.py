@@ -42,10 +42,16 @@ class PruningLimits(_Strict):
 
 
 class Gates(_Strict):
-    """Thresholds that turn measurements into pass/fail."""
+    """Thresholds that turn measurements into pass/fail.
+
+    fp32 artifacts must match PyTorch (``parity_atol``, identical greedy tokens). A quantized
+    artifact cannot, so it is held to its quality instead: its own perplexity over the pruned fp32
+    model's, and top-1 agreement with the fp32 logits over the prompt and the decode steps."""
 
     parity_atol: float = Field(1e-3, gt=0.0)
     max_ppl_ratio: float | None = Field(None, gt=1.0)
+    quantized_max_ppl_ratio: float = Field(1.25, gt=1.0)
+    quantized_min_top1: float = Field(0.85, gt=0.0, le=1.0)
 
 
 class DeviceProfile(_Strict):
@@ -58,12 +64,16 @@ class DeviceProfile(_Strict):
     memory_budget_mib: int = Field(gt=0)
     context_length: int = Field(gt=0, le=1_048_576)
     prefill_tokens: int = Field(gt=0)
+    # Tokens greedy-decoded with the artifact's KV cache during validation (timing + token check).
+    decode_tokens: int = Field(32, ge=1, le=4096)
     batch_size: int = Field(1, ge=1, le=64)
     runtimes: list[Runtime] = Field(min_length=1)
     precision: Literal["fp32"] = "fp32"
     threads: int = Field(ge=1, le=256)
     width_multiple: int = Field(8, ge=1, le=256)
     runtime_overhead_mib: dict[Runtime, float] = Field(default_factory=dict)
+    # Weight quantization per runtime (absent: fp32): onnxruntime int8; executorch 8da4w / 8da8w.
+    quantize: dict[Runtime, Literal["int8", "8da4w", "8da8w"]] = Field(default_factory=dict)
     pruning: PruningLimits = PruningLimits()
     gates: Gates = Gates()
 
@@ -74,9 +84,10 @@ class DeviceProfile(_Strict):
                 f"memory_budget_mib ({self.memory_budget_mib}) must be below ram_mib ({self.ram_mib}): "
                 "the OS and other apps need the rest"
             )
-        if self.prefill_tokens > self.context_length:
+        if self.prefill_tokens + self.decode_tokens > self.context_length:
             raise ValueError(
-                f"prefill_tokens ({self.prefill_tokens}) cannot exceed context_length ({self.context_length})"
+                f"prefill_tokens + decode_tokens ({self.prefill_tokens} + {self.decode_tokens}) cannot exceed "
+                f"context_length ({self.context_length})"
             )
         if len(set(self.runtimes)) != len(self.runtimes):
             raise ValueError(f"runtimes lists a runtime twice: {list(self.runtimes)}")
@@ -87,6 +98,12 @@ class DeviceProfile(_Strict):
                 f"pruning.headroom_mib ({self.pruning.headroom_mib}) must be below memory_budget_mib "
                 f"({self.memory_budget_mib})"
             )
+        for rt, scheme in self.quantize.items():
+            allowed = {"onnxruntime": ("int8",), "executorch": ("8da4w", "8da8w")}[rt]
+            if scheme not in allowed:
+                raise ValueError(f"quantize.{rt}: '{scheme}' is not a {rt} scheme; use one of {', '.join(allowed)}")
+            if rt not in self.runtimes:
+                raise ValueError(f"quantize.{rt} is set but '{rt}' is not in runtimes {list(self.runtimes)}")
         for rt, mib in self.runtime_overhead_mib.items():
             if mib < 0:
                 raise ValueError(f"runtime_overhead_mib.{rt} must be >= 0, got {mib}")

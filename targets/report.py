@@ -63,18 +63,24 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         "## Exported artifacts, measured",
         "",
-        "| runtime | file | size (MiB) | load (s) | forward (ms) | measured model peak (MiB) | predicted (MiB) "
-        "| error | projected peak incl. KV + library (MiB) | max abs logit diff | argmax agree |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "Each artifact prefilled the prompt, then greedy-decoded with its own KV cache, in a child process "
+        "held to the model's share of the budget.",
+        "",
+        "| runtime | file | size (MiB) | load (s) | prefill (ms) | decode (tok/s) | measured run peak (MiB) "
+        "| predicted (MiB) | error | projected peak incl. rest of KV + library (MiB) | max abs logit diff "
+        "| tokens equal |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in val["runtimes"]:
-        m = r["measured"]
+        m, g = r["measured"], r.get("generation", {})
         lines.append(
             f"| {r['runtime']} | {r['artifact']} | {_f(r['size_mib'])} | {_f(m['load_s'], 2)} | "
-            f"{_f(m['forward_s'] * 1000)} | {_f(m['model_peak_mib'])} | "
+            f"{_f(m.get('prefill_s', m.get('forward_s', float('nan'))) * 1000)} | "
+            f"{_f(m.get('decode_tokens_per_s', '-'))} | {_f(m['model_peak_mib'])} | "
             f"{_f(r['predicted_model_peak_mib'])} | {r['prediction_error']:+.1%} | {_f(r['projected_peak_mib'])} | "
-            f"{r['max_abs_logit_diff']:.2e} | {r['argmax_agreement']:.1%} |"
+            f"{r['max_abs_logit_diff']:.2e} | {_tokens(g)} |"
         )
+    lines += _device_runs(report.get("device_runs", []))
     ppl = val.get("perplexity", {})
     if ppl:
         lines += [
@@ -93,6 +99,37 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += [f"| {k} | {v['wall_s']:.1f} | {'yes' if v['cached'] else 'no'} |" for k, v in report["stages"].items()]
     lines.append("")
     return "\n".join(lines)
+
+
+def _device_runs(runs: list[dict[str, Any]]) -> list[str]:
+    """Runs on real devices merged by scripts/validate_{ssh,android}.sh (targets.device)."""
+    if not runs:
+        return []
+    lines = [
+        "",
+        "## On devices",
+        "",
+        "| device | runtime | threads | load (s) | prefill (ms) | decode (tok/s) | run peak RSS (MiB) "
+        "| tokens equal to local run | max abs logit diff vs local |",
+        "|---|---|---:|---:|---:|---:|---:|---|---:|",
+    ]
+    for r in runs:
+        m = r["measured"]
+        same = r.get("tokens_equal_to_local_run")
+        lines.append(
+            f"| {r['label']} | {r['runtime']} | {m.get('threads', '-')} | {_f(m.get('load_s', '-'), 2)} | "
+            f"{_f(m.get('prefill_s', float('nan')) * 1000)} | {_f(m.get('decode_tokens_per_s', '-'))} | "
+            f"{_f(m.get('model_peak_mib', '-'))} | {'-' if same is None else ('yes' if same else '**no**')} | "
+            f"{_f(r.get('max_abs_logit_diff_vs_local_run', '-'), 6)} |"
+        )
+    return lines
+
+
+def _tokens(gen: dict[str, Any]) -> str:
+    if not gen:  # reports written before generation was checked
+        return "-"
+    n = len(gen["reference_tokens"])
+    return f"{n}/{n}" if gen["tokens_equal"] else f"first {gen['first_token_mismatch']}/{n}"
 
 
 def _peak(plan: dict[str, Any]) -> str:

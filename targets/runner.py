@@ -1,7 +1,9 @@
-"""Child-process runner: load one exported artifact in its real runtime, run it, measure it.
+"""Child-process runner: load one exported artifact in its real runtime, generate with it, measure it.
 
 Runs as ``python -m targets.runner`` so the measurement sees only that runtime (no PyTorch model,
-no exporter state). Peak memory comes from the kernel's high-water mark (``ru_maxrss``); the mark
+no exporter state). It prefills the prompt and greedy-decodes ``--new-tokens`` tokens with the
+artifact's own KV cache, timing load, prefill and each decode step. Peak memory comes from the
+kernel's high-water mark (VmHWM, reset after the runtime is imported); the mark
 just before loading the model is the host baseline (interpreter + runtime library), so
 ``model_peak = peak - baseline`` is what the model itself costs. On a device the host is the
 runtime's C++ runner, whose cost the budget model carries as the runtime overhead term.
@@ -16,8 +18,9 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -52,7 +55,111 @@ def reset_peak() -> bool:
         return False
 
 
-def _onnxruntime(path: Path, threads: int) -> tuple[Any, Any]:
+class Decoder(Protocol):
+    """A loaded artifact driven as a language model: its KV cache grows with every ``forward``."""
+
+    chunk: int  # the most tokens one call takes (0: any)
+
+    def reset(self) -> None: ...  # forget the cache: the next forward starts at position 0
+
+    def forward(self, ids: np.ndarray) -> np.ndarray: ...  # [batch, seq] -> logits [batch, seq, vocab]
+
+
+class StaleArtifactError(RuntimeError):
+    """The artifact predates KV-cache export (a bare logits graph)."""
+
+
+class _OrtDecoder:
+    """Explicit cache: ``present.*`` outputs are fed back as ``past_key_values.*`` inputs."""
+
+    def __init__(self, sess: Any, chunk: int) -> None:
+        self.sess, self.chunk = sess, chunk
+        self.past_inputs = [i for i in sess.get_inputs() if i.name.startswith("past_key_values.")]
+        if not self.past_inputs:
+            raise StaleArtifactError(
+                "model.onnx takes no past_key_values inputs: it was exported without a KV cache by an "
+                "older prunefit; re-run `prunefit export --force`."
+            )
+        self.outputs = ["logits"] + [i.name.replace("past_key_values.", "present.") for i in self.past_inputs]
+        self.past: dict[str, np.ndarray] = {}
+        self.length = 0
+
+    def reset(self) -> None:
+        self.past, self.length = {}, 0
+
+    def forward(self, ids: np.ndarray) -> np.ndarray:
+        batch, seq = ids.shape
+        if not self.past:  # shape is [batch, kv_heads_i, past, head_dim]: heads and head_dim are fixed
+            self.past = {i.name: np.zeros((batch, i.shape[1], 0, i.shape[3]), np.float32) for i in self.past_inputs}
+        feed = {
+            "input_ids": ids,
+            "attention_mask": np.ones((batch, self.length + seq), np.int64),
+            "position_ids": np.broadcast_to(np.arange(self.length, self.length + seq, dtype=np.int64), (batch, seq)),
+            **self.past,
+        }
+        logits, *present = self.sess.run(self.outputs, feed)
+        self.past = {i.name: p for i, p in zip(self.past_inputs, present, strict=True)}
+        self.length += seq
+        return np.asarray(logits)
+
+
+class _EtDecoder:
+    """Static cache inside the program: the caller passes the cache positions, and no call may
+    exceed the program's ``get_max_seq_len`` (ExecuTorch's LLM runner chunks prompts the same way)."""
+
+    def __init__(self, program: Any, torch: Any, chunk: int) -> None:
+        names = set(program.method_names)
+        if "get_max_context_len" not in names:
+            raise StaleArtifactError(
+                "model.pte has no KV cache (no get_max_context_len method): it was exported by an older "
+                "prunefit; re-run `prunefit export --force`."
+            )
+        self.method, self.torch = program.load_method("forward"), torch
+        limit = int(program.load_method("get_max_seq_len").execute([])[0])
+        self.chunk = min(chunk, limit) if chunk else limit
+        self.length = 0
+
+    def reset(self) -> None:
+        self.length = 0  # stale cache entries past the position are masked, then overwritten
+
+    def forward(self, ids: np.ndarray) -> np.ndarray:
+        seq = ids.shape[1]
+        pos = self.torch.arange(self.length, self.length + seq, dtype=self.torch.long)
+        out = self.method.execute([self.torch.from_numpy(np.ascontiguousarray(ids)), pos])[0].numpy()
+        self.length += seq
+        return np.asarray(out)
+
+
+def prefill(decoder: Decoder, ids: np.ndarray) -> np.ndarray:
+    """Start a new sequence: the prompt in chunks of at most ``decoder.chunk`` tokens."""
+    decoder.reset()
+    chunk = decoder.chunk or ids.shape[1]
+    return np.concatenate([decoder.forward(ids[:, i : i + chunk]) for i in range(0, ids.shape[1], chunk)], axis=1)
+
+
+def perplexity(decoder: Decoder, windows: np.ndarray) -> float:
+    """Teacher-forced perplexity of ``windows`` [n, length] through the artifact, chunk by chunk
+    (never a whole window's logits at once: 512 x 49152 fp32 logits alone are 96 MiB)."""
+    nll, count = 0.0, 0
+    for row in windows:
+        decoder.reset()
+        ids = row[None, :].astype(np.int64)
+        chunk = decoder.chunk or ids.shape[1]
+        for i in range(0, ids.shape[1] - 1, chunk):
+            x = decoder.forward(ids[:, i : i + chunk])[0]
+            targets = ids[0, i + 1 : i + 1 + x.shape[0]]
+            x = np.array(x[: targets.shape[0]], dtype=np.float32)  # own copy: runtimes may lend their buffers
+            # log-softmax in place, in float32 with float64 sums: no vocabulary-sized temporaries
+            top = x.max(-1, keepdims=True)
+            x -= top
+            picked = x[np.arange(targets.shape[0]), targets].astype(np.float64)
+            np.exp(x, out=x)
+            nll -= float((picked - np.log(x.sum(-1, dtype=np.float64))).sum())
+            count += targets.shape[0]
+    return float(np.exp(nll / count))
+
+
+def _onnxruntime(path: Path, threads: int, chunk: int) -> Callable[[], Decoder]:
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -60,16 +167,13 @@ def _onnxruntime(path: Path, threads: int) -> tuple[Any, Any]:
     opts.inter_op_num_threads = 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
 
-    def load() -> Any:
-        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    def load() -> Decoder:
+        return _OrtDecoder(ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"]), chunk)
 
-    def run(sess: Any, ids: np.ndarray) -> np.ndarray:
-        return sess.run(["logits"], {"input_ids": ids})[0]
-
-    return load, run
+    return load
 
 
-def _executorch(path: Path, threads: int) -> tuple[Any, Any]:
+def _executorch(path: Path, threads: int, chunk: int) -> Callable[[], Decoder]:
     import torch
     from executorch.extension.pybindings import portable_lib
     from executorch.runtime import Runtime
@@ -77,44 +181,81 @@ def _executorch(path: Path, threads: int) -> tuple[Any, Any]:
     portable_lib._unsafe_reset_threadpool(threads)
     torch.set_num_threads(threads)
 
-    def load() -> Any:
-        return Runtime.get().load_program(path).load_method("forward")
+    def load() -> Decoder:
+        return _EtDecoder(Runtime.get().load_program(path), torch, chunk)
 
-    def run(method: Any, ids: np.ndarray) -> np.ndarray:
-        return method.execute([torch.from_numpy(ids)])[0].numpy()
-
-    return load, run
+    return load
 
 
 RUNTIMES = {"onnxruntime": _onnxruntime, "executorch": _executorch}
 
 
-def measure(runtime: str, artifact: Path, inputs: Path, logits_out: Path, threads: int, repeats: int) -> dict[str, Any]:
+def generate(
+    decoder: Decoder, ids: np.ndarray, new_tokens: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, list[float]]:
+    """Greedy decoding with the artifact's own cache: (prefill logits, step logits [batch, n, vocab],
+    tokens [batch, n], prefill seconds, per-step seconds). Step i's logits are those that chose
+    token i, as in ``generate(output_logits=True)``."""
+    t = time.perf_counter()
+    logits = prefill(decoder, ids)
+    prefill_s = time.perf_counter() - t
+    last = logits[:, -1]
+    steps, tokens, times = [last], [last.argmax(-1)], []
+    for _ in range(new_tokens - 1):
+        t = time.perf_counter()
+        last = decoder.forward(tokens[-1][:, None].astype(np.int64))[:, -1]
+        times.append(time.perf_counter() - t)
+        steps.append(last)
+        tokens.append(last.argmax(-1))
+    return logits, np.stack(steps, 1), np.stack(tokens, 1), prefill_s, times
+
+
+def measure(
+    runtime: str,
+    artifact: Path,
+    inputs: Path,
+    logits_out: Path,
+    threads: int,
+    repeats: int,
+    new_tokens: int,
+    chunk: int = 0,
+    eval_inputs: Path | None = None,
+) -> dict[str, Any]:
     ids = np.load(inputs, allow_pickle=False).astype(np.int64)
     rss_start = current_rss_bytes()
-    load, run = RUNTIMES[runtime](artifact, threads)
+    load = RUNTIMES[runtime](artifact, threads, chunk)
     baseline = current_rss_bytes()
     peak_was_reset = reset_peak()
     t0 = time.perf_counter()
-    session = load()
+    decoder = load()
     load_s = time.perf_counter() - t0
     rss_loaded = current_rss_bytes()
     load_peak = peak_rss_bytes()
-    latencies = []
-    logits = None
+    prefill_times, step_times = [], []
+    result = None
     for _ in range(repeats + 1):  # first run is warm-up (allocations, kernel selection)
-        logits = None  # never hold two outputs at once: that is the runner's cost, not the model's
-        t = time.perf_counter()
-        logits = run(session, ids)
-        latencies.append(time.perf_counter() - t)
+        result = None  # never hold two runs' outputs at once: that is the runner's cost, not the model's
+        result = generate(decoder, ids, new_tokens)
+        prefill_times.append(result[3])
+        step_times.append(result[4])
     peak = peak_rss_bytes()
-    assert logits is not None
-    np.save(logits_out, np.asarray(logits, dtype=np.float32), allow_pickle=False)
+    assert result is not None
+    logits, steps, tokens = result[:3]
+    np.savez(logits_out, prefill=logits.astype(np.float32), steps=steps.astype(np.float32), tokens=tokens)
+    result = None
+    ppl, eval_s = None, 0.0
+    if eval_inputs is not None:  # after the peak is read: evaluation is not the measured workload
+        t = time.perf_counter()
+        ppl = perplexity(decoder, np.load(eval_inputs, allow_pickle=False))
+        eval_s = time.perf_counter() - t
+    timed = step_times[1:] if repeats else step_times
+    per_token = statistics.median(t for run in timed for t in run) if new_tokens > 1 else float("nan")
     return {
         "runtime": runtime,
         "artifact": str(artifact),
         "threads": threads,
         "input_shape": list(ids.shape),
+        "new_tokens": new_tokens,
         "interpreter_rss_mib": rss_start / MIB,
         "baseline_rss_mib": baseline / MIB,
         "loaded_rss_mib": rss_loaded / MIB,
@@ -123,8 +264,12 @@ def measure(runtime: str, artifact: Path, inputs: Path, logits_out: Path, thread
         "model_peak_mib": (peak - baseline) / MIB,
         "peak_reset": peak_was_reset,
         "load_s": load_s,
-        "first_forward_s": latencies[0],
-        "forward_s": statistics.median(latencies[1:]) if repeats else latencies[0],
+        "first_prefill_s": prefill_times[0],
+        "prefill_s": statistics.median(prefill_times[1:]) if repeats else prefill_times[0],
+        "decode_s_per_token": per_token,
+        "decode_tokens_per_s": 1.0 / per_token if per_token == per_token and per_token > 0 else float("nan"),
+        "prefill_chunk": decoder.chunk,
+        **({"perplexity": ppl, "perplexity_s": eval_s} if ppl is not None else {}),
     }
 
 
@@ -132,25 +277,41 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--runtime", choices=sorted(RUNTIMES), required=True)
     ap.add_argument("--artifact", type=Path, required=True)
-    ap.add_argument("--inputs", type=Path, required=True, help=".npy int64 [batch, seq]")
-    ap.add_argument("--logits-out", type=Path, required=True)
+    ap.add_argument("--inputs", type=Path, required=True, help=".npy int64 [batch, seq]: the prompt")
+    ap.add_argument("--logits-out", type=Path, required=True, help=".npz: prefill, steps, tokens")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--new-tokens", type=int, default=8, help="greedy tokens decoded after the prompt")
+    ap.add_argument("--chunk", type=int, default=0, help="prefill at most this many tokens per call (0: all)")
+    ap.add_argument("--eval-inputs", type=Path, help=".npy int64 [n, length]: also report their perplexity")
     ap.add_argument("--probe", action="store_true", help="only import the runtime and report the host's RSS")
     args = ap.parse_args(argv)
     if args.probe:
         try:
-            RUNTIMES[args.runtime](args.artifact, args.threads)
+            RUNTIMES[args.runtime](args.artifact, args.threads, args.chunk)
         except ImportError as exc:
             print(json.dumps({"error": "runtime_missing", "message": str(exc)}))
             return 3
         print(json.dumps({"baseline_rss_mib": current_rss_bytes() / MIB}))
         return 0
     try:
-        result = measure(args.runtime, args.artifact, args.inputs, args.logits_out, args.threads, args.repeats)
+        result = measure(
+            args.runtime,
+            args.artifact,
+            args.inputs,
+            args.logits_out,
+            args.threads,
+            args.repeats,
+            args.new_tokens,
+            args.chunk,
+            args.eval_inputs,
+        )
     except ImportError as exc:
         print(json.dumps({"error": "runtime_missing", "message": str(exc)}))
         return 3
+    except StaleArtifactError as exc:
+        print(json.dumps({"error": "stale_artifact", "message": str(exc)}))
+        return 4
     print(json.dumps(result))
     return 0
 

@@ -1,5 +1,6 @@
 """Validate exported artifacts on a device profile: run each in its real runtime in a separate
-process, then turn measurements into gates (parity, memory vs budget, quality).
+process (prefill, then greedy decoding with the artifact's KV cache), then turn measurements into
+gates (logit parity, token-by-token generation, memory vs budget, quality).
 
 Every gate is evaluated and recorded before any failure is raised, so the report shows all of
 them; the caller raises :class:`GateError` naming each failed gate and by how much.
@@ -22,9 +23,9 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from exporters.base import artifact_files, artifact_size_bytes
-from pipeline.errors import GateError, RuntimeMissingError
+from pipeline.errors import ExportError, GateError, RuntimeMissingError
 from targets import confine
-from targets.budget import MemoryEstimate, estimate, library_mib, model_shape
+from targets.budget import MemoryEstimate, estimate, kv_cache_not_held_mib, library_mib, model_shape
 from targets.profile import DeviceProfile, Runtime
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,8 @@ class RuntimeReport:
     prediction_error: float  # measured / predicted - 1
     max_abs_logit_diff: float
     argmax_agreement: float
+    kv_cache_not_held_mib: float = 0.0  # KV cache up to the context that the run did not hold
+    generation: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -78,10 +81,13 @@ class ValidationReport:
             raise GateError(f"Validation on profile '{self.profile}' failed {len(failed)} gate(s):\n{lines}")
 
 
-def _runner_cmd(runtime: Runtime, artifact: Path, ids: Path, logits: Path, threads: int, *extra: str) -> list[str]:
+def _runner_cmd(
+    runtime: Runtime, artifact: Path, ids: Path, logits: Path, threads: int, new_tokens: int, chunk: int, *extra: str
+) -> list[str]:
     return [
         sys.executable, "-m", "targets.runner", "--runtime", runtime, "--artifact", str(artifact),
-        "--inputs", str(ids), "--logits-out", str(logits), "--threads", str(threads), *extra,
+        "--inputs", str(ids), "--logits-out", str(logits), "--threads", str(threads),
+        "--new-tokens", str(new_tokens), "--chunk", str(chunk), *extra,
     ]  # fmt: skip
 
 
@@ -93,6 +99,58 @@ def _last_json(stdout: str) -> dict[str, Any]:
 def _check_missing(runtime: Runtime, result: dict[str, Any]) -> None:
     if result.get("error") == "runtime_missing":
         raise RuntimeMissingError(f"Runtime '{runtime}' is not installed: {result['message']}. Run `make setup`.")
+    if result.get("error") == "stale_artifact":
+        raise ExportError(result["message"])
+
+
+@dataclass
+class Generation:
+    """What a greedy generation produced: every prompt position's logits, then each step's."""
+
+    prefill: np.ndarray  # [batch, prompt, vocab]
+    steps: np.ndarray  # [batch, new_tokens, vocab]: the logits that chose each token
+    tokens: np.ndarray  # [batch, new_tokens]
+
+
+@torch.no_grad()
+def reference_generation(model: PreTrainedModel, ids: torch.Tensor, new_tokens: int) -> Generation:
+    """PyTorch's own answer: a cache-free forward over the prompt, then ``generate`` (greedy)."""
+    prefill = model(ids, use_cache=False).logits
+    lm: Any = model  # generate() is attached by GenerationMixin; its stubs are not seen here
+    out = lm.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,  # EOS must not end the comparison early
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+        pad_token_id=model.config.pad_token_id or 0,
+    )
+    steps = torch.stack(list(out.logits), 1)
+    return Generation(prefill.float().numpy(), steps.float().numpy(), out.sequences[:, ids.shape[1] :].numpy())
+
+
+def compare_generation(got: Generation, ref: Generation) -> dict[str, Any]:
+    """Logit parity (prompt and every step) and token-by-token agreement with the reference.
+
+    Step logits are compared only up to the first differing token: after it, the two runs are
+    conditioned on different text."""
+    diverged = np.nonzero((got.tokens != ref.tokens).any(0))[0]
+    first = int(diverged[0]) if diverged.size else None
+    upto = got.tokens.shape[1] if first is None else first + 1
+    diff = max(
+        float(np.abs(got.prefill - ref.prefill).max()),
+        float(np.abs(got.steps[:, :upto] - ref.steps[:, :upto]).max()),
+    )
+    return {
+        "max_abs_logit_diff": diff,
+        "argmax_agreement": float((got.prefill.argmax(-1) == ref.prefill.argmax(-1)).mean()),
+        "tokens_equal": first is None,
+        "first_token_mismatch": first,
+        "tokens": got.tokens[0].tolist(),
+        "reference_tokens": ref.tokens[0].tolist(),
+    }
 
 
 def _evict_from_page_cache(artifact: Path) -> None:
@@ -119,8 +177,15 @@ def run_artifact(
     work_dir: Path,
     threads: int,
     model_limit_mib: float | None = None,
-) -> tuple[dict[str, Any], np.ndarray | None]:
-    """Run one artifact in a child process (``python -m targets.runner``); return (measurements, logits).
+    new_tokens: int = 8,
+    chunk: int = 0,
+    eval_windows: np.ndarray | None = None,
+) -> tuple[dict[str, Any], Generation | None]:
+    """Run one artifact in a child process (``python -m targets.runner``): prefill ``inputs``, then
+    greedy-decode ``new_tokens`` with the artifact's KV cache; return (measurements, generation).
+    Prompts go in chunks of at most ``chunk`` tokens (the profile's prefill chunk). With
+    ``eval_windows`` the run also reports the artifact's own perplexity on them (after the
+    measured part, so it does not count in the peak).
 
     With ``model_limit_mib`` the child runs in a memory cgroup limited to its host baseline (the
     interpreter and runtime library, measured by a probe run) plus that many MiB for the model: a
@@ -128,9 +193,13 @@ def run_artifact(
     ``oom_killed`` with no logits. Without cgroups here, the run is unconfined (``confined: false``).
     """
     work_dir.mkdir(parents=True, exist_ok=True)
-    ids_path, logits_path = work_dir / f"{runtime}_inputs.npy", work_dir / f"{runtime}_logits.npy"
+    ids_path, logits_path = work_dir / f"{runtime}_inputs.npy", work_dir / f"{runtime}_generation.npz"
     np.save(ids_path, inputs.astype(np.int64), allow_pickle=False)
-    cmd = _runner_cmd(runtime, artifact, ids_path, logits_path, threads)
+    cmd = _runner_cmd(runtime, artifact, ids_path, logits_path, threads, new_tokens, chunk)
+    if eval_windows is not None:
+        eval_path = work_dir / f"{runtime}_eval.npy"
+        np.save(eval_path, eval_windows.astype(np.int64), allow_pickle=False)
+        cmd += ["--eval-inputs", str(eval_path)]
     confined = model_limit_mib is not None and confine.available()[0]
     if confined:
         assert model_limit_mib is not None
@@ -158,7 +227,69 @@ def run_artifact(
     if returncode != 0 or not result:
         tail = (stderr or stdout)[-3000:]
         raise GateError(f"Running {artifact} in {runtime} failed (exit {returncode}):\n{tail}")
-    return {**result, **extra, "oom_killed": False}, np.load(logits_path, allow_pickle=False)
+    with np.load(logits_path, allow_pickle=False) as data:
+        generation = Generation(data["prefill"], data["steps"], data["tokens"])
+    return {**result, **extra, "oom_killed": False}, generation
+
+
+def _fp32_gates(profile: DeviceProfile, runtime: str, cmp: dict[str, Any], new_tokens: int) -> list[Gate]:
+    """An fp32 artifact computes what PyTorch computes: logits within atol, the same greedy text."""
+    atol = profile.gates.parity_atol
+    diff, agree = cmp["max_abs_logit_diff"], cmp["argmax_agreement"]
+    first = cmp["first_token_mismatch"]
+    return [
+        Gate(
+            f"parity[{runtime}]",
+            diff <= atol and agree == 1.0,
+            diff,
+            atol,
+            f"max |logit diff| {diff:.2e} over the prompt and {new_tokens} decode steps (limit {atol:.0e}), "
+            f"prompt argmax agreement {agree:.1%} (need 100%)",
+        ),
+        Gate(
+            f"generation[{runtime}]",
+            cmp["tokens_equal"],
+            float(new_tokens if first is None else first),
+            float(new_tokens),
+            f"{new_tokens} greedy tokens with the artifact's KV cache "
+            + ("equal PyTorch generate token by token" if first is None else f"differ from PyTorch at token {first}"),
+        ),
+    ]
+
+
+def _quantized_gates(
+    profile: DeviceProfile, runtime: str, scheme: str, cmp: dict[str, Any], perplexity: dict[str, float]
+) -> list[Gate]:
+    """A quantized artifact is held to its quality: top-1 agreement with the fp32 model over the
+    prompt, and its own perplexity over the pruned fp32 model's (when an evaluation text ran)."""
+    g = profile.gates
+    agree = cmp["argmax_agreement"]
+    first = cmp["first_token_mismatch"]
+    same = "all greedy tokens equal" if first is None else f"greedy tokens equal up to token {first}"
+    gates = [
+        Gate(
+            f"agreement[{runtime}]",
+            agree >= g.quantized_min_top1,
+            agree,
+            g.quantized_min_top1,
+            f"{scheme}: top-1 agreement with the fp32 pruned model over the prompt {agree:.1%} "
+            f"(need {g.quantized_min_top1:.0%}); {same}; max |logit diff| {cmp['max_abs_logit_diff']:.2f}",
+        )
+    ]
+    exported, pruned = perplexity.get(f"exported[{runtime}]"), perplexity.get("pruned")
+    if exported is not None and pruned:
+        ratio = exported / pruned
+        gates.append(
+            Gate(
+                f"quality[{runtime}]",
+                ratio <= g.quantized_max_ppl_ratio,
+                ratio,
+                g.quantized_max_ppl_ratio,
+                f"{scheme}: perplexity {exported:.2f} vs fp32 pruned {pruned:.2f} = {ratio:.3f}x "
+                f"(limit {g.quantized_max_ppl_ratio:.2f}x)",
+            )
+        )
+    return gates
 
 
 def validate(
@@ -169,28 +300,43 @@ def validate(
     work_dir: Path,
     perplexity: dict[str, float],
     enforce: bool = True,
+    eval_windows: torch.Tensor | None = None,
 ) -> ValidationReport:
     """Run every artifact, compare with PyTorch, and evaluate all gates.
 
     With ``enforce`` (the default) each run is confined to the model's share of the budget in a
-    memory cgroup where this machine allows it (see :func:`run_artifact`)."""
+    memory cgroup where this machine allows it (see :func:`run_artifact`). With ``eval_windows``
+    each artifact's own perplexity is measured too (``perplexity["exported[<runtime>]"]``)."""
     report = ValidationReport(profile=profile.name, perplexity=perplexity)
-    with torch.no_grad():
-        reference = model(inputs, use_cache=False).logits.float().numpy()
+    new_tokens = profile.decode_tokens
+    reference = reference_generation(model, inputs, new_tokens)
     shape = model_shape(model)
     for runtime, path in tqdm(artifacts.items(), desc="validate", unit="runtime", disable=None):
         log.info("validating %s in %s (threads=%d)", path.name, runtime, profile.threads)
         pred: MemoryEstimate = estimate(shape, profile, runtime)
-        # The prefill graph holds no KV cache, so the cache a decode loop would hold at the
-        # profile's context length is added from the model's shapes. The runtime library's own
-        # resident size is in the measured baseline (with the Python host), so the device's figure
-        # for it is added from the profile. What is left of the budget is what the model may use.
+        # The run holds the KV cache it used: all of it for a preallocated static cache, only the
+        # prompt + decoded tokens for a growing one; the rest, up to the profile's context, is
+        # added from the model's shapes. The runtime library's own resident size is in the measured
+        # baseline (with the Python host), so the device's figure for it is added from the profile.
+        # What is left of the budget is what the run may use.
+        kv_rest = kv_cache_not_held_mib(shape, profile, runtime, inputs.shape[1] + new_tokens)
         lib = library_mib(profile, runtime)
-        model_share = float(profile.memory_budget_mib) - pred.kv_cache_mib - lib
-        measured, logits = run_artifact(
-            runtime, path, inputs.numpy(), work_dir, profile.threads, model_share if enforce else None
+        model_share = float(profile.memory_budget_mib) - kv_rest - lib
+        windows = None if eval_windows is None else eval_windows[:, : profile.context_length].numpy()
+        measured, got = run_artifact(
+            runtime,
+            path,
+            inputs.numpy(),
+            work_dir,
+            profile.threads,
+            model_share if enforce else None,
+            new_tokens,
+            profile.prefill_tokens,
+            windows,
         )
-        if logits is None:  # killed by the kernel at the budget: gates say so; no measured row
+        if "perplexity" in measured:
+            report.perplexity[f"exported[{runtime}]"] = measured["perplexity"]
+        if got is None:  # killed by the kernel at the budget: gates say so; no measured row
             report.gates.append(
                 Gate(
                     f"memory[{runtime}]",
@@ -198,18 +344,21 @@ def validate(
                     float(measured["cgroup_limit_mib"]),
                     float(profile.memory_budget_mib),
                     f"killed by the kernel: the model needed more than its {model_share:.1f} MiB share of the "
-                    f"{profile.memory_budget_mib} MiB budget (KV cache {pred.kv_cache_mib:.1f} + runtime library "
-                    f"{lib:.1f} take the rest); predicted {pred.total_mib:.1f} MiB in all. Raise "
+                    f"{profile.memory_budget_mib} MiB budget (KV cache not held by the run {kv_rest:.1f} + runtime "
+                    f"library {lib:.1f} take the rest); predicted {pred.total_mib:.1f} MiB in all. Raise "
                     "pruning.headroom_mib (prune further under the budget) or memory_budget_mib.",
                 )
             )
-            report.gates.append(
-                Gate(f"parity[{runtime}]", False, 0.0, profile.gates.parity_atol, "not checked: killed at the budget")
-            )
+            for gate in ("agreement",) if profile.quantize.get(runtime) else ("parity", "generation"):
+                report.gates.append(
+                    Gate(
+                        f"{gate}[{runtime}]", False, 0.0, profile.gates.parity_atol, "not checked: killed at the budget"
+                    )
+                )
             continue
-        diff = float(np.abs(logits - reference).max())
-        agree = float((logits.argmax(-1) == reference.argmax(-1)).mean())
-        projected = measured["model_peak_mib"] + pred.kv_cache_mib + lib
+        cmp = compare_generation(got, reference)
+        predicted_run = pred.total_mib - kv_rest - lib
+        projected = measured["model_peak_mib"] + kv_rest + lib
         rr = RuntimeReport(
             runtime=runtime,
             artifact=path.name,
@@ -217,22 +366,19 @@ def validate(
             measured=measured,
             predicted=pred.to_dict(),
             projected_peak_mib=projected,
-            predicted_model_peak_mib=pred.total_mib - pred.kv_cache_mib - lib,
-            prediction_error=measured["model_peak_mib"] / (pred.total_mib - pred.kv_cache_mib - lib) - 1.0,
-            max_abs_logit_diff=diff,
-            argmax_agreement=agree,
+            predicted_model_peak_mib=predicted_run,
+            prediction_error=measured["model_peak_mib"] / predicted_run - 1.0,
+            max_abs_logit_diff=cmp["max_abs_logit_diff"],
+            argmax_agreement=cmp["argmax_agreement"],
+            kv_cache_not_held_mib=kv_rest,
+            generation=cmp,
         )
         report.runtimes.append(rr)
-        atol = profile.gates.parity_atol
-        report.gates.append(
-            Gate(
-                f"parity[{runtime}]",
-                diff <= atol and agree == 1.0,
-                diff,
-                atol,
-                f"max |logit diff| {diff:.2e} (limit {atol:.0e}), argmax agreement {agree:.1%} (need 100%)",
-            )
-        )
+        scheme = profile.quantize.get(runtime)
+        if scheme:
+            report.gates += _quantized_gates(profile, runtime, scheme, cmp, report.perplexity)
+        else:
+            report.gates += _fp32_gates(profile, runtime, cmp, new_tokens)
         budget = float(profile.memory_budget_mib)
         report.gates.append(
             Gate(
@@ -240,8 +386,8 @@ def validate(
                 projected <= budget,
                 projected,
                 budget,
-                f"measured model peak {measured['model_peak_mib']:.1f} MiB + KV cache {pred.kv_cache_mib:.1f} + "
-                f"runtime library {lib:.1f} = {projected:.1f} MiB vs budget {budget:.0f} MiB "
+                f"measured run peak {measured['model_peak_mib']:.1f} MiB + KV cache not held by the run "
+                f"{kv_rest:.1f} + runtime library {lib:.1f} = {projected:.1f} MiB vs budget {budget:.0f} MiB "
                 f"({'under' if projected <= budget else 'over'} by {abs(budget - projected):.1f} MiB)",
             )
         )

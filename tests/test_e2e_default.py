@@ -53,5 +53,9 @@ def test_make_export_android_on_default_model(tmp_path: Path, wiki_valid: Path, 
         assert rt["max_abs_logit_diff"] <= 1e-3 and rt["argmax_agreement"] == 1.0
         assert rt["projected_peak_mib"] <= 768
         assert abs(rt["prediction_error"]) < 0.10  # memory model within 10% of the measured peak
+        # the artifact decodes with its KV cache like PyTorch generate, and scores text like PyTorch
+        assert rt["generation"]["tokens_equal"], rt["generation"]
+        assert rt["measured"]["decode_tokens_per_s"] > 0
+        assert ppl[f"exported[{rt['runtime']}]"] == pytest.approx(ppl["pruned"], rel=0.01)
     assert val["passed"]
     assert {"model.onnx", "model.pte"} <= {p.name for p in out.iterdir()}

@@ -1,20 +1,21 @@
-"""Both exporters on tiny models: the artifact runs in its real runtime, in a child process, and
-matches PyTorch."""
+"""Both exporters on tiny models with per-layer widths: the artifact generates in its real runtime,
+in a child process, with its KV cache, token by token like PyTorch generate."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from exporters import available_exporters, get_exporter
 from exporters.base import ExportConfig, artifact_size_bytes
+from pipeline.arch import arch_for, decoder_layers, head_dim
 from pipeline.errors import ExportError
 from pipeline.rewrite import remove_layers
-from targets.validate import run_artifact
-from tests.conftest import tiny_model
+from pipeline.width import prune_kv_groups, prune_mlp
+from targets.validate import compare_generation, reference_generation, run_artifact
+from tests.conftest import TINY_CONFIGS, tiny_model
 
 
 def test_registry_fails_loudly() -> None:
@@ -23,32 +24,82 @@ def test_registry_fails_loudly() -> None:
         get_exporter("tflite")
 
 
-@pytest.mark.parametrize("runtime", ["onnxruntime", "executorch"])
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])
-def test_export_runs_and_matches_pytorch(runtime: str, arch: str, tmp_path: Path) -> None:
+def heterogeneous(arch: str) -> torch.nn.Module:
+    """A pruned shape with per-layer widths: a block removed, one layer with a KV group fewer
+    (where the architecture allows per-layer heads), one with a narrower MLP."""
     model = tiny_model(arch)
-    remove_layers(model, [2])  # export the pruned shape, as the pipeline does
-    cfg = ExportConfig(seq_len=16)
+    remove_layers(model, [2])
+    layers = decoder_layers(model)
+    if arch_for(arch).per_layer_heads:
+        prune_kv_groups(layers[0], torch.tensor([1]), head_dim(model.config), None)
+    prune_mlp(layers[1], torch.arange(0, 128, 2), None)
+    return model
+
+
+def _generate(runtime: str, model: torch.nn.Module, cfg: ExportConfig, ids: torch.Tensor, tmp_path: Path) -> dict:
     art = get_exporter(runtime).export(model, cfg, tmp_path)
     assert art.path.is_file() and art.size_bytes == artifact_size_bytes(art.path) > 0
     assert not list(tmp_path.glob(".*"))  # no temp files or dirs left behind
-    ids = torch.randint(0, 512, (1, 16), generator=torch.Generator().manual_seed(3))
-    measured, logits = run_artifact(runtime, art.path, ids.numpy(), tmp_path / "run", threads=1)
-    ref = model(ids, use_cache=False).logits.numpy()
-    assert logits.shape == ref.shape
-    assert float(np.abs(logits - ref).max()) <= 1e-4
-    assert (logits.argmax(-1) == ref.argmax(-1)).all()
+    measured, got = run_artifact(runtime, art.path, ids.numpy(), tmp_path / "run", threads=1, new_tokens=6)
+    assert got is not None
+    cmp = compare_generation(got, reference_generation(model, ids, 6))
+    assert cmp["tokens_equal"], cmp
+    assert cmp["max_abs_logit_diff"] <= 1e-4 and cmp["argmax_agreement"] == 1.0, cmp
+    assert got.prefill.shape == (*ids.shape, 512) and got.steps.shape == (ids.shape[0], 6, 512)
     assert 0 < measured["model_peak_mib"] < 200
-    assert measured["forward_s"] > 0
-    if runtime == "executorch":
-        assert art.static_shape == (1, 16)
-        assert art.details["delegate_calls"] > 0
+    assert measured["prefill_s"] > 0 and measured["decode_tokens_per_s"] > 0
+    return {"artifact": art, "measured": measured}
 
 
-def test_onnx_dynamic_sequence(tmp_path: Path) -> None:
+@pytest.mark.parametrize("arch", sorted(TINY_CONFIGS))
+def test_onnx_decode_with_kv_cache_matches_generate(arch: str, tmp_path: Path) -> None:
+    """Prefill + 6 greedy steps through past/present tensors equal PyTorch generate, per-layer heads."""
+    model = heterogeneous(arch)
+    ids = torch.randint(0, 512, (1, 20), generator=torch.Generator().manual_seed(3))
+    out = _generate("onnxruntime", model, ExportConfig(seq_len=16), ids, tmp_path)
+    assert out["artifact"].details["kv_heads"] == kv_layout_heads(model)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3_text"])
+def test_executorch_static_cache_matches_generate(arch: str, tmp_path: Path) -> None:
+    """The .pte's in-place static cache (per-layer heads) decodes like PyTorch; a prompt longer than
+    the program's chunk is prefilled in chunks; the cache is sized by max_cache_len."""
+    model = heterogeneous(arch)
+    ids = torch.randint(0, 512, (1, 20), generator=torch.Generator().manual_seed(3))
+    cfg = ExportConfig(seq_len=8, max_cache_len=40)  # prompt of 20 -> chunks 8 + 8 + 4
+    out = _generate("executorch", model, cfg, ids, tmp_path)
+    details = out["artifact"].details
+    assert out["artifact"].static_shape == (1, 8)
+    assert details["delegate_calls"] > 0
+    assert details["metadata"]["get_max_context_len"] == 40 and details["metadata"]["get_max_seq_len"] == 8
+    assert details["kv_heads"] == kv_layout_heads(model)
+
+
+def test_onnx_dynamic_batch(tmp_path: Path) -> None:
     """The ONNX artifact takes other batch sizes and lengths than it was traced with."""
     model = tiny_model("llama")
-    art = get_exporter("onnxruntime").export(model, ExportConfig(seq_len=16), tmp_path)
     ids = torch.randint(0, 512, (2, 40), generator=torch.Generator().manual_seed(4))
-    _, logits = run_artifact("onnxruntime", art.path, ids.numpy(), tmp_path / "run", threads=1)
-    assert float(np.abs(logits - model(ids, use_cache=False).logits.numpy()).max()) <= 1e-4
+    _generate("onnxruntime", model, ExportConfig(seq_len=16), ids, tmp_path)
+
+
+def kv_layout_heads(model: torch.nn.Module) -> list[int]:
+    from exporters.cache import kv_layout
+
+    return list(kv_layout(model).kv_heads)
+
+
+class _Bessel(torch.nn.Module):
+    """An activation no exporter can convert (no ONNX function, not in the Core ATen opset)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.special.i1e(x)
+
+
+@pytest.mark.parametrize(("runtime", "op"), [("onnxruntime", "bessel_i1e"), ("executorch", "special_i1e")])
+def test_unsupported_op_is_a_clear_error_naming_it(runtime: str, op: str, tmp_path: Path) -> None:
+    model = tiny_model("llama")
+    decoder_layers(model)[1].mlp.act_fn = _Bessel()
+    with pytest.raises(ExportError, match=rf"at operator \S*{op}\S*") as err:
+        get_exporter(runtime).export(model, ExportConfig(seq_len=8), tmp_path)
+    assert "llama" in str(err.value) and len(str(err.value)) < 1200
+    assert not list(tmp_path.iterdir())  # nothing half-written

@@ -13,7 +13,7 @@ from targets.profile import DeviceProfile, available_profiles, load_profile, pro
 SHIPPED = available_profiles()
 # Every shipped profile must be listed here with whether the default model needs pruning to fit it;
 # adding a profile file without adding it here fails test_every_profile_is_covered.
-NEEDS_PRUNING_FOR_DEFAULT = {"android": True, "rpi4": True, "rpi5": False, "jetson-orin-nano": False}
+NEEDS_PRUNING_FOR_DEFAULT = {"android": True, "android-go": True, "rpi4": True, "rpi5": False, "jetson-orin-nano": False}
 
 
 def test_every_profile_is_covered() -> None:
@@ -72,6 +72,10 @@ def test_round_trip_through_yaml(tmp_path: Path) -> None:
         (lambda d: d.update(prefill_tokens=4096), "cannot exceed context_length"),
         (lambda d: d.pop("context_length"), "missing required key 'context_length'"),
         (lambda d: d.update(precision="int3"), "precision"),
+        (lambda d: d.update(quantize={"onnxruntime": "8da4w"}), "not a onnxruntime scheme"),
+        (lambda d: d.update(quantize={"executorch": "int2"}), "quantize.executorch"),
+        (lambda d: d.update(runtimes=["executorch"], quantize={"onnxruntime": "int8"}), "not in runtimes"),
+        (lambda d: d.update(decode_tokens=2000), "cannot exceed context_length"),
         (lambda d: d["pruning"].update(max_removed_layer_ratio=1.5), "pruning.max_removed_layer_ratio"),
         (lambda d: d.update(name="other"), "must equal the file stem"),
     ],

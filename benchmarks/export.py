@@ -1,0 +1,230 @@
+"""Export benchmark on the default model: dense vs pruned at 20%, ONNX and ExecuTorch, side by side.
+
+SmolLM2-135M (the embedded default), pruned by prunefit's ``width`` method to 20% of decoder
+parameters (calibration: 32 x 128 tokens of WikiText-2 valid), so the pruned export has per-layer
+widths. For each model x runtime, in its own process: export time and artifact size; then in the
+runtime (``python -m targets.runner``, threads = 2): load time, prefill latency of a 128-token
+prompt, decode tokens/s over 32 greedy tokens with the artifact's KV cache, and the run's peak RSS.
+
+Peer: when a venv with optimum-onnx is given (``--optimum-python``; optimum-onnx needs
+transformers < 4.58, so it cannot live beside the pinned stack), the dense model is exported by
+``optimum.exporters.onnx`` (task text-generation-with-past) in that venv and run by the same
+runner: its graph has the same input/output names as prunefit's.
+
+Goals (issue 5): decode latency of the pruned export <= 1.05 x (1 - fraction of bytes removed) x
+dense, per runtime; prunefit's dense ONNX no slower than optimum's. Results:
+benchmarks/results/export.{json,md}. Numbers compare within one run (ratios); absolute times on a
+shared 2-core machine are noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent
+WIKI = ROOT.parent.parent / "shared" / "data" / "wikitext-2"
+RUNTIMES = ("onnxruntime", "executorch")
+PROMPT, NEW_TOKENS, THREADS, CONTEXT = 128, 32, 2, 1024
+log = logging.getLogger("bench.export")
+
+
+def prepare(work: Path, ratio: float) -> dict[str, Any]:
+    """Save the dense and the pruned model as HF directories, and a real 128-token prompt."""
+    import torch
+    from safetensors.torch import save_file
+
+    from pipeline.data import first_windows, read_text, tokenize_windows
+    from pipeline.model import load_model
+    from pipeline.prune import PruneConfig, prune_to_budget
+    from pipeline.rewrite import save_model
+    from targets.profile import load_profile
+
+    loaded = load_model()
+    tok, model = loaded.tokenizer, loaded.model
+    save_model(model, tok, work / "dense")
+    dense_params = sum(p.numel() for p in model.parameters())
+    calib = tokenize_windows(read_text(str(WIKI / "wiki.valid.tokens")), tok, 32, 128, 0, where="valid")
+    prompt = first_windows(read_text(str(WIKI / "wiki.test.tokens")), tok, 1, PROMPT, where="test")
+    np.save(work / "prompt.npy", prompt.numpy().astype(np.int64))
+    save_file({"prompt": prompt.contiguous()}, str(work / "prompt.safetensors"))
+    t0 = time.perf_counter()
+    cfg = PruneConfig(method="width", target_decoder_ratio=ratio, max_removed_layer_ratio=0.9)
+    prune_to_budget(model, calib, load_profile("android"), cfg)
+    prune_s = time.perf_counter() - t0
+    save_model(model, tok, work / "pruned")
+    pruned_params = sum(p.numel() for p in model.parameters())
+    del torch
+    return {"dense_params": dense_params, "pruned_params": pruned_params, "prune_s": prune_s}
+
+
+def export_child(variant: str, runtime: str, work: Path, quantize: str | None) -> dict[str, Any]:
+    """Export one model for one runtime (own process: its memory and time are its own)."""
+    from exporters import get_exporter
+    from exporters.base import ExportConfig
+    from pipeline.rewrite import load_pruned
+
+    model = load_pruned(work / variant)
+    out = work / f"{variant}-{runtime}{'-' + quantize if quantize else ''}"
+    out.mkdir(exist_ok=True)
+    cfg = ExportConfig(seq_len=PROMPT, max_cache_len=CONTEXT, quantize=quantize)
+    art = get_exporter(runtime).export(model, cfg, out)
+    return {"path": str(art.path), "size_mib": art.size_bytes / 2**20, "export_s": art.export_s}
+
+
+def optimum_export(python: str, work: Path) -> dict[str, Any]:
+    """Export the dense model with optimum-onnx in its own venv (argument list, no shell)."""
+    out = work / "optimum"
+    code = (
+        "import sys, time; from optimum.exporters.onnx import main_export; t = time.perf_counter(); "
+        "main_export(sys.argv[1], output=sys.argv[2], task='text-generation-with-past', no_post_process=False); "
+        "print('EXPORT_S', time.perf_counter() - t)"
+    )
+    proc = subprocess.run(
+        [python, "-c", code, str(work / "dense"), str(out)], capture_output=True, text=True, check=False
+    )
+    found = [ln.split()[1] for ln in proc.stdout.splitlines() if ln.startswith("EXPORT_S")]
+    if proc.returncode != 0 or not found:
+        raise RuntimeError(f"optimum export failed:\n{proc.stderr[-3000:]}")
+    path = out / "model.onnx"
+    size = sum(p.stat().st_size for p in out.iterdir() if p.name.startswith("model.onnx"))
+    return {"path": str(path), "size_mib": size / 2**20, "export_s": float(found[0])}
+
+
+def run(runtime: str, path: str, work: Path, tag: str) -> dict[str, Any]:
+    cmd = [
+        sys.executable, "-m", "targets.runner", "--runtime", runtime, "--artifact", path,
+        "--inputs", str(work / "prompt.npy"), "--logits-out", str(work / f"{tag}.npz"),
+        "--threads", str(THREADS), "--repeats", "3", "--new-tokens", str(NEW_TOKENS), "--chunk", str(PROMPT),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=ROOT.parent)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"runner failed for {tag}:\n{proc.stderr[-3000:]}")
+    result: dict[str, Any] = json.loads(lines[-1])
+    return result
+
+
+def _child(args: list[str]) -> dict[str, Any]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=ROOT.parent)
+    found = [ln[4:] for ln in proc.stdout.splitlines() if ln.startswith("ROW ")]
+    if proc.returncode != 0 or not found:
+        raise RuntimeError(f"export child {args} failed:\n{proc.stderr[-3000:]}")
+    row: dict[str, Any] = json.loads(found[-1])
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ratio", type=float, default=0.2, help="share of decoder parameters to prune")
+    ap.add_argument("--runtimes", default=",".join(RUNTIMES))
+    ap.add_argument("--quantized", action="store_true", help="also the pruned model as int8 (ORT) / 8da4w (ET)")
+    ap.add_argument("--optimum-python", help="python of a venv with optimum-onnx (transformers<4.58)")
+    ap.add_argument("--out", type=Path, default=ROOT / "results")
+    ap.add_argument("--child", nargs=4, metavar=("VARIANT", "RUNTIME", "WORK", "QUANT"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        variant, runtime, work, quant = args.child
+        print("ROW " + json.dumps(export_child(variant, runtime, Path(work), None if quant == "-" else quant)))
+        return
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="prunefit-export-bench-") as tmp:
+        work = Path(tmp)
+        meta = prepare(work, args.ratio)
+        meta |= {"model": "SmolLM2-135M-Instruct", "prompt_tokens": PROMPT, "new_tokens": NEW_TOKENS,
+                 "threads": THREADS, "context": CONTEXT}  # fmt: skip
+        plan: list[tuple[str, str, str | None]] = [
+            (v, rt, None) for v in ("dense", "pruned") for rt in args.runtimes.split(",")
+        ]
+        if args.quantized:
+            plan += [("pruned", "onnxruntime", "int8"), ("pruned", "executorch", "8da4w")]
+        for variant, runtime, quant in plan:
+            tag = f"{variant}-{runtime}{'-' + quant if quant else ''}"
+            log.info("exporting %s", tag)
+            try:
+                exp = _child([variant, runtime, str(work), quant or "-"])
+                rows.append(
+                    _row(tag, variant, runtime, quant or "fp32", "prunefit", exp, run(runtime, exp["path"], work, tag))
+                )
+            except RuntimeError as exc:
+                log.error("%s", exc)
+            write(args.out, rows, meta)
+        if args.optimum_python:
+            try:
+                exp = optimum_export(args.optimum_python, work)
+                res = run("onnxruntime", exp["path"], work, "optimum")
+                rows.append(_row("dense-optimum", "dense", "onnxruntime", "fp32", "optimum-onnx", exp, res))
+            except RuntimeError as exc:
+                log.error("%s", exc)
+        write(args.out, rows, meta)
+
+
+def _row(tag: str, variant: str, runtime: str, precision: str, exporter: str, exp: dict, res: dict) -> dict[str, Any]:
+    return {
+        "artifact": tag, "model": variant, "runtime": runtime, "precision": precision, "exporter": exporter,
+        "export_s": exp["export_s"], "size_mib": exp["size_mib"], "load_s": res["load_s"],
+        "prefill_ms": 1000 * res["prefill_s"], "decode_ms_per_token": 1000 * res["decode_s_per_token"],
+        "decode_tokens_per_s": res["decode_tokens_per_s"], "run_peak_mib": res["model_peak_mib"],
+    }  # fmt: skip
+
+
+def write(out: Path, rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
+    """JSON + Markdown, with the goals evaluated from this run's own rows."""
+    out.mkdir(parents=True, exist_ok=True)
+    removed = 1 - meta["pruned_params"] / meta["dense_params"]
+    by = {r["artifact"]: r for r in rows}
+    goals = []
+    for rt in RUNTIMES:
+        d, p = by.get(f"dense-{rt}"), by.get(f"pruned-{rt}")
+        if d and p:
+            bytes_removed = 1 - p["size_mib"] / d["size_mib"]
+            limit = 1.05 * (1 - bytes_removed) * d["decode_ms_per_token"]
+            goals.append({
+                "goal": f"pruned decode latency <= 1.05 x (1 - bytes removed) x dense [{rt}]",
+                "value_ms": p["decode_ms_per_token"], "limit_ms": limit, "bytes_removed": bytes_removed,
+                "met": p["decode_ms_per_token"] <= limit,
+            })  # fmt: skip
+    if "dense-onnxruntime" in by and "dense-optimum" in by:
+        ours, peer = by["dense-onnxruntime"]["decode_ms_per_token"], by["dense-optimum"]["decode_ms_per_token"]
+        goals.append({"goal": "prunefit dense ONNX decode no slower than optimum-onnx's", "value_ms": ours,
+                      "limit_ms": peer, "met": ours <= peer})  # fmt: skip
+    (out / "export.json").write_text(
+        json.dumps({**meta, "params_removed": removed, "rows": rows, "goals": goals}, indent=2)
+    )
+    lines = [
+        f"SmolLM2-135M, dense vs pruned ({removed:.1%} of all parameters removed by `width` at "
+        f"{meta.get('prune_s', 0):.0f} s); prompt {PROMPT} tokens, {NEW_TOKENS} greedy tokens with the KV cache, "
+        f"{THREADS} threads, static cache / context {CONTEXT}. One run, each export and each measurement in its own "
+        "process.",
+        "",
+        "| artifact | exporter | precision | export (s) | size (MiB) | load (s) | prefill 128 (ms) | decode (ms/token) "
+        "| decode (tok/s) | run peak RSS (MiB) |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['artifact']} | {r['exporter']} | {r['precision']} | {r['export_s']:.0f} | {r['size_mib']:.1f} | "
+            f"{r['load_s']:.2f} | {r['prefill_ms']:.0f} | {r['decode_ms_per_token']:.1f} | "
+            f"{r['decode_tokens_per_s']:.1f} | {r['run_peak_mib']:.0f} |"
+        )
+    lines += ["", "| goal | value (ms/token) | limit (ms/token) | met |", "|---|---:|---:|---|"]
+    lines += [
+        f"| {g['goal']} | {g['value_ms']:.1f} | {g['limit_ms']:.1f} | {'yes' if g['met'] else 'no'} |" for g in goals
+    ]
+    (out / "export.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines), flush=True)
+
+
+if __name__ == "__main__":
+    main()

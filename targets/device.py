@@ -1,0 +1,82 @@
+"""Merge a run on a real device (scripts/validate_ssh.sh, scripts/validate_android.sh) into a report.
+
+The device ran ``targets/runner.py`` (copied there: it imports only the standard library, numpy and
+the runtime) on the same artifact and prompt as the local validation. Its JSON (timings, peak RSS
+on the device) and its generation (logits, tokens) come back; this module compares the tokens and
+logits with the local PyTorch reference the validation stored, adds the run to ``report.json``
+under ``device_runs`` and re-renders the report.
+
+``python -m targets.device merge OUT_DIR --runtime R --label HOST --result device.json
+--generation device.npz``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import ConfigError, PrunefitError
+from targets.report import write_report
+
+
+def _load_json(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"Cannot read {path}: {exc}") from exc
+    lines = [ln for ln in text.splitlines() if ln.startswith("{")]
+    if not lines:
+        raise ConfigError(f"{path} holds no JSON result from the device runner:\n{text[-2000:]}")
+    result: dict[str, Any] = json.loads(lines[-1])
+    return result
+
+
+def merge(out_dir: Path, runtime: str, label: str, result_path: Path, generation_path: Path | None) -> dict[str, Any]:
+    """Add one device run to ``out_dir/report.json``; returns the entry written."""
+    report_path = out_dir / "report.json"
+    try:
+        report = json.loads(report_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"No readable report at {report_path} ({exc}); run `prunefit export` first.") from exc
+    result = _load_json(result_path)
+    if "error" in result:
+        raise ConfigError(f"The device runner failed on {label}: {result.get('message', result['error'])}")
+    entry: dict[str, Any] = {"label": label, "runtime": runtime, "measured": result}
+    local = out_dir / "validation" / f"{runtime}_generation.npz"
+    if generation_path is not None and generation_path.is_file() and local.is_file():
+        with np.load(generation_path) as dev, np.load(local) as ref:
+            same = bool((dev["tokens"] == ref["tokens"]).all())
+            entry["tokens_equal_to_local_run"] = same
+            entry["max_abs_logit_diff_vs_local_run"] = float(np.abs(dev["prefill"] - ref["prefill"]).max())
+    runs = [r for r in report.get("device_runs", []) if not (r["label"] == label and r["runtime"] == runtime)]
+    report["device_runs"] = [*runs, entry]
+    write_report(out_dir, report)
+    return entry
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m targets.device", description=__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    m = sub.add_parser("merge", help="merge one device run into OUT_DIR/report.json")
+    m.add_argument("out_dir", type=Path)
+    m.add_argument("--runtime", required=True, choices=["onnxruntime", "executorch"])
+    m.add_argument("--label", required=True, help="which device (host name, adb serial)")
+    m.add_argument("--result", type=Path, required=True, help="the device runner's JSON output")
+    m.add_argument("--generation", type=Path, help="the device runner's .npz (tokens and logits)")
+    args = ap.parse_args(argv)
+    try:
+        entry = merge(args.out_dir, args.runtime, args.label, args.result, args.generation)
+    except PrunefitError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    print(json.dumps(entry))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""Quantized exports: they run with their KV cache, shrink as the scheme says, stay close to fp32,
+and the memory model's weight bytes follow the scheme."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from exporters import get_exporter
+from exporters.base import ExportConfig, artifact_size_bytes
+from exporters.quantize import WEIGHT_BYTES, check_scheme
+from pipeline.errors import ExportError
+from targets.budget import model_shape, weights_bytes
+from targets.validate import compare_generation, reference_generation, run_artifact
+from tests.conftest import tiny_model
+
+# Wide enough that block weights dominate the embedding, as in a real model.
+WIDE = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2)
+
+
+@pytest.fixture(scope="module")
+def wide() -> torch.nn.Module:
+    return tiny_model("llama", **WIDE)
+
+
+@pytest.mark.parametrize(("runtime", "scheme"), [("onnxruntime", "int8"), ("executorch", "8da4w")])
+def test_quantized_export_shrinks_runs_and_stays_close(
+    runtime: str, scheme: str, wide: torch.nn.Module, tmp_path: Path
+) -> None:
+    fp32 = get_exporter(runtime).export(wide, ExportConfig(seq_len=8, max_cache_len=48), tmp_path / "fp32")
+    q = get_exporter(runtime).export(wide, ExportConfig(seq_len=8, max_cache_len=48, quantize=scheme), tmp_path / "q")
+    assert q.details["quantization"] == scheme
+    shape = model_shape(wide)
+    predicted = weights_bytes(shape, runtime, "fp32", scheme) / weights_bytes(shape, runtime, "fp32")
+    ratio = artifact_size_bytes(q.path) / artifact_size_bytes(fp32.path)
+    # the file shrinks as the memory model says it does (graph and metadata are the slack)
+    assert ratio == pytest.approx(predicted, abs=0.06), (ratio, predicted)
+    assert ratio < (0.4 if scheme == "int8" else 0.3)
+
+    ids = torch.randint(0, 512, (1, 16), generator=torch.Generator().manual_seed(5))
+    _, got = run_artifact(runtime, q.path, ids.numpy(), tmp_path / "run", threads=1, new_tokens=4, chunk=8)
+    assert got is not None
+    ref = reference_generation(wide, ids, 4)
+    cmp = compare_generation(got, ref)
+    # random weights give flat logits, so top-1 is fragile; the logits themselves must stay close
+    scale = float(np.abs(ref.prefill).max())
+    assert cmp["max_abs_logit_diff"] < 0.1 * scale, (cmp["max_abs_logit_diff"], scale)
+    corr = np.corrcoef(got.prefill.ravel(), ref.prefill.ravel())[0, 1]
+    assert corr > 0.99
+
+
+def test_schemes_are_checked_per_runtime() -> None:
+    with pytest.raises(ExportError, match="supports: int8"):
+        check_scheme("onnxruntime", "8da4w")
+    check_scheme("executorch", "8da8w")
+    assert WEIGHT_BYTES["8da4w"] < WEIGHT_BYTES["int8"] < 4
+
+
+def test_int4_groups_that_do_not_tile_stay_fp32() -> None:
+    """A pruned intermediate size that is not a multiple of 32 keeps that down_proj in fp32."""
+    from pipeline.arch import decoder_layers
+    from pipeline.width import prune_mlp
+
+    model = tiny_model("llama", **WIDE)
+    even = weights_bytes(model_shape(model), "executorch", "fp32", "8da4w")
+    prune_mlp(decoder_layers(model)[0], torch.arange(1000), None)  # 1000 % 32 != 0
+    odd = weights_bytes(model_shape(model), "executorch", "fp32", "8da4w")
+    # 24 channels fewer, but 256 x 1000 weights back to fp32
+    assert odd > even
