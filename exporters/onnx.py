@@ -66,6 +66,7 @@ class OnnxExporter:
         if cfg.quantize:
             check_scheme(self.name, cfg.quantize)
         layout = kv_layout(model)
+        out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / self.filename
         try:
             with torch.no_grad():

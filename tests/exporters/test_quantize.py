@@ -11,7 +11,7 @@ import torch
 
 from exporters import get_exporter
 from exporters.base import ExportConfig, artifact_size_bytes
-from exporters.quantize import WEIGHT_BYTES, check_scheme
+from exporters.quantize import WEIGHT_BYTES, check_scheme, quantize_torch
 from pipeline.errors import ExportError
 from targets.budget import model_shape, weights_bytes
 from targets.validate import compare_generation, reference_generation, run_artifact
@@ -45,11 +45,17 @@ def test_quantized_export_shrinks_runs_and_stays_close(
     assert got is not None
     ref = reference_generation(wide, ids, 4)
     cmp = compare_generation(got, ref)
-    # random weights give flat logits, so top-1 is fragile; the logits themselves must stay close
-    scale = float(np.abs(ref.prefill).max())
-    assert cmp["max_abs_logit_diff"] < 0.1 * scale, (cmp["max_abs_logit_diff"], scale)
-    corr = np.corrcoef(got.prefill.ravel(), ref.prefill.ravel())[0, 1]
-    assert corr > 0.99
+    # random weights give flat logits, so top-1 is fragile; the logits themselves must stay close:
+    # relative RMS error of the prompt's logits, int4 groups being ~4x coarser than int8 channels
+    def rel(a: np.ndarray, b: np.ndarray) -> float:
+        return float(np.sqrt(((a - b) ** 2).mean() / (b**2).mean()))
+
+    assert rel(got.prefill, ref.prefill) < (0.05 if scheme == "int8" else 0.35)
+    assert np.isfinite(cmp["max_abs_logit_diff"])
+    if scheme == "8da4w":  # the export computes what torchao's quantized model computes in PyTorch
+        with torch.no_grad():
+            qref = quantize_torch(wide, scheme)(ids, use_cache=False).logits.numpy()
+        assert rel(got.prefill, qref) < 0.05
 
 
 def test_schemes_are_checked_per_runtime() -> None:

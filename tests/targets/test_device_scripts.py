@@ -136,8 +136,8 @@ def test_ssh_script_fails_clearly(artifacts: Path, tmp_path: Path) -> None:
 def test_android_script_runs_on_device_and_merges(artifacts: Path, tmp_path: Path) -> None:
     remote = tmp_path / "device tmp"
     r = subprocess.run(
-        ["bash", str(ADB_SCRIPT), "--serial", "emulator-5554", "--python", sys.executable, "--remote-dir",
-         str(remote), str(artifacts)],
+        ["bash", str(ADB_SCRIPT), "--serial", "emulator-5554", "--runtime", "onnxruntime", "--python",
+         sys.executable, "--remote-dir", str(remote), str(artifacts)],
         capture_output=True, text=True, env=_env(tmp_path), cwd=ROOT, check=False,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
@@ -170,5 +170,8 @@ def test_android_native_runner_reports_peak(artifacts: Path, tmp_path: Path) -> 
 
 def test_android_script_without_device_fails_clearly(artifacts: Path, tmp_path: Path) -> None:
     env = {**_env(tmp_path), "PRUNEFIT_ADB": "no-such-adb"}
-    r = subprocess.run(["bash", str(ADB_SCRIPT), str(artifacts)], capture_output=True, text=True, env=env, check=False)
+    r = subprocess.run(
+        ["bash", str(ADB_SCRIPT), "--runtime", "onnxruntime", str(artifacts)],
+        capture_output=True, text=True, env=env, check=False,
+    )  # fmt: skip
     assert r.returncode == 3 and "no-such-adb is not installed" in r.stderr

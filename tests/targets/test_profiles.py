@@ -13,7 +13,13 @@ from targets.profile import DeviceProfile, available_profiles, load_profile, pro
 SHIPPED = available_profiles()
 # Every shipped profile must be listed here with whether the default model needs pruning to fit it;
 # adding a profile file without adding it here fails test_every_profile_is_covered.
-NEEDS_PRUNING_FOR_DEFAULT = {"android": True, "android-go": True, "rpi4": True, "rpi5": False, "jetson-orin-nano": False}
+NEEDS_PRUNING_FOR_DEFAULT = {
+    "android": True,
+    "android-go": True,
+    "rpi4": True,
+    "rpi5": False,
+    "jetson-orin-nano": False,
+}
 
 
 def test_every_profile_is_covered() -> None:
