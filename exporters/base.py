@@ -23,6 +23,8 @@ class ExportConfig:
     max_cache_len: int = 0  # 0: seq_len + 64 (tests); the pipeline passes the profile's context
     batch_size: int = 1
     quantize: str | None = None  # a scheme of exporters.quantize (per runtime), None: fp32
+    ort_format: bool = False  # onnxruntime: also write model.ort (ORT Mobile), optimized offline
+    target_arch: str = "aarch64"  # the device's CPU: offline optimizations must not assume this host's
 
     @property
     def cache_len(self) -> int:
@@ -52,6 +54,8 @@ def artifact_size_bytes(path: Path) -> int:
 class Exporter(Protocol):
     name: str
     filename: str
+
+    def artifact_name(self, cfg: ExportConfig) -> str: ...  # the file the runtime loads
 
     def export(self, model: PreTrainedModel, cfg: ExportConfig, out_dir: Path) -> ExportArtifact: ...
 

@@ -55,6 +55,9 @@ class ExecuTorchExporter:
     name = "executorch"
     filename = "model.pte"
 
+    def artifact_name(self, cfg: ExportConfig) -> str:
+        return self.filename
+
     def export(self, model: PreTrainedModel, cfg: ExportConfig, out_dir: Path) -> ExportArtifact:
         try:
             from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner

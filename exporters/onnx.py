@@ -53,10 +53,37 @@ def dynamic_shapes(layout: KvLayout) -> tuple[Any, ...]:
     return ({0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq}, cache)
 
 
+def to_ort_format(model: Path, out_dir: Path, target_arch: str) -> None:
+    """Convert to ORT format (ORT Mobile / minimal builds load only this) with onnxruntime's own
+    tool: graph optimizations are applied offline ("fixed" style) for the target's platform, and a
+    required-operators config is written for building a reduced-operator runtime."""
+    from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
+
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".ort-") as work:
+        convert_onnx_models_to_ort(
+            model,
+            Path(work),
+            [OptimizationStyle.Fixed],
+            target_platform="arm" if target_arch == "aarch64" else "amd64",
+        )
+        produced = Path(work) / (model.stem + ".ort")
+        if not produced.is_file():
+            raise ExportError(f"onnxruntime's ORT-format converter wrote no {produced.name}")
+        os.replace(produced, out_dir / "model.ort")
+        os.replace(
+            Path(work) / (model.stem + ".required_operators.config"), out_dir / "model.required_operators.config"
+        )
+
+
 class OnnxExporter:
     name = "onnxruntime"
     filename = "model.onnx"
     data_filename = "model.onnx.data"
+    ort_filename = "model.ort"
+    ort_config_filename = "model.required_operators.config"
+
+    def artifact_name(self, cfg: ExportConfig) -> str:
+        return self.ort_filename if cfg.ort_format else self.filename
 
     def export(self, model: PreTrainedModel, cfg: ExportConfig, out_dir: Path) -> ExportArtifact:
         import onnx
@@ -96,7 +123,11 @@ class OnnxExporter:
                 else:
                     onnx_ir.save(program.model, str(tmp), external_data=self.data_filename)
                 onnx.checker.check_model(str(tmp), full_check=False)
-                for name in (self.data_filename, self.filename):
+                names = [self.data_filename, self.filename]
+                if cfg.ort_format:
+                    to_ort_format(tmp, Path(tmp_dir), cfg.target_arch)
+                    names += [self.ort_config_filename, self.ort_filename]
+                for name in names:
                     with open(Path(tmp_dir) / name, "rb") as fh:
                         os.fsync(fh.fileno())
                     os.replace(Path(tmp_dir) / name, out_dir / name)
@@ -104,6 +135,8 @@ class OnnxExporter:
             raise
         except Exception as exc:
             raise ExportError(export_error("ONNX", model.config.model_type, exc)) from exc
+        if cfg.ort_format:
+            path = out_dir / self.ort_filename
         size = artifact_size_bytes(path)
         log.info("wrote %s (%.1f MiB)", path, size / 2**20)
         details = {
@@ -111,5 +144,6 @@ class OnnxExporter:
             "kv_cache": "past_key_values inputs",
             "kv_heads": list(layout.kv_heads),
             "quantization": cfg.quantize or "none",
+            "format": "ort (offline-optimized, fixed)" if cfg.ort_format else "onnx",
         }
         return ExportArtifact(self.name, path, size, round(time.perf_counter() - t0, 2), None, details)

@@ -39,6 +39,7 @@ from pipeline.fsio import (
 from pipeline.model import DEFAULT_MODEL, load_model, resolve_model_path
 from pipeline.prune import PruneConfig, prune_to_budget
 from pipeline.rewrite import check_round_trip, load_pruned, save_model
+from targets.budget import RUNTIME_COSTS
 from targets.profile import DeviceProfile, Runtime, load_profile
 from targets.report import write_report
 from targets.validate import validate
@@ -157,6 +158,8 @@ def _run_stages(cfg: RunConfig, profile: DeviceProfile, out: Path, model_path: P
         eval_data=_source_fingerprint(cfg.eval.source),
         prune=asdict(_prune_config(cfg, profile)),
         profile=profile.model_dump(),
+        # the memory model's calibrated constants decide how much is pruned: a recalibration redoes it
+        memory_model={rt: asdict(cost) for rt, cost in RUNTIME_COSTS.items()},
         versions=package_versions(),
     )
     t0 = time.perf_counter()
@@ -169,18 +172,16 @@ def _run_stages(cfg: RunConfig, profile: DeviceProfile, out: Path, model_path: P
     stages["prune"] = {"wall_s": time.perf_counter() - t0 if not fresh else fresh["wall_s"], "cached": bool(fresh)}
 
     artifacts: dict[Runtime, Path] = {}
-    export_cfg = ExportConfig(
-        seq_len=profile.prefill_tokens, max_cache_len=profile.context_length, batch_size=profile.batch_size
-    )
+    export_cfg = _export_config(profile)
     model = _load_pruned(out)
     for runtime in tqdm(profile.runtimes, desc="export", unit="runtime", disable=None):
         exporter = get_exporter(runtime)
-        rt_cfg = replace(export_cfg, quantize=profile.quantize.get(runtime))
+        rt_cfg = runtime_export_config(export_cfg, profile, runtime)
         key = stage_key(prune=prune_key, export=asdict(rt_cfg), runtime=runtime, versions=package_versions())
         stage = f"export-{runtime}"
         t0 = time.perf_counter()
         fresh = None if cfg.force else is_fresh(out, stage, key)
-        path = out / exporter.filename
+        path = out / exporter.artifact_name(rt_cfg)
         if fresh:
             log.info("%s up to date; reusing %s", stage, path)
             details = fresh["metrics"]
@@ -188,7 +189,10 @@ def _run_stages(cfg: RunConfig, profile: DeviceProfile, out: Path, model_path: P
             log.info("exporting %s for %s", path.name, runtime)
             art = exporter.export(model, rt_cfg, out)
             details = {**art.details, "export_s": art.export_s, "size_bytes": art.size_bytes}
-            write_manifest(out, stage, key, artifact_files(art.path), time.perf_counter() - t0, details)
+            files = artifact_files(art.path)
+            if art.path.name != exporter.filename:  # model.ort: the .onnx it came from ships too
+                files += artifact_files(out / exporter.filename)
+            write_manifest(out, stage, key, files, time.perf_counter() - t0, details)
         stages[stage] = {
             "wall_s": fresh["wall_s"] if fresh else time.perf_counter() - t0,
             "cached": bool(fresh),
@@ -196,6 +200,24 @@ def _run_stages(cfg: RunConfig, profile: DeviceProfile, out: Path, model_path: P
         }
         artifacts[runtime] = path
     return validate_and_report(out, profile, model, artifacts, result, stages, cfg, model_path)
+
+
+def _export_config(profile: DeviceProfile) -> ExportConfig:
+    return ExportConfig(
+        seq_len=profile.prefill_tokens,
+        max_cache_len=profile.context_length,
+        batch_size=profile.batch_size,
+        target_arch=profile.cpu.arch,
+    )
+
+
+def runtime_export_config(base: ExportConfig, profile: DeviceProfile, runtime: Runtime) -> ExportConfig:
+    """The profile's per-runtime choices: quantization scheme, ORT format."""
+    return replace(
+        base,
+        quantize=profile.quantize.get(runtime),
+        ort_format=runtime == "onnxruntime" and profile.onnx_format == "ort",
+    )
 
 
 def _load_pruned(out: Path) -> PreTrainedModel:
@@ -256,7 +278,9 @@ def validate_existing(out: Path, target: str | None = None) -> dict[str, Any]:
     profile = load_profile(target or saved["target"])
     artifacts: dict[Runtime, Path] = {}
     for runtime in profile.runtimes:
-        path = out / get_exporter(runtime).filename
+        path = out / get_exporter(runtime).artifact_name(
+            runtime_export_config(_export_config(profile), profile, runtime)
+        )
         if not path.is_file():
             raise ExportError(f"{path} is missing; run `prunefit export --target {profile.name}` to create it.")
         artifacts[runtime] = path

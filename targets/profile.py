@@ -74,6 +74,9 @@ class DeviceProfile(_Strict):
     runtime_overhead_mib: dict[Runtime, float] = Field(default_factory=dict)
     # Weight quantization per runtime (absent: fp32): onnxruntime int8; executorch 8da4w / 8da8w.
     quantize: dict[Runtime, Literal["int8", "8da4w", "8da8w"]] = Field(default_factory=dict)
+    # onnxruntime artifact format: "ort" = ORT format for ORT Mobile / minimal builds, optimized
+    # offline for the device's CPU (model.onnx is still written beside it).
+    onnx_format: Literal["onnx", "ort"] = "onnx"
     pruning: PruningLimits = PruningLimits()
     gates: Gates = Gates()
 

@@ -103,3 +103,16 @@ def test_unsupported_op_is_a_clear_error_naming_it(runtime: str, op: str, tmp_pa
         get_exporter(runtime).export(model, ExportConfig(seq_len=8), tmp_path)
     assert "llama" in str(err.value) and len(str(err.value)) < 1200
     assert not list(tmp_path.iterdir())  # nothing half-written
+
+
+def test_ort_format_for_ort_mobile(tmp_path: Path) -> None:
+    """onnx_format: ort writes model.ort (offline-optimized for the device's CPU) and a
+    required-operators config; the .ort decodes with its KV cache like PyTorch."""
+    model = heterogeneous("qwen3")
+    ids = torch.randint(0, 512, (1, 12), generator=torch.Generator().manual_seed(6))
+    out = _generate(
+        "onnxruntime", model, ExportConfig(seq_len=8, ort_format=True, target_arch="aarch64"), ids, tmp_path
+    )
+    assert out["artifact"].path.name == "model.ort"
+    assert (tmp_path / "model.onnx").is_file() and (tmp_path / "model.required_operators.config").is_file()
+    assert "MatMul" in (tmp_path / "model.required_operators.config").read_text()

@@ -45,6 +45,7 @@ def test_quantized_export_shrinks_runs_and_stays_close(
     assert got is not None
     ref = reference_generation(wide, ids, 4)
     cmp = compare_generation(got, ref)
+
     # random weights give flat logits, so top-1 is fragile; the logits themselves must stay close:
     # relative RMS error of the prompt's logits, int4 groups being ~4x coarser than int8 channels
     def rel(a: np.ndarray, b: np.ndarray) -> float:
