@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pipeline.errors import ModelLoadError, PrunefitError
 
-METHODS = ("depth", "width", "comp", "multipruner")  # pipeline.prune.PRUNERS (not imported here: it pulls in torch)
+METHODS = ("depth", "width", "comp", "multipruner", "depth+width")  # pipeline.prune.PRUNERS (not imported here: it pulls in torch)
 
 log = logging.getLogger("prunefit")
 

@@ -54,7 +54,9 @@ local_py=${PRUNEFIT_PYTHON:-$here/.venv/bin/python}
 adb_bin=${PRUNEFIT_ADB:-adb}
 
 case "$runtime" in
-  onnxruntime) files=("$out/model.onnx" "$out/model.onnx.data"); artifact=model.onnx ;;
+  onnxruntime)  # the ORT-format file when the profile asked for one (onnx_format: ort)
+    if [ -f "$out/model.ort" ]; then files=("$out/model.ort"); artifact=model.ort
+    else files=("$out/model.onnx" "$out/model.onnx.data"); artifact=model.onnx; fi ;;
   executorch) files=("$out/model.pte"); artifact=model.pte ;;
   *) die "--runtime must be onnxruntime or executorch, not '$runtime'" ;;
 esac

@@ -35,7 +35,7 @@ class PruningLimits(_Strict):
     """How far the pruner may go to meet the budget before declaring it infeasible."""
 
     max_removed_layer_ratio: float = Field(0.5, gt=0.0, lt=1.0)
-    method: Literal["depth", "width", "comp", "multipruner"] = "depth"
+    method: Literal["depth", "width", "comp", "multipruner", "depth+width"] = "depth"
     # Prune until the prediction is this far under the budget: slack for allocator and workspace
     # variation the memory model does not capture (a few MiB run to run in a Python host).
     headroom_mib: float = Field(0.0, ge=0.0)

@@ -219,7 +219,6 @@ def measure(
     repeats: int,
     new_tokens: int,
     chunk: int = 0,
-    eval_inputs: Path | None = None,
 ) -> dict[str, Any]:
     ids = np.load(inputs, allow_pickle=False).astype(np.int64)
     rss_start = current_rss_bytes()
@@ -242,12 +241,6 @@ def measure(
     assert result is not None
     logits, steps, tokens = result[:3]
     np.savez(logits_out, prefill=logits.astype(np.float32), steps=steps.astype(np.float32), tokens=tokens)
-    result = None
-    ppl, eval_s = None, 0.0
-    if eval_inputs is not None:  # after the peak is read: evaluation is not the measured workload
-        t = time.perf_counter()
-        ppl = perplexity(decoder, np.load(eval_inputs, allow_pickle=False))
-        eval_s = time.perf_counter() - t
     timed = step_times[1:] if repeats else step_times
     per_token = statistics.median(t for run in timed for t in run) if new_tokens > 1 else float("nan")
     return {
@@ -269,8 +262,15 @@ def measure(
         "decode_s_per_token": per_token,
         "decode_tokens_per_s": 1.0 / per_token if per_token == per_token and per_token > 0 else float("nan"),
         "prefill_chunk": decoder.chunk,
-        **({"perplexity": ppl, "perplexity_s": eval_s} if ppl is not None else {}),
     }
+
+
+def evaluate(runtime: str, artifact: Path, eval_inputs: Path, threads: int, chunk: int) -> dict[str, Any]:
+    """The artifact's own perplexity on token windows (a separate run: not the measured workload)."""
+    decoder = RUNTIMES[runtime](artifact, threads, chunk)()
+    t = time.perf_counter()
+    ppl = perplexity(decoder, np.load(eval_inputs, allow_pickle=False))
+    return {"perplexity": ppl, "perplexity_s": time.perf_counter() - t}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -283,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=8, help="greedy tokens decoded after the prompt")
     ap.add_argument("--chunk", type=int, default=0, help="prefill at most this many tokens per call (0: all)")
-    ap.add_argument("--eval-inputs", type=Path, help=".npy int64 [n, length]: also report their perplexity")
+    ap.add_argument("--eval-inputs", type=Path, help=".npy int64 [n, length]: with --eval-only, their perplexity")
+    ap.add_argument("--eval-only", action="store_true", help="only report the perplexity of --eval-inputs")
     ap.add_argument("--probe", action="store_true", help="only import the runtime and report the host's RSS")
     args = ap.parse_args(argv)
     if args.probe:
@@ -295,17 +296,21 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"baseline_rss_mib": current_rss_bytes() / MIB}))
         return 0
     try:
-        result = measure(
-            args.runtime,
-            args.artifact,
-            args.inputs,
-            args.logits_out,
-            args.threads,
-            args.repeats,
-            args.new_tokens,
-            args.chunk,
-            args.eval_inputs,
-        )
+        if args.eval_only:
+            if args.eval_inputs is None:
+                ap.error("--eval-only needs --eval-inputs")
+            result = evaluate(args.runtime, args.artifact, args.eval_inputs, args.threads, args.chunk)
+        else:
+            result = measure(
+                args.runtime,
+                args.artifact,
+                args.inputs,
+                args.logits_out,
+                args.threads,
+                args.repeats,
+                args.new_tokens,
+                args.chunk,
+            )
     except ImportError as exc:
         print(json.dumps({"error": "runtime_missing", "message": str(exc)}))
         return 3

@@ -184,8 +184,8 @@ def run_artifact(
     """Run one artifact in a child process (``python -m targets.runner``): prefill ``inputs``, then
     greedy-decode ``new_tokens`` with the artifact's KV cache; return (measurements, generation).
     Prompts go in chunks of at most ``chunk`` tokens (the profile's prefill chunk). With
-    ``eval_windows`` the run also reports the artifact's own perplexity on them (after the
-    measured part, so it does not count in the peak).
+    ``eval_windows`` a second, unconfined run of the artifact reports its own perplexity on them
+    (scoring text is not the measured workload).
 
     With ``model_limit_mib`` the child runs in a memory cgroup limited to its host baseline (the
     interpreter and runtime library, measured by a probe run) plus that many MiB for the model: a
@@ -196,10 +196,6 @@ def run_artifact(
     ids_path, logits_path = work_dir / f"{runtime}_inputs.npy", work_dir / f"{runtime}_generation.npz"
     np.save(ids_path, inputs.astype(np.int64), allow_pickle=False)
     cmd = _runner_cmd(runtime, artifact, ids_path, logits_path, threads, new_tokens, chunk)
-    if eval_windows is not None:
-        eval_path = work_dir / f"{runtime}_eval.npy"
-        np.save(eval_path, eval_windows.astype(np.int64), allow_pickle=False)
-        cmd += ["--eval-inputs", str(eval_path)]
     confined = model_limit_mib is not None and confine.available()[0]
     if confined:
         assert model_limit_mib is not None
@@ -229,6 +225,18 @@ def run_artifact(
         raise GateError(f"Running {artifact} in {runtime} failed (exit {returncode}):\n{tail}")
     with np.load(logits_path, allow_pickle=False) as data:
         generation = Generation(data["prefill"], data["steps"], data["tokens"])
+    if eval_windows is not None:  # a second, unconfined run: scoring text is not the measured workload
+        eval_path = work_dir / f"{runtime}_eval.npy"
+        np.save(eval_path, eval_windows.astype(np.int64), allow_pickle=False)
+        proc = subprocess.run(
+            [*cmd, "--eval-only", "--eval-inputs", str(eval_path)], capture_output=True, text=True, check=False
+        )
+        scored = _last_json(proc.stdout)
+        if proc.returncode != 0 or "perplexity" not in scored:
+            raise GateError(
+                f"Scoring text with {artifact} in {runtime} failed:\n{(proc.stderr or proc.stdout)[-3000:]}"
+            )
+        result |= scored
     return {**result, **extra, "oom_killed": False}, generation
 
 

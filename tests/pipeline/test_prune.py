@@ -97,3 +97,29 @@ def test_headroom_prunes_until_prediction_is_that_far_under_budget() -> None:
     )
     assert spare.after["worst_mib"] <= 25 < plain.after["worst_mib"] + 5
     assert len(spare.removed_layers) > len(plain.removed_layers)
+
+
+def test_depth_then_width_meets_the_budget_without_a_block_of_overshoot() -> None:
+    """depth+width removes the blocks that are surely needed, then trims the remainder by channels:
+    it lands between the budget and depth's result (which overshoots by part of a block)."""
+    dense = tiny_model("llama", **WIDE)
+    per_block = worst(estimate_all(model_shape(dense), profile(30))).total_mib - worst(
+        estimate_all(model_shape(dense).without_layers({0}), profile(30))
+    ).total_mib
+    start = worst(estimate_all(model_shape(dense), profile(30))).total_mib
+    budget = int(start - 1.5 * per_block)  # needs one block and a half
+    p = profile(budget)
+    m_depth, m_mixed = tiny_model("llama", **WIDE), tiny_model("llama", **WIDE)
+    prune_to_budget(m_depth, calib(), p, PruneConfig(max_removed_layer_ratio=0.75))
+    plan = prune_to_budget(m_mixed, calib(), p, PruneConfig(method="depth+width", max_removed_layer_ratio=0.75))
+    depth_mib = worst(estimate_all(model_shape(m_depth), p)).total_mib
+    mixed_mib = worst(estimate_all(model_shape(m_mixed), p)).total_mib
+    assert len(model_shape(m_depth).layers) == 6  # two blocks: 1.5 rounded up
+    assert len(model_shape(m_mixed).layers) == 7  # one block, then channels
+    assert depth_mib < mixed_mib <= budget
+    assert budget - mixed_mib < per_block / 2  # channel granularity, not block granularity
+    assert any("MLP channels" in s.removed or "KV group" in s.removed for s in plan.steps)
+    widths = m_mixed.config.prunefit["layers"]
+    assert len(widths) == 7 and min(w["intermediate_size"] for w in widths) < 768
+    ids = calib(1, 16)
+    assert torch.isfinite(m_mixed(ids).logits).all()
