@@ -15,7 +15,13 @@ from pathlib import Path
 
 from pipeline.errors import ModelLoadError, PrunefitError
 
-METHODS = ("depth", "width", "comp", "multipruner", "depth+width")  # pipeline.prune.PRUNERS (not imported here: it pulls in torch)
+METHODS = (
+    "depth",
+    "width",
+    "comp",
+    "multipruner",
+    "depth+width",
+)  # pipeline.prune.PRUNERS (not imported here: it pulls in torch)
 
 log = logging.getLogger("prunefit")
 
@@ -117,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     pn.add_argument("--seed", type=int, default=0)
     pn.add_argument("--out", type=Path, required=True, help="output model directory (written atomically)")
     _add_common(pn)
+
+    cp = sub.add_parser("compare", help="several runs side by side (Markdown table)")
+    cp.add_argument("dirs", type=Path, nargs="+", help="artifacts directories of earlier runs")
+    _add_common(cp)
 
     pr = sub.add_parser("profiles", help="list the device profiles and their budgets")
     _add_common(pr)
@@ -223,6 +233,11 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_export(args)
         if args.command == "prune":
             return _cmd_prune(args)
+        if args.command == "compare":
+            from targets.compare import compare
+
+            print(compare(args.dirs), end="")
+            return 0
         if args.command == "report":
             from targets.report import rerender
 

@@ -152,8 +152,13 @@ def rerender(out_dir: Path) -> Path:
 
 
 def write_report(out_dir: Path, report: dict[str, Any]) -> tuple[Path, Path]:
+    """report.json, report.md and report.html (with plots/)."""
+    from targets.html import write_html
+
     report = {**report, "schema_version": SCHEMA_VERSION}
-    return (
+    paths = (
         atomic_write_json(out_dir / "report.json", report),
         atomic_write_text(out_dir / "report.md", render_markdown(report)),
     )
+    write_html(out_dir, report)
+    return paths

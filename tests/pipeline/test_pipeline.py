@@ -101,6 +101,36 @@ def test_prunes_exports_and_fits(run_cfg: RunConfig) -> None:
     assert cli.main(["report", "--out", str(out)]) == 0
     assert (out / "report.md").read_text() == md
 
+    # report.html: self-contained (plots embedded), well-formed, every gate listed
+    from html.parser import HTMLParser
+
+    class Collect(HTMLParser):
+        def __init__(self) -> None:
+            super().__init__()
+            self.imgs: list[str] = []
+            self.cells: list[str] = []
+
+        def handle_starttag(self, tag: str, attrs: list) -> None:
+            if tag == "img":
+                self.imgs.append(dict(attrs)["src"])
+
+        def handle_data(self, data: str) -> None:
+            self.cells.append(data)
+
+    page = Collect()
+    page.feed((out / "report.html").read_text())
+    assert len(page.imgs) == 3 and all(src.startswith("data:image/png;base64,") for src in page.imgs)
+    assert {f"memory[{rt}]" for rt in ("onnxruntime", "executorch")} <= set(page.cells)
+    assert sorted(p.name for p in (out / "plots").iterdir()) == ["budget.png", "prediction.png", "widths.png"]
+
+    # `prunefit compare` puts runs side by side
+    from targets.compare import compare
+
+    table = compare([out, out])
+    n = len(plan["removed_layers"])
+    assert f"| blocks removed | {n} | {n} |" in table
+    assert "all pass" in table
+
     # unchanged inputs: nothing is redone
     again = run_pipeline(run_cfg)
     assert all(again["stages"][s]["cached"] for s in ("prune", "export-onnxruntime", "export-executorch"))

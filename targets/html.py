@@ -1,0 +1,172 @@
+"""``report.html``: a self-contained page (plots embedded as base64 PNG, also saved under plots/).
+
+Plots (matplotlib, Agg backend: no display needed):
+- widths by layer after pruning (MLP channels and KV heads per original block; removed blocks marked),
+- the budget broken into its predicted terms per runtime (stacked bar) with the measured peak and
+  the budget line,
+- predicted vs measured peak per runtime.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+from pipeline.fsio import atomic_write_bytes, atomic_write_text
+
+
+def _png(fig: Any) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def _layer_widths(out_dir: Path, plan: dict[str, Any]) -> tuple[list[int], list[int], list[int]] | None:
+    """Per original block: intermediate size and KV heads after pruning (0 = removed)."""
+    try:
+        cfg = json.loads((out_dir / "pruned_model" / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    meta = cfg.get("prunefit") or {}
+    kept = plan.get("kept_layers") or list(range(cfg["num_hidden_layers"]))
+    total = len(kept) + len(plan.get("removed_layers", []))
+    per_layer = meta.get("layers") or [
+        {"intermediate_size": cfg["intermediate_size"], "num_key_value_heads": cfg.get("num_key_value_heads", 0)}
+    ] * len(kept)
+    inter, kv = [0] * total, [0] * total
+    for orig, w in zip(kept, per_layer, strict=False):
+        inter[orig], kv[orig] = int(w["intermediate_size"]), int(w["num_key_value_heads"])
+    return list(range(total)), inter, kv
+
+
+def plots(out_dir: Path, report: dict[str, Any]) -> dict[str, bytes]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    images: dict[str, bytes] = {}
+    plan, val = report["prune"], report["validation"]
+    widths = _layer_widths(out_dir, plan)
+    if widths:
+        idx, inter, kv = widths
+        fig, ax = plt.subplots(figsize=(8, 3))
+        ax.bar(idx, inter, color=["#4c78a8" if w else "#e45756" for w in inter])
+        for i, w in zip(idx, inter, strict=True):
+            if not w:
+                ax.text(i, 0, "x", ha="center", va="bottom", color="#e45756")
+        ax.set_xlabel("original decoder block (x = removed)")
+        ax.set_ylabel("MLP channels kept")
+        ax2 = ax.twinx()
+        ax2.plot(idx, kv, "o-", color="#f58518", label="KV heads")
+        ax2.set_ylabel("KV heads kept")
+        ax2.set_ylim(bottom=0)
+        ax.set_title(f"Widths after pruning ({plan['method']})")
+        images["widths"] = _png(fig)
+        plt.close(fig)
+    per_rt = {e["runtime"]: e for e in plan["after"]["per_runtime"]}
+    measured = {r["runtime"]: r for r in val.get("runtimes", [])}
+    if per_rt:
+        names = list(per_rt)
+        terms = [("weights_mib", "weights"), ("kv_cache_mib", "KV cache"), ("activations_mib", "activations"),
+                 ("overhead_mib", "overhead")]  # fmt: skip
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        bottom = [0.0] * len(names)
+        for key, label in terms:
+            vals = [float(per_rt[n][key]) for n in names]
+            ax.bar(names, vals, bottom=bottom, label=label)
+            bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
+        budget = float(report["profile"]["memory_budget_mib"])
+        ax.axhline(budget, color="black", linestyle="--", label=f"budget {budget:.0f} MiB")
+        meas = [measured[n]["projected_peak_mib"] if n in measured else None for n in names]
+        ax.scatter([n for n, m in zip(names, meas, strict=True) if m is not None], [m for m in meas if m is not None],
+                   color="black", marker="D", zorder=3, label="measured (projected) peak")  # fmt: skip
+        ax.set_ylabel("MiB")
+        ax.set_title("Predicted memory by term vs budget")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        images["budget"] = _png(fig)
+        plt.close(fig)
+    if measured:
+        names = list(measured)
+        fig, ax = plt.subplots(figsize=(6, 3))
+        xs = range(len(names))
+        ax.bar([x - 0.2 for x in xs], [measured[n]["predicted_model_peak_mib"] for n in names], 0.4, label="predicted")
+        ax.bar([x + 0.2 for x in xs], [measured[n]["measured"]["model_peak_mib"] for n in names], 0.4, label="measured")
+        for x, n in zip(xs, names, strict=True):
+            ax.text(x, measured[n]["measured"]["model_peak_mib"], f"{measured[n]['prediction_error']:+.1%}", ha="left")
+        ax.set_xticks(list(xs), names)
+        ax.set_ylabel("run peak (MiB)")
+        ax.set_title("Memory model: predicted vs measured run peak")
+        ax.legend(fontsize=7)
+        images["prediction"] = _png(fig)
+        plt.close(fig)
+    return images
+
+
+def _table(headers: list[str], rows: list[list[Any]]) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _runtime_row(r: dict[str, Any]) -> list[Any]:
+    m = r["measured"]
+    return [
+        r["runtime"],
+        f"{r['size_mib']:.1f}",
+        f"{m['load_s']:.2f}",
+        f"{m.get('prefill_s', float('nan')) * 1000:.0f}",
+        f"{m.get('decode_tokens_per_s', float('nan')):.1f}",
+        f"{m['model_peak_mib']:.1f}",
+        f"{r['predicted_model_peak_mib']:.1f}",
+        f"{r['prediction_error']:+.1%}",
+        f"{r['max_abs_logit_diff']:.2e}",
+        r.get("generation", {}).get("tokens_equal", "-"),
+    ]
+
+
+def render_html(out_dir: Path, report: dict[str, Any]) -> str:
+    """The page; also writes each plot to ``out_dir/plots/<name>.png``."""
+    images = plots(out_dir, report)
+    for name, data in images.items():
+        atomic_write_bytes(out_dir / "plots" / f"{name}.png", data)
+    p, val, plan = report["profile"], report["validation"], report["prune"]
+    verdict = "PASS" if val["passed"] else "FAIL"
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        f"<title>prunefit report: {html.escape(p['name'])}</title>",
+        "<style>body{font-family:sans-serif;max-width:980px;margin:2em auto}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:3px 6px;font-size:13px}.pass{color:#2a7}.fail{color:#c33}</style>",
+        "</head><body>",
+        f"<h1>prunefit report: {html.escape(p['name'])} — <span class='{verdict.lower()}'>{verdict}</span></h1>",
+        f"<p>{html.escape(p['device'])}: budget {p['memory_budget_mib']} MiB, context {p['context_length']}, "
+        f"{p['threads']} threads. Model <code>{html.escape(str(report['model']))}</code>; method "
+        f"<code>{html.escape(plan['method'])}</code>, parameters {plan['params_before']:,} → "
+        f"{plan['params_after']:,}.</p>",
+        "<h2>Gates</h2>",
+        _table(
+            ["gate", "result", "detail"],
+            [[g["name"], "pass" if g["passed"] else "FAIL", g["detail"]] for g in val["gates"]],
+        ),
+    ]
+    titles = {"widths": "What was pruned", "budget": "Budget", "prediction": "Predicted vs measured"}
+    for name, data in images.items():
+        parts.append(f"<h2>{titles[name]}</h2><img alt='{name}' src='data:image/png;base64,"
+                     f"{base64.b64encode(data).decode()}'>")  # fmt: skip
+    parts.append("<h2>Runtimes, measured</h2>")
+    headers = ["runtime", "size MiB", "load s", "prefill ms", "decode tok/s", "run peak MiB", "predicted MiB"]
+    headers += ["error", "max |logit diff|", "tokens equal"]
+    parts.append(_table(headers, [_runtime_row(r) for r in val.get("runtimes", [])]))
+    if val.get("perplexity"):
+        parts.append("<h2>Perplexity</h2>")
+        parts.append(_table(["model", "perplexity"], [[k, f"{v:.2f}"] for k, v in val["perplexity"].items()]))
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_html(out_dir: Path, report: dict[str, Any]) -> Path:
+    return atomic_write_text(out_dir / "report.html", render_html(out_dir, report))
