@@ -53,27 +53,10 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 local_py=${PRUNEFIT_PYTHON:-$here/.venv/bin/python}
 adb_bin=${PRUNEFIT_ADB:-adb}
 
-case "$runtime" in
-  onnxruntime)  # the ORT-format file when the profile asked for one (onnx_format: ort)
-    if [ -f "$out/model.ort" ]; then files=("$out/model.ort"); artifact=model.ort
-    else files=("$out/model.onnx" "$out/model.onnx.data"); artifact=model.onnx; fi ;;
-  executorch) files=("$out/model.pte"); artifact=model.pte ;;
-  *) die "--runtime must be onnxruntime or executorch, not '$runtime'" ;;
-esac
-for f in "${files[@]}" "$out/profile.yaml" "$out/report.json"; do
-  [ -f "$f" ] || die "$f is missing: run \`make export TARGET=android\` first (ARTIFACTS_DIR is its output directory)"
-done
-inputs="$out/validation/${runtime}_inputs.npy"
-[ -f "$inputs" ] || die "$inputs is missing: run \`make validate\` for $out first"
-[ -x "$local_py" ] || die "local Python $local_py not found: run \`make setup\` (or set PRUNEFIT_PYTHON)"
+# shellcheck source=scripts/_artifacts.sh
+source "$here/scripts/_artifacts.sh"
+load_artifacts android
 [ -z "$runner" ] || [ -f "$runner" ] || die "native runner $runner does not exist"
-
-read -r threads chunk new_tokens < <("$local_py" - "$out/profile.yaml" <<'PY'
-import sys, yaml
-p = yaml.safe_load(open(sys.argv[1]))
-print(p["threads"], p["prefill_tokens"], p.get("decode_tokens", 32))
-PY
-)
 
 adb=("$adb_bin")
 [ -n "$serial" ] && adb+=(-s "$serial")

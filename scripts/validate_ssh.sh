@@ -45,32 +45,14 @@ host=$1 out=$2
 here=$(cd "$(dirname "$0")/.." && pwd)
 local_py=${PRUNEFIT_PYTHON:-$here/.venv/bin/python}
 
-case "$runtime" in
-  onnxruntime)  # the ORT-format file when the profile asked for one (onnx_format: ort)
-    if [ -f "$out/model.ort" ]; then files=("$out/model.ort"); artifact=model.ort
-    else files=("$out/model.onnx" "$out/model.onnx.data"); artifact=model.onnx; fi ;;
-  executorch) files=("$out/model.pte"); artifact=model.pte ;;
-  *) die "--runtime must be onnxruntime or executorch, not '$runtime'" ;;
-esac
-for f in "${files[@]}" "$out/profile.yaml" "$out/report.json"; do
-  [ -f "$f" ] || die "$f is missing: run \`make export TARGET=...\` first (ARTIFACTS_DIR is its output directory)"
-done
-inputs="$out/validation/${runtime}_inputs.npy"
-[ -f "$inputs" ] || die "$inputs is missing: run \`make validate\` for $out first"
-[ -x "$local_py" ] || die "local Python $local_py not found: run \`make setup\` (or set PRUNEFIT_PYTHON)"
+# shellcheck source=scripts/_artifacts.sh
+source "$here/scripts/_artifacts.sh"
+load_artifacts ...
 ssh_bin=${PRUNEFIT_SSH:-ssh} scp_bin=${PRUNEFIT_SCP:-scp}
 if [ "$dry" = 0 ]; then
   command -v "$ssh_bin" >/dev/null || die "$ssh_bin is not installed on this machine (apt install openssh-client)" 3
   command -v "$scp_bin" >/dev/null || die "$scp_bin is not installed on this machine (apt install openssh-client)" 3
 fi
-
-# threads, prefill chunk and decode tokens come from the profile the artifacts were made for
-read -r threads chunk new_tokens < <("$local_py" - "$out/profile.yaml" <<'PY'
-import sys, yaml
-p = yaml.safe_load(open(sys.argv[1]))
-print(p["threads"], p["prefill_tokens"], p.get("decode_tokens", 32))
-PY
-)
 
 ssh_opts=(-o BatchMode=yes -o ConnectTimeout=10)
 scp_opts=(-o BatchMode=yes -o ConnectTimeout=10)

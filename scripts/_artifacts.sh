@@ -1,0 +1,25 @@
+# Sourced by validate_ssh.sh and validate_android.sh: pick the artifact for $runtime in $out, check
+# that the run's files are there, and read threads / prefill chunk / decode tokens from its profile.
+# Needs: die, $runtime, $out, $local_py. Sets: files, artifact, inputs, threads, chunk, new_tokens.
+load_artifacts() {  # $1: the target named in the "run make export" hint
+  case "$runtime" in
+    onnxruntime)  # the ORT-format file when the profile asked for one (onnx_format: ort)
+      if [ -f "$out/model.ort" ]; then files=("$out/model.ort"); artifact=model.ort
+      else files=("$out/model.onnx" "$out/model.onnx.data"); artifact=model.onnx; fi ;;
+    executorch) files=("$out/model.pte"); artifact=model.pte ;;
+    *) die "--runtime must be onnxruntime or executorch, not '$runtime'" ;;
+  esac
+  for f in "${files[@]}" "$out/profile.yaml" "$out/report.json"; do
+    [ -f "$f" ] || die "$f is missing: run \`make export TARGET=$1\` first (ARTIFACTS_DIR is its output directory)"
+  done
+  inputs="$out/validation/${runtime}_inputs.npy"
+  [ -f "$inputs" ] || die "$inputs is missing: run \`make validate\` for $out first"
+  [ -x "$local_py" ] || die "local Python $local_py not found: run \`make setup\` (or set PRUNEFIT_PYTHON)"
+  # threads, prefill chunk and decode tokens come from the profile the artifacts were made for
+  read -r threads chunk new_tokens < <("$local_py" - "$out/profile.yaml" <<'PY'
+import sys, yaml
+p = yaml.safe_load(open(sys.argv[1]))
+print(p["threads"], p["prefill_tokens"], p.get("decode_tokens", 32))
+PY
+  )
+}
