@@ -18,7 +18,7 @@ EXTRA  ?=
 
 PROFILES := $(basename $(notdir $(wildcard device_profiles/*.yaml)))
 
-.PHONY: help setup export validate report bench bench-export profiles test test-fast lint clean check-target
+.PHONY: help setup export validate validate-emulated setup-emulated report bench bench-export profiles test test-fast lint clean check-target
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -48,6 +48,17 @@ export: $(STAMP) check-target ## prune -> rewrite -> export -> validate for TARG
 validate: $(STAMP) check-target ## re-validate the artifacts in OUT against TARGET
 	$(VENV)/bin/prunefit validate --out "$(OUT)" --target $(TARGET)
 
+setup-emulated: ## install qemu-user and debootstrap (Debian packages; needs root) for validate-emulated
+	@command -v qemu-aarch64-static >/dev/null && command -v debootstrap >/dev/null || \
+	  { apt-get install -y -q qemu-user-static debootstrap >/dev/null || \
+	    { apt-get update -q >/dev/null && apt-get install -y -q qemu-user-static debootstrap >/dev/null; }; }
+
+# Runs the exported ONNX model under qemu-user on the profile's aarch64 core (exports first if OUT has no
+# run). Skipped, with the reason, where qemu-user is missing; `apt-get install qemu-user-static debootstrap`.
+validate-emulated: $(STAMP) check-target ## run OUT's ONNX artifact on the target ISA (qemu-aarch64) and merge into its report
+	@test -f "$(OUT)/report.json" || $(MAKE) export TARGET=$(TARGET) OUT="$(OUT)"
+	$(VENV)/bin/prunefit emulate --out "$(OUT)"
+
 report: $(STAMP) check-target ## re-render OUT/report.md from OUT/report.json
 	$(VENV)/bin/prunefit report --out "$(OUT)"
 
@@ -63,7 +74,7 @@ $(OPT_VENV)/.installed:
 	touch $@
 
 bench-export: $(STAMP) $(OPT_VENV)/.installed ## export benchmark: dense vs pruned, both runtimes, quantized, optimum peer
-	$(PY) benchmarks/export.py --quantized --optimum-python $(OPT_VENV)/bin/python
+	$(PY) benchmarks/export.py --quantized --et-generic --optimum-python $(OPT_VENV)/bin/python
 
 profiles: $(STAMP) ## list device profiles and their budgets
 	$(VENV)/bin/prunefit profiles

@@ -38,15 +38,15 @@ PROMPT, NEW_TOKENS, THREADS, CONTEXT = 128, 32, 2, 1024
 log = logging.getLogger("bench.export")
 
 
-def prepare(work: Path, ratio: float) -> dict[str, Any]:
-    """Save the dense and the pruned model as HF directories, and a real 128-token prompt."""
+def prepare(work: Path, ratio: float, methods: list[str]) -> dict[str, Any]:
+    """Save the dense and each method's pruned model as HF directories, and a real 128-token prompt."""
     import torch
     from safetensors.torch import save_file
 
     from pipeline.data import first_windows, read_text, tokenize_windows
     from pipeline.model import load_model
     from pipeline.prune import PruneConfig, prune_to_budget
-    from pipeline.rewrite import save_model
+    from pipeline.rewrite import load_pruned, save_model
     from targets.profile import load_profile
 
     loaded = load_model()
@@ -57,26 +57,29 @@ def prepare(work: Path, ratio: float) -> dict[str, Any]:
     prompt = first_windows(read_text(str(WIKI / "wiki.test.tokens")), tok, 1, PROMPT, where="test")
     np.save(work / "prompt.npy", prompt.numpy().astype(np.int64))
     save_file({"prompt": prompt.contiguous()}, str(work / "prompt.safetensors"))
-    t0 = time.perf_counter()
-    cfg = PruneConfig(method="width", target_decoder_ratio=ratio, max_removed_layer_ratio=0.9)
-    prune_to_budget(model, calib, load_profile("android"), cfg)
-    prune_s = time.perf_counter() - t0
-    save_model(model, tok, work / "pruned")
-    pruned_params = sum(p.numel() for p in model.parameters())
+    meta: dict[str, Any] = {"dense_params": dense_params}
+    for method in methods:
+        pruned = load_pruned(work / "dense")
+        t0 = time.perf_counter()
+        cfg = PruneConfig(method=method, target_decoder_ratio=ratio, max_removed_layer_ratio=0.9)
+        prune_to_budget(pruned, calib, load_profile("android"), cfg)
+        meta[f"prune_s[{method}]"] = time.perf_counter() - t0
+        save_model(pruned, tok, work / f"pruned-{method}")
+        meta[f"pruned_params[{method}]"] = sum(p.numel() for p in pruned.parameters())
     del torch
-    return {"dense_params": dense_params, "pruned_params": pruned_params, "prune_s": prune_s}
+    return meta
 
 
-def export_child(variant: str, runtime: str, work: Path, quantize: str | None) -> dict[str, Any]:
+def export_child(variant: str, runtime: str, work: Path, quantize: str | None, llm_ops: bool) -> dict[str, Any]:
     """Export one model for one runtime (own process: its memory and time are its own)."""
     from exporters import get_exporter
     from exporters.base import ExportConfig
     from pipeline.rewrite import load_pruned
 
     model = load_pruned(work / variant)
-    out = work / f"{variant}-{runtime}{'-' + quantize if quantize else ''}"
+    out = work / f"{variant}-{runtime}{'-' + quantize if quantize else ''}{'' if llm_ops else '-generic'}"
     out.mkdir(exist_ok=True)
-    cfg = ExportConfig(seq_len=PROMPT, max_cache_len=CONTEXT, quantize=quantize)
+    cfg = ExportConfig(seq_len=PROMPT, max_cache_len=CONTEXT, quantize=quantize, llm_ops=llm_ops)
     art = get_exporter(runtime).export(model, cfg, out)
     return {"path": str(art.path), "size_mib": art.size_bytes / 2**20, "export_s": art.export_s}
 
@@ -128,34 +131,46 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ratio", type=float, default=0.2, help="share of decoder parameters to prune")
     ap.add_argument("--runtimes", default=",".join(RUNTIMES))
-    ap.add_argument("--quantized", action="store_true", help="also the pruned model as int8 (ORT) / 8da4w (ET)")
+    ap.add_argument("--methods", default="width,depth", help="pruning methods, each pruned to --ratio")
+    ap.add_argument("--quantized", action="store_true", help="also the width-pruned model as int8w (ORT) / 8da4w (ET)")
+    ap.add_argument(
+        "--et-generic",
+        action="store_true",
+        help="also the dense .pte with generic attention (no LLM kernels), side by side",
+    )
     ap.add_argument("--optimum-python", help="python of a venv with optimum-onnx (transformers<4.58)")
     ap.add_argument("--out", type=Path, default=ROOT / "results")
-    ap.add_argument("--child", nargs=4, metavar=("VARIANT", "RUNTIME", "WORK", "QUANT"), help=argparse.SUPPRESS)
+    ap.add_argument("--child", nargs=5, metavar=("VARIANT", "RUNTIME", "WORK", "QUANT", "OPS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        variant, runtime, work, quant = args.child
-        print("ROW " + json.dumps(export_child(variant, runtime, Path(work), None if quant == "-" else quant)))
+        variant, runtime, work, quant, ops = args.child
+        row = export_child(variant, runtime, Path(work), None if quant == "-" else quant, ops == "1")
+        print("ROW " + json.dumps(row))
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="prunefit-export-bench-") as tmp:
         work = Path(tmp)
-        meta = prepare(work, args.ratio)
+        methods = args.methods.split(",")
+        meta = prepare(work, args.ratio, methods)
         meta |= {"model": "SmolLM2-135M-Instruct", "prompt_tokens": PROMPT, "new_tokens": NEW_TOKENS,
-                 "threads": THREADS, "context": CONTEXT}  # fmt: skip
-        plan: list[tuple[str, str, str | None]] = [
-            (v, rt, None) for v in ("dense", "pruned") for rt in args.runtimes.split(",")
+                 "threads": THREADS, "context": CONTEXT, "ratio": args.ratio, "methods": methods}  # fmt: skip
+        plan: list[tuple[str, str, str | None, bool]] = [
+            (v, rt, None, True) for v in ("dense", *(f"pruned-{m}" for m in methods)) for rt in args.runtimes.split(",")
         ]
+        if args.et_generic:
+            plan.append(("dense", "executorch", None, False))
         if args.quantized:
-            plan += [("pruned", "onnxruntime", "int8"), ("pruned", "executorch", "8da4w")]
-        for variant, runtime, quant in plan:
-            tag = f"{variant}-{runtime}{'-' + quant if quant else ''}"
+            plan += [(f"pruned-{methods[0]}", "onnxruntime", "int8w", True),
+                     (f"pruned-{methods[0]}", "executorch", "8da4w", True)]  # fmt: skip
+        for variant, runtime, quant, ops in plan:
+            tag = f"{variant}-{runtime}{'-' + quant if quant else ''}{'' if ops else '-generic'}"
             log.info("exporting %s", tag)
             try:
-                exp = _child([variant, runtime, str(work), quant or "-"])
+                exp = _child([variant, runtime, str(work), quant or "-", "1" if ops else "0"])
+                precision = (quant or "fp32") + ("" if ops else ", generic attention")
                 rows.append(
-                    _row(tag, variant, runtime, quant or "fp32", "prunefit", exp, run(runtime, exp["path"], work, tag))
+                    _row(tag, variant, runtime, precision, "prunefit", exp, run(runtime, exp["path"], work, tag))
                 )
             except RuntimeError as exc:
                 log.error("%s", exc)
@@ -182,19 +197,21 @@ def _row(tag: str, variant: str, runtime: str, precision: str, exporter: str, ex
 def write(out: Path, rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
     """JSON + Markdown, with the goals evaluated from this run's own rows."""
     out.mkdir(parents=True, exist_ok=True)
-    removed = 1 - meta["pruned_params"] / meta["dense_params"]
+    methods = meta.get("methods", [])
+    removed = {m: 1 - meta[f"pruned_params[{m}]"] / meta["dense_params"] for m in methods}
     by = {r["artifact"]: r for r in rows}
     goals = []
-    for rt in RUNTIMES:
-        d, p = by.get(f"dense-{rt}"), by.get(f"pruned-{rt}")
-        if d and p:
-            bytes_removed = 1 - p["size_mib"] / d["size_mib"]
-            limit = 1.05 * (1 - bytes_removed) * d["decode_ms_per_token"]
-            goals.append({
-                "goal": f"pruned decode latency <= 1.05 x (1 - bytes removed) x dense [{rt}]",
-                "value_ms": p["decode_ms_per_token"], "limit_ms": limit, "bytes_removed": bytes_removed,
-                "met": p["decode_ms_per_token"] <= limit,
-            })  # fmt: skip
+    for m in methods:
+        for rt in RUNTIMES:
+            d, p = by.get(f"dense-{rt}"), by.get(f"pruned-{m}-{rt}")
+            if d and p:
+                bytes_removed = 1 - p["size_mib"] / d["size_mib"]
+                limit = 1.05 * (1 - bytes_removed) * d["decode_ms_per_token"]
+                goals.append({
+                    "goal": f"pruned ({m}) decode latency <= 1.05 x (1 - bytes removed) x dense [{rt}]",
+                    "value_ms": p["decode_ms_per_token"], "limit_ms": limit, "bytes_removed": bytes_removed,
+                    "met": p["decode_ms_per_token"] <= limit,
+                })  # fmt: skip
     if "dense-onnxruntime" in by and "dense-optimum" in by:
         ours, peer = by["dense-onnxruntime"]["decode_ms_per_token"], by["dense-optimum"]["decode_ms_per_token"]
         goals.append({"goal": "prunefit dense ONNX decode no slower than optimum-onnx's", "value_ms": ours,
@@ -203,8 +220,12 @@ def write(out: Path, rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
         json.dumps({**meta, "params_removed": removed, "rows": rows, "goals": goals}, indent=2)
     )
     lines = [
-        f"SmolLM2-135M, dense vs pruned ({removed:.1%} of all parameters removed by `width` at "
-        f"{meta.get('prune_s', 0):.0f} s); prompt {PROMPT} tokens, {NEW_TOKENS} greedy tokens with the KV cache, "
+        "SmolLM2-135M, dense vs pruned at "
+        f"{meta.get('ratio', 0.2):.0%} of decoder parameters ("
+        + ", ".join(
+            f"`{m}`: {removed[m]:.1%} of all parameters, pruned in {meta[f'prune_s[{m}]']:.0f} s" for m in methods
+        )
+        + f"); prompt {PROMPT} tokens, {NEW_TOKENS} greedy tokens with the KV cache, "
         f"{THREADS} threads, static cache / context {CONTEXT}. One run, each export and each measurement in its own "
         "process.",
         "",

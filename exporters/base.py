@@ -25,6 +25,7 @@ class ExportConfig:
     quantize: str | None = None  # a scheme of exporters.quantize (per runtime), None: fp32
     ort_format: bool = False  # onnxruntime: also write model.ort (ORT Mobile), optimized offline
     target_arch: str = "aarch64"  # the device's CPU: offline optimizations must not assume this host's
+    llm_ops: bool = True  # executorch: ExecuTorch's LLM kernels (custom_sdpa, update_cache) where they apply
 
     @property
     def cache_len(self) -> int:

@@ -12,6 +12,7 @@ ops run in the slow portable kernels.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -22,6 +23,7 @@ from transformers import PreTrainedModel
 
 from exporters.base import ExportArtifact, ExportConfig, export_error
 from exporters.cache import StaticCacheDecoder, kv_layout
+from exporters.llm_ops import LlmOpsCacheDecoder, llm_ops_attention, unsupported_reason
 from exporters.quantize import quantize_torch
 from pipeline.errors import ExportError, RuntimeMissingError
 from pipeline.fsio import atomic_write_bytes
@@ -67,7 +69,14 @@ class ExecuTorchExporter:
         t0 = time.perf_counter()
         # quantized: a copy; the caller's fp32 model stays the parity reference
         source: Any = quantize_torch(model, cfg.quantize) if cfg.quantize else model
-        decoder = StaticCacheDecoder(source, cfg.cache_len, cfg.batch_size).eval()
+        why_not = unsupported_reason(model, cfg.cache_len) if cfg.llm_ops else "disabled"
+        use_ops = why_not is None
+        decoder: torch.nn.Module
+        if use_ops:
+            decoder = LlmOpsCacheDecoder(source, cfg.cache_len, cfg.batch_size).eval()
+        else:
+            decoder = StaticCacheDecoder(source, cfg.cache_len, cfg.batch_size).eval()
+            log.info("ExecuTorch program with generic attention over the cache (LLM kernels: %s)", why_not)
         ids, pos = example_inputs(cfg, model.config.vocab_size)
         dynamic = None
         if cfg.seq_len > 1:
@@ -86,7 +95,8 @@ class ExecuTorchExporter:
             with torch.no_grad():
                 # strict (dynamo) tracing: the non-strict tracer fails on the cache's in-place
                 # buffer updates with this torch (AOT "expected compiled_fn to be GraphModule").
-                ep = torch.export.export(decoder, (ids, pos), dynamic_shapes=dynamic, strict=True)
+                with llm_ops_attention(source) if use_ops else contextlib.nullcontext():
+                    ep = torch.export.export(decoder, (ids, pos), dynamic_shapes=dynamic, strict=True)
                 edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()], constant_methods=metadata)
                 details = _delegation(edge)
                 # Re-inplace index_put -> index_put_: the cache update writes into the cache buffer
@@ -99,6 +109,9 @@ class ExecuTorchExporter:
         log.info("wrote %s (%.1f MiB, %d XNNPACK delegate calls)", path, len(buffer) / 2**20, details["delegate_calls"])
         details |= {
             "kv_cache": f"static, {cfg.cache_len} positions",
+            "attention": "llama::custom_sdpa + llama::update_cache (needs the LLM custom-ops kernels)"
+            if use_ops
+            else f"generic SDPA over the cache ({why_not})",
             "kv_heads": list(layout.kv_heads),
             "max_seq_len": cfg.seq_len,
             "metadata": metadata,

@@ -119,7 +119,7 @@ class OnnxExporter:
                     fp32.parent.mkdir()
                     onnx_ir.save(program.model, str(fp32), external_data=self.data_filename)
                     del program
-                    quantize_onnx(fp32, tmp)
+                    quantize_onnx(fp32, tmp, cfg.quantize)
                 else:
                     onnx_ir.save(program.model, str(tmp), external_data=self.data_filename)
                 onnx.checker.check_model(str(tmp), full_check=False)

@@ -105,6 +105,14 @@ def build_parser() -> argparse.ArgumentParser:
     va.add_argument("--target", default=None, help="profile to validate against (default: the one exported for)")
     _add_common(va)
 
+    em = sub.add_parser(
+        "emulate", help="run an earlier export's ONNX artifact on the profile's aarch64 core under qemu-user"
+    )
+    em.add_argument("--out", type=Path, required=True, help="artifacts directory of an earlier `prunefit export`")
+    em.add_argument("--target", default=None, help="profile (default: the one exported for)")
+    em.add_argument("--require", action="store_true", help="fail instead of skipping when qemu-user is missing")
+    _add_common(em)
+
     rp = sub.add_parser("report", help="re-render report.md from the report.json of an earlier run")
     rp.add_argument("--out", type=Path, required=True, help="artifacts directory of an earlier `prunefit export`")
     _add_common(rp)
@@ -238,6 +246,11 @@ def main(argv: list[str] | None = None) -> int:
 
             print(compare(args.dirs), end="")
             return 0
+        if args.command == "emulate":
+            from targets.emulate import main as emulate_main
+
+            argv = [str(args.out), *(["--target", args.target] if args.target else [])]
+            return emulate_main(argv + (["--require"] if args.require else []))
         if args.command == "report":
             from targets.report import rerender
 

@@ -55,7 +55,7 @@ RUNTIME_COSTS: dict[Runtime, RuntimeCost] = {
     # libonnxruntime.so for arm64 Android/Linux maps ~20 MiB; ORT Mobile minimal builds are smaller.
     "onnxruntime": RuntimeCost(library_mib=20.0, session_mib=13.0, weight_transient_ratio=0.20),
     # The ExecuTorch runtime core + XNNPACK delegate is a few MiB of code.
-    "executorch": RuntimeCost(library_mib=4.0, session_mib=7.0, weight_transient_ratio=0.24),
+    "executorch": RuntimeCost(library_mib=4.0, session_mib=7.0, weight_transient_ratio=0.16),
 }
 
 

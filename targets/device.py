@@ -36,7 +36,28 @@ def _load_json(path: Path) -> dict[str, Any]:
     return result
 
 
-def merge(out_dir: Path, runtime: str, label: str, result_path: Path, generation_path: Path | None) -> dict[str, Any]:
+def compare_with_local(out_dir: Path, runtime: str, generation_path: Path | None) -> dict[str, Any]:
+    """Tokens and logits of a remote (or emulated) run against the local run of the same artifact
+    on the same prompt; empty when either generation is missing."""
+    local = out_dir / "validation" / f"{runtime}_generation.npz"
+    if generation_path is None or not generation_path.is_file() or not local.is_file():
+        return {}
+    with np.load(generation_path) as dev, np.load(local) as ref:
+        return {
+            "tokens_equal_to_local_run": bool((dev["tokens"] == ref["tokens"]).all()),
+            "max_abs_logit_diff_vs_local_run": float(np.abs(dev["prefill"] - ref["prefill"]).max()),
+            "argmax_agreement_vs_local_run": float((dev["prefill"].argmax(-1) == ref["prefill"].argmax(-1)).mean()),
+        }
+
+
+def merge(
+    out_dir: Path,
+    runtime: str,
+    label: str,
+    result_path: Path,
+    generation_path: Path | None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Add one device run to ``out_dir/report.json``; returns the entry written."""
     report_path = out_dir / "report.json"
     try:
@@ -46,13 +67,13 @@ def merge(out_dir: Path, runtime: str, label: str, result_path: Path, generation
     result = _load_json(result_path)
     if "error" in result:
         raise ConfigError(f"The device runner failed on {label}: {result.get('message', result['error'])}")
-    entry: dict[str, Any] = {"label": label, "runtime": runtime, "measured": result}
-    local = out_dir / "validation" / f"{runtime}_generation.npz"
-    if generation_path is not None and generation_path.is_file() and local.is_file():
-        with np.load(generation_path) as dev, np.load(local) as ref:
-            same = bool((dev["tokens"] == ref["tokens"]).all())
-            entry["tokens_equal_to_local_run"] = same
-            entry["max_abs_logit_diff_vs_local_run"] = float(np.abs(dev["prefill"] - ref["prefill"]).max())
+    entry: dict[str, Any] = {
+        "label": label,
+        "runtime": runtime,
+        "measured": result,
+        **compare_with_local(out_dir, runtime, generation_path),
+        **(extra or {}),
+    }
     runs = [r for r in report.get("device_runs", []) if not (r["label"] == label and r["runtime"] == runtime)]
     report["device_runs"] = [*runs, entry]
     write_report(out_dir, report)

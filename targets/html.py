@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.fsio import atomic_write_bytes, atomic_write_text
+from targets.report import DEVICE_HEADERS, device_run_rows
 
 
 def _png(fig: Any) -> bytes:
@@ -164,6 +165,13 @@ def render_html(out_dir: Path, report: dict[str, Any]) -> str:
     if val.get("perplexity"):
         parts.append("<h2>Perplexity</h2>")
         parts.append(_table(["model", "perplexity"], [[k, f"{v:.2f}"] for k, v in val["perplexity"].items()]))
+    runs = report.get("device_runs", [])
+    if runs:
+        parts.append("<h2>On devices</h2>")
+        parts.append(_table(DEVICE_HEADERS, [[c.replace("**", "") for c in row] for row in device_run_rows(runs)]))
+        if any(r.get("emulated") for r in runs):
+            parts.append("<p>Rows marked (emulated) ran under qemu-user on the target ISA: timings and memory are "
+                         "the emulator's, not a device's.</p>")  # fmt: skip
     parts.append("</body></html>")
     return "\n".join(parts)
 

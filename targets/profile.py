@@ -73,7 +73,7 @@ class DeviceProfile(_Strict):
     width_multiple: int = Field(8, ge=1, le=256)
     runtime_overhead_mib: dict[Runtime, float] = Field(default_factory=dict)
     # Weight quantization per runtime (absent: fp32): onnxruntime int8; executorch 8da4w / 8da8w.
-    quantize: dict[Runtime, Literal["int8", "8da4w", "8da8w"]] = Field(default_factory=dict)
+    quantize: dict[Runtime, Literal["int8", "int8w", "8da4w", "8da8w"]] = Field(default_factory=dict)
     # onnxruntime artifact format: "ort" = ORT format for ORT Mobile / minimal builds, optimized
     # offline for the device's CPU (model.onnx is still written beside it).
     onnx_format: Literal["onnx", "ort"] = "onnx"
@@ -102,7 +102,7 @@ class DeviceProfile(_Strict):
                 f"({self.memory_budget_mib})"
             )
         for rt, scheme in self.quantize.items():
-            allowed = {"onnxruntime": ("int8",), "executorch": ("8da4w", "8da8w")}[rt]
+            allowed = {"onnxruntime": ("int8", "int8w"), "executorch": ("8da4w", "8da8w")}[rt]
             if scheme not in allowed:
                 raise ValueError(f"quantize.{rt}: '{scheme}' is not a {rt} scheme; use one of {', '.join(allowed)}")
             if rt not in self.runtimes:
@@ -155,8 +155,9 @@ def resolve_profile_path(name_or_path: str | Path) -> Path:
     return candidate
 
 
-def load_profile(name_or_path: str | Path) -> DeviceProfile:
-    """Load and validate one profile; the ``name`` key must equal the file stem."""
+def load_profile(name_or_path: str | Path, check_stem: bool = True) -> DeviceProfile:
+    """Load and validate one profile; the ``name`` key must equal the file stem (not checked for
+    the copy saved beside the artifacts, ``OUT/profile.yaml``)."""
     path = resolve_profile_path(name_or_path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -172,7 +173,7 @@ def load_profile(name_or_path: str | Path) -> DeviceProfile:
         profile = DeviceProfile.model_validate(data)
     except ValidationError as exc:
         raise ProfileError(_format_errors(path, exc)) from exc
-    if profile.name != path.stem:
+    if check_stem and profile.name != path.stem:
         raise ProfileError(f"Profile {path}: name '{profile.name}' must equal the file stem '{path.stem}'.")
     return profile
 

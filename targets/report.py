@@ -101,27 +101,44 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def device_run_rows(runs: list[dict[str, Any]]) -> list[list[str]]:
+    """One row per run merged by the device scripts or the emulated mode (shared by md and html)."""
+    rows = []
+    for r in runs:
+        m = r["measured"]
+        same = r.get("tokens_equal_to_local_run")
+        gates = r.get("gates", [])
+        rows.append([
+            r["label"], r["runtime"], str(m.get("threads", "-")), _f(m.get("load_s", "-"), 2),
+            _f(m.get("prefill_s", float("nan")) * 1000), _f(m.get("decode_tokens_per_s", "-")),
+            _f(m.get("model_peak_mib", "-")), "-" if same is None else ("yes" if same else "**no**"),
+            _f(r.get("max_abs_logit_diff_vs_local_run", "-"), 6),
+            ", ".join(f"{g['name']} {'pass' if g['passed'] else '**FAIL**'}" for g in gates) or "-",
+        ])  # fmt: skip
+    return rows
+
+
+DEVICE_HEADERS = [
+    "device", "runtime", "threads", "load (s)", "prefill (ms)", "decode (tok/s)", "run peak RSS (MiB)",
+    "tokens equal to local run", "max abs logit diff vs local", "gates",
+]  # fmt: skip
+
+
 def _device_runs(runs: list[dict[str, Any]]) -> list[str]:
-    """Runs on real devices merged by scripts/validate_{ssh,android}.sh (targets.device)."""
+    """Runs on real devices (scripts/validate_{ssh,android}.sh) or emulated (targets.emulate)."""
     if not runs:
         return []
     lines = [
         "",
         "## On devices",
         "",
-        "| device | runtime | threads | load (s) | prefill (ms) | decode (tok/s) | run peak RSS (MiB) "
-        "| tokens equal to local run | max abs logit diff vs local |",
-        "|---|---|---:|---:|---:|---:|---:|---|---:|",
+        "| " + " | ".join(DEVICE_HEADERS) + " |",
+        "|---|---|---:|---:|---:|---:|---:|---|---:|---|",
     ]
-    for r in runs:
-        m = r["measured"]
-        same = r.get("tokens_equal_to_local_run")
-        lines.append(
-            f"| {r['label']} | {r['runtime']} | {m.get('threads', '-')} | {_f(m.get('load_s', '-'), 2)} | "
-            f"{_f(m.get('prefill_s', float('nan')) * 1000)} | {_f(m.get('decode_tokens_per_s', '-'))} | "
-            f"{_f(m.get('model_peak_mib', '-'))} | {'-' if same is None else ('yes' if same else '**no**')} | "
-            f"{_f(r.get('max_abs_logit_diff_vs_local_run', '-'), 6)} |"
-        )
+    lines += ["| " + " | ".join(row) + " |" for row in device_run_rows(runs)]
+    if any(r.get("emulated") for r in runs):
+        lines += ["", "Rows marked *(emulated)* ran under qemu-user on the target ISA: their timings and memory "
+                  "are the emulator's, not a device's; their tokens and logits are the target build's."]  # fmt: skip
     return lines
 
 

@@ -178,6 +178,10 @@ def _executorch(path: Path, threads: int, chunk: int) -> Callable[[], Decoder]:
     from executorch.extension.pybindings import portable_lib
     from executorch.runtime import Runtime
 
+    try:  # the LLM kernels (llama::custom_sdpa, update_cache) that prunefit's programs call
+        from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401
+    except ImportError:  # an older runtime: programs exported with llm_ops=False still run
+        pass
     portable_lib._unsafe_reset_threadpool(threads)
     torch.set_num_threads(threads)
 

@@ -42,10 +42,10 @@ def test_make_export_android_on_default_model(tmp_path: Path, wiki_valid: Path, 
     report = json.loads((out / "report.json").read_text())
     plan, val = report["prune"], report["validation"]
     # The android budget forces pruning, and pruning stops as soon as the model fits (under the
-    # profile's headroom), within one channel group of the target: depth+width does not overshoot
-    # by a block.
+    # profile's headroom): the step before the last did not fit, so it overshoots by at most one
+    # removal (one block, ~17 MiB, for the profile's depth method).
     target = 768 - report["profile"]["pruning"]["headroom_mib"]
-    assert plan["before"]["worst_mib"] > 768 and target >= plan["after"]["worst_mib"] > target - 5
+    assert plan["before"]["worst_mib"] > 768 and target >= plan["after"]["worst_mib"] > target - 20
     assert 1 <= len(plan["removed_layers"]) <= 8
     assert plan["steps"][-2]["estimate_mib"] > target if len(plan["steps"]) > 1 else True
     # Dense perplexity on the first 16 x 512 WikiText-2 test tokens: a loading regression shows here.

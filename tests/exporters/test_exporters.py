@@ -60,15 +60,24 @@ def test_onnx_decode_with_kv_cache_matches_generate(arch: str, tmp_path: Path) -
     assert out["artifact"].details["kv_heads"] == kv_layout_heads(model)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3_text"])
-def test_executorch_static_cache_matches_generate(arch: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("arch", "llm_ops"), [("llama", True), ("qwen3", True), ("gemma3_text", True), ("mistral", False)]
+)
+def test_executorch_static_cache_matches_generate(arch: str, llm_ops: bool, tmp_path: Path) -> None:
     """The .pte's in-place static cache (per-layer heads) decodes like PyTorch; a prompt longer than
-    the program's chunk is prefilled in chunks; the cache is sized by max_cache_len."""
+    the program's chunk is prefilled in chunks; the cache is sized by max_cache_len. Llama and Qwen3
+    run on ExecuTorch's LLM kernels (custom_sdpa + update_cache); Gemma 3's sliding-window layers,
+    and any model with llm_ops off, on the generic attention over the cache."""
     model = heterogeneous(arch)
     ids = torch.randint(0, 512, (1, 20), generator=torch.Generator().manual_seed(3))
-    cfg = ExportConfig(seq_len=8, max_cache_len=40)  # prompt of 20 -> chunks 8 + 8 + 4
+    cfg = ExportConfig(seq_len=8, max_cache_len=40, llm_ops=llm_ops)  # prompt of 20 -> chunks 8 + 8 + 4
     out = _generate("executorch", model, cfg, ids, tmp_path)
     details = out["artifact"].details
+    uses_ops = llm_ops and arch != "gemma3_text"
+    assert details["attention"].startswith("llama::custom_sdpa") == uses_ops, details["attention"]
+    assert ("llama.custom_sdpa.default" in details["undelegated_ops"]) == uses_ops
+    if arch == "gemma3_text":
+        assert "sliding-window" in details["attention"]
     assert out["artifact"].static_shape == (1, 8)
     assert details["delegate_calls"] > 0
     assert details["metadata"]["get_max_context_len"] == 40 and details["metadata"]["get_max_seq_len"] == 8

@@ -26,7 +26,9 @@ def wide() -> torch.nn.Module:
     return tiny_model("llama", **WIDE)
 
 
-@pytest.mark.parametrize(("runtime", "scheme"), [("onnxruntime", "int8"), ("executorch", "8da4w")])
+@pytest.mark.parametrize(
+    ("runtime", "scheme"), [("onnxruntime", "int8"), ("onnxruntime", "int8w"), ("executorch", "8da4w")]
+)
 def test_quantized_export_shrinks_runs_and_stays_close(
     runtime: str, scheme: str, wide: torch.nn.Module, tmp_path: Path
 ) -> None:
@@ -38,7 +40,7 @@ def test_quantized_export_shrinks_runs_and_stays_close(
     ratio = artifact_size_bytes(q.path) / artifact_size_bytes(fp32.path)
     # the file shrinks as the memory model says it does (graph and metadata are the slack)
     assert ratio == pytest.approx(predicted, abs=0.06), (ratio, predicted)
-    assert ratio < (0.4 if scheme == "int8" else 0.3)
+    assert ratio < (0.3 if scheme == "8da4w" else 0.4)
 
     ids = torch.randint(0, 512, (1, 16), generator=torch.Generator().manual_seed(5))
     _, got = run_artifact(runtime, q.path, ids.numpy(), tmp_path / "run", threads=1, new_tokens=4, chunk=8)
@@ -51,7 +53,8 @@ def test_quantized_export_shrinks_runs_and_stays_close(
     def rel(a: np.ndarray, b: np.ndarray) -> float:
         return float(np.sqrt(((a - b) ** 2).mean() / (b**2).mean()))
 
-    assert rel(got.prefill, ref.prefill) < (0.05 if scheme == "int8" else 0.35)
+    # weight-only int8 (no activation quantization) is the closest
+    assert rel(got.prefill, ref.prefill) < {"int8w": 0.02, "int8": 0.05, "8da4w": 0.35}[scheme]
     assert np.isfinite(cmp["max_abs_logit_diff"])
     if scheme == "8da4w":  # the export computes what torchao's quantized model computes in PyTorch
         with torch.no_grad():
@@ -63,7 +66,7 @@ def test_schemes_are_checked_per_runtime() -> None:
     with pytest.raises(ExportError, match="supports: int8"):
         check_scheme("onnxruntime", "8da4w")
     check_scheme("executorch", "8da8w")
-    assert WEIGHT_BYTES["8da4w"] < WEIGHT_BYTES["int8"] < 4
+    assert WEIGHT_BYTES["8da4w"] < WEIGHT_BYTES["int8"] < WEIGHT_BYTES["int8w"] < 4
 
 
 def test_int4_groups_that_do_not_tile_stay_fp32() -> None:

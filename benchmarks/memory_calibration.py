@@ -1,0 +1,203 @@
+"""Calibration data for the run-time memory model's overhead terms (targets/budget.py RUNTIME_COSTS).
+
+Each data point is one validated artifact: the terms the memory model predicts from the model's
+shapes (weights as the runtime stores them, the KV cache the run held, one prefill chunk's
+activations) and the model-attributable peak RSS the child-process runner measured
+(``model_peak_mib``: VmHWM minus the host's baseline). What is left over,
+
+    measured - weights - kv_held - activations = session_mib + weight_transient_ratio x weights,
+
+is the runtime's own overhead; a least-squares line through the points, per runtime, gives the two
+constants. Points come from ``report.json`` files of earlier ``prunefit export`` runs
+(``--reports artifacts/*/report.json``: the default model at several budgets and schemes) and, with
+``--tiny``, from fresh runs of tiny models at several widths (the small-model end of the line).
+
+Writes ``benchmarks/results/memory_calibration.{json,md}``: every point, its error under the
+committed RUNTIME_COSTS, and the fitted constants. ``tests/targets/test_budget_calibration.py``
+holds the committed constants to the goal (every point within +-10%) on the committed data, so a
+change to the memory model that breaks the calibration fails a test.
+
+    python benchmarks/memory_calibration.py --reports artifacts/*/report.json --tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT.parent))
+WIKI = ROOT.parent.parent / "shared" / "data" / "wikitext-2"
+RESULTS = ROOT / "results"
+log = logging.getLogger("bench.memory_calibration")
+
+# Tiny Llama models (hidden, intermediate, layers): the line's small-weights end.
+TINY = [(64, 128, 2), (128, 384, 4), (256, 768, 8), (384, 1024, 8)]
+
+
+def points_from_report(path: Path) -> list[dict[str, Any]]:
+    """One point per runtime measured in a report (runs killed at the budget have no measurement)."""
+    report = json.loads(path.read_text())
+    model = str(report.get("model", "?"))
+    out = []
+    for r in report["validation"].get("runtimes", []):
+        pred = r["predicted"]
+        scheme = report["profile"].get("quantize", {}).get(r["runtime"])
+        out.append(
+            {
+                "source": str(path.parent.name),
+                "model": Path(model).name,
+                "runtime": r["runtime"],
+                "scheme": scheme or "fp32",
+                "context": report["profile"]["context_length"],
+                "weights_mib": pred["weights_mib"],
+                "kv_held_mib": pred["kv_cache_mib"] - r.get("kv_cache_not_held_mib", 0.0),
+                "activations_mib": pred["activations_mib"],
+                "measured_model_peak_mib": r["measured"]["model_peak_mib"],
+            }
+        )
+    return out
+
+
+def tiny_points(work: Path) -> list[dict[str, Any]]:
+    """Fresh runs of tiny models through the whole pipeline (unpruned: a generous x86 profile)."""
+    import yaml
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pipeline.data import DataConfig
+    from pipeline.errors import GateError
+    from pipeline.model import load_model
+    from pipeline.run import EvalConfig, RunConfig, run_pipeline
+
+    tok = load_model().tokenizer  # the default model's (vocab 49152): embeddings of 12-75 MiB
+    profile = {
+        "name": "calib", "device": "memory calibration host", "cpu": {"arch": "x86_64", "cores": 2},
+        "ram_mib": 8192, "memory_budget_mib": 4096, "context_length": 256, "prefill_tokens": 64,
+        "runtimes": ["onnxruntime", "executorch"], "threads": 1, "gates": {"max_ppl_ratio": 100.0},
+        "runtime_overhead_mib": {"onnxruntime": 0.0, "executorch": 0.0},
+    }  # fmt: skip
+    (work / "calib.yaml").write_text(yaml.safe_dump(profile))
+    points = []
+    for hidden, inter, layers in TINY:
+        name = f"tiny-llama-h{hidden}-i{inter}-l{layers}"
+        cfg = LlamaConfig(
+            vocab_size=len(tok), hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+            num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=512,
+        )  # fmt: skip
+        model_dir = work / name
+        LlamaForCausalLM(cfg).save_pretrained(model_dir)
+        tok.save_pretrained(model_dir)
+        run = RunConfig(
+            target=str(work / "calib.yaml"),
+            model=str(model_dir),
+            out_dir=work / f"out-{name}",
+            calib=DataConfig(source=str(WIKI / "wiki.valid.tokens"), num_samples=2, seq_len=64),
+            eval=EvalConfig(source=str(WIKI / "wiki.test.tokens"), num_samples=2, seq_len=64),
+        )
+        try:
+            run_pipeline(run)
+        except GateError as exc:  # random weights: quality gates are not the point here
+            log.info("%s: %s", name, exc)
+        for p in points_from_report(work / f"out-{name}" / "report.json"):
+            points.append({**p, "source": "tiny", "model": name})
+        log.info("%s done", name)
+    return points
+
+
+def fit(points: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Least squares of overhead = session + ratio x weights, per runtime."""
+    out = {}
+    for rt in sorted({p["runtime"] for p in points}):
+        pts = [p for p in points if p["runtime"] == rt]
+        w = np.array([p["weights_mib"] for p in pts])
+        y = np.array([p["measured_model_peak_mib"] - p["weights_mib"] - p["kv_held_mib"] - p["activations_mib"]
+                      for p in pts])  # fmt: skip
+        a = np.stack([np.ones_like(w), w], 1)
+        (session, ratio), *_ = np.linalg.lstsq(a, y, rcond=None)
+        out[rt] = {"session_mib": float(session), "weight_transient_ratio": float(ratio), "points": len(pts)}
+    return out
+
+
+def predicted_model_peak(p: dict[str, Any]) -> float:
+    """What the committed memory model predicts for a point's measured share (no library term)."""
+    from targets.budget import RUNTIME_COSTS
+
+    c = RUNTIME_COSTS[p["runtime"]]
+    w = p["weights_mib"]
+    return w + p["kv_held_mib"] + p["activations_mib"] + c.session_mib + c.weight_transient_ratio * w
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--reports", nargs="*", type=Path, default=[], help="report.json files of earlier exports")
+    ap.add_argument("--tiny", action="store_true", help="also run tiny models through the pipeline")
+    ap.add_argument("--keep", type=Path, default=RESULTS / "memory_calibration.json",
+                    help="merge with the points already in this file (same source/model/runtime replaced)")  # fmt: skip
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    points: list[dict[str, Any]] = []
+    if args.keep.is_file():
+        points = json.loads(args.keep.read_text())["points"]
+    new = [p for r in args.reports for p in points_from_report(r)]
+    if args.tiny:
+        with tempfile.TemporaryDirectory(prefix="prunefit-calib-") as tmp:
+            new += tiny_points(Path(tmp))
+
+    def key(p: dict[str, Any]) -> tuple[str, ...]:
+        return (p["source"], p["model"], p["runtime"], p["scheme"])
+
+    merged = {key(p): p for p in points}
+    merged.update({key(p): p for p in new})
+    points = sorted(merged.values(), key=lambda p: (p["runtime"], p["weights_mib"]))
+    for p in points:
+        p["predicted_model_peak_mib"] = predicted_model_peak(p)
+        p["error"] = p["measured_model_peak_mib"] / p["predicted_model_peak_mib"] - 1.0
+    from targets.budget import RUNTIME_COSTS
+
+    committed = {
+        rt: {"session_mib": c.session_mib, "weight_transient_ratio": c.weight_transient_ratio}
+        for rt, c in RUNTIME_COSTS.items()
+    }
+    result = {
+        "fit": fit(points),
+        "committed": committed,
+        "max_abs_error": max(abs(p["error"]) for p in points),
+        "points": points,
+    }
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "memory_calibration.json").write_text(json.dumps(result, indent=1) + "\n")
+    lines = [
+        "# Memory model calibration", "",
+        "Model-attributable peak RSS measured by the runner vs what targets/budget.py predicts for it "
+        "(weights + KV cache held + activations + session + transient x weights). Goal: every point within +-10%.",
+        "", "| source | model | runtime | scheme | weights MiB | KV held MiB | measured MiB | predicted MiB | error |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|",
+    ]  # fmt: skip
+    lines += [
+        f"| {p['source']} | {p['model']} | {p['runtime']} | {p['scheme']} | {p['weights_mib']:.1f} | "
+        f"{p['kv_held_mib']:.1f} | {p['measured_model_peak_mib']:.1f} | {p['predicted_model_peak_mib']:.1f} | "
+        f"{p['error']:+.1%} |"
+        for p in points
+    ]
+    lines += ["", "| runtime | fitted session MiB | fitted transient ratio | committed session | committed ratio |",
+              "|---|---:|---:|---:|---:|"]  # fmt: skip
+    for rt, f in result["fit"].items():
+        c = result["committed"][rt]
+        lines.append(
+            f"| {rt} | {f['session_mib']:.1f} | {f['weight_transient_ratio']:.3f} | {c['session_mib']:.1f} | "
+            f"{c['weight_transient_ratio']:.3f} |"
+        )
+    (RESULTS / "memory_calibration.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
