@@ -23,6 +23,7 @@ generic program (:func:`unsupported_reason`).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -41,6 +42,10 @@ ATTENTION = "prunefit_llm_ops"
 def load_ops() -> None:
     """Register the llama:: ops (AOT and ExecuTorch kernels) in this process."""
     from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  (registers on import)
+
+    # their meta functions call torch._check_is_size, deprecated in this torch: one warning per
+    # layer per trace, none of them actionable here
+    warnings.filterwarnings("ignore", message="_check_is_size will be removed", category=FutureWarning)
 
 
 def unsupported_reason(model: PreTrainedModel, max_cache_len: int) -> str | None:
@@ -125,7 +130,7 @@ class LlmOpsCacheDecoder(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
         start = cache_position[0].item()
-        torch._check_is_size(start)
+        torch._check(start >= 0)
         torch._check(start + input_ids.shape[1] <= self.max_cache_len)
         return self.model(
             input_ids=input_ids,
