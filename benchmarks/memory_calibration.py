@@ -75,11 +75,10 @@ def tiny_points(work: Path) -> list[dict[str, Any]]:
     import yaml
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tests.conftest import make_tokenizer
-
     from pipeline.data import DataConfig
     from pipeline.errors import GateError
     from pipeline.run import EvalConfig, RunConfig, run_pipeline
+    from tests.conftest import make_tokenizer
 
     tok = make_tokenizer()  # the tests' tiny BPE (vocab 512)
     profile = {
