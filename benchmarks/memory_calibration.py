@@ -133,9 +133,8 @@ def predicted_model_peak(p: dict[str, Any]) -> float:
     """What the committed memory model predicts for a point's measured share (no library term)."""
     from targets.budget import RUNTIME_COSTS
 
-    c = RUNTIME_COSTS[p["runtime"]]
     w = p["weights_mib"]
-    return w + p["kv_held_mib"] + p["activations_mib"] + c.session_mib + c.weight_transient_ratio * w
+    return w + p["kv_held_mib"] + p["activations_mib"] + RUNTIME_COSTS[p["runtime"]].loaded_overhead_mib(w)
 
 
 def main(argv: list[str] | None = None) -> int:

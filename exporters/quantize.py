@@ -22,16 +22,15 @@ from __future__ import annotations
 import copy
 import logging
 from pathlib import Path
-from typing import Literal
 
 from torch import nn
 
 from pipeline.errors import ExportError
+from targets.profile import QUANT_SCHEMES
 
 log = logging.getLogger(__name__)
 
-Scheme = Literal["int8", "int8w", "8da4w", "8da8w"]
-SCHEMES: dict[str, tuple[str, ...]] = {"onnxruntime": ("int8", "int8w"), "executorch": ("8da4w", "8da8w")}
+SCHEMES = QUANT_SCHEMES  # one table: the profile validates against it, the exporters implement it
 GROUP_SIZE = 32  # int4 group: XNNPACK's blockwise kernels take multiples of 32; int8w's block too
 
 # Bytes per quantized linear weight element, scales included (the memory model uses these):

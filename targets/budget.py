@@ -50,6 +50,10 @@ class RuntimeCost:
     session_mib: float
     weight_transient_ratio: float
 
+    def loaded_overhead_mib(self, weights_mib: float) -> float:
+        """What a loaded session adds beyond weights, KV cache and activations (library excluded)."""
+        return self.session_mib + self.weight_transient_ratio * weights_mib
+
 
 RUNTIME_COSTS: dict[Runtime, RuntimeCost] = {
     # libonnxruntime.so for arm64 Android/Linux maps ~20 MiB; ORT Mobile minimal builds are smaller.
@@ -235,7 +239,7 @@ def activation_bytes(shape: ModelShape, tokens: int, context: int, batch: int) -
 def estimate(shape: ModelShape, profile: DeviceProfile, runtime: Runtime) -> MemoryEstimate:
     cost = RUNTIME_COSTS[runtime]
     weights_mib = weights_bytes(shape, runtime, profile.precision, profile.quantize.get(runtime)) / MIB
-    overhead = library_mib(profile, runtime) + cost.session_mib + cost.weight_transient_ratio * weights_mib
+    overhead = library_mib(profile, runtime) + cost.loaded_overhead_mib(weights_mib)
     return MemoryEstimate(
         runtime=runtime,
         weights_mib=weights_mib,

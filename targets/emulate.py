@@ -246,7 +246,7 @@ class EmulationResult:
         return all(g.passed for g in self.gates)
 
 
-def _artifact(out_dir: Path, runtime: str) -> Path:
+def _onnx_artifact(out_dir: Path) -> Path:
     for name in ("model.ort", "model.onnx"):
         if (out_dir / name).is_file():
             return out_dir / name
@@ -296,7 +296,7 @@ def run(cfg: EmulationConfig) -> EmulationResult:
     inputs = out / "validation" / f"{cfg.runtime}_inputs.npy"
     if not inputs.is_file():
         raise ConfigError(f"{inputs} is missing: run `prunefit validate --out {out}` first.")
-    artifact = _artifact(out, cfg.runtime)
+    artifact = _onnx_artifact(out)
     root = ensure_root(cfg.root_dir)
     _cpu_files(root, CORES[core], profile.cpu.cores)
     label = f"qemu-aarch64 {core} (emulated)"

@@ -100,3 +100,23 @@ def make_model_dir(tmp_path: Path, tokenizer: PreTrainedTokenizerFast):
         return d
 
     return _make
+
+
+def run_tiny_pipeline(base: Path, profile: Path, tokenizer: PreTrainedTokenizerFast, wiki_valid: Path,
+                      wiki_test: Path) -> Path:  # fmt: skip
+    """The whole pipeline on the tiny Llama with ``profile``, WikiText calibration; returns the out dir."""
+    from pipeline.data import DataConfig
+    from pipeline.run import EvalConfig, RunConfig, run_pipeline
+
+    model_dir = base / "tiny"
+    tiny_model("llama").save_pretrained(model_dir, safe_serialization=True)
+    tokenizer.save_pretrained(model_dir)
+    cfg = RunConfig(
+        target=str(profile),
+        model=str(model_dir),
+        out_dir=base / "out",
+        calib=DataConfig(source=str(wiki_valid), num_samples=4, seq_len=64),
+        eval=EvalConfig(source=str(wiki_test), num_samples=2, seq_len=64),
+    )
+    run_pipeline(cfg)
+    return base / "out"

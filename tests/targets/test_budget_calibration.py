@@ -36,7 +36,7 @@ def _errors(runtime: str) -> list[tuple[dict, float]]:
     out = []
     for p in (p for p in _points() if p["runtime"] == runtime):
         w = p["weights_mib"]
-        predicted = w + p["kv_held_mib"] + p["activations_mib"] + c.session_mib + c.weight_transient_ratio * w
+        predicted = w + p["kv_held_mib"] + p["activations_mib"] + c.loaded_overhead_mib(w)
         out.append((p, p["measured_model_peak_mib"] / predicted - 1.0))
     return out
 

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.data import DataConfig
-from pipeline.run import EvalConfig, RunConfig, run_pipeline
+from tests.conftest import run_tiny_pipeline
 from tests.pipeline.test_pipeline import write_profile
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -62,21 +61,9 @@ def _fake_bin(tmp_path: Path) -> Path:
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory: pytest.TempPathFactory, tokenizer, wiki_valid: Path, wiki_test: Path) -> Path:
     """A finished tiny run (onnxruntime only, unpruned: generous budget)."""
-    from tests.conftest import tiny_model
-
     base = tmp_path_factory.mktemp("device")
-    model_dir = base / "tiny"
-    tiny_model("llama").save_pretrained(model_dir, safe_serialization=True)
-    tokenizer.save_pretrained(model_dir)
-    cfg = RunConfig(
-        target=str(write_profile(base, memory_budget_mib=400, runtimes=["onnxruntime"])),
-        model=str(model_dir),
-        out_dir=base / "out",
-        calib=DataConfig(source=str(wiki_valid), num_samples=4, seq_len=64),
-        eval=EvalConfig(source=str(wiki_test), num_samples=2, seq_len=64),
-    )
-    run_pipeline(cfg)
-    return base / "out"
+    profile = write_profile(base, memory_budget_mib=400, runtimes=["onnxruntime"])
+    return run_tiny_pipeline(base, profile, tokenizer, wiki_valid, wiki_test)
 
 
 def _env(tmp_path: Path) -> dict[str, str]:

@@ -14,10 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.data import DataConfig
-from pipeline.run import EvalConfig, RunConfig, run_pipeline
 from targets import emulate
 from targets.profile import load_profile
+from tests.conftest import run_tiny_pipeline
 from tests.pipeline.test_pipeline import write_profile
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -82,29 +81,12 @@ def _qemu_ready() -> str | None:
 needs_qemu = pytest.mark.skipif(_qemu_ready() is not None, reason=str(_qemu_ready()))
 
 
-def _run(base: Path, profile: Path, tokenizer, wiki_valid: Path, wiki_test: Path) -> Path:
-    from tests.conftest import tiny_model
-
-    model_dir = base / "tiny"
-    tiny_model("llama").save_pretrained(model_dir, safe_serialization=True)
-    tokenizer.save_pretrained(model_dir)
-    cfg = RunConfig(
-        target=str(profile),
-        model=str(model_dir),
-        out_dir=base / "out",
-        calib=DataConfig(source=str(wiki_valid), num_samples=4, seq_len=64),
-        eval=EvalConfig(source=str(wiki_test), num_samples=2, seq_len=64),
-    )
-    run_pipeline(cfg)
-    return base / "out"
-
-
 @needs_qemu
 def test_fp32_onnx_gives_the_same_tokens_on_aarch64(
     tmp_path: Path, tokenizer, wiki_valid: Path, wiki_test: Path
 ) -> None:
     """A Pi 4-like core (no dotprod): the aarch64 build of onnxruntime gives the local run's tokens."""
-    out = _run(tmp_path, _aarch64_profile(tmp_path, ["neon"]), tokenizer, wiki_valid, wiki_test)
+    out = run_tiny_pipeline(tmp_path, _aarch64_profile(tmp_path, ["neon"]), tokenizer, wiki_valid, wiki_test)
     proc = subprocess.run(
         [sys.executable, "-m", "targets.emulate", str(out), "--require"], capture_output=True, text=True, cwd=ROOT
     )
@@ -124,7 +106,7 @@ def test_fp32_onnx_gives_the_same_tokens_on_aarch64(
 def test_quantized_onnx_on_a_dotprod_core(tmp_path: Path, tokenizer, wiki_valid: Path, wiki_test: Path) -> None:
     """int8 on a Cortex-A76 (dotprod kernels): held to top-1 agreement with the local int8 run."""
     profile = _aarch64_profile(tmp_path, ["neon", "fp16", "dotprod"], quantize={"onnxruntime": "int8"})
-    out = _run(tmp_path, profile, tokenizer, wiki_valid, wiki_test)
+    out = run_tiny_pipeline(tmp_path, profile, tokenizer, wiki_valid, wiki_test)
     res = emulate.run(emulate.EmulationConfig(out))
     assert res.core == "cortex-a76"
     assert [g.name for g in res.gates] == ["emulated[onnxruntime]"]
