@@ -11,10 +11,19 @@ transformers < 4.58, so it cannot live beside the pinned stack), the dense model
 ``optimum.exporters.onnx`` (task text-generation-with-past) in that venv and run by the same
 runner: its graph has the same input/output names as prunefit's.
 
+Protocol: every artifact is exported first; then ``--rounds`` rounds (default 5) each run every
+artifact once, in its own process, in an order rotated by one each round, so slow spells of the
+shared machine fall on all artifacts alike. An artifact's figure is the median over rounds of its
+per-round median decode step (3 x 31 steps); the pruned/dense goals use the median of the
+per-round *paired* ratios (pruned and dense measured in the same round), with their spread.
+
 Goals (issue 5): decode latency of the pruned export <= 1.05 x (1 - fraction of bytes removed) x
-dense, per runtime; prunefit's dense ONNX no slower than optimum's. Results:
-benchmarks/results/export.{json,md}. Numbers compare within one run (ratios); absolute times on a
-shared 2-core machine are noisy.
+dense, per runtime; prunefit's dense ONNX no slower than optimum's. "Bytes removed" is reported two
+ways: as the issue words it (artifact bytes), and as the bytes a decode step reads (the artifact
+minus an embedding table stored apart from the lm_head, of which a step gathers one row: the .pte
+stores SmolLM2's tied 108 MiB table twice, ONNX once and reads it as the lm_head). Decode on a CPU
+is bound by the bytes it streams, so the second is what the goal's reasoning rests on. Results:
+benchmarks/results/export.{json,md}.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -57,7 +67,8 @@ def prepare(work: Path, ratio: float, methods: list[str]) -> dict[str, Any]:
     prompt = first_windows(read_text(str(WIKI / "wiki.test.tokens")), tok, 1, PROMPT, where="test")
     np.save(work / "prompt.npy", prompt.numpy().astype(np.int64))
     save_file({"prompt": prompt.contiguous()}, str(work / "prompt.safetensors"))
-    meta: dict[str, Any] = {"dense_params": dense_params}
+    vocab_by_hidden = model.config.vocab_size * model.config.hidden_size
+    meta: dict[str, Any] = {"dense_params": dense_params, "embedding_mib": vocab_by_hidden * 4 / 2**20}
     for method in methods:
         pruned = load_pruned(work / "dense")
         t0 = time.perf_counter()
@@ -139,6 +150,7 @@ def main() -> None:
         help="also the dense .pte with generic attention (no LLM kernels), side by side",
     )
     ap.add_argument("--optimum-python", help="python of a venv with optimum-onnx (transformers<4.58)")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved measurement rounds over all artifacts")
     ap.add_argument("--out", type=Path, default=ROOT / "results")
     ap.add_argument("--child", nargs=5, metavar=("VARIANT", "RUNTIME", "WORK", "QUANT", "OPS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -163,35 +175,62 @@ def main() -> None:
         if args.quantized:
             plan += [(f"pruned-{methods[0]}", "onnxruntime", "int8w", True),
                      (f"pruned-{methods[0]}", "executorch", "8da4w", True)]  # fmt: skip
+        exported: dict[str, tuple[str, str, str, dict[str, Any]]] = {}
         for variant, runtime, quant, ops in plan:
             tag = f"{variant}-{runtime}{'-' + quant if quant else ''}{'' if ops else '-generic'}"
             log.info("exporting %s", tag)
             try:
                 exp = _child([variant, runtime, str(work), quant or "-", "1" if ops else "0"])
                 precision = (quant or "fp32") + ("" if ops else ", generic attention")
-                rows.append(
-                    _row(tag, variant, runtime, precision, "prunefit", exp, run(runtime, exp["path"], work, tag))
-                )
+                exported[tag] = (variant, runtime, precision, {**exp, "exporter": "prunefit"})
             except RuntimeError as exc:
                 log.error("%s", exc)
-            write(args.out, rows, meta)
         if args.optimum_python:
             try:
                 exp = optimum_export(args.optimum_python, work)
-                res = run("onnxruntime", exp["path"], work, "optimum")
-                rows.append(_row("dense-optimum", "dense", "onnxruntime", "fp32", "optimum-onnx", exp, res))
+                exported["dense-optimum"] = ("dense", "onnxruntime", "fp32", {**exp, "exporter": "optimum-onnx"})
             except RuntimeError as exc:
                 log.error("%s", exc)
-        write(args.out, rows, meta)
+        meta["rounds"] = args.rounds
+        runs: dict[str, list[dict[str, Any]]] = {tag: [] for tag in exported}
+        tags = list(exported)
+        for r in range(args.rounds):
+            order = tags[r % len(tags) :] + tags[: r % len(tags)]
+            log.info("round %d/%d: %s", r + 1, args.rounds, ", ".join(order))
+            for tag in order:
+                variant, runtime, precision, exp = exported[tag]
+                try:
+                    runs[tag].append(run(runtime, exp["path"], work, tag))
+                except RuntimeError as exc:
+                    log.error("%s", exc)
+            rows = [_row(tag, *exported[tag][:3], exported[tag][3], runs[tag]) for tag in tags if runs[tag]]
+            write(args.out, rows, meta)
 
 
-def _row(tag: str, variant: str, runtime: str, precision: str, exporter: str, exp: dict, res: dict) -> dict[str, Any]:
+def _row(tag: str, variant: str, runtime: str, precision: str, exp: dict, res: list[dict]) -> dict[str, Any]:
+    """One artifact: its export, and the median over rounds of each measurement (per-round values kept)."""
+    per_round = [1000 * r["decode_s_per_token"] for r in res]
     return {
-        "artifact": tag, "model": variant, "runtime": runtime, "precision": precision, "exporter": exporter,
-        "export_s": exp["export_s"], "size_mib": exp["size_mib"], "load_s": res["load_s"],
-        "prefill_ms": 1000 * res["prefill_s"], "decode_ms_per_token": 1000 * res["decode_s_per_token"],
-        "decode_tokens_per_s": res["decode_tokens_per_s"], "run_peak_mib": res["model_peak_mib"],
+        "artifact": tag, "model": variant, "runtime": runtime, "precision": precision, "exporter": exp["exporter"],
+        "export_s": exp["export_s"], "size_mib": exp["size_mib"],
+        "load_s": statistics.median(r["load_s"] for r in res),
+        "prefill_ms": statistics.median(1000 * r["prefill_s"] for r in res),
+        "decode_ms_per_token": statistics.median(per_round), "decode_ms_per_round": per_round,
+        "decode_tokens_per_s": 1000 / statistics.median(per_round),
+        "run_peak_mib": statistics.median(r["model_peak_mib"] for r in res),
     }  # fmt: skip
+
+
+def _read_bytes(row: dict[str, Any], meta: dict[str, Any]) -> float:
+    """MiB a decode step streams: the artifact minus an embedding table the lm_head does not share."""
+    from targets.budget import STORES_TIED_ONCE
+
+    return row["size_mib"] - (0.0 if STORES_TIED_ONCE[row["runtime"]] else meta["embedding_mib"])
+
+
+def _paired(p: dict[str, Any], d: dict[str, Any]) -> list[float]:
+    """pruned/dense decode ratio per round (both measured in the same round)."""
+    return [a / b for a, b in zip(p["decode_ms_per_round"], d["decode_ms_per_round"], strict=False)]
 
 
 def write(out: Path, rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
@@ -204,18 +243,28 @@ def write(out: Path, rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
     for m in methods:
         for rt in RUNTIMES:
             d, p = by.get(f"dense-{rt}"), by.get(f"pruned-{m}-{rt}")
-            if d and p:
-                bytes_removed = 1 - p["size_mib"] / d["size_mib"]
-                limit = 1.05 * (1 - bytes_removed) * d["decode_ms_per_token"]
+            if not (d and p):
+                continue
+            ratios = sorted(_paired(p, d))
+            ratio = statistics.median(ratios)
+            for basis, removed_share in (
+                ("artifact bytes", 1 - p["size_mib"] / d["size_mib"]),
+                ("bytes read per token", 1 - _read_bytes(p, meta) / _read_bytes(d, meta)),
+            ):
+                limit = 1.05 * (1 - removed_share)
                 goals.append({
-                    "goal": f"pruned ({m}) decode latency <= 1.05 x (1 - bytes removed) x dense [{rt}]",
-                    "value_ms": p["decode_ms_per_token"], "limit_ms": limit, "bytes_removed": bytes_removed,
-                    "met": p["decode_ms_per_token"] <= limit,
+                    "goal": f"pruned ({m}) decode <= 1.05 x (1 - {basis} removed) x dense [{rt}]",
+                    "basis": basis, "bytes_removed": removed_share, "ratio": ratio, "limit_ratio": limit,
+                    "ratio_min": ratios[0], "ratio_max": ratios[-1],
+                    "value_ms": p["decode_ms_per_token"], "limit_ms": limit * d["decode_ms_per_token"],
+                    "met": ratio <= limit,
                 })  # fmt: skip
     if "dense-onnxruntime" in by and "dense-optimum" in by:
         ours, peer = by["dense-onnxruntime"]["decode_ms_per_token"], by["dense-optimum"]["decode_ms_per_token"]
+        pair = sorted(_paired(by["dense-onnxruntime"], by["dense-optimum"]))
         goals.append({"goal": "prunefit dense ONNX decode no slower than optimum-onnx's", "value_ms": ours,
-                      "limit_ms": peer, "met": ours <= peer})  # fmt: skip
+                      "limit_ms": peer, "ratio": statistics.median(pair), "limit_ratio": 1.0, "ratio_min": pair[0],
+                      "ratio_max": pair[-1], "met": statistics.median(pair) <= 1.0})  # fmt: skip
     (out / "export.json").write_text(
         json.dumps({**meta, "params_removed": removed, "rows": rows, "goals": goals}, indent=2)
     )
@@ -226,8 +275,9 @@ def write(out: Path, rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
             f"`{m}`: {removed[m]:.1%} of all parameters, pruned in {meta[f'prune_s[{m}]']:.0f} s" for m in methods
         )
         + f"); prompt {PROMPT} tokens, {NEW_TOKENS} greedy tokens with the KV cache, "
-        f"{THREADS} threads, static cache / context {CONTEXT}. One run, each export and each measurement in its own "
-        "process.",
+        f"{THREADS} threads, static cache / context {CONTEXT}. Each export and each measurement in its own "
+        f"process; {meta.get('rounds', 1)} interleaved rounds, medians over rounds (decode: min-max over rounds in "
+        "brackets).",
         "",
         "| artifact | exporter | precision | export (s) | size (MiB) | load (s) | prefill 128 (ms) | decode (ms/token) "
         "| decode (tok/s) | run peak RSS (MiB) |",
@@ -236,12 +286,19 @@ def write(out: Path, rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
     for r in rows:
         lines.append(
             f"| {r['artifact']} | {r['exporter']} | {r['precision']} | {r['export_s']:.0f} | {r['size_mib']:.1f} | "
-            f"{r['load_s']:.2f} | {r['prefill_ms']:.0f} | {r['decode_ms_per_token']:.1f} | "
+            f"{r['load_s']:.2f} | {r['prefill_ms']:.0f} | {r['decode_ms_per_token']:.1f} "
+            f"[{min(r['decode_ms_per_round']):.1f}-{max(r['decode_ms_per_round']):.1f}] | "
             f"{r['decode_tokens_per_s']:.1f} | {r['run_peak_mib']:.0f} |"
         )
-    lines += ["", "| goal | value (ms/token) | limit (ms/token) | met |", "|---|---:|---:|---|"]
     lines += [
-        f"| {g['goal']} | {g['value_ms']:.1f} | {g['limit_ms']:.1f} | {'yes' if g['met'] else 'no'} |" for g in goals
+        "",
+        "| goal | decode ratio: median of the rounds' paired ratios [min-max] | limit | met |",
+        "|---|---:|---:|---|",
+    ]
+    lines += [
+        f"| {g['goal']} | {g['ratio']:.3f} [{g['ratio_min']:.3f}-{g['ratio_max']:.3f}] | {g['limit_ratio']:.3f} | "
+        f"{'yes' if g['met'] else 'no'} |"
+        for g in goals
     ]
     (out / "export.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)

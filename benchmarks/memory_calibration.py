@@ -5,9 +5,10 @@ shapes (weights as the runtime stores them, the KV cache the run held, one prefi
 activations) and the model-attributable peak RSS the child-process runner measured
 (``model_peak_mib``: VmHWM minus the host's baseline). What is left over,
 
-    measured - weights - kv_held - activations = session_mib + weight_transient_ratio x weights,
+    measured - weights - kv_held - activations
+        = session_mib + gemm_transient_ratio x block weights + head_transient_ratio x lm_head weight,
 
-is the runtime's own overhead; a least-squares line through the points, per runtime, gives the two
+is the runtime's own overhead; least squares through the points, per runtime, gives the three
 constants. Points come from ``report.json`` files of earlier ``prunefit export`` runs
 (``--reports artifacts/*/report.json``: the default model at several budgets and schemes) and, with
 ``--tiny``, from fresh runs of tiny models at several widths like the tests' (vocab 512: the
@@ -42,8 +43,14 @@ WIKI = ROOT.parent.parent / "shared" / "data" / "wikitext-2"
 RESULTS = ROOT / "results"
 log = logging.getLogger("bench.memory_calibration")
 
-# Tiny Llama models like the tests' (vocab 512; hidden, intermediate, layers): the small-weights end.
-TINY = [(64, 128, 4), (256, 768, 4), (512, 1536, 8), (768, 2048, 8)]
+# Tiny Llama models like the tests' (vocab 512; hidden, intermediate, layers, tied lm_head, the
+# onnxruntime scheme): the small-weights end, fp32 on both runtimes; one untied model (its
+# embedding is only gathered from); int8w on onnxruntime (its own constants).
+TINY = [
+    (64, 128, 4, True, None), (256, 768, 4, True, None), (512, 1536, 8, True, None), (768, 2048, 8, True, None),
+    (512, 1536, 8, False, None),
+    (256, 768, 4, True, "int8w"), (512, 1536, 8, True, "int8w"), (768, 2048, 8, True, "int8w"),
+]  # fmt: skip
 
 
 def points_from_report(path: Path) -> list[dict[str, Any]]:
@@ -62,6 +69,8 @@ def points_from_report(path: Path) -> list[dict[str, Any]]:
                 "scheme": scheme or "fp32",
                 "context": report["profile"]["context_length"],
                 "weights_mib": pred["weights_mib"],
+                "block_weights_mib": pred["block_weights_mib"],
+                "head_weights_mib": pred["head_weights_mib"],
                 "kv_held_mib": pred["kv_cache_mib"] - r.get("kv_cache_not_held_mib", 0.0),
                 "activations_mib": pred["activations_mib"],
                 "measured_model_peak_mib": r["measured"]["model_peak_mib"],
@@ -72,6 +81,7 @@ def points_from_report(path: Path) -> list[dict[str, Any]]:
 
 def tiny_points(work: Path) -> list[dict[str, Any]]:
     """Fresh runs of tiny models through the whole pipeline (unpruned: a generous x86 profile)."""
+    import torch
     import yaml
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -88,20 +98,23 @@ def tiny_points(work: Path) -> list[dict[str, Any]]:
         "runtime_overhead_mib": {"onnxruntime": 0.0, "executorch": 0.0},
     }  # fmt: skip
     (work / "calib.yaml").write_text(yaml.safe_dump(profile))
+    quantized = {**profile, "name": "calib-int8w", "runtimes": ["onnxruntime"], "quantize": {"onnxruntime": "int8w"}}
+    (work / "calib-int8w.yaml").write_text(yaml.safe_dump(quantized))
     points = []
-    for hidden, inter, layers in TINY:
-        name = f"tiny-llama-h{hidden}-i{inter}-l{layers}"
+    for hidden, inter, layers, tied, scheme in TINY:
+        name = f"tiny-llama-h{hidden}-i{inter}-l{layers}" + ("" if tied else "-untied")
         cfg = LlamaConfig(
             vocab_size=len(tok), hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-            num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=512,
+            num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied, max_position_embeddings=512,
         )  # fmt: skip
         model_dir = work / name
+        torch.manual_seed(0)
         LlamaForCausalLM(cfg).save_pretrained(model_dir)
         tok.save_pretrained(model_dir)
         run = RunConfig(
-            target=str(work / "calib.yaml"),
+            target=str(work / ("calib-int8w.yaml" if scheme else "calib.yaml")),
             model=str(model_dir),
-            out_dir=work / f"out-{name}",
+            out_dir=work / f"out-{name}-{scheme or 'fp32'}",
             calib=DataConfig(source=str(WIKI / "wiki.valid.tokens"), num_samples=2, seq_len=64),
             eval=EvalConfig(source=str(WIKI / "wiki.test.tokens"), num_samples=2, seq_len=64),
         )
@@ -109,32 +122,50 @@ def tiny_points(work: Path) -> list[dict[str, Any]]:
             run_pipeline(run)
         except GateError as exc:  # random weights: quality gates are not the point here
             log.info("%s: %s", name, exc)
-        for p in points_from_report(work / f"out-{name}" / "report.json"):
+        for p in points_from_report(work / f"out-{name}-{scheme or 'fp32'}" / "report.json"):
             points.append({**p, "source": "tiny", "model": name})
         log.info("%s done", name)
     return points
 
 
+TERMS = ("session_mib", "gemm_transient_ratio", "head_transient_ratio")
+
+
+def _overhead(p: dict[str, Any]) -> float:
+    return p["measured_model_peak_mib"] - p["weights_mib"] - p["kv_held_mib"] - p["activations_mib"]
+
+
+def group(p: dict[str, Any]) -> str:
+    """Which constants a point calibrates: its (runtime, scheme)'s own when targets.budget has
+    them (SCHEME_COSTS), else its runtime's (RUNTIME_COSTS)."""
+    from targets.budget import SCHEME_COSTS
+
+    return f"{p['runtime']}/{p['scheme']}" if (p["runtime"], p["scheme"]) in SCHEME_COSTS else p["runtime"]
+
+
 def fit(points: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """Least squares of overhead = session + ratio x weights, per runtime."""
-    out = {}
-    for rt in sorted({p["runtime"] for p in points}):
-        pts = [p for p in points if p["runtime"] == rt]
-        w = np.array([p["weights_mib"] for p in pts])
-        y = np.array([p["measured_model_peak_mib"] - p["weights_mib"] - p["kv_held_mib"] - p["activations_mib"]
-                      for p in pts])  # fmt: skip
-        a = np.stack([np.ones_like(w), w], 1)
-        (session, ratio), *_ = np.linalg.lstsq(a, y, rcond=None)
-        out[rt] = {"session_mib": float(session), "weight_transient_ratio": float(ratio), "points": len(pts)}
+    """Least squares of overhead = session + a x block weights + b x lm_head weight, per group."""
+    out: dict[str, dict[str, float]] = {}
+    for g in sorted({group(p) for p in points}):
+        pts = [p for p in points if group(p) == g]
+        a = np.array([[1.0, p["block_weights_mib"], p["head_weights_mib"]] for p in pts])
+        y = np.array([_overhead(p) for p in pts])
+        coef, *_ = np.linalg.lstsq(a, y, rcond=None)
+        out[g] = {**{t: float(c) for t, c in zip(TERMS, coef, strict=True)}, "points": len(pts)}
     return out
+
+
+def committed_cost(g: str) -> Any:
+    from targets.budget import runtime_cost
+
+    runtime, _, scheme = g.partition("/")
+    return runtime_cost(runtime, scheme or None)  # type: ignore[arg-type]
 
 
 def predicted_model_peak(p: dict[str, Any]) -> float:
     """What the committed memory model predicts for a point's measured share (no library term)."""
-    from targets.budget import RUNTIME_COSTS
-
-    w = p["weights_mib"]
-    return w + p["kv_held_mib"] + p["activations_mib"] + RUNTIME_COSTS[p["runtime"]].loaded_overhead_mib(w)
+    overhead = committed_cost(group(p)).loaded_overhead_mib(p["block_weights_mib"], p["head_weights_mib"])
+    return p["weights_mib"] + p["kv_held_mib"] + p["activations_mib"] + overhead
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -162,12 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     for p in points:
         p["predicted_model_peak_mib"] = predicted_model_peak(p)
         p["error"] = p["measured_model_peak_mib"] / p["predicted_model_peak_mib"] - 1.0
-    from targets.budget import RUNTIME_COSTS
-
-    committed = {
-        rt: {"session_mib": c.session_mib, "weight_transient_ratio": c.weight_transient_ratio}
-        for rt, c in RUNTIME_COSTS.items()
-    }
+    committed = {g: {t: getattr(committed_cost(g), t) for t in TERMS} for g in sorted({group(p) for p in points})}
     result = {
         "fit": fit(points),
         "committed": committed,
@@ -179,24 +205,24 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         "# Memory model calibration", "",
         "Model-attributable peak RSS measured by the runner vs what targets/budget.py predicts for it "
-        "(weights + KV cache held + activations + session + transient x weights). Goal: every point within +-10%.",
-        "", "| source | model | runtime | scheme | weights MiB | KV held MiB | measured MiB | predicted MiB | error |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|",
+        "(weights + KV cache held + activations + session + transients x block weights and x lm_head). "
+        "Goal: every point within +-10%.",
+        "", "| source | model | runtime | scheme | weights MiB | of which blocks | lm_head read | KV held MiB | "
+        "measured MiB | predicted MiB | error |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]  # fmt: skip
     lines += [
         f"| {p['source']} | {p['model']} | {p['runtime']} | {p['scheme']} | {p['weights_mib']:.1f} | "
+        f"{p['block_weights_mib']:.1f} | {p['head_weights_mib']:.1f} | "
         f"{p['kv_held_mib']:.1f} | {p['measured_model_peak_mib']:.1f} | {p['predicted_model_peak_mib']:.1f} | "
         f"{p['error']:+.1%} |"
         for p in points
     ]
-    lines += ["", "| runtime | fitted session MiB | fitted transient ratio | committed session | committed ratio |",
-              "|---|---:|---:|---:|---:|"]  # fmt: skip
+    lines += ["", "| constants | | session MiB | x block weights | x lm_head |", "|---|---|---:|---:|---:|"]
     for rt, f in result["fit"].items():
         c = result["committed"][rt]
-        lines.append(
-            f"| {rt} | {f['session_mib']:.1f} | {f['weight_transient_ratio']:.3f} | {c['session_mib']:.1f} | "
-            f"{c['weight_transient_ratio']:.3f} |"
-        )
+        for label, v in (("fitted", f), ("committed", c)):
+            lines.append(f"| {rt} | {label} | " + " | ".join(f"{v[t]:.3f}" for t in TERMS) + " |")
     (RESULTS / "memory_calibration.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from pipeline.arch import arch_for, head_dim
 from pipeline.rewrite import remove_layers
-from pipeline.stream import LayerStream, run_block
+from pipeline.stream import LayerStream
 from pipeline.width import _narrowed, kv_group_dims, narrowest_shape, prune_kv_groups, prune_mlp, record_widths
 from targets.budget import ModelShape, layer_shape, model_shape
 
@@ -62,10 +62,7 @@ def greedy_obs(
     compensated squared output error (summed over calibration tokens) that step caused.
     """
     w = weight.detach().double().clone()
-    g = gram.double().clone()
-    g.diagonal().add_(ridge * float(g.diagonal().mean().clamp_min(1e-12)))
-    ginv = torch.linalg.inv(g)
-    del g
+    ginv = _ridge_inverse(gram, ridge)
     alive = list(range(len(blocks)))
     singles = all(len(b) == 1 for b in blocks)
     dims_of = torch.stack(blocks).squeeze(1) if singles else None
@@ -96,6 +93,20 @@ def greedy_obs(
         costs.append(max(step_cost, 0.0))
         alive = [b for b in alive if b not in set(take)]
     return steps, costs
+
+
+def _ridge_inverse(gram: torch.Tensor, ridge: float) -> torch.Tensor:
+    """``(G + lam I)^-1`` in float64 with ``lam = ridge x mean(diag G)``, holding one n x n copy
+    besides ``gram`` (Cholesky in place, then its inverse; 1536^2 doubles are 18 MiB a copy)."""
+    lam = ridge * float(gram.diagonal().mean().clamp_min(1e-12))
+    g = gram.double().clone() if gram.dtype == torch.float64 else gram.double()
+    g.diagonal().add_(lam)
+    chol, info = torch.linalg.cholesky_ex(g, out=(g, torch.empty((), dtype=torch.int32)))
+    if int(info):  # not positive definite in floating point: fall back to a general inverse
+        g = gram.double().clone()
+        g.diagonal().add_(lam)
+        return torch.linalg.inv(g)
+    return torch.cholesky_inverse(chol)
 
 
 def ls_fit(
@@ -153,11 +164,16 @@ class _Moments:
     target_energy: float = 0.0
 
     def add(self, x: torch.Tensor, t: torch.Tensor | None = None) -> None:
-        g = x.T @ x
-        self.gram = g if self.gram is None else self.gram.add_(g)
+        # accumulate in place (addmm_): no n x n temporary per batch
+        if self.gram is None:
+            self.gram = x.T @ x
+        else:
+            self.gram.addmm_(x.T, x)
         if t is not None:
-            c = t.T @ x
-            self.cross = c if self.cross is None else self.cross.add_(c)
+            if self.cross is None:
+                self.cross = t.T @ x
+            else:
+                self.cross.addmm_(t.T, x)
             self.target_energy += float(t.pow(2).sum())
 
     def error(self, w: torch.Tensor, keep: torch.Tensor) -> float:
@@ -184,22 +200,22 @@ def _moments(layer: Any, hidden: list[torch.Tensor], kw: list[dict[str, Any]], k
 Target = Callable[[int, torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]
 
 
-def _attn_target(o_d: list[torch.Tensor], dense: list[torch.Tensor], residual: bool) -> Target:
-    """What o_proj should produce for batch b: the dense attention output (+ the residual drift)."""
+def _attn_target(attn: list[torch.Tensor]) -> Target:
+    """What o_proj should produce for batch b: precomputed per batch (see :meth:`CompPruner.finalize`)."""
 
     def target(b: int, h: torch.Tensor, rec: dict[str, torch.Tensor]) -> torch.Tensor:
-        t = o_d[b].double()
-        return t + _flat(dense[b]) - _flat(h) if residual else t
+        return attn[b].reshape(-1, attn[b].shape[-1]).double()
 
     return target
 
 
-def _mlp_target(o_d: list[torch.Tensor], m_d: list[torch.Tensor], dense: list[torch.Tensor], residual: bool) -> Target:
-    """What down_proj should produce: the dense MLP output (+ dense minus pruned residual after attention)."""
+def _mlp_target(mlp: list[torch.Tensor], residual: bool) -> Target:
+    """What down_proj should produce: the dense MLP output, plus (``residual``) the dense minus the
+    pruned residual stream after attention. ``mlp[b]`` holds ``m_d`` or ``m_d + dense + o_d``."""
 
     def target(b: int, h: torch.Tensor, rec: dict[str, torch.Tensor]) -> torch.Tensor:
-        t = m_d[b].double()
-        return t + (_flat(dense[b]) + o_d[b].double()) - (_flat(h) + rec["o"]) if residual else t
+        t = mlp[b].reshape(-1, mlp[b].shape[-1]).double()
+        return t - (_flat(h) + rec["o"]) if residual else t
 
     return target
 
@@ -256,14 +272,16 @@ class CompPruner:
             layer = stream.layer(i)
             kw = [k[i] for k in kwargs]
             mlp_m, attn_m = _Moments(), _Moments()
-            out = []
+            resid = update = 0.0
             with _tap(layer) as rec:
-                for h, k in zip(hidden, kw, strict=True):
-                    out.append(layer(h, **k))
+                for b, (h, k) in enumerate(zip(hidden, kw, strict=True)):
+                    out = layer(h, **k)
                     mlp_m.add(rec["a"])
                     attn_m.add(rec["z"])
-            resid = sum(float(h.double().pow(2).sum()) for h in hidden) or 1.0
-            update = sum(float((o.double() - h.double()).pow(2).sum()) for h, o in zip(hidden, out, strict=True))
+                    resid += float(h.double().pow(2).sum())
+                    update += float((out.double() - h.double()).pow(2).sum())
+                    hidden[b] = out.detach()  # the stream moves on in place: one copy of it at a time
+            resid = resid or 1.0
             shape = self.base.layers[i]
             if allow_blocks:
                 units.append(_Unit(i, "block", 0, update / resid, shape.params))
@@ -283,7 +301,6 @@ class CompPruner:
                 rep = shape.num_heads // shape.num_kv_heads
                 units += self._chain(i, "kv", 1, costs, resid, 2 * (rep + 1) * hd * hidden_size)
             del mlp_m, attn_m
-            hidden = [o.detach() for o in out]
             stream.release(i)
         if cfg.comp_allocation == "uniform":
             # every block gives up the same number of MLP channels, round by round (heads stay):
@@ -359,34 +376,46 @@ class CompPruner:
         stream, cfg = self.stream, self.cfg
         hd = head_dim(model.config)
         multiple = max(1, cfg.width_multiple)
-        hidden, kwargs = stream.capture(self.calib, cfg.batch_size)
-        dense = hidden
-        pruned = [h.clone() for h in hidden]
+        # Per calibration batch, four hidden-sized tensors at most: the dense stream (replaced in
+        # place by the dense block's output), the pruned stream (likewise), and the two sub-layer
+        # targets, folded from the dense block's recordings as soon as they are made.
+        dense, kwargs = stream.capture(self.calib, cfg.batch_size)
+        pruned = [h.clone() for h in dense]
         for i in tqdm(range(len(stream)), desc="comp: prune + compensate", leave=False, disable=None):
             lp = self.plan[i]
             layer = stream.layer(i)
             kw = [k[i] for k in kwargs]
             if lp.drop:
-                dense = run_block(layer, dense, kw)
+                for b, (h, k) in enumerate(zip(dense, kw, strict=True)):
+                    dense[b] = layer(h, **k)
                 stream.release(i)
                 continue
             residual = cfg.comp_target == "residual" and not hasattr(layer, "post_feedforward_layernorm")
             # the dense model's block on the dense stream: outputs and sub-layer targets, per batch
-            dense_out, o_d, m_d = [], [], []
+            attn_t: list[torch.Tensor] = []
+            mlp_t: list[torch.Tensor] = []
             with _tap(layer) as rec:
-                for h, k in zip(dense, kw, strict=True):
-                    dense_out.append(layer(h, **k))
-                    o_d.append(rec["o"].float())
-                    m_d.append(rec["m"].float())
+                for b, (h, k) in enumerate(zip(dense, kw, strict=True)):
+                    out = layer(h, **k)
+                    o_d = rec["o"].float().view_as(h)
+                    m_d = rec["m"].float().view_as(h)
+                    if residual:  # o_proj: o_d + (dense - pruned input); down_proj: see _mlp_target
+                        attn_t.append(o_d + h - pruned[b] if lp.kv else h.new_empty(0))
+                        mlp_t.append(m_d + h + o_d)
+                    else:
+                        attn_t.append(o_d)
+                        mlp_t.append(m_d)
+                    dense[b] = out
+                    del o_d, m_d
             if lp.kv:
-                target = _attn_target(o_d, dense, residual)
-                self._prune_heads(layer, _moments(layer, pruned, kw, "z", target), lp.kv, hd, i)
+                self._prune_heads(layer, _moments(layer, pruned, kw, "z", _attn_target(attn_t)), lp.kv, hd, i)
+            del attn_t
             if lp.mlp:
-                target = _mlp_target(o_d, m_d, dense, residual)
-                self._prune_channels(layer, _moments(layer, pruned, kw, "a", target), lp.mlp, multiple, i)
-            del o_d, m_d
-            pruned = run_block(layer, pruned, kw)
-            dense = dense_out
+                self._prune_channels(layer, _moments(layer, pruned, kw, "a", _mlp_target(mlp_t, residual)), lp.mlp,
+                                     multiple, i)  # fmt: skip
+            del mlp_t
+            for b, (h, k) in enumerate(zip(pruned, kw, strict=True)):
+                pruned[b] = layer(h, **k)
             stream.store(i)
         dropped = [i for i, lp in enumerate(self.plan) if lp.drop]
         if dropped:

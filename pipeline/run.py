@@ -39,7 +39,7 @@ from pipeline.fsio import (
 from pipeline.model import DEFAULT_MODEL, load_model, resolve_model_path
 from pipeline.prune import PruneConfig, prune_to_budget
 from pipeline.rewrite import check_round_trip, load_pruned, save_model
-from targets.budget import RUNTIME_COSTS
+from targets.budget import RUNTIME_COSTS, SCHEME_COSTS
 from targets.profile import DeviceProfile, Runtime, load_profile
 from targets.report import write_report
 from targets.validate import validate
@@ -159,7 +159,10 @@ def _run_stages(cfg: RunConfig, profile: DeviceProfile, out: Path, model_path: P
         prune=asdict(_prune_config(cfg, profile)),
         profile=profile.model_dump(),
         # the memory model's calibrated constants decide how much is pruned: a recalibration redoes it
-        memory_model={rt: asdict(cost) for rt, cost in RUNTIME_COSTS.items()},
+        memory_model={
+            **{rt: asdict(c) for rt, c in RUNTIME_COSTS.items()},
+            **{"/".join(k): asdict(c) for k, c in SCHEME_COSTS.items()},
+        },
         versions=package_versions(),
     )
     t0 = time.perf_counter()

@@ -31,36 +31,57 @@ class RuntimeCost:
     - ``library_mib``: resident code/data of the runtime library in the device's runner (not
       measurable here, where the host is Python; profiles override it via runtime_overhead_mib).
     - ``session_mib``: fixed allocations of a loaded session (thread pools, arenas, plans).
-    - ``weight_transient_ratio``: both runtimes repack GEMM weights into their kernels' layout
-      while loading (MLAS prepack, XNNPACK packing); the load-time peak holds the source and part
-      of the packed copy at once, as a share of the weights.
+    - ``gemm_transient_ratio`` / ``head_transient_ratio``: both runtimes repack GEMM weights into
+      their kernels' layout while loading (MLAS prepack, XNNPACK packing), and the peak holds part
+      of the source and the packed copy at once. Two terms, because the measured share differs by
+      an order of magnitude: the decoder blocks' GEMMs (many small weights, packed one after the
+      other) cost a few percent of their size, the vocabulary projection (one 49152 x 576 weight
+      for SmolLM2, packed or transposed whole) most of its size. One weight-proportional ratio
+      could not fit both the default model and the tiny test models (three points off by 9-13%).
 
-    Calibrated on this machine (fp32, prefill 128, SmolLM2-135M pruned to 24 blocks and a 4-block
-    hidden-64 model), model-attributable peak RSS of the prefill-only graphs (session 1): onnxruntime
-    562.7 MiB for 432 MiB of weights and 14.7 MiB for 1.2 MiB; ExecuTorch 679.1 MiB for 540 MiB and
-    7.8 MiB for 0.8 MiB. Re-measured with the KV-cache programs (SmolLM2 pruned to 26 blocks,
-    context 1024, prefill 128 + 32 decoded tokens): onnxruntime 591.1 MiB against 604.3 predicted
-    (the cache it grows is counted); ExecuTorch 780.7 MiB for 567 MiB of weights with its whole
-    static cache (39 MiB) planned at load: its load-time transient is 0.24 of the weights (it was
-    0.20 with the prefill-only program), so ExecuTorch's ratio is 0.24. Both peaks occur while
-    loading, not while running.
+    Fitted by least squares (``benchmarks/memory_calibration.py``) on the model-attributable peak
+    RSS of every point in ``benchmarks/results/memory_calibration.json``: SmolLM2-135M pruned for
+    android, rpi4 and android-go (fp32, 8da8w, int8w) and tiny Llama models with 0.7-200 MiB of
+    weights. Every point is within +-10% (``tests/targets/test_budget_calibration.py``).
     """
 
     library_mib: float
     session_mib: float
-    weight_transient_ratio: float
+    gemm_transient_ratio: float
+    head_transient_ratio: float
 
-    def loaded_overhead_mib(self, weights_mib: float) -> float:
-        """What a loaded session adds beyond weights, KV cache and activations (library excluded)."""
-        return self.session_mib + self.weight_transient_ratio * weights_mib
+    def loaded_overhead_mib(self, gemm_mib: float, head_mib: float) -> float:
+        """What a loaded session adds beyond weights, KV cache and activations (library excluded),
+        for ``gemm_mib`` of decoder-block weights and a ``head_mib`` vocabulary projection."""
+        return self.session_mib + self.gemm_transient_ratio * gemm_mib + self.head_transient_ratio * head_mib
 
 
 RUNTIME_COSTS: dict[Runtime, RuntimeCost] = {
     # libonnxruntime.so for arm64 Android/Linux maps ~20 MiB; ORT Mobile minimal builds are smaller.
-    "onnxruntime": RuntimeCost(library_mib=20.0, session_mib=13.0, weight_transient_ratio=0.20),
+    "onnxruntime": RuntimeCost(20.0, session_mib=12.2, gemm_transient_ratio=0.074, head_transient_ratio=0.44),
     # The ExecuTorch runtime core + XNNPACK delegate is a few MiB of code.
-    "executorch": RuntimeCost(library_mib=4.0, session_mib=7.0, weight_transient_ratio=0.16),
+    "executorch": RuntimeCost(4.0, session_mib=6.7, gemm_transient_ratio=0.041, head_transient_ratio=0.70),
 }
+
+
+# Kernels whose packing differs enough from the runtime's fp32 GEMMs to need their own constants
+# (same meaning as RUNTIME_COSTS; library_mib is the runtime's). onnxruntime's int8w runs
+# MatMulNBits with int8 compute, which packs its blocks into its own layout at load.
+SCHEME_COSTS: dict[tuple[Runtime, str], RuntimeCost] = {
+    ("onnxruntime", "int8w"): RuntimeCost(20.0, 12.2, gemm_transient_ratio=0.074, head_transient_ratio=0.44),
+}
+
+
+def runtime_cost(runtime: Runtime, scheme: str | None = None) -> RuntimeCost:
+    """The overhead constants of ``runtime`` running weights quantized with ``scheme`` (None: fp32)."""
+    return SCHEME_COSTS.get((runtime, scheme or "fp32"), RUNTIME_COSTS[runtime])
+
+
+# Whether the runtime memory-maps its weights from the artifact, so that an embedding table that is
+# only gathered from (not also read whole as the lm_head) stays on disk but for the rows looked up.
+# onnxruntime maps external-data initializers (measured: an int8w model with an untied head peaked
+# ~100 MiB under its stored weights); the ExecuTorch runner here loads the program's data.
+MAPS_WEIGHTS: dict[Runtime, bool] = {"onnxruntime": True, "executorch": False}
 
 
 def library_mib(profile: DeviceProfile, runtime: Runtime) -> float:
@@ -169,6 +190,10 @@ class MemoryEstimate:
     activations_mib: float
     overhead_mib: float
     budget_mib: float
+    # what the overhead's load transients are proportional to (part of weights_mib, not added again)
+    block_weights_mib: float = 0.0
+    head_weights_mib: float = 0.0
+    weights_mapped_mib: float = 0.0  # stored, memory-mapped and never read whole: not in weights_mib
 
     @property
     def total_mib(self) -> float:
@@ -182,26 +207,67 @@ class MemoryEstimate:
         return {**asdict(self), "total_mib": round(self.total_mib, 2), "fits": self.fits}
 
 
-def weights_bytes(shape: ModelShape, runtime: Runtime, precision: str, scheme: str | None = None) -> int:
+@dataclass(frozen=True)
+class WeightTerms:
+    """Weights as a runtime stores them, by the part of the model they belong to (bytes)."""
+
+    embedding: float
+    head: float  # a separately stored lm_head (0 when the runtime reads the embedding for it)
+    blocks: float  # every decoder block's linear weights and norms
+    other: float
+    head_read: float  # the vocabulary projection's weight as its GEMM reads it (the tied embedding too)
+    embedding_resident: bool = True  # False: memory-mapped and only gathered from (see MAPS_WEIGHTS)
+
+    @property
+    def total(self) -> int:
+        return int(self.embedding + self.head + self.blocks + self.other)
+
+    @property
+    def resident(self) -> int:
+        """What is in memory at run time: the stored weights but a mapped, gather-only embedding."""
+        return self.total - (0 if self.embedding_resident else int(self.embedding))
+
+
+def weight_terms(shape: ModelShape, runtime: Runtime, precision: str, scheme: str | None = None) -> WeightTerms:
     """Weights as the runtime stores them. Quantized (``scheme``): every block's linear weights and
     a separately stored lm_head take the scheme's bytes; embeddings, norms and a lm_head shared
     with the embedding stay in ``precision``. int4 groups must tile a weight's input width, so a
-    down_proj whose (pruned) intermediate size is not a multiple of the group stays in fp32."""
+    down_proj whose (pruned) intermediate size is not a multiple of the group stays in fp32.
+    Schemes in ``exporters.quantize.UNTIES_HEAD`` store a tied lm_head as its own quantized weight."""
     fp = BYTES_PER_ELEMENT[precision]
-    separate_head = not shape.tied or not STORES_TIED_ONCE[runtime]
-    head = shape.lm_head_params if separate_head else 0
-    if scheme is None:
-        return (shape.embed_params + head + shape.other_params + shape.layer_params) * fp
-    from exporters.quantize import GROUP_SIZE, WEIGHT_BYTES
+    q: float = fp
+    unties = False
+    if scheme is not None:
+        from exporters.quantize import UNTIES_HEAD, WEIGHT_BYTES
 
-    q = WEIGHT_BYTES[scheme]
-    total = (shape.embed_params + shape.other_params) * fp + head * q
+        q, unties = WEIGHT_BYTES[scheme], scheme in UNTIES_HEAD
+    separate_head = not shape.tied or not STORES_TIED_ONCE[runtime] or unties
+    head = shape.lm_head_params * q if separate_head else 0.0
+    blocks = 0.0
     for layer in shape.layers:
         unquantized = 0
-        if scheme == "8da4w" and layer.intermediate_size % GROUP_SIZE:
+        if scheme == "8da4w" and layer.intermediate_size % _group_size():
             unquantized = shape.hidden_size * layer.intermediate_size
-        total += (layer.params - unquantized) * q + unquantized * fp
-    return int(total)
+        blocks += (layer.params - unquantized) * q + unquantized * fp
+    return WeightTerms(
+        embedding=shape.embed_params * fp,
+        head=head,
+        blocks=blocks,
+        other=shape.other_params * fp,
+        head_read=head if separate_head else shape.lm_head_params * fp,
+        embedding_resident=not (MAPS_WEIGHTS[runtime] and separate_head),
+    )
+
+
+def _group_size() -> int:
+    from exporters.quantize import GROUP_SIZE
+
+    return GROUP_SIZE
+
+
+def weights_bytes(shape: ModelShape, runtime: Runtime, precision: str, scheme: str | None = None) -> int:
+    """Total weight bytes as the runtime stores them (see :func:`weight_terms`)."""
+    return weight_terms(shape, runtime, precision, scheme).total
 
 
 def kv_cache_bytes(shape: ModelShape, context: int, batch: int, precision: str) -> int:
@@ -237,17 +303,25 @@ def activation_bytes(shape: ModelShape, tokens: int, context: int, batch: int) -
 
 
 def estimate(shape: ModelShape, profile: DeviceProfile, runtime: Runtime) -> MemoryEstimate:
-    cost = RUNTIME_COSTS[runtime]
-    weights_mib = weights_bytes(shape, runtime, profile.precision, profile.quantize.get(runtime)) / MIB
-    overhead = library_mib(profile, runtime) + cost.loaded_overhead_mib(weights_mib)
+    """Peak memory of ``runtime`` running ``shape`` on ``profile``. ``weights_mib`` is what is
+    resident (a memory-mapped embedding that is only gathered from is not; ``weights_mapped_mib``
+    says how much that left on disk)."""
+    scheme = profile.quantize.get(runtime)
+    cost = runtime_cost(runtime, scheme)
+    terms = weight_terms(shape, runtime, profile.precision, scheme)
+    gemm_mib, head_mib = terms.blocks / MIB, terms.head_read / MIB
+    overhead = library_mib(profile, runtime) + cost.loaded_overhead_mib(gemm_mib, head_mib)
     return MemoryEstimate(
         runtime=runtime,
-        weights_mib=weights_mib,
+        weights_mib=terms.resident / MIB,
         kv_cache_mib=kv_cache_bytes(shape, profile.context_length, profile.batch_size, profile.precision) / MIB,
         activations_mib=activation_bytes(shape, profile.prefill_tokens, profile.context_length, profile.batch_size)
         / MIB,
         overhead_mib=overhead,
         budget_mib=float(profile.memory_budget_mib),
+        block_weights_mib=gemm_mib,
+        head_weights_mib=head_mib,
+        weights_mapped_mib=(terms.total - terms.resident) / MIB,
     )
 
 

@@ -137,11 +137,14 @@ def prefill(decoder: Decoder, ids: np.ndarray) -> np.ndarray:
     return np.concatenate([decoder.forward(ids[:, i : i + chunk]) for i in range(0, ids.shape[1], chunk)], axis=1)
 
 
-def perplexity(decoder: Decoder, windows: np.ndarray) -> float:
+def perplexity(decoder: Decoder, windows: np.ndarray) -> tuple[float, np.ndarray]:
     """Teacher-forced perplexity of ``windows`` [n, length] through the artifact, chunk by chunk
-    (never a whole window's logits at once: 512 x 49152 fp32 logits alone are 96 MiB)."""
+    (never a whole window's logits at once: 512 x 49152 fp32 logits alone are 96 MiB), and the
+    artifact's top-1 prediction at every scored position ([n, length - 1], int32): what a quantized
+    artifact's agreement with the fp32 model is measured on, thousands of tokens, not one prompt."""
     nll, count = 0.0, 0
-    for row in windows:
+    top1 = np.zeros((windows.shape[0], max(windows.shape[1] - 1, 0)), dtype=np.int32)
+    for r, row in enumerate(windows):
         decoder.reset()
         ids = row[None, :].astype(np.int64)
         chunk = decoder.chunk or ids.shape[1]
@@ -149,6 +152,7 @@ def perplexity(decoder: Decoder, windows: np.ndarray) -> float:
             x = decoder.forward(ids[:, i : i + chunk])[0]
             targets = ids[0, i + 1 : i + 1 + x.shape[0]]
             x = np.array(x[: targets.shape[0]], dtype=np.float32)  # own copy: runtimes may lend their buffers
+            top1[r, i : i + targets.shape[0]] = x.argmax(-1)
             # log-softmax in place, in float32 with float64 sums: no vocabulary-sized temporaries
             top = x.max(-1, keepdims=True)
             x -= top
@@ -156,7 +160,7 @@ def perplexity(decoder: Decoder, windows: np.ndarray) -> float:
             np.exp(x, out=x)
             nll -= float((picked - np.log(x.sum(-1, dtype=np.float64))).sum())
             count += targets.shape[0]
-    return float(np.exp(nll / count))
+    return float(np.exp(nll / count)), top1
 
 
 def _onnxruntime(path: Path, threads: int, chunk: int) -> Callable[[], Decoder]:
@@ -269,11 +273,16 @@ def measure(
     }
 
 
-def evaluate(runtime: str, artifact: Path, eval_inputs: Path, threads: int, chunk: int) -> dict[str, Any]:
-    """The artifact's own perplexity on token windows (a separate run: not the measured workload)."""
+def evaluate(
+    runtime: str, artifact: Path, eval_inputs: Path, threads: int, chunk: int, top1_out: Path | None = None
+) -> dict[str, Any]:
+    """The artifact's own perplexity on token windows (a separate run: not the measured workload);
+    with ``top1_out`` its top-1 predictions there are saved (.npy int32) too."""
     decoder = RUNTIMES[runtime](artifact, threads, chunk)()
     t = time.perf_counter()
-    ppl = perplexity(decoder, np.load(eval_inputs, allow_pickle=False))
+    ppl, top1 = perplexity(decoder, np.load(eval_inputs, allow_pickle=False))
+    if top1_out is not None:
+        np.save(top1_out, top1, allow_pickle=False)
     return {"perplexity": ppl, "perplexity_s": time.perf_counter() - t}
 
 
@@ -289,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chunk", type=int, default=0, help="prefill at most this many tokens per call (0: all)")
     ap.add_argument("--eval-inputs", type=Path, help=".npy int64 [n, length]: with --eval-only, their perplexity")
     ap.add_argument("--eval-only", action="store_true", help="only report the perplexity of --eval-inputs")
+    ap.add_argument("--top1-out", type=Path, help=".npy: with --eval-only, the top-1 token at every scored position")
     ap.add_argument("--probe", action="store_true", help="only import the runtime and report the host's RSS")
     args = ap.parse_args(argv)
     if args.probe:
@@ -303,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.eval_only:
             if args.eval_inputs is None:
                 ap.error("--eval-only needs --eval-inputs")
-            result = evaluate(args.runtime, args.artifact, args.eval_inputs, args.threads, args.chunk)
+            result = evaluate(args.runtime, args.artifact, args.eval_inputs, args.threads, args.chunk, args.top1_out)
         else:
             result = measure(
                 args.runtime,

@@ -116,6 +116,7 @@ class Generation:
     prefill: np.ndarray  # [batch, prompt, vocab]
     steps: np.ndarray  # [batch, new_tokens, vocab]: the logits that chose each token
     tokens: np.ndarray  # [batch, new_tokens]
+    eval_top1: np.ndarray | None = None  # [windows, length - 1]: top-1 at every scored position of the eval text
 
 
 @torch.no_grad()
@@ -135,6 +136,28 @@ def reference_generation(model: PreTrainedModel, ids: torch.Tensor, new_tokens: 
     )
     steps = torch.stack(list(out.logits), 1)
     return Generation(prefill.float().numpy(), steps.float().numpy(), out.sequences[:, ids.shape[1] :].numpy())
+
+
+@torch.no_grad()
+def reference_top1(model: PreTrainedModel, windows: np.ndarray) -> np.ndarray:
+    """PyTorch's top-1 at every scored position of ``windows`` [n, length] (teacher-forced, one
+    window at a time): the reference a quantized artifact's ``eval_top1`` is compared with."""
+    out = [
+        model(torch.from_numpy(w[None].astype(np.int64)), use_cache=False).logits[0, :-1].argmax(-1) for w in windows
+    ]
+    return torch.stack(out).numpy().astype(np.int32)
+
+
+def top1_agreement(got: Generation, ref: Generation, ref_eval_top1: np.ndarray | None) -> tuple[float, int]:
+    """Top-1 agreement with the reference over the prompt and, when both sides scored the eval
+    text, over every eval position too; returns (agreement, positions counted). A 64-token prompt
+    alone moves 1.6 points per token: too few positions to hold a threshold to."""
+    same = int((got.prefill.argmax(-1) == ref.prefill.argmax(-1)).sum())
+    count = int(np.prod(got.prefill.shape[:-1]))
+    if got.eval_top1 is not None and ref_eval_top1 is not None and got.eval_top1.shape == ref_eval_top1.shape:
+        same += int((got.eval_top1 == ref_eval_top1).sum())
+        count += int(got.eval_top1.size)
+    return same / max(count, 1), count
 
 
 def compare_generation(got: Generation, ref: Generation) -> dict[str, Any]:
@@ -232,10 +255,13 @@ def run_artifact(
     with np.load(logits_path, allow_pickle=False) as data:
         generation = Generation(data["prefill"], data["steps"], data["tokens"])
     if eval_windows is not None:  # a second, unconfined run: scoring text is not the measured workload
-        eval_path = work_dir / f"{runtime}_eval.npy"
+        eval_path, top1_path = work_dir / f"{runtime}_eval.npy", work_dir / f"{runtime}_eval_top1.npy"
         np.save(eval_path, eval_windows.astype(np.int64), allow_pickle=False)
         proc = subprocess.run(
-            [*cmd, "--eval-only", "--eval-inputs", str(eval_path)], capture_output=True, text=True, check=False
+            [*cmd, "--eval-only", "--eval-inputs", str(eval_path), "--top1-out", str(top1_path)],
+            capture_output=True,
+            text=True,
+            check=False,
         )
         scored = _last_json(proc.stdout)
         if proc.returncode != 0 or "perplexity" not in scored:
@@ -243,6 +269,7 @@ def run_artifact(
                 f"Scoring text with {artifact} in {runtime} failed:\n{(proc.stderr or proc.stdout)[-3000:]}"
             )
         result |= scored
+        generation.eval_top1 = np.load(top1_path, allow_pickle=False)
     return {**result, **extra, "oom_killed": False}, generation
 
 
@@ -275,9 +302,16 @@ def _quantized_gates(
     profile: DeviceProfile, runtime: str, scheme: str, cmp: dict[str, Any], perplexity: dict[str, float]
 ) -> list[Gate]:
     """A quantized artifact is held to its quality: top-1 agreement with the fp32 model over the
-    prompt, and its own perplexity over the pruned fp32 model's (when an evaluation text ran)."""
+    prompt and the evaluation text (when one ran), and its own perplexity over the pruned fp32
+    model's."""
     g = profile.gates
-    agree = cmp["argmax_agreement"]
+    agree, positions = cmp.get("top1_agreement", cmp["argmax_agreement"]), cmp.get("top1_positions", 0)
+    where = (
+        f"over {positions} positions (prompt {cmp['argmax_agreement']:.1%}, evaluation text "
+        f"{cmp['eval_top1_agreement']:.1%})"
+        if cmp.get("eval_top1_agreement") is not None
+        else "over the prompt"
+    )
     first = cmp["first_token_mismatch"]
     same = "all greedy tokens equal" if first is None else f"greedy tokens equal up to token {first}"
     gates = [
@@ -286,7 +320,7 @@ def _quantized_gates(
             agree >= g.quantized_min_top1,
             agree,
             g.quantized_min_top1,
-            f"{scheme}: top-1 agreement with the fp32 pruned model over the prompt {agree:.1%} "
+            f"{scheme}: top-1 agreement with the fp32 pruned model {where} {agree:.1%} "
             f"(need {g.quantized_min_top1:.0%}); {same}; max |logit diff| {cmp['max_abs_logit_diff']:.2f}",
         )
     ]
@@ -325,6 +359,7 @@ def validate(
     new_tokens = profile.decode_tokens
     reference = reference_generation(model, inputs, new_tokens)
     shape = model_shape(model)
+    ref_top1: np.ndarray | None = None
     for runtime, path in tqdm(artifacts.items(), desc="validate", unit="runtime", disable=None):
         log.info("validating %s in %s (threads=%d)", path.name, runtime, profile.threads)
         pred: MemoryEstimate = estimate(shape, profile, runtime)
@@ -372,6 +407,11 @@ def validate(
                 )
             continue
         cmp = compare_generation(got, reference)
+        if profile.quantize.get(runtime) and windows is not None and got.eval_top1 is not None:
+            if ref_top1 is None:
+                ref_top1 = reference_top1(model, windows)
+            cmp["top1_agreement"], cmp["top1_positions"] = top1_agreement(got, reference, ref_top1)
+            cmp["eval_top1_agreement"] = float((got.eval_top1 == ref_top1).mean())
         predicted_run = pred.total_mib - kv_rest - lib
         projected = measured["model_peak_mib"] + kv_rest + lib
         rr = RuntimeReport(

@@ -72,8 +72,32 @@ def test_estimate_totals_and_overrides() -> None:
     e = estimate(s, p, "executorch")
     cost = RUNTIME_COSTS["executorch"]
     expected_overhead = p.runtime_overhead_mib["executorch"] + cost.session_mib
-    assert e.overhead_mib == pytest.approx(expected_overhead + cost.weight_transient_ratio * e.weights_mib)
+    transient = cost.gemm_transient_ratio * e.block_weights_mib + cost.head_transient_ratio * e.head_weights_mib
+    assert e.overhead_mib == pytest.approx(expected_overhead + transient)
+    # the transients' bases are parts of the weights: blocks + the (separately stored) lm_head
+    assert e.block_weights_mib > 0 and e.block_weights_mib + e.head_weights_mib < e.weights_mib
     assert e.total_mib == pytest.approx(e.weights_mib + e.kv_cache_mib + e.activations_mib + e.overhead_mib)
     assert e.weights_mib == weights_bytes(s, "executorch", "fp32") / MIB
     assert e.fits  # a tiny model fits a phone
     assert e.to_dict()["fits"] is True
+
+
+def test_mapped_embedding_that_is_only_gathered_is_not_resident() -> None:
+    """onnxruntime maps its weights: an embedding read whole as the tied lm_head is resident, one
+    that is only gathered from (untied model, or int8w's own quantized head) is not."""
+    from targets.budget import runtime_cost, weight_terms
+
+    p = load_profile("android-go")  # quantize: onnxruntime int8w (unties the head), executorch 8da8w
+    tied = model_shape(tiny_model("llama"))
+    embed = 512 * 64 * 4 / MIB
+    assert estimate(tied, p, "onnxruntime").weights_mapped_mib == pytest.approx(embed)
+    assert estimate(tied, p, "executorch").weights_mapped_mib == 0.0  # ExecuTorch loads its data
+    fp32 = load_profile("android")
+    assert estimate(tied, fp32, "onnxruntime").weights_mapped_mib == 0.0  # read whole as the lm_head
+    untied = model_shape(tiny_model("mistral"))
+    assert estimate(untied, fp32, "onnxruntime").weights_mapped_mib == pytest.approx(untied.embed_params * 4 / MIB)
+    # int8w stores the tied head apart, quantized: stored bytes grow by it, the transient reads it
+    terms = weight_terms(tied, "onnxruntime", "fp32", "int8w")
+    assert terms.head == pytest.approx(512 * 64 * (1 + 4 / 32)) == terms.head_read
+    assert runtime_cost("onnxruntime", "int8w") is not runtime_cost("onnxruntime")
+    assert runtime_cost("executorch", "8da8w") is RUNTIME_COSTS["executorch"]

@@ -3,7 +3,7 @@
 benchmarks/memory_calibration.py collects measured model peaks (default model at several budgets,
 schemes and contexts; tiny models at several widths) with the terms the memory model predicted.
 The committed RUNTIME_COSTS are held to what they reach on that data (the default model within
-+-5%, tiny models within +5/-15%), so a change to the memory model that breaks the calibration
++-5%, tiny models within +-10%), so a change to the memory model that breaks the calibration
 fails here, without re-running anything.
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from targets.budget import RUNTIME_COSTS
+from targets.budget import RUNTIME_COSTS, runtime_cost
 
 DATA = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "memory_calibration.json"
 
@@ -32,11 +32,11 @@ def test_calibration_data_cover_both_runtimes_and_both_ends() -> None:
 
 
 def _errors(runtime: str) -> list[tuple[dict, float]]:
-    c = RUNTIME_COSTS[runtime]  # type: ignore[index]
     out = []
     for p in (p for p in _points() if p["runtime"] == runtime):
-        w = p["weights_mib"]
-        predicted = w + p["kv_held_mib"] + p["activations_mib"] + c.loaded_overhead_mib(w)
+        c = runtime_cost(runtime, None if p["scheme"] == "fp32" else p["scheme"])  # type: ignore[arg-type]
+        overhead = c.loaded_overhead_mib(p["block_weights_mib"], p["head_weights_mib"])
+        predicted = p["weights_mib"] + p["kv_held_mib"] + p["activations_mib"] + overhead
         out.append((p, p["measured_model_peak_mib"] / predicted - 1.0))
     return out
 
@@ -50,11 +50,10 @@ def test_default_model_points_within_5_percent(runtime: str) -> None:
 
 
 @pytest.mark.parametrize("runtime", sorted(RUNTIME_COSTS))
-def test_tiny_model_points_are_never_underpredicted(runtime: str) -> None:
-    """Tiny models (vocab 512): within +5% / -15%. The goal is +-10%; ExecuTorch's tiny points sit at
-    -9% to -13% (over-predicted, so the pruner errs on the safe side): one weight-proportional
-    transient cannot fit both the default model, whose tied 49152 x 576 lm_head is copied while
-    loading, and models whose weights are all block GEMMs (see benchmarks/results/memory_calibration.md)."""
+def test_tiny_model_points_within_10_percent(runtime: str) -> None:
+    """Tiny models (vocab 512), whose weights are almost all block GEMMs: the issue's +-10% goal.
+    Before the transient was split into block and lm_head terms, ExecuTorch's tiny points sat at
+    -9% to -13%."""
     for p, err in _errors(runtime):
         if p["source"] == "tiny":
-            assert -0.15 <= err <= 0.05, f"{p['model']}: {err:+.1%}"
+            assert abs(err) <= 0.10, f"{p['model']}: {err:+.1%}"
