@@ -1,7 +1,8 @@
 """Pruning benchmark on the default model: every method side by side in one run.
 
-SmolLM2-135M (the embedded default), calibration = 32 x 128-token windows of WikiText-2 valid,
-perplexity = first 16 x 512 tokens of WikiText-2 test. At 10/20/30% of decoder-block parameters
+SmolLM2-135M (the embedded default), calibration = 32 x 128-token windows of WikiText-2 valid
+(``--calib-samples/--calib-len``; every method gets the same), perplexity = first 16 x 512 tokens
+of WikiText-2 test. At 10/20/30% of decoder-block parameters
 removed (the share of all parameters is reported too):
 
 - dense
@@ -186,6 +187,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="10%% only, 4 eval windows")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--ratios", default="0.1,0.2,0.3", help="shares of decoder parameters to remove")
+    ap.add_argument("--calib-samples", type=int, default=32, help="calibration windows (every method gets the same)")
+    ap.add_argument("--calib-len", type=int, default=128, help="tokens per calibration window")
     ap.add_argument("--out", type=Path, default=ROOT / "results")
     ap.add_argument("--append", action="store_true", help="keep the rows of an earlier run (other ratios/methods)")
     ap.add_argument("--child", nargs=3, metavar=("METHOD", "RATIO", "WORK"), help=argparse.SUPPRESS)
@@ -199,14 +202,16 @@ def main() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     loaded = load_model()
     tok, dense_model = loaded.tokenizer, loaded.model
-    calib = tokenize_windows(read_text(str(WIKI / "wiki.valid.tokens")), tok, 32, 128, 0, where="valid")
+    calib = tokenize_windows(
+        read_text(str(WIKI / "wiki.valid.tokens")), tok, args.calib_samples, args.calib_len, 0, where="valid"
+    )
     evals = first_windows(read_text(str(WIKI / "wiki.test.tokens")), tok, 4 if args.quick else 16, 512, where="test")
     total = sum(p.numel() for p in dense_model.parameters())
     dec = sum(p.numel() for layer in decoder_layers(dense_model) for p in layer.parameters())
     meta = {
         "model": "SmolLM2-135M-Instruct", "dense_fp32_mib": 4 * total / 2**20,
         "calibration_activations_mib": 4 * calib.numel() * dense_model.config.hidden_size / 2**20,
-        "decoder_params": dec, "params": total,
+        "decoder_params": dec, "params": total, "calibration": f"{args.calib_samples} x {args.calib_len} tokens",
     }  # fmt: skip
     rows: list[dict[str, Any]] = [{"method": "dense", "target": 0.0, "test_ppl": perplexity(dense_model, evals)}]
     ratios = (0.1,) if args.quick else [float(r) for r in args.ratios.split(",")]
@@ -255,7 +260,8 @@ def write(out: Path, rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
     dense_ppl = rows[0]["test_ppl"]
     lines = [
         f"Dense WikiText-2 test perplexity: {dense_ppl:.2f}. Dense fp32 model {meta['dense_fp32_mib']:.0f} MiB; "
-        f"calibration activations (32x128 tokens x hidden, fp32) {meta['calibration_activations_mib']:.1f} MiB.",
+        f"calibration activations ({meta.get('calibration', '32 x 128 tokens')} x hidden, fp32) "
+        f"{meta['calibration_activations_mib']:.1f} MiB.",
         "Peak RSS: for a streamed run everything the pruning process held after start-up, the model included; "
         "for an in-memory run the working memory on top of the loaded model (pruning.json says which, per row). "
         "Each method runs in its own process.",
