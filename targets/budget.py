@@ -12,7 +12,7 @@ measured peak.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from torch import nn
@@ -70,7 +70,9 @@ RUNTIME_COSTS: dict[Runtime, RuntimeCost] = {
 # mapped source pages are resident too: 0.39 of the block weights, 0.84 of the lm_head (fitted on
 # SmolLM2 for android-go and three tiny models; fp32's ratios would under-predict them by 26-28%).
 SCHEME_COSTS: dict[tuple[Runtime, str], RuntimeCost] = {
-    ("onnxruntime", "int8w"): RuntimeCost(20.0, 15.7, gemm_transient_ratio=0.39, head_transient_ratio=0.84),
+    ("onnxruntime", "int8w"): replace(
+        RUNTIME_COSTS["onnxruntime"], session_mib=15.7, gemm_transient_ratio=0.39, head_transient_ratio=0.84
+    ),
 }
 
 
@@ -239,16 +241,17 @@ def weight_terms(shape: ModelShape, runtime: Runtime, precision: str, scheme: st
     fp = BYTES_PER_ELEMENT[precision]
     q: float = fp
     unties = False
+    group = 0
     if scheme is not None:
-        from exporters.quantize import UNTIES_HEAD, WEIGHT_BYTES
+        from exporters.quantize import GROUP_SIZE, UNTIES_HEAD, WEIGHT_BYTES
 
-        q, unties = WEIGHT_BYTES[scheme], scheme in UNTIES_HEAD
+        q, unties, group = WEIGHT_BYTES[scheme], scheme in UNTIES_HEAD, GROUP_SIZE
     separate_head = not shape.tied or not STORES_TIED_ONCE[runtime] or unties
     head = shape.lm_head_params * q if separate_head else 0.0
     blocks = 0.0
     for layer in shape.layers:
         unquantized = 0
-        if scheme == "8da4w" and layer.intermediate_size % _group_size():
+        if scheme == "8da4w" and layer.intermediate_size % group:
             unquantized = shape.hidden_size * layer.intermediate_size
         blocks += (layer.params - unquantized) * q + unquantized * fp
     return WeightTerms(
@@ -259,12 +262,6 @@ def weight_terms(shape: ModelShape, runtime: Runtime, precision: str, scheme: st
         head_read=head if separate_head else shape.lm_head_params * fp,
         embedding_resident=not (MAPS_WEIGHTS[runtime] and separate_head),
     )
-
-
-def _group_size() -> int:
-    from exporters.quantize import GROUP_SIZE
-
-    return GROUP_SIZE
 
 
 def weights_bytes(shape: ModelShape, runtime: Runtime, precision: str, scheme: str | None = None) -> int:
