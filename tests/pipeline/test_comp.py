@@ -57,6 +57,38 @@ def test_greedy_obs_groups_leave_whole() -> None:
     assert all(c >= 0 for c in costs)
 
 
+def _removal_cost(w: torch.Tensor, ginv: torch.Tensor, dims: list[int]) -> float:
+    """Compensated error of removing input ``dims`` from scratch: tr(W_S [G^-1]_SS^-1 W_S^T)."""
+    d = torch.tensor(dims, dtype=torch.long)
+    return float(((w[:, d] @ torch.linalg.inv(ginv[d][:, d])) * w[:, d]).sum())
+
+
+@pytest.mark.parametrize(("grouped", "per_step"), [(False, 1), (False, 3), (True, 1)])
+def test_greedy_obs_downdates_match_from_scratch_greedy(grouped: bool, per_step: int) -> None:
+    """Many steps of the down-dated, compacted greedy equal a greedy that recomputes every cost from
+    the original W and G^-1 (removal cost of the removed set plus the candidate, minus its own)."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(300, 24, generator=g, dtype=torch.float64) @ torch.randn(24, 24, generator=g, dtype=torch.float64)
+    w = torch.randn(5, 24, generator=g, dtype=torch.float64)
+    gram = x.T @ x
+    blocks = [torch.arange(i * 3, i * 3 + 3) for i in range(8)] if grouped else [torch.tensor([j]) for j in range(24)]
+    n_steps = 5
+    steps, costs = greedy_obs(w, gram, blocks, n_steps, per_step, ridge=1e-3)
+    ginv = torch.linalg.inv(gram + 1e-3 * float(gram.diagonal().mean()) * torch.eye(24, dtype=torch.float64))
+    removed: list[int] = []
+    for step, cost in zip(steps, costs, strict=True):
+        base = _removal_cost(w, ginv, removed) if removed else 0.0
+        alive = [b for b in range(len(blocks)) if not set(blocks[b].tolist()) & set(removed)]
+        marginal = {b: _removal_cost(w, ginv, removed + blocks[b].tolist()) - base for b in alive}
+        if per_step == 1:
+            assert step == [min(alive, key=marginal.__getitem__)]
+        else:  # a group of single channels is picked by their individual marginal costs
+            assert sorted(step) == sorted(sorted(alive, key=marginal.__getitem__)[:per_step])
+        removed += [d for b in step for d in blocks[b].tolist()]
+        assert cost == pytest.approx(_removal_cost(w, ginv, removed) - base, rel=1e-6, abs=1e-9)
+    assert len(steps) == n_steps
+
+
 @pytest.mark.parametrize("arch", sorted(TINY_CONFIGS))
 def test_comp_prunes_to_budget_on_every_architecture(arch: str, tmp_path: Path, tokenizer) -> None:
     m = tiny_model(arch, **WIDE)
