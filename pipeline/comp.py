@@ -142,6 +142,16 @@ def ls_fit(
     return torch.linalg.solve(g, rhs.T).T
 
 
+RIDGE_TOKENS = 4096  # calibration tokens at which ``PruneConfig.comp_ridge`` applies as given
+
+
+def comp_ridge(ridge: float, tokens: int) -> float:
+    """The relative ridge for ``tokens`` calibration tokens: ``ridge`` up to RIDGE_TOKENS, then
+    shrinking as ``1 / sqrt(tokens)``, the rate at which the Gram matrices' sampling noise shrinks:
+    more data needs less shrinkage. Never more than ``ridge`` (smaller sets were not measured)."""
+    return ridge * min(1.0, (RIDGE_TOKENS / max(tokens, 1)) ** 0.5)
+
+
 # -- capturing sub-layer inputs and outputs ------------------------------------------------------
 @contextmanager
 def _tap(layer: Any, keys: str = "zoam") -> Iterator[dict[str, torch.Tensor]]:
@@ -310,12 +320,14 @@ class CompPruner:
         self.stream: LayerStream | None = None
         self.calib: torch.Tensor | None = None
         self.reconstruction: list[dict[str, Any]] = []
+        self.ridge = 0.0
 
     # -- pass 1: score ---------------------------------------------------------------------------
     @torch.no_grad()
     def prepare(self, model: Any, calib: torch.Tensor, cfg: Any) -> None:
         self.cfg, self.calib = cfg, calib
         self.compensate = cfg.compensate
+        self.ridge = comp_ridge(cfg.comp_ridge, calib.numel())
         self.stream = getattr(model, "prunefit_stream", None) or LayerStream(model)
         stream = self.stream
         self.base = model_shape(model)
@@ -353,12 +365,12 @@ class CompPruner:
             if removable > 0:
                 w = layer.mlp.down_proj.weight
                 _, costs = greedy_obs(w, mlp_m.gram, [torch.tensor([j]) for j in range(inter)], removable // multiple,
-                                      multiple, cfg.comp_ridge)  # fmt: skip
+                                      multiple, self.ridge)  # fmt: skip
                 units += self._chain(i, "mlp", multiple, costs, resid, 3 * hidden_size * multiple)
             if heads_prunable and shape.num_kv_heads > 1:
                 groups = [kv_group_dims(layer, [g], hd) for g in range(shape.num_kv_heads)]
                 _, costs = greedy_obs(layer.self_attn.o_proj.weight, attn_m.gram, groups, shape.num_kv_heads - 1, 1,
-                                      cfg.comp_ridge)  # fmt: skip
+                                      self.ridge)  # fmt: skip
                 rep = shape.num_heads // shape.num_kv_heads
                 units += self._chain(i, "kv", 1, costs, resid, 2 * (rep + 1) * hd * hidden_size)
             del mlp_m, attn_m
@@ -481,10 +493,10 @@ class CompPruner:
         assert mom.gram is not None and mom.cross is not None
         w = layer.mlp.down_proj.weight
         steps, _ = greedy_obs(w, mom.gram, [torch.tensor([j]) for j in range(w.shape[1])], n // multiple, multiple,
-                              self.cfg.comp_ridge)  # fmt: skip
+                              self.ridge)  # fmt: skip
         gone = {j for s in steps for j in s}
         keep = torch.tensor([j for j in range(w.shape[1]) if j not in gone], dtype=torch.long)
-        fitted = ls_fit(mom.cross, mom.gram, keep, self.cfg.comp_ridge) if self.compensate else None
+        fitted = ls_fit(mom.cross, mom.gram, keep, self.ridge) if self.compensate else None
         self._record(li, "mlp", mom, w.double()[:, keep], fitted, keep)
         prune_mlp(layer, keep, None, weight=fitted)
 
@@ -493,11 +505,11 @@ class CompPruner:
         w = layer.self_attn.o_proj.weight
         n_kv = layer_shape(layer, hd).num_kv_heads
         groups = [kv_group_dims(layer, [g], hd) for g in range(n_kv)]
-        steps, _ = greedy_obs(w, mom.gram, groups, n, 1, self.cfg.comp_ridge)
+        steps, _ = greedy_obs(w, mom.gram, groups, n, 1, self.ridge)
         gone = {g for s in steps for g in s}
         keep_g = [g for g in range(n_kv) if g not in gone]
         keep = kv_group_dims(layer, keep_g, hd)
-        fitted = ls_fit(mom.cross, mom.gram, keep, self.cfg.comp_ridge) if self.compensate else None
+        fitted = ls_fit(mom.cross, mom.gram, keep, self.ridge) if self.compensate else None
         self._record(li, "kv", mom, w.double()[:, keep], fitted, keep)
         prune_kv_groups(layer, torch.tensor(keep_g), hd, None, weight=fitted)
 
