@@ -360,7 +360,7 @@ class CompPruner:
                 units.append(_Unit(i, "block", 0, update / resid, shape.params))
             assert mlp_m.gram is not None and attn_m.gram is not None
             inter = mlp_m.gram.shape[0]
-            removable = inter - max(multiple, int(cfg.min_keep_ratio * inter))
+            removable = inter - max(multiple, int(cfg.comp_min_keep_ratio * inter))
             removable -= removable % multiple
             if removable > 0:
                 w = layer.mlp.down_proj.weight
@@ -403,7 +403,8 @@ class CompPruner:
 
     # -- planning (driven by prune_to_budget) ----------------------------------------------------
     def most_pruned_shape(self, model: Any, shape: ModelShape, cfg: Any) -> ModelShape:
-        return narrowest_shape(model, shape, cfg, drop_blocks=cfg.comp_blocks)
+        floor = dataclasses.replace(cfg, min_keep_ratio=cfg.comp_min_keep_ratio)
+        return narrowest_shape(model, shape, floor, drop_blocks=cfg.comp_blocks)
 
     def can_step(self, model: Any, cfg: Any) -> bool:
         return any(self._usable(u, cfg) for u in self.units[self.next :])
