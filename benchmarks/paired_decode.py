@@ -29,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from targets.runner import RUNTIMES, Decoder, _OrtDecoder, prefill
+from targets.runner import RUNTIMES, Decoder, _onnxruntime, prefill
 
 
 def _load(runtime: str, path: Path, threads: int, chunk: int) -> Decoder:
@@ -37,14 +37,9 @@ def _load(runtime: str, path: Path, threads: int, chunk: int) -> Decoder:
     session's own pool keeps its threads spinning after a run (ORT's default), and two spinning
     pools on 2 cores were measured to double both sessions' decode time. One shared pool behaves
     as one session alone does (ExecuTorch's threadpool is process-wide already)."""
-    if runtime != "onnxruntime":
-        return RUNTIMES[runtime](path, threads, chunk)()
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.use_per_session_threads = False
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return _OrtDecoder(ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"]), chunk)
+    if runtime == "onnxruntime":
+        return _onnxruntime(path, threads, chunk, shared_pool=True)()
+    return RUNTIMES[runtime](path, threads, chunk)()
 
 
 def _step(decoder: Decoder, token: np.ndarray) -> tuple[np.ndarray, float]:

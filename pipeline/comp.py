@@ -72,9 +72,9 @@ def greedy_obs(
     alive = list(range(len(blocks)))
     singles = all(len(b) == 1 for b in blocks)
     if singles:  # position of block j is its dim's position in ``dims``
-        w = w[:, torch.cat(blocks)]
-        ginv = ginv[torch.cat(blocks)][:, torch.cat(blocks)]
         dims = torch.cat(blocks)
+        w = w.index_select(1, dims)
+        ginv = ginv.index_select(0, dims).index_select(1, dims)
     steps: list[list[int]] = []
     costs: list[float] = []
     for _ in range(n_steps):

@@ -163,12 +163,17 @@ def perplexity(decoder: Decoder, windows: np.ndarray) -> tuple[float, np.ndarray
     return float(np.exp(nll / count)), top1
 
 
-def _onnxruntime(path: Path, threads: int, chunk: int) -> Callable[[], Decoder]:
+def _onnxruntime(path: Path, threads: int, chunk: int, shared_pool: bool = False) -> Callable[[], Decoder]:
+    """``shared_pool``: run on the process-wide pool set by ``ort.set_global_thread_pool_sizes``
+    instead of a pool of ``threads`` owned by the session (for several sessions in one process)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
+    if shared_pool:
+        opts.use_per_session_threads = False
+    else:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
 
     def load() -> Decoder:
