@@ -1,7 +1,7 @@
 """Stage manifests: a stage whose inputs have not changed is not redone on rerun.
 
 Each stage writes ``manifests/<stage>.json`` *after* its outputs, holding a key (sha256 of its
-inputs: model fingerprint, configs, profile, package versions) and the outputs it produced. A stage
+inputs: model fingerprint, configs, profile, package versions, the stage's own source code) and the outputs it produced. A stage
 is fresh when the key matches and every listed output still exists with the recorded size.
 """
 
@@ -36,6 +36,18 @@ def fingerprint_path(path: Path) -> dict[str, Any]:
         "path": str(path.resolve()),
         "files": [(str(p.name), p.stat().st_size, int(p.stat().st_mtime)) for p in files],
     }
+
+
+def source_digest(*packages: str, root: Path | None = None) -> str:
+    """sha256 of the Python sources of prunefit's own ``packages``: a stage's code is one of its
+    inputs, and the prunefit version does not move with every change to it."""
+    root = root or Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256()
+    for package in packages:
+        for path in sorted((root / package).rglob("*.py")):
+            digest.update(str(path.relative_to(root)).encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
 
 
 def stage_key(**inputs: Any) -> str:

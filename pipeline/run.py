@@ -24,7 +24,7 @@ from transformers import PreTrainedModel
 
 from exporters import check_runtime_available, get_exporter
 from exporters.base import ExportConfig, artifact_files
-from pipeline.cache import fingerprint_path, is_fresh, package_versions, stage_key, write_manifest
+from pipeline.cache import fingerprint_path, is_fresh, package_versions, source_digest, stage_key, write_manifest
 from pipeline.data import DataConfig, first_windows, generate_samples, load_windows, read_text
 from pipeline.errors import CalibrationError, ConfigError, ExportError
 from pipeline.evaluate import perplexity
@@ -164,6 +164,7 @@ def _run_stages(cfg: RunConfig, profile: DeviceProfile, out: Path, model_path: P
             **{"/".join(k): asdict(c) for k, c in SCHEME_COSTS.items()},
         },
         versions=package_versions(),
+        code=source_digest("pipeline"),
     )
     t0 = time.perf_counter()
     fresh = None if cfg.force else is_fresh(out, "prune", prune_key)
@@ -180,7 +181,13 @@ def _run_stages(cfg: RunConfig, profile: DeviceProfile, out: Path, model_path: P
     for runtime in tqdm(profile.runtimes, desc="export", unit="runtime", disable=None):
         exporter = get_exporter(runtime)
         rt_cfg = runtime_export_config(export_cfg, profile, runtime)
-        key = stage_key(prune=prune_key, export=asdict(rt_cfg), runtime=runtime, versions=package_versions())
+        key = stage_key(
+            prune=prune_key,
+            export=asdict(rt_cfg),
+            runtime=runtime,
+            versions=package_versions(),
+            code=source_digest("exporters"),
+        )
         stage = f"export-{runtime}"
         t0 = time.perf_counter()
         fresh = None if cfg.force else is_fresh(out, stage, key)

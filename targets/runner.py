@@ -11,8 +11,8 @@ runtime's C++ runner, whose cost the budget model carries as the runtime overhea
 The host's code keeps paging in after the baseline (kernels first run by the model: 6 MiB of
 libtorch/ExecuTorch text on a tiny model here), and how much depends on the host, not on the
 model: the kernel maps a whole page-cache folio per fault, and folio sizes depend on how the
-library file got into the page cache (the same test measured +6 MiB in one venv, +24 MiB in a
-freshly installed one). That growth belongs to the runtime library's term, so it is taken out:
+library file got into the page cache (the same tiny-model run measured 18 MiB more in a freshly
+installed venv than in this one, on the same machine). That growth belongs to the runtime library's term, so it is taken out:
 ``model_peak = peak - baseline - growth of file pages mapped from outside the artifact's folder``.
 The artifact's own mapped pages (ONNX external data, the .pte) stay in.
 
@@ -188,12 +188,17 @@ def perplexity(decoder: Decoder, windows: np.ndarray) -> tuple[float, np.ndarray
     return float(np.exp(nll / count)), top1
 
 
-def _onnxruntime(path: Path, threads: int, chunk: int, shared_pool: bool = False) -> Callable[[], Decoder]:
+def _onnxruntime(
+    path: Path, threads: int, chunk: int, shared_pool: bool = False, options: dict[str, Any] | None = None
+) -> Callable[[], Decoder]:
     """``shared_pool``: run on the process-wide pool set by ``ort.set_global_thread_pool_sizes``
-    instead of a pool of ``threads`` owned by the session (for several sessions in one process)."""
+    instead of a pool of ``threads`` owned by the session (for several sessions in one process).
+    ``options``: more ``SessionOptions`` attributes (benchmarks: profiling, the optimized graph)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
+    for name, value in (options or {}).items():
+        setattr(opts, name, value)
     if shared_pool:
         opts.use_per_session_threads = False
     else:

@@ -80,11 +80,12 @@ def test_prunes_exports_and_fits(run_cfg: RunConfig) -> None:
     for rt in val["runtimes"]:
         assert rt["projected_peak_mib"] <= 36, rt  # measured, not just predicted, fits the budget
         assert rt["max_abs_logit_diff"] <= 1e-4 and rt["argmax_agreement"] == 1.0
-        # Tiny models: the fixed session term (allocator arenas, thread pools) dominates and moves
-        # by several MiB from host to host, so the bound is absolute here; relative accuracy is
-        # checked on the real model (tests/test_e2e_default.py).
+        # Tiny models: fixed terms (allocator arenas, thread pools) dominate and may move from host
+        # to host, so the bound is absolute here; relative accuracy is checked on the real model
+        # (tests/test_e2e_default.py). Library code paged in during the run is not the model's: it
+        # made a fresh CI venv miss by +16.8 MiB (ET) before the runner took it out.
         miss = rt["measured"]["model_peak_mib"] - rt["predicted_model_peak_mib"]
-        assert abs(miss) <= 15, rt  # seen: -3.1 (ET) and -0.9 (ORT) here, +10.4 (ET) on a CI host
+        assert abs(miss) <= 15, rt  # seen since: -0.5 (ET) and +0.1 (ORT) here
     ppl = val["perplexity"]
     assert 1.0 < ppl["dense"] < 1e4 and 1.0 < ppl["pruned"] < 1e4
     on_disk = json.loads((out / "report.json").read_text())

@@ -74,3 +74,22 @@ def test_kill9_then_rerun_equals_uninterrupted(
             assert (ga["tokens"] == gb["tokens"]).all()
     assert b["validation"]["passed"]
     assert not [p for p in resumed.iterdir() if p.name.startswith(".") and p.name != ".lock"]
+
+
+def test_source_digest_moves_with_the_code_only(tmp_path: Path) -> None:
+    """A stage's key holds its package's source: an edit to it redoes the stage, an edit elsewhere does not."""
+    from pipeline.cache import source_digest
+
+    (tmp_path / "exporters" / "sub").mkdir(parents=True)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "exporters" / "a.py").write_text("x = 1\n")
+    (tmp_path / "exporters" / "sub" / "b.py").write_text("y = 2\n")
+    (tmp_path / "other" / "c.py").write_text("z = 3\n")
+    before = source_digest("exporters", root=tmp_path)
+    assert source_digest("exporters", root=tmp_path) == before
+    (tmp_path / "other" / "c.py").write_text("z = 4\n")
+    assert source_digest("exporters", root=tmp_path) == before
+    (tmp_path / "exporters" / "sub" / "b.py").write_text("y = 3\n")
+    assert source_digest("exporters", root=tmp_path) != before
+    # the real packages have sources, and distinct ones
+    assert source_digest("exporters") != source_digest("pipeline") != source_digest()
