@@ -32,19 +32,22 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from targets.runner import _onnxruntime, generate  # noqa: E402
+from targets.runner import _onnxruntime, generate
 
 log = logging.getLogger("bench.ort_profile")
 
 
-def profile(path: Path, prompt: np.ndarray, new_tokens: int, sequences: int, threads: int, work: Path) -> dict[str, Any]:
+def profile(
+    path: Path, prompt: np.ndarray, new_tokens: int, sequences: int, threads: int, work: Path
+) -> dict[str, Any]:
     """Per-op-type kernel time per decode step, node counts, and the steps' wall time."""
     options = {"enable_profiling": True, "profile_file_prefix": str(work / path.parent.name)}
     decoder: Any = _onnxruntime(path, threads, prompt.shape[1], options=options)()
     for _ in range(sequences + 1):
         generate(decoder, prompt, new_tokens)
     events = json.loads(Path(decoder.sess.end_profiling()).read_text())
-    runs = sorted((e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"), key=lambda e: e["ts"])
+    runs = [e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"]
+    runs.sort(key=lambda e: e["ts"])
     # each sequence: one prefill run, then new_tokens - 1 decode runs; the first sequence warms up
     per_seq = len(runs) // (sequences + 1)
     decode = [r for i, r in enumerate(runs) if i >= per_seq and i % per_seq != 0]

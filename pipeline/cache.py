@@ -1,8 +1,9 @@
 """Stage manifests: a stage whose inputs have not changed is not redone on rerun.
 
 Each stage writes ``manifests/<stage>.json`` *after* its outputs, holding a key (sha256 of its
-inputs: model fingerprint, configs, profile, package versions, the stage's own source code) and the outputs it produced. A stage
-is fresh when the key matches and every listed output still exists with the recorded size.
+inputs: model fingerprint, configs, profile, package versions, the stage's own source code) and
+the outputs it produced. A stage is fresh when the key matches and every listed output still
+exists with the recorded size.
 """
 
 from __future__ import annotations

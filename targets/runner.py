@@ -10,9 +10,10 @@ runtime's C++ runner, whose cost the budget model carries as the runtime overhea
 
 The host's code keeps paging in after the baseline (kernels first run by the model: 6 MiB of
 libtorch/ExecuTorch text on a tiny model here), and how much depends on the host, not on the
-model: the kernel maps a whole page-cache folio per fault, and folio sizes depend on how the
-library file got into the page cache (the same tiny-model run measured 18 MiB more in a freshly
-installed venv than in this one, on the same machine). That growth belongs to the runtime library's term, so it is taken out:
+model: the kernel maps more than the faulting page from what the page cache holds, and that
+depends on how the library files got there (the same tiny-model run measured 18 MiB more in a
+freshly installed venv than in this one, on the same machine). That growth is the runtime
+library's term, so it is taken out:
 ``model_peak = peak - baseline - growth of file pages mapped from outside the artifact's folder``.
 The artifact's own mapped pages (ONNX external data, the .pte) stay in.
 
