@@ -178,6 +178,7 @@ def _run_stages(cfg: RunConfig, profile: DeviceProfile, out: Path, model_path: P
     artifacts: dict[Runtime, Path] = {}
     export_cfg = _export_config(profile)
     model = _load_pruned(out)
+    export_code = source_digest("exporters")
     for runtime in tqdm(profile.runtimes, desc="export", unit="runtime", disable=None):
         exporter = get_exporter(runtime)
         rt_cfg = runtime_export_config(export_cfg, profile, runtime)
@@ -186,7 +187,7 @@ def _run_stages(cfg: RunConfig, profile: DeviceProfile, out: Path, model_path: P
             export=asdict(rt_cfg),
             runtime=runtime,
             versions=package_versions(),
-            code=source_digest("exporters"),
+            code=export_code,
         )
         stage = f"export-{runtime}"
         t0 = time.perf_counter()

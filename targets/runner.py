@@ -194,7 +194,7 @@ def _onnxruntime(
 ) -> Callable[[], Decoder]:
     """``shared_pool``: run on the process-wide pool set by ``ort.set_global_thread_pool_sizes``
     instead of a pool of ``threads`` owned by the session (for several sessions in one process).
-    ``options``: more ``SessionOptions`` attributes (benchmarks: profiling, the optimized graph)."""
+    ``options``: more ``SessionOptions`` attributes (benchmarks/ort_profile.py: the profiler)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
