@@ -185,3 +185,24 @@ def test_comp_uniform_allocation_spreads_evenly() -> None:
     widths = [w["intermediate_size"] for w in layer_widths(m)]
     assert max(widths) - min(widths) <= 8  # at most one group apart (the last, partial round)
     assert all(w["num_key_value_heads"] == 4 for w in layer_widths(m))
+
+
+def test_multipruner_shortlist_scores_only_the_locally_cheapest() -> None:
+    """The shortlist gives the perplexity forward to the candidates that change their own block
+    least; scoring every candidate can only find an equal or lower calibration perplexity."""
+    from pipeline.multipruner import MultiPruner
+
+    chosen = {}
+    for shortlist in (1, 100):
+        torch.manual_seed(0)
+        m = tiny_model("llama", **dict(WIDE, num_hidden_layers=6))
+        cfg = PruneConfig(method="multipruner", multipruner_group=32, multipruner_shortlist=shortlist)
+        pruner = MultiPruner()
+        pruner.prepare(m, calib(), cfg)
+        pruner.removed_params["block"] = 10**9  # serve MLP channels first: 6 candidates, one per block
+        if shortlist == 1:
+            change = [pruner._local_change(m, i, "mlp", pruner._next_mlp(m, i)) for i in range(6)]
+            expect = min(range(6), key=change.__getitem__)
+        chosen[shortlist] = pruner.step(m, calib(), cfg)
+    assert chosen[1][0].startswith(f"block {expect}:")
+    assert chosen[100][1] <= chosen[1][1]
