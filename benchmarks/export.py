@@ -172,7 +172,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ratio", type=float, default=0.2, help="share of decoder parameters to prune")
     ap.add_argument("--runtimes", default=",".join(RUNTIMES))
-    ap.add_argument("--methods", default="width,depth", help="pruning methods, each pruned to --ratio")
+    ap.add_argument("--methods", default="width,depth", help='pruning methods, each pruned to --ratio ("": none)')
     ap.add_argument("--quantized", action="store_true", help="also the width-pruned model as int8w (ORT) / 8da4w (ET)")
     ap.add_argument(
         "--et-generic",
@@ -194,7 +194,7 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="prunefit-export-bench-") as tmp:
         work = Path(tmp)
-        methods = args.methods.split(",")
+        methods = [m for m in args.methods.split(",") if m]  # --methods "": dense (and the peer) only
         meta = prepare(work, args.ratio, methods)
         meta |= {"model": "SmolLM2-135M-Instruct", "prompt_tokens": PROMPT, "new_tokens": NEW_TOKENS,
                  "threads": THREADS, "context": CONTEXT, "ratio": args.ratio, "methods": methods}  # fmt: skip

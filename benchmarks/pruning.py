@@ -278,8 +278,8 @@ def write(out: Path, rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
         for r in group:
             lines.append(
                 f"| {ratio:.0%} | {r['method']} | {r['decoder_params_removed']:.1%} | {r['all_params_removed']:.1%} | "
-                f"{r['bytes_removed_fp32'] / 2**20:.1f} | {r['test_ppl']:.2f} | {r['test_ppl'] / best:.3f}x | {r['prune_wall_s']:.1f} | "
-                f"{_mib(r.get('prune_peak_rss_mib'))} |"
+                f"{r['bytes_removed_fp32'] / 2**20:.1f} | {r['test_ppl']:.2f} | {r['test_ppl'] / best:.3f}x | "
+                f"{r['prune_wall_s']:.1f} | {_mib(r.get('prune_peak_rss_mib'))} |"
             )
     lines += _goals(rows, meta)
     (out / "pruning.md").write_text("\n".join(lines) + "\n")

@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="calibration text: file, directory of .txt/.jsonl, or hf:NAME[:CONFIG[:SPLIT]] "
         "(default: seeded model-generated text)",
     )
-    ex.add_argument("--num-samples", type=int, default=32, help="calibration windows")
+    ex.add_argument("--num-samples", type=int, default=256, help="calibration windows (comp wants many)")
     ex.add_argument("--seq-len", type=int, default=128, help="tokens per calibration window")
     ex.add_argument(
         "--eval",
@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     pn.add_argument("--target", required=True, help="profile name or YAML (its budget, unless --ratio)")
     pn.add_argument("--ratio", type=float, default=None, help="remove this share of decoder-block parameters")
     pn.add_argument("--calib", required=True, help="calibration text: file or directory of .txt/.jsonl")
-    pn.add_argument("--num-samples", type=int, default=32)
+    pn.add_argument("--num-samples", type=int, default=256)
     pn.add_argument("--seq-len", type=int, default=128)
     pn.add_argument("--seed", type=int, default=0)
     pn.add_argument("--out", type=Path, required=True, help="output model directory (written atomically)")

@@ -40,7 +40,7 @@ PPL_WINDOWS = 8  # calibration windows used to report perplexity after each step
 class PruneConfig:
     """Knobs of the prune stage (the profile gives the budget and the default limit)."""
 
-    method: Method = "depth"
+    method: Method = "comp"  # the best measured (benchmarks/results/pruning.md; profiles' default too)
     max_removed_layer_ratio: float = 0.5
     iterative: bool = True  # re-score after each removal (the remaining blocks' roles shift)
     batch_size: int = 8

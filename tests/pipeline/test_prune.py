@@ -48,7 +48,7 @@ def test_prunes_fewest_blocks_that_fit() -> None:
     dense = model_shape(m)
     p = profile(30)
     assert not worst(estimate_all(dense, p)).fits
-    plan = prune_to_budget(m, calib(), p, PruneConfig(max_removed_layer_ratio=0.75))
+    plan = prune_to_budget(m, calib(), p, PruneConfig(method="depth", max_removed_layer_ratio=0.75))
     after = model_shape(m)
     assert worst(estimate_all(after, p)).fits
     k = len(plan.removed_layers)
@@ -87,13 +87,13 @@ def test_bad_prune_config() -> None:
 
 def test_headroom_prunes_until_prediction_is_that_far_under_budget() -> None:
     plain = prune_to_budget(
-        tiny_model("llama", **WIDE), calib(), profile(30), PruneConfig(max_removed_layer_ratio=0.75)
+        tiny_model("llama", **WIDE), calib(), profile(30), PruneConfig(method="depth", max_removed_layer_ratio=0.75)
     )
     spare = prune_to_budget(
         tiny_model("llama", **WIDE),
         calib(),
         profile(30, pruning={"headroom_mib": 5.0}),
-        PruneConfig(max_removed_layer_ratio=0.75),
+        PruneConfig(method="depth", max_removed_layer_ratio=0.75),
     )
     assert spare.after["worst_mib"] <= 25 < plain.after["worst_mib"] + 5
     assert len(spare.removed_layers) > len(plain.removed_layers)
@@ -110,7 +110,7 @@ def test_depth_then_width_meets_the_budget_without_a_block_of_overshoot() -> Non
     budget = int(start - 1.5 * per_block)  # needs one block and a half
     p = profile(budget)
     m_depth, m_mixed = tiny_model("llama", **WIDE), tiny_model("llama", **WIDE)
-    prune_to_budget(m_depth, calib(), p, PruneConfig(max_removed_layer_ratio=0.75))
+    prune_to_budget(m_depth, calib(), p, PruneConfig(method="depth", max_removed_layer_ratio=0.75))
     plan = prune_to_budget(m_mixed, calib(), p, PruneConfig(method="depth+width", max_removed_layer_ratio=0.75))
     depth_mib = worst(estimate_all(model_shape(m_depth), p)).total_mib
     mixed_mib = worst(estimate_all(model_shape(m_mixed), p)).total_mib
