@@ -103,9 +103,10 @@ def test_depth_then_width_meets_the_budget_without_a_block_of_overshoot() -> Non
     """depth+width removes the blocks that are surely needed, then trims the remainder by channels:
     it lands between the budget and depth's result (which overshoots by part of a block)."""
     dense = tiny_model("llama", **WIDE)
-    per_block = worst(estimate_all(model_shape(dense), profile(30))).total_mib - worst(
-        estimate_all(model_shape(dense).without_layers({0}), profile(30))
-    ).total_mib
+    per_block = (
+        worst(estimate_all(model_shape(dense), profile(30))).total_mib
+        - worst(estimate_all(model_shape(dense).without_layers({0}), profile(30))).total_mib
+    )
     start = worst(estimate_all(model_shape(dense), profile(30))).total_mib
     budget = int(start - 1.5 * per_block)  # needs one block and a half
     p = profile(budget)
