@@ -36,7 +36,8 @@ class PruningLimits(_Strict):
 
     max_removed_layer_ratio: float = Field(0.5, gt=0.0, lt=1.0)
     # comp: best measured at the android budget on the default model with the default 256 x 128
-    # self-generated calibration (WikiText-2 test PPL 38.9; depth+width 44.2, depth 50.3)
+    # self-generated calibration (WikiText-2 test PPL 38.9; depth+width 44.2, depth 50.3;
+    # benchmarks/results/default_method.md)
     method: Literal["depth", "width", "comp", "multipruner", "depth+width"] = "comp"
     # Prune until the prediction is this far under the budget: slack for allocator and workspace
     # variation the memory model does not capture (a few MiB run to run in a Python host).
