@@ -43,7 +43,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         if n == 12 and len(steps) > 24:
             lines.append(f"| ... | {len(steps) - 24} more steps in prune_plan.json | | | |")
         lines.append(
-            f"| {i} | {s['removed']} | {s['score']:.4f} | {s['estimate_mib']:.1f} | {_f(s.get('calib_ppl', '-'), 2)} |"
+            f"| {i} | {s['removed']} | {s['score']:.4g} | {s['estimate_mib']:.1f} | {_f(s.get('calib_ppl', '-'), 2)} |"
         )
     lines += [
         "",
