@@ -25,7 +25,8 @@ from typing import Any
 from pipeline.data import first_windows, generate_samples, read_text
 from pipeline.evaluate import perplexity
 from pipeline.model import load_model
-from pipeline.prune import PruneConfig, prune_to_budget
+from pipeline.prune import prune_to_budget
+from pipeline.run import profile_prune_config
 from targets.profile import load_profile
 
 ROOT = Path(__file__).resolve().parent
@@ -51,13 +52,8 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     for method, n in RUNS:
         model = copy.deepcopy(dense)
-        cfg = PruneConfig(  # as pipeline.run._prune_config builds it from the profile
-            method=method,  # type: ignore[arg-type]
-            max_removed_layer_ratio=profile.pruning.max_removed_layer_ratio,
-            width_multiple=profile.width_multiple,
-        )
         t = time.perf_counter()
-        plan = prune_to_budget(model, calib[:n], profile, cfg)
+        plan = prune_to_budget(model, calib[:n], profile, profile_prune_config(profile, method))
         rows.append({"method": method, "calib_windows": n, "test_ppl": perplexity(model, evals),
                      "prune_s": time.perf_counter() - t, "blocks_left": len(model.model.layers),
                      "params_after": plan.params_after, "worst_mib": plan.after["worst_mib"]})  # fmt: skip

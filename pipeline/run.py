@@ -73,10 +73,18 @@ class RunConfig:
         return self.out_dir or Path("artifacts") / profile.name
 
 
-def _prune_config(cfg: RunConfig, profile: DeviceProfile) -> PruneConfig:
-    ratio = cfg.max_prune_ratio if cfg.max_prune_ratio is not None else profile.pruning.max_removed_layer_ratio
-    method = cfg.method or profile.pruning.method  # PruneConfig rejects unknown names, listing the known ones
+def profile_prune_config(
+    profile: DeviceProfile, method: str | None = None, max_prune_ratio: float | None = None
+) -> PruneConfig:
+    """The prune stage's knobs for ``profile``, with the run's overrides (benchmarks/default_method.py
+    uses it too, so it prunes exactly as ``make export`` does)."""
+    ratio = max_prune_ratio if max_prune_ratio is not None else profile.pruning.max_removed_layer_ratio
+    method = method or profile.pruning.method  # PruneConfig rejects unknown names, listing the known ones
     return PruneConfig(method=method, max_removed_layer_ratio=ratio, width_multiple=profile.width_multiple)  # type: ignore[arg-type]
+
+
+def _prune_config(cfg: RunConfig, profile: DeviceProfile) -> PruneConfig:
+    return profile_prune_config(profile, cfg.method, cfg.max_prune_ratio)
 
 
 def _eval_windows(cfg: RunConfig, model: PreTrainedModel, tokenizer: Any) -> torch.Tensor:
