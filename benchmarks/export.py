@@ -20,8 +20,10 @@ per-round *paired* ratios (pruned and dense measured in the same round), with th
 Paired timing (``--paired``, default 4 runs per pair): the goals compare two artifacts, and the
 rounds above still leave 10-20% round-to-round spread on this shared machine, more than the goals'
 margins. So each compared pair (pruned vs dense per runtime; prunefit's dense ONNX vs optimum's) is
-also timed by ``paired_decode.py``: both artifacts in one process, their decode steps interleaved
-one by one, the median of the per-step ratios per run. The load order alternates between runs (the
+also timed by ``paired_decode.py``: both artifacts stay loaded and their decode steps interleave
+one by one, the median of the per-step ratios per run. onnxruntime pairs run in two lockstep
+processes with intra-op spinning off (two sessions in one process slowed each other unevenly),
+ExecuTorch pairs in one process (see that module). The load order alternates between runs (the
 artifact loaded first measured 1-3% slower in self-pairs), and the goal's ratio is the geometric
 mean of the runs' medians, with their min-max.
 
@@ -277,7 +279,7 @@ def _paired(p: dict[str, Any], d: dict[str, Any]) -> list[float]:
 
 
 def _ratio(a: dict[str, Any], b: dict[str, Any], pairs: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """A/B decode ratio: from the paired in-process runs when there are any, else from the rounds."""
+    """A/B decode ratio: from the paired runs when there are any, else from the rounds."""
     pair = pairs.get(f"{a['artifact']}/{b['artifact']}")
     if pair:
         runs = sorted(pair["run_ratios"])
@@ -329,8 +331,10 @@ def write(out: Path, rows: list[dict[str, Any]], meta: dict[str, Any], pairs: di
         f"process; {meta.get('rounds', 1)} interleaved rounds, medians over rounds (decode: min-max over rounds in "
         "brackets)."
         + (
-            " The goals' ratios come from paired runs where there are any: both artifacts in one process, their "
-            "decode steps interleaved one by one (`paired_decode.py`), the load order alternating between runs; "
+            " The goals' ratios come from paired runs where there are any: both artifacts loaded, their decode "
+            "steps interleaved one by one (`paired_decode.py`: onnxruntime pairs in two lockstep processes with "
+            "intra-op spinning off, so their ms/token sit above the alone figures; ExecuTorch pairs in one "
+            "process), the load order alternating between runs; "
             "the ratio is the geometric mean of the runs' medians of per-step ratios, [min-max] over runs."
             if pairs
             else ""

@@ -1,12 +1,26 @@
-"""Paired decode timing: two artifacts in one process, their decode steps interleaved one by one.
+"""Paired decode timing: two artifacts decode side by side, their steps interleaved one by one.
 
 Why: on a shared 2-core machine, timing each artifact in its own process (even in interleaved
 rounds) leaves 10-20% round-to-round spread, more than the margins the export goals are judged
-on. Here both artifacts are loaded in one process and decode side by side: step ``s`` of A and
-step ``s`` of B run back to back (the order alternating A-B / B-A, so neither always follows the
-other), about 20-30 ms apart. A slow spell of the machine then lands on both steps of a pair, and
-the median of the per-pair ratios ``t_A / t_B`` cancels it. Each artifact decodes its own greedy
-tokens with its own KV cache from the same prompt, so both do the same work they would alone.
+on. Here both artifacts stay loaded and decode in lockstep: step ``s`` of A and step ``s`` of B
+run back to back (the order alternating A-B / B-A, so neither always follows the other), about
+20-40 ms apart. A slow spell of the machine then lands on both steps of a pair, and the median of
+the per-pair ratios ``t_A / t_B`` cancels it. Each artifact decodes its own greedy tokens with its
+own KV cache from the same prompt, so both do the same work they would alone.
+
+Where the two artifacts live:
+
+- **onnxruntime pairs: one child process each**, driven step by step over pipes, with intra-op
+  spinning off in both sessions. Two onnxruntime sessions in *one* process were measured to slow
+  each other unevenly: prunefit's dense graph decoded 30 ms/token alone and 35-38 once optimum's
+  graph was merely loaded beside it, which made that pair read 1.18 in one process against 0.95-0.98
+  in two (session 9; self-pairs 1.005 and 1.012 either way). Spinning is off because a session's
+  pool keeps its threads spinning after each run (ORT's default), which on 2 cores steals the
+  other process's step; with it on, every step of both took ~1.6x longer. Turning it off costs
+  both sides the same thread wake-ups, so ratios hold while the absolute ms/token here sit above
+  the alone figures of ``targets.runner``.
+- **ExecuTorch pairs: one process**, as measured since session 6: its threadpool is process-wide,
+  one pool serves both programs, and its spin-wait cannot be turned off from Python.
 
 Decode on a CPU streams every weight once per token (far more than any cache holds), so the two
 models do not warm each other's caches; the ratio is what each would measure alone.
@@ -19,11 +33,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Protocol
 
 import numpy as np
 
@@ -31,53 +47,133 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from targets.runner import RUNTIMES, Decoder, _onnxruntime, prefill
 
+NO_SPIN = {"session.intra_op.allow_spinning": "0"}
 
-def _load(runtime: str, path: Path, threads: int, chunk: int) -> Decoder:
-    """The runner's loader, except onnxruntime sessions share one global intra-op pool: each
-    session's own pool keeps its threads spinning after a run (ORT's default), and two spinning
-    pools on 2 cores were measured to double both sessions' decode time. One shared pool behaves
-    as one session alone does (ExecuTorch's threadpool is process-wide already)."""
+
+class Stepper(Protocol):
+    token: int  # the greedy token just produced (batch 1)
+
+    def prefill(self) -> float: ...  # start the prompt's sequence; seconds
+    def step(self) -> float: ...  # one greedy decode step; seconds
+    def close(self) -> None: ...
+
+
+class LocalStepper:
+    """A decoder in this process."""
+
+    def __init__(self, decoder: Decoder, prompt: np.ndarray) -> None:
+        self.decoder, self.prompt = decoder, prompt
+        self.token = 0
+
+    def prefill(self) -> float:
+        t = time.perf_counter()
+        self.token = int(prefill(self.decoder, self.prompt)[0, -1].argmax())
+        return time.perf_counter() - t
+
+    def step(self) -> float:
+        t = time.perf_counter()
+        self.token = int(self.decoder.forward(np.array([[self.token]], np.int64))[0, -1].argmax())
+        return time.perf_counter() - t
+
+    def close(self) -> None:
+        del self.decoder
+
+
+class RemoteStepper:
+    """A decoder in a child process (``--serve``): one command line in, its seconds and token back."""
+
+    def __init__(self, runtime: str, path: Path, prompt: Path, threads: int, chunk: int) -> None:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--serve", runtime, str(path), str(prompt),
+               "--threads", str(threads), "--chunk", str(chunk)]  # fmt: skip
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.token = 0
+        self._expect("READY")
+
+    def _expect(self, what: str) -> str:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline().strip()
+        if not line.startswith(what):
+            self.proc.kill()
+            raise RuntimeError(f"decode server answered {line!r} instead of {what} (its stderr has the cause)")
+        return line[len(what) :].strip()
+
+    def _ask(self, command: str) -> float:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        seconds, token = self._expect("T").split()
+        self.token = int(token)
+        return float(seconds)
+
+    def prefill(self) -> float:
+        return self._ask("P")
+
+    def step(self) -> float:
+        return self._ask("S")
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+def serve(runtime: str, path: Path, prompt_path: Path, threads: int, chunk: int) -> None:
+    """The child of :class:`RemoteStepper`. Replies go to a private copy of stdout; fd 1 itself is
+    pointed at stderr, so a library printing to stdout cannot corrupt the protocol."""
+    replies: IO[str] = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
     if runtime == "onnxruntime":
-        return _onnxruntime(path, threads, chunk, shared_pool=True)()
-    return RUNTIMES[runtime](path, threads, chunk)()
-
-
-def _step(decoder: Decoder, token: np.ndarray) -> tuple[np.ndarray, float]:
-    t = time.perf_counter()
-    last = decoder.forward(token[:, None].astype(np.int64))[:, -1]
-    return last.argmax(-1), time.perf_counter() - t
+        decoder = _onnxruntime(path, threads, chunk, config=NO_SPIN)()
+    else:
+        decoder = RUNTIMES[runtime](path, threads, chunk)()
+    stepper = LocalStepper(decoder, np.load(prompt_path, allow_pickle=False).astype(np.int64))
+    replies.write("READY\n")
+    replies.flush()
+    for line in sys.stdin:
+        command = line.strip()
+        dt = stepper.prefill() if command == "P" else stepper.step() if command == "S" else None
+        if dt is None:
+            break
+        replies.write(f"T {dt!r} {stepper.token}\n")
+        replies.flush()
 
 
 def paired_decode(
-    a: tuple[str, Path], b: tuple[str, Path], prompt: np.ndarray, threads: int, chunk: int, steps: int, repeats: int
+    a: tuple[str, Path], b: tuple[str, Path], prompt_path: Path, threads: int, chunk: int, steps: int, repeats: int
 ) -> dict[str, Any]:
     """Per-step decode seconds of A and B, measured in adjacent pairs; a warm-up sequence first."""
-    if "onnxruntime" in (a[0], b[0]):
-        import onnxruntime as ort
-
-        ort.set_global_thread_pool_sizes(threads, 1)  # once, before any session
-    decoders = [_load(rt, path, threads, chunk) for rt, path in (a, b)]
+    separate = "executorch" not in (a[0], b[0])
+    if separate:
+        steppers: list[Stepper] = [RemoteStepper(rt, path, prompt_path, threads, chunk) for rt, path in (a, b)]
+    else:
+        prompt = np.load(prompt_path, allow_pickle=False).astype(np.int64)
+        steppers = [LocalStepper(RUNTIMES[rt](path, threads, chunk)(), prompt) for rt, path in (a, b)]
     times: list[list[float]] = [[], []]
     prefill_s: list[list[float]] = [[], []]
-    for rep in range(repeats + 1):  # the first sequence is warm-up: allocations, kernel selection
-        tokens = []
-        for i in (0, 1) if rep % 2 == 0 else (1, 0):
-            t = time.perf_counter()
-            logits = prefill(decoders[i], prompt)
-            if rep:
-                prefill_s[i].append(time.perf_counter() - t)
-            tokens.append((i, logits[:, -1].argmax(-1)))
-        last = dict(tokens)
-        for s in range(steps):
-            for i in (0, 1) if (s + rep) % 2 == 0 else (1, 0):
-                last[i], dt = _step(decoders[i], last[i])
+    tokens: list[list[int]] = [[], []]  # the last sequence's greedy tokens
+    try:
+        for rep in range(repeats + 1):  # the first sequence is warm-up: allocations, kernel selection
+            for i in (0, 1) if rep % 2 == 0 else (1, 0):
+                dt = steppers[i].prefill()
+                tokens[i] = [steppers[i].token]
                 if rep:
-                    times[i].append(dt)
+                    prefill_s[i].append(dt)
+            for s in range(steps):
+                for i in (0, 1) if (s + rep) % 2 == 0 else (1, 0):
+                    dt = steppers[i].step()
+                    tokens[i].append(steppers[i].token)
+                    if rep:
+                        times[i].append(dt)
+    finally:
+        for st in steppers:
+            st.close()
     ratios = [x / y for x, y in zip(times[0], times[1], strict=True)]
     return {
         "a": {"runtime": a[0], "artifact": str(a[1])},
         "b": {"runtime": b[0], "artifact": str(b[1])},
         "threads": threads,
+        "processes": 2 if separate else 1,
+        "intra_op_spinning": not separate,
         "steps": len(ratios),
         "decode_ms_a": 1000 * statistics.median(times[0]),
         "decode_ms_b": 1000 * statistics.median(times[1]),
@@ -86,10 +182,22 @@ def paired_decode(
         "ratio": statistics.median(ratios),
         "ratio_q25": float(np.quantile(ratios, 0.25)),
         "ratio_q75": float(np.quantile(ratios, 0.75)),
+        "tokens_a": tokens[0],
+        "tokens_b": tokens[1],
     }
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["--serve"]:
+        sp = argparse.ArgumentParser()
+        sp.add_argument("runtime")
+        sp.add_argument("artifact", type=Path)
+        sp.add_argument("prompt", type=Path)
+        sp.add_argument("--threads", type=int, default=2)
+        sp.add_argument("--chunk", type=int, default=128)
+        sa = sp.parse_args(sys.argv[2:])
+        serve(sa.runtime, sa.artifact, sa.prompt, sa.threads, sa.chunk)
+        return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runtime_a")
     ap.add_argument("artifact_a", type=Path)
@@ -101,9 +209,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=64, help="decode steps per sequence")
     ap.add_argument("--repeats", type=int, default=4, help="timed sequences (after one warm-up)")
     args = ap.parse_args()
-    prompt = np.load(args.prompt, allow_pickle=False).astype(np.int64)
     res = paired_decode(
-        (args.runtime_a, args.artifact_a), (args.runtime_b, args.artifact_b), prompt,
+        (args.runtime_a, args.artifact_a), (args.runtime_b, args.artifact_b), args.prompt,
         args.threads, args.chunk, args.steps, args.repeats,
     )  # fmt: skip
     print("PAIR " + json.dumps(res), flush=True)

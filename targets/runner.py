@@ -190,21 +190,23 @@ def perplexity(decoder: Decoder, windows: np.ndarray) -> tuple[float, np.ndarray
 
 
 def _onnxruntime(
-    path: Path, threads: int, chunk: int, shared_pool: bool = False, options: dict[str, Any] | None = None
+    path: Path,
+    threads: int,
+    chunk: int,
+    options: dict[str, Any] | None = None,
+    config: dict[str, str] | None = None,
 ) -> Callable[[], Decoder]:
-    """``shared_pool``: run on the process-wide pool set by ``ort.set_global_thread_pool_sizes``
-    instead of a pool of ``threads`` owned by the session (for several sessions in one process).
-    ``options``: more ``SessionOptions`` attributes (benchmarks/ort_profile.py: the profiler)."""
+    """``options``: more ``SessionOptions`` attributes (benchmarks/ort_profile.py: the profiler);
+    ``config``: session config entries (benchmarks/paired_decode.py: intra-op spinning off)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     for name, value in (options or {}).items():
         setattr(opts, name, value)
-    if shared_pool:
-        opts.use_per_session_threads = False
-    else:
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
+    for key, val in (config or {}).items():
+        opts.add_session_config_entry(key, val)
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
 
     def load() -> Decoder:
