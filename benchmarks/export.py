@@ -1,10 +1,12 @@
 """Export benchmark on the default model: dense vs pruned at 20%, ONNX and ExecuTorch, side by side.
 
-SmolLM2-135M (the embedded default), pruned by prunefit's ``width`` method to 20% of decoder
-parameters (calibration: 32 x 128 tokens of WikiText-2 valid), so the pruned export has per-layer
-widths. For each model x runtime, in its own process: export time and artifact size; then in the
-runtime (``python -m targets.runner``, threads = 2): load time, prefill latency of a 128-token
-prompt, decode tokens/s over 32 greedy tokens with the artifact's KV cache, and the run's peak RSS.
+SmolLM2-135M (the embedded default), pruned to 20% of decoder parameters by each of ``--methods``
+(default: ``comp``, prunefit's default method, and ``width``; calibration: 32 x 128 tokens of
+WikiText-2 valid; latency depends on the shapes pruning leaves, not on their quality), so the
+pruned exports have per-layer widths. For each model x runtime, in its own process: export time
+and artifact size; then in the runtime (``python -m targets.runner``, threads = 2): load time,
+prefill latency of a 128-token prompt, decode tokens/s over 32 greedy tokens with the artifact's
+KV cache, and the run's peak RSS.
 
 Peer: when a venv with optimum-onnx is given (``--optimum-python``; optimum-onnx needs
 transformers < 4.58, so it cannot live beside the pinned stack), the dense model is exported by
@@ -174,7 +176,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ratio", type=float, default=0.2, help="share of decoder parameters to prune")
     ap.add_argument("--runtimes", default=",".join(RUNTIMES))
-    ap.add_argument("--methods", default="width,depth", help='pruning methods, each pruned to --ratio ("": none)')
+    ap.add_argument("--methods", default="comp,width", help='pruning methods, each pruned to --ratio ("": none)')
     ap.add_argument("--quantized", action="store_true", help="also the width-pruned model as int8w (ORT) / 8da4w (ET)")
     ap.add_argument(
         "--et-generic",
@@ -333,7 +335,7 @@ def write(out: Path, rows: list[dict[str, Any]], meta: dict[str, Any], pairs: di
         + (
             " The goals' ratios come from paired runs where there are any: both artifacts loaded, their decode "
             "steps interleaved one by one (`paired_decode.py`: onnxruntime pairs in two lockstep processes with "
-            "intra-op spinning off, so their ms/token sit above the alone figures; ExecuTorch pairs in one "
+            "intra-op spinning off; ExecuTorch pairs in one "
             "process), the load order alternating between runs; "
             "the ratio is the geometric mean of the runs' medians of per-step ratios, [min-max] over runs."
             if pairs

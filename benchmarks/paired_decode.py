@@ -14,11 +14,12 @@ Where the two artifacts live:
   spinning off in both sessions. Two onnxruntime sessions in *one* process were measured to slow
   each other unevenly: prunefit's dense graph decoded 30 ms/token alone and 35-38 once optimum's
   graph was merely loaded beside it, which made that pair read 1.18 in one process against 0.95-0.98
-  in two (session 9; self-pairs 1.005 and 1.012 either way). Spinning is off because a session's
+  in two (session 9; self-pairs 1.003 / 1.019 in one process, 1.005 / 1.012 in two). Spinning is off because a session's
   pool keeps its threads spinning after each run (ORT's default), which on 2 cores steals the
-  other process's step; with it on, every step of both took ~1.6x longer. Turning it off costs
-  both sides the same thread wake-ups, so ratios hold while the absolute ms/token here sit above
-  the alone figures of ``targets.runner``.
+  other process's step: with it on, steps took 51-62 ms/token against 34-49 with it off, same hour. Turning it off costs
+  both sides the same thread wake-ups (the two graphs have the same 271-272 MatMuls, the only ops
+  big enough to run in parallel), so ratios hold; the absolute ms/token stayed within 5% of the
+  alone medians of ``targets.runner`` in session 9's run (30.5 vs 29.6, 31.7 vs 31.0).
 - **ExecuTorch pairs: one process**, as measured since session 6: its threadpool is process-wide,
   one pool serves both programs, and its spin-wait cannot be turned off from Python.
 
