@@ -335,8 +335,7 @@ def write(out: Path, rows: list[dict[str, Any]], meta: dict[str, Any], pairs: di
         + (
             " The goals' ratios come from paired runs where there are any: both artifacts loaded, their decode "
             "steps interleaved one by one (`paired_decode.py`: onnxruntime pairs in two lockstep processes with "
-            "intra-op spinning off; ExecuTorch pairs in one "
-            "process), the load order alternating between runs; "
+            "intra-op spinning off; ExecuTorch pairs in one process), the load order alternating between runs; "
             "the ratio is the geometric mean of the runs' medians of per-step ratios, [min-max] over runs."
             if pairs
             else ""

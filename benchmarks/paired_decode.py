@@ -13,13 +13,14 @@ Where the two artifacts live:
 - **onnxruntime pairs: one child process each**, driven step by step over pipes, with intra-op
   spinning off in both sessions. Two onnxruntime sessions in *one* process were measured to slow
   each other unevenly: prunefit's dense graph decoded 30 ms/token alone and 35-38 once optimum's
-  graph was merely loaded beside it, which made that pair read 1.18 in one process against 0.95-0.98
-  in two (session 9; self-pairs 1.003 / 1.019 in one process, 1.005 / 1.012 in two). Spinning is off because a session's
-  pool keeps its threads spinning after each run (ORT's default), which on 2 cores steals the
-  other process's step: with it on, steps took 51-62 ms/token against 34-49 with it off, same hour. Turning it off costs
-  both sides the same thread wake-ups (the two graphs have the same 271-272 MatMuls, the only ops
-  big enough to run in parallel), so ratios hold; the absolute ms/token stayed within 5% of the
-  alone medians of ``targets.runner`` in session 9's run (30.5 vs 29.6, 31.7 vs 31.0).
+  graph was merely loaded beside it, which made that pair read 1.18 in one process against
+  0.95-0.98 in two (session 9; self-pairs 1.003 / 1.019 in one process, 1.005 / 1.012 in two).
+  Spinning is off because a session's pool keeps its threads spinning after each run (ORT's
+  default), which on 2 cores steals the other process's step: with it on, steps took 51-62
+  ms/token against 34-49 with it off, same hour. Turning it off costs both sides the same thread
+  wake-ups (the two graphs have the same 271-272 MatMuls, the only ops big enough to run in
+  parallel), so ratios hold; the absolute ms/token stayed within 5% of the alone medians of
+  ``targets.runner`` in session 9's run (30.5 vs 29.6, 31.7 vs 31.0).
 - **ExecuTorch pairs: one process**, as measured since session 6: its threadpool is process-wide,
   one pool serves both programs, and its spin-wait cannot be turned off from Python.
 
@@ -144,15 +145,17 @@ def paired_decode(
 ) -> dict[str, Any]:
     """Per-step decode seconds of A and B, measured in adjacent pairs; a warm-up sequence first."""
     separate = "executorch" not in (a[0], b[0])
-    if separate:
-        steppers: list[Stepper] = [RemoteStepper(rt, path, prompt_path, threads, chunk) for rt, path in (a, b)]
-    else:
-        prompt = np.load(prompt_path, allow_pickle=False).astype(np.int64)
-        steppers = [LocalStepper(RUNTIMES[rt](path, threads, chunk)(), prompt) for rt, path in (a, b)]
+    prompt = None if separate else np.load(prompt_path, allow_pickle=False).astype(np.int64)
+    steppers: list[Stepper] = []
     times: list[list[float]] = [[], []]
     prefill_s: list[list[float]] = [[], []]
     tokens: list[list[int]] = [[], []]  # the last sequence's greedy tokens
-    try:
+    try:  # built inside: a second server that fails to start must not orphan the first
+        for rt, path in (a, b):
+            if prompt is None:
+                steppers.append(RemoteStepper(rt, path, prompt_path, threads, chunk))
+            else:
+                steppers.append(LocalStepper(RUNTIMES[rt](path, threads, chunk)(), prompt))
         for rep in range(repeats + 1):  # the first sequence is warm-up: allocations, kernel selection
             for i in (0, 1) if rep % 2 == 0 else (1, 0):
                 dt = steppers[i].prefill()
@@ -173,8 +176,7 @@ def paired_decode(
         "a": {"runtime": a[0], "artifact": str(a[1])},
         "b": {"runtime": b[0], "artifact": str(b[1])},
         "threads": threads,
-        "processes": 2 if separate else 1,
-        "intra_op_spinning": not separate,
+        "processes": 2 if separate else 1,  # 2: onnxruntime with intra-op spinning off (module docstring)
         "steps": len(ratios),
         "decode_ms_a": 1000 * statistics.median(times[0]),
         "decode_ms_b": 1000 * statistics.median(times[1]),
