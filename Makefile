@@ -80,7 +80,7 @@ profiles: $(STAMP) ## list device profiles and their budgets
 	$(VENV)/bin/prunefit profiles
 
 lint: $(STAMP) ## ruff + mypy
-	$(VENV)/bin/ruff check pipeline exporters targets tests $(wildcard benchmarks/*.py scripts/*.py)
+	$(VENV)/bin/ruff check core pipeline exporters targets tests $(wildcard benchmarks/*.py scripts/*.py)
 	$(VENV)/bin/mypy
 
 test: $(STAMP) lint ## lint, then every test (slow end-to-end ones included)

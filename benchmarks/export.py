@@ -270,9 +270,9 @@ def _row(tag: str, variant: str, runtime: str, precision: str, exp: dict, res: l
 
 def _read_bytes(row: dict[str, Any], meta: dict[str, Any]) -> float:
     """MiB a decode step streams: the artifact minus an embedding table the lm_head does not share."""
-    from targets.budget import STORES_TIED_ONCE
+    from core.runtimes import RUNTIME_TABLE
 
-    return row["size_mib"] - (0.0 if STORES_TIED_ONCE[row["runtime"]] else meta["embedding_mib"])
+    return row["size_mib"] - (0.0 if RUNTIME_TABLE[row["runtime"]].stores_tied_once else meta["embedding_mib"])
 
 
 def _paired(p: dict[str, Any], d: dict[str, Any]) -> list[float]:

@@ -1,4 +1,4 @@
-"""Calibration data for the run-time memory model's overhead terms (targets/budget.py RUNTIME_COSTS).
+"""Calibration data for the run-time memory model's overhead terms (core/runtimes.py, core/schemes.py).
 
 Each data point is one validated artifact: the terms the memory model predicts from the model's
 shapes (weights as the runtime stores them, the KV cache the run held, one prefill chunk's
@@ -18,7 +18,7 @@ check) is a large share of the measured peak (tiny models with SmolLM2's 49152-t
 measured 14-52% over the prediction).
 
 Writes ``benchmarks/results/memory_calibration.{json,md}``: every point, its error under the
-committed RUNTIME_COSTS, and the fitted constants. ``tests/targets/test_budget_calibration.py``
+committed constants, and the fitted constants. ``tests/targets/test_budget_calibration.py``
 holds the committed constants to the goal (every point within +-10%) on the committed data, so a
 change to the memory model that breaks the calibration fails a test.
 
@@ -86,7 +86,7 @@ def tiny_points(work: Path) -> list[dict[str, Any]]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from pipeline.data import DataConfig
-    from pipeline.errors import GateError
+    from core.errors import GateError
     from pipeline.run import EvalConfig, RunConfig, run_pipeline
     from tests.conftest import make_tokenizer
 
@@ -136,11 +136,12 @@ def _overhead(p: dict[str, Any]) -> float:
 
 
 def group(p: dict[str, Any]) -> str:
-    """Which constants a point calibrates: its (runtime, scheme)'s own when targets.budget has
-    them (SCHEME_COSTS), else its runtime's (RUNTIME_COSTS)."""
-    from targets.budget import SCHEME_COSTS
+    """Which constants a point calibrates: its scheme's own when the scheme table has them
+    (``core.schemes``), else its runtime's (``core.runtimes``)."""
+    from core.schemes import SCHEME_TABLE
 
-    return f"{p['runtime']}/{p['scheme']}" if (p["runtime"], p["scheme"]) in SCHEME_COSTS else p["runtime"]
+    spec = SCHEME_TABLE.get(p["scheme"])
+    return f"{p['runtime']}/{p['scheme']}" if spec is not None and spec.cost is not None else p["runtime"]
 
 
 def fit(points: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
@@ -160,7 +161,7 @@ def fit(points: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
 
 
 def committed_cost(g: str) -> Any:
-    from targets.budget import runtime_cost
+    from core.schemes import runtime_cost
 
     runtime, _, scheme = g.partition("/")
     return runtime_cost(runtime, scheme or None)  # type: ignore[arg-type]

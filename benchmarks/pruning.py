@@ -39,17 +39,17 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline.arch import decoder_layers
+from core.arch import decoder_layers
 from pipeline.checkpoint import prune_checkpoint
 from pipeline.data import first_windows, read_text, tokenize_windows
-from pipeline.evaluate import perplexity
+from core.perplexity import perplexity
 from pipeline.model import load_model
 from pipeline.prune import PruneConfig, block_influence, prune_to_budget
 from pipeline.rewrite import load_pruned, remove_layers, save_model
 from pipeline.stream import trim_heap
 from pipeline.width import channel_scores, collect_stats, prune_mlp
 from targets.profile import load_profile
-from targets.runner import current_rss_bytes, peak_rss_bytes, reset_peak
+from core.measure import current_rss_bytes, peak_rss_bytes, reset_peak
 
 ROOT = Path(__file__).resolve().parent
 WIKI = ROOT.parent.parent / "shared" / "data" / "wikitext-2"

@@ -1,30 +1,19 @@
-"""Exporter registry: an explicit table from runtime name to exporter, imported lazily so that
-profile checks never load heavy backends. Unknown names fail loudly with the valid ones."""
+"""Exporter registry: the runtime table (``core.runtimes``) names each runtime's exporter, imported
+lazily so that profile checks never load heavy backends. Unknown names fail loudly with the valid ones."""
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
 
+from core.errors import ExportError, RuntimeMissingError
+from core.runtimes import RUNTIME_TABLE
 from exporters.base import Exporter
-from pipeline.errors import ExportError, RuntimeMissingError
-
-_REGISTRY: dict[str, str] = {
-    "onnxruntime": "exporters.onnx:OnnxExporter",
-    "executorch": "exporters.executorch:ExecuTorchExporter",
-}
-
-
-# Modules each runtime needs, checked before any model loads.
-_REQUIRES: dict[str, tuple[str, ...]] = {
-    "onnxruntime": ("onnx", "onnxscript", "onnxruntime"),
-    "executorch": ("executorch.exir", "executorch.runtime"),
-}
-
 
 def check_runtime_available(runtime: str) -> None:
     """Raise RuntimeMissingError naming the missing package, without importing the backend."""
-    for module in _REQUIRES.get(runtime, ()):
+    spec = RUNTIME_TABLE.get(runtime)  # type: ignore[call-overload]
+    for module in spec.requires if spec else ():
         try:
             found = importlib.util.find_spec(module) is not None
         except ModuleNotFoundError:
@@ -37,12 +26,12 @@ def check_runtime_available(runtime: str) -> None:
 
 
 def available_exporters() -> list[str]:
-    return sorted(_REGISTRY)
+    return sorted(RUNTIME_TABLE)
 
 
 def get_exporter(runtime: str) -> Exporter:
     try:
-        target = _REGISTRY[runtime]
+        target = RUNTIME_TABLE[runtime].exporter  # type: ignore[index]
     except KeyError:
         raise ExportError(
             f"No exporter for runtime '{runtime}'. Available: {', '.join(available_exporters())}."

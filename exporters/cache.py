@@ -21,7 +21,7 @@ from torch import nn
 from transformers import DynamicCache, PreTrainedModel, StaticCache
 from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer
 
-from pipeline.arch import decoder_layers, head_dim
+from core.arch import attention_heads, decoder_layers, head_dim
 
 
 @dataclass(frozen=True)
@@ -48,14 +48,7 @@ class KvLayout:
 def kv_layout(model: PreTrainedModel) -> KvLayout:
     """Read each layer's KV head count from its projection shapes (Phi-3: the fused qkv_proj)."""
     hd = head_dim(model.config)
-    heads = []
-    for layer in decoder_layers(model):
-        attn = layer.self_attn
-        if hasattr(attn, "qkv_proj"):
-            n_q = int(attn.o_proj.weight.shape[1]) // hd
-            heads.append((int(attn.qkv_proj.weight.shape[0]) // hd - n_q) // 2)
-        else:
-            heads.append(int(attn.k_proj.weight.shape[0]) // hd)
+    heads = [attention_heads(layer.self_attn, hd)[1] for layer in decoder_layers(model)]
     return KvLayout(tuple(heads), hd)
 
 

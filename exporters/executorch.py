@@ -25,8 +25,8 @@ from exporters.base import ExportArtifact, ExportConfig, export_error
 from exporters.cache import StaticCacheDecoder, kv_layout
 from exporters.llm_ops import LlmOpsCacheDecoder, llm_ops_attention, unsupported_reason
 from exporters.quantize import quantize_torch
-from pipeline.errors import ExportError, RuntimeMissingError
-from pipeline.fsio import atomic_write_bytes
+from core.errors import ExportError, RuntimeMissingError
+from core.fsio import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 

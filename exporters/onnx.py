@@ -20,7 +20,7 @@ from transformers import PreTrainedModel
 from exporters.base import ExportArtifact, ExportConfig, artifact_size_bytes, export_error
 from exporters.cache import KvLayout, PastKeyValuesDecoder, kv_layout
 from exporters.quantize import check_scheme, quantize_onnx
-from pipeline.errors import ExportError
+from core.errors import ExportError
 
 log = logging.getLogger(__name__)
 

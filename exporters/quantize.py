@@ -39,33 +39,17 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from torch import nn
 
-from pipeline.errors import ExportError
-from targets.profile import QUANT_SCHEMES
+from core.errors import ConfigError, ExportError
+from core.schemes import GROUP_SIZE, scheme_spec
 
 if TYPE_CHECKING:
     import onnx
 
 log = logging.getLogger(__name__)
 
-SCHEMES = QUANT_SCHEMES  # one table: the profile validates against it, the exporters implement it
-GROUP_SIZE = 32  # int4 group: XNNPACK's blockwise kernels take multiples of 32; int8w's block too
-
-# Bytes per quantized linear weight element, scales included (the memory model uses these):
-# int8 per channel ~1 B; int4 in groups of 32 with one fp32 scale per group: 0.5 + 4/32.
-# int8w: int8 in blocks of 32 along the input with one fp32 scale each: 1 + 4/32.
-WEIGHT_BYTES: dict[str, float] = {
-    "int8": 1.0,
-    "int8w": 1.0 + 4 / GROUP_SIZE,
-    "8da8w": 1.0,
-    "8da4w": 0.5 + 4 / GROUP_SIZE,
-}
-
-
 # MatMulNBits compute type: 4 = int8 activations per block (MLAS's integer GEMM); 0 = fp32 compute,
 # which dequantizes every weight on every call (slower, and a full fp32 copy of the widest weight).
 INT8W_ACCURACY_LEVEL = 4
-# Schemes that store a tied lm_head as its own quantized weight (the memory model reads this).
-UNTIES_HEAD = frozenset({"int8w"})
 
 
 def untie_transposed_weights(model: onnx.ModelProto) -> list[str]:
@@ -105,11 +89,11 @@ def untie_transposed_weights(model: onnx.ModelProto) -> list[str]:
 
 
 def check_scheme(runtime: str, scheme: str) -> None:
-    if scheme not in SCHEMES.get(runtime, ()):
-        raise ExportError(
-            f"Quantization '{scheme}' is not available for {runtime}; it supports: "
-            f"{', '.join(SCHEMES.get(runtime, ())) or 'none'}."
-        )
+    """ExportError unless ``scheme`` is one of ``runtime``'s rows in ``core.schemes``."""
+    try:
+        scheme_spec(scheme, runtime)
+    except ConfigError as exc:
+        raise ExportError(str(exc)) from None
 
 
 def quantize_torch(model: nn.Module, scheme: str) -> nn.Module:
@@ -124,9 +108,11 @@ def quantize_torch(model: nn.Module, scheme: str) -> nn.Module:
     else:
         config = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0))
 
+    spec = scheme_spec(scheme, "executorch")
+
     def linear_with_groups(module: nn.Module, fqn: str) -> bool:
         # int4 groups must tile the input width; a pruned width that does not is left in fp32
-        return isinstance(module, nn.Linear) and (scheme != "8da4w" or module.in_features % GROUP_SIZE == 0)
+        return isinstance(module, nn.Linear) and (not spec.whole_groups or module.in_features % spec.group_size == 0)
 
     quantize_(q, config, filter_fn=linear_with_groups)
     return q

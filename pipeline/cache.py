@@ -15,7 +15,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from pipeline.fsio import atomic_write_json
+from core.fsio import atomic_write_json
 
 _VERSIONED = ("torch", "transformers", "onnx", "onnxruntime", "executorch", "prunefit")
 

@@ -23,8 +23,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from pipeline.errors import ConfigError, ModelLoadError
-from pipeline.fsio import atomic_dir
+from core.errors import ConfigError, ModelLoadError
+from core.fsio import atomic_dir
 from pipeline.prune import PruneConfig, PrunePlan, prune_to_budget
 from pipeline.rewrite import finalise_config
 from pipeline.stream import LayerStream

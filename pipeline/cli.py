@@ -13,7 +13,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from pipeline.errors import ModelLoadError, PrunefitError
+from core.errors import ModelLoadError, PrunefitError
 
 METHODS = (
     "depth",
@@ -191,7 +191,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     from pipeline.data import read_text, tokenize_windows
     from pipeline.prune import PruneConfig
     from targets.profile import load_profile
-    from targets.runner import peak_rss_bytes
+    from core.measure import peak_rss_bytes
 
     profile = load_profile(args.target)
     t0 = time.perf_counter()

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.arch import arch_for, head_dim
+from core.arch import arch_for, head_dim
 from pipeline.rewrite import remove_layers
 from pipeline.stream import LayerStream
 from pipeline.width import _narrowed, kv_group_dims, narrowest_shape, prune_kv_groups, prune_mlp, record_widths
@@ -448,6 +448,7 @@ class CompPruner:
         assert self.stream is not None and self.calib is not None
         stream, cfg = self.stream, self.cfg
         hd = head_dim(model.config)
+        spec = arch_for(model.config.model_type)
         multiple = max(1, cfg.width_multiple)
         # Per calibration batch, two hidden-sized float16 tensors: the dense stream and the pruned
         # stream, each replaced in place as it moves through a block. The sub-layer targets are
@@ -470,7 +471,7 @@ class CompPruner:
                 else:
                     stream.store(i)
                 continue
-            residual = cfg.comp_target == "residual" and not hasattr(layer, "post_feedforward_layernorm")
+            residual = cfg.comp_target == "residual" and not spec.sandwich_norms
             reference = copy.deepcopy(layer)  # the dense block: targets and the dense stream's next step
             if lp.kv:
                 mom = _paired_moments(layer, reference, dense, pruned, kw, "z", _attn_target(residual), not lp.mlp)

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from pipeline.errors import CalibrationError, RuntimeMissingError
+from core.errors import CalibrationError, RuntimeMissingError
 
 log = logging.getLogger(__name__)
 

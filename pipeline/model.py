@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from pipeline.arch import arch_for
-from pipeline.errors import ModelLoadError
+from core.arch import arch_for
+from core.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
 

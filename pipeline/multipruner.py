@@ -33,7 +33,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from pipeline.arch import arch_for, decoder_layers, head_dim
+from core.arch import arch_for, decoder_layers, head_dim
 from pipeline.rewrite import remove_layers
 from pipeline.stream import LayerStream
 from pipeline.width import (

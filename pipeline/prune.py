@@ -22,13 +22,13 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from pipeline.arch import decoder_layers
-from pipeline.errors import BudgetError, ConfigError
-from pipeline.evaluate import perplexity
+from core.arch import decoder_layers
+from core.errors import BudgetError, ConfigError
+from core.perplexity import perplexity
 from pipeline.rewrite import remove_layers
 from targets.budget import ModelShape, estimate_all, model_shape, worst
 from targets.profile import DeviceProfile
-from targets.runner import current_rss_bytes, peak_rss_bytes, reset_peak
+from core.measure import current_rss_bytes, peak_rss_bytes, reset_peak
 
 log = logging.getLogger(__name__)
 

@@ -16,9 +16,9 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
-from pipeline.arch import arch_for, decoder_layers, head_dim
-from pipeline.errors import ExportError
-from pipeline.fsio import atomic_dir
+from core.arch import arch_for, decoder_layers, head_dim
+from core.errors import ExportError
+from core.fsio import atomic_dir
 
 log = logging.getLogger(__name__)
 

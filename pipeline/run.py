@@ -26,9 +26,9 @@ from exporters import check_runtime_available, get_exporter
 from exporters.base import ExportConfig, artifact_files
 from pipeline.cache import fingerprint_path, is_fresh, package_versions, source_digest, stage_key, write_manifest
 from pipeline.data import DataConfig, first_windows, generate_samples, load_windows, read_text
-from pipeline.errors import CalibrationError, ConfigError, ExportError
-from pipeline.evaluate import perplexity
-from pipeline.fsio import (
+from core.errors import CalibrationError, ConfigError, ExportError
+from core.perplexity import perplexity
+from core.fsio import (
     atomic_path,
     atomic_write_json,
     atomic_write_text,
@@ -39,7 +39,8 @@ from pipeline.fsio import (
 from pipeline.model import DEFAULT_MODEL, load_model, resolve_model_path
 from pipeline.prune import PruneConfig, prune_to_budget
 from pipeline.rewrite import check_round_trip, load_pruned, save_model
-from targets.budget import RUNTIME_COSTS, SCHEME_COSTS
+from core.runtimes import RUNTIME_TABLE
+from core.schemes import SCHEME_TABLE
 from targets.profile import DeviceProfile, Runtime, load_profile
 from targets.report import write_report
 from targets.validate import validate
@@ -168,8 +169,8 @@ def _run_stages(cfg: RunConfig, profile: DeviceProfile, out: Path, model_path: P
         profile=profile.model_dump(),
         # the memory model's calibrated constants decide how much is pruned: a recalibration redoes it
         memory_model={
-            **{rt: asdict(c) for rt, c in RUNTIME_COSTS.items()},
-            **{"/".join(k): asdict(c) for k, c in SCHEME_COSTS.items()},
+            **{rt: asdict(spec) for rt, spec in RUNTIME_TABLE.items()},
+            **{name: asdict(spec) for name, spec in SCHEME_TABLE.items()},
         },
         versions=package_versions(),
         code=source_digest("pipeline"),

@@ -28,8 +28,8 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from pipeline.arch import arch_for, decoder_layers
-from pipeline.errors import ModelLoadError
+from core.arch import arch_for, decoder_layers
+from core.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from pipeline.arch import arch_for, decoder_layers, head_dim
+from core.arch import arch_for, decoder_layers, head_dim
 from targets.budget import LayerShape, layer_shape, model_shape
 
 log = logging.getLogger(__name__)

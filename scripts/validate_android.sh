@@ -77,7 +77,7 @@ result="$work/${label}-${runtime}.json" generation="$work/${label}-${runtime}.np
 echo "validate_android: $runtime artifact from $out on $label (threads $threads)" >&2
 
 shell mkdir -p "$remote_dir"
-run "${adb[@]}" push "${files[@]}" "$inputs" "$here/targets/runner.py" "$remote_dir/" >&2 \
+run "${adb[@]}" push "${files[@]}" "$inputs" "$here/targets/runner.py" "$here/core/measure.py" "$remote_dir/" >&2 \
   || die "adb push to $remote_dir failed" 4
 
 if [ -n "$runner" ]; then

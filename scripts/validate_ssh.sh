@@ -73,7 +73,7 @@ result="$work/${label}-${runtime}.json" generation="$work/${label}-${runtime}.np
 
 echo "validate_ssh: $runtime artifact from $out on $host (threads $threads, chunk $chunk, $new_tokens tokens)" >&2
 remote mkdir -p "$remote_dir" || die "cannot reach $host over ssh (check the host, key and port)" 4
-run "$scp_bin" "${scp_opts[@]}" -- "${files[@]}" "$inputs" "$here/targets/runner.py" "$host:$remote_dir/" \
+run "$scp_bin" "${scp_opts[@]}" -- "${files[@]}" "$inputs" "$here/targets/runner.py" "$here/core/measure.py" "$host:$remote_dir/" \
   || die "copying the artifacts to $host failed" 4
 if [ "$dry" = 1 ]; then
   remote "$python" "$remote_dir/runner.py" --runtime "$runtime" --artifact "$remote_dir/$artifact" \

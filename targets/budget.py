@@ -12,98 +12,23 @@ measured peak.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from torch import nn
 
-from pipeline.arch import decoder_layers, head_dim
-from targets.profile import DeviceProfile, Runtime
+from core.arch import attention_heads, decoder_layers, head_dim, mlp_width
+from core.runtimes import RUNTIME_TABLE, Runtime
+from core.schemes import SCHEME_TABLE, runtime_cost
+from targets.profile import DeviceProfile
 
 MIB = 1024 * 1024
 BYTES_PER_ELEMENT = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1}
 
 
-@dataclass(frozen=True)
-class RuntimeCost:
-    """What a runtime adds on top of weights, KV cache and activations.
-
-    - ``library_mib``: resident code/data of the runtime library in the device's runner (not
-      measurable here, where the host is Python; profiles override it via runtime_overhead_mib).
-    - ``session_mib``: fixed allocations of a loaded session (thread pools, arenas, plans). The
-      runtime's code is not in it: what the run pages in is the library's (the runner measures it
-      out), so ExecuTorch, whose planned buffers are the activations and KV cache, fits at 0.
-    - ``gemm_transient_ratio`` / ``head_transient_ratio``: both runtimes repack GEMM weights into
-      their kernels' layout while loading (MLAS prepack, XNNPACK packing), and the peak holds part
-      of the source and the packed copy at once. Two terms, because the measured share differs by
-      an order of magnitude: the decoder blocks' GEMMs (many small weights, packed one after the
-      other) cost a few percent of their size, the vocabulary projection (one 49152 x 576 weight
-      for SmolLM2, packed or transposed whole) most of its size. One weight-proportional ratio
-      could not fit both the default model and the tiny test models (three points off by 9-13%).
-
-    Fitted by least squares (``benchmarks/memory_calibration.py``) on the model-attributable peak
-    RSS of every point in ``benchmarks/results/memory_calibration.json``, each residual relative to
-    its point: SmolLM2-135M pruned for android, rpi4 and android-go (fp32, 8da8w, int8w) and tiny
-    Llama models with 0.7-200 MiB of weights. Every point is within +-10%
-    (``tests/targets/test_budget_calibration.py``; +-4.4% when fitted).
-    """
-
-    library_mib: float
-    session_mib: float
-    gemm_transient_ratio: float
-    head_transient_ratio: float
-
-    def loaded_overhead_mib(self, gemm_mib: float, head_mib: float) -> float:
-        """What a loaded session adds beyond weights, KV cache and activations (library excluded),
-        for ``gemm_mib`` of decoder-block weights and a ``head_mib`` vocabulary projection."""
-        return self.session_mib + self.gemm_transient_ratio * gemm_mib + self.head_transient_ratio * head_mib
-
-
-RUNTIME_COSTS: dict[Runtime, RuntimeCost] = {
-    # libonnxruntime.so for arm64 Android/Linux maps ~20 MiB; ORT Mobile minimal builds are smaller.
-    "onnxruntime": RuntimeCost(20.0, session_mib=4.3, gemm_transient_ratio=0.067, head_transient_ratio=0.47),
-    # The ExecuTorch runtime core + XNNPACK delegate is a few MiB of code.
-    "executorch": RuntimeCost(4.0, session_mib=0.0, gemm_transient_ratio=0.033, head_transient_ratio=0.765),
-}
-
-
-# Kernels whose packing differs enough from the runtime's fp32 GEMMs to need their own constants
-# (same meaning as RUNTIME_COSTS; library_mib is the runtime's). onnxruntime's int8w runs
-# MatMulNBits with int8 compute, which packs every weight into its own layout at load while the
-# mapped source pages are resident too: 0.41 of the block weights, 0.55 of the lm_head (fitted on
-# SmolLM2 for android-go and three tiny models; fp32's ratios would under-predict them by 26-28%).
-SCHEME_COSTS: dict[tuple[Runtime, str], RuntimeCost] = {
-    ("onnxruntime", "int8w"): replace(
-        RUNTIME_COSTS["onnxruntime"], session_mib=5.66, gemm_transient_ratio=0.406, head_transient_ratio=0.552
-    ),
-}
-
-
-def runtime_cost(runtime: Runtime, scheme: str | None = None) -> RuntimeCost:
-    """The overhead constants of ``runtime`` running weights quantized with ``scheme`` (None: fp32)."""
-    return SCHEME_COSTS.get((runtime, scheme or "fp32"), RUNTIME_COSTS[runtime])
-
-
-# Whether the runtime memory-maps its weights from the artifact, so that an embedding table that is
-# only gathered from (not also read whole as the lm_head) stays on disk but for the rows looked up.
-# onnxruntime maps external-data initializers (measured: an int8w model with an untied head peaked
-# ~100 MiB under its stored weights); the ExecuTorch runner here loads the program's data.
-MAPS_WEIGHTS: dict[Runtime, bool] = {"onnxruntime": True, "executorch": False}
-
-
 def library_mib(profile: DeviceProfile, runtime: Runtime) -> float:
-    """The runtime library's resident size on the device (profile override, else default)."""
-    return float(profile.runtime_overhead_mib.get(runtime, RUNTIME_COSTS[runtime].library_mib))
-
-
-# Whether the runtime keeps one copy of a tied embedding / lm_head: ONNX from torch.onnx's dynamo
-# exporter shares the initializer; an ExecuTorch program serialises the lm_head weight separately.
-STORES_TIED_ONCE: dict[Runtime, bool] = {"onnxruntime": True, "executorch": False}
-
-
-# Whether the runtime's KV cache is allocated whole at load (ExecuTorch's static cache is planned
-# memory of the program) or grows with the tokens seen (ONNX past/present tensors).
-KV_PREALLOCATED: dict[Runtime, bool] = {"onnxruntime": False, "executorch": True}
+    """The runtime library's resident size on the device (profile override, else the table's)."""
+    return float(profile.runtime_overhead_mib.get(runtime, RUNTIME_TABLE[runtime].cost.library_mib))
 
 
 @dataclass(frozen=True)
@@ -155,19 +80,9 @@ def _n(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def _out(linear: nn.Module) -> int:
-    return int(linear.weight.shape[0])  # type: ignore[union-attr,index]
-
-
 def layer_shape(layer: Any, hd: int) -> LayerShape:
-    attn, mlp = layer.self_attn, layer.mlp  # type: ignore[union-attr]
-    if hasattr(attn, "qkv_proj"):  # Phi-3 fused
-        n_q = int(attn.o_proj.weight.shape[1]) // hd
-        n_kv = (_out(attn.qkv_proj) // hd - n_q) // 2
-    else:
-        n_q, n_kv = _out(attn.q_proj) // hd, _out(attn.k_proj) // hd
-    inter = _out(mlp.gate_up_proj) // 2 if hasattr(mlp, "gate_up_proj") else _out(mlp.up_proj)
-    return LayerShape(_n(layer), n_q, n_kv, hd, inter)
+    n_q, n_kv = attention_heads(layer.self_attn, hd)
+    return LayerShape(_n(layer), n_q, n_kv, hd, mlp_width(layer.mlp))
 
 
 def model_shape(model: Any) -> ModelShape:
@@ -223,7 +138,7 @@ class WeightTerms:
     blocks: float  # every decoder block's linear weights and norms
     other: float
     head_read: float  # the vocabulary projection's weight as its GEMM reads it (the tied embedding too)
-    embedding_resident: bool = True  # False: memory-mapped and only gathered from (see MAPS_WEIGHTS)
+    embedding_resident: bool = True  # False: memory-mapped and only gathered from (see RuntimeSpec.maps_weights)
 
     @property
     def total(self) -> int:
@@ -240,21 +155,18 @@ def weight_terms(shape: ModelShape, runtime: Runtime, precision: str, scheme: st
     a separately stored lm_head take the scheme's bytes; embeddings, norms and a lm_head shared
     with the embedding stay in ``precision``. int4 groups must tile a weight's input width, so a
     down_proj whose (pruned) intermediate size is not a multiple of the group stays in fp32.
-    Schemes in ``exporters.quantize.UNTIES_HEAD`` store a tied lm_head as its own quantized weight."""
+    Schemes with ``unties_head`` (``core.schemes``) store a tied lm_head as its own quantized weight."""
     fp = BYTES_PER_ELEMENT[precision]
-    q: float = fp
-    unties = False
-    group = 0
-    if scheme is not None:
-        from exporters.quantize import GROUP_SIZE, UNTIES_HEAD, WEIGHT_BYTES
-
-        q, unties, group = WEIGHT_BYTES[scheme], scheme in UNTIES_HEAD, GROUP_SIZE
-    separate_head = not shape.tied or not STORES_TIED_ONCE[runtime] or unties
+    rt = RUNTIME_TABLE[runtime]
+    spec = SCHEME_TABLE[scheme] if scheme is not None else None  # type: ignore[index]
+    q: float = spec.weight_bytes if spec else fp
+    unties = bool(spec and spec.unties_head)
+    separate_head = not shape.tied or not rt.stores_tied_once or unties
     head = shape.lm_head_params * q if separate_head else 0.0
     blocks = 0.0
     for layer in shape.layers:
         unquantized = 0
-        if scheme == "8da4w" and layer.intermediate_size % group:
+        if spec is not None and spec.whole_groups and layer.intermediate_size % spec.group_size:
             unquantized = shape.hidden_size * layer.intermediate_size
         blocks += (layer.params - unquantized) * q + unquantized * fp
     return WeightTerms(
@@ -263,7 +175,7 @@ def weight_terms(shape: ModelShape, runtime: Runtime, precision: str, scheme: st
         blocks=blocks,
         other=shape.other_params * fp,
         head_read=head if separate_head else shape.lm_head_params * fp,
-        embedding_resident=not (MAPS_WEIGHTS[runtime] and separate_head),
+        embedding_resident=not (rt.maps_weights and separate_head),
     )
 
 
@@ -280,7 +192,7 @@ def kv_cache_bytes(shape: ModelShape, context: int, batch: int, precision: str) 
 def kv_cache_not_held_mib(shape: ModelShape, profile: DeviceProfile, runtime: Runtime, tokens_run: int) -> float:
     """The part of the context's KV cache a validation run of ``tokens_run`` tokens did not hold:
     none for a preallocated cache, the remaining positions for a growing one."""
-    if KV_PREALLOCATED[runtime]:
+    if RUNTIME_TABLE[runtime].kv_preallocated:
         return 0.0
     rest = max(0, profile.context_length - tokens_run)
     return kv_cache_bytes(shape, rest, profile.batch_size, profile.precision) / MIB

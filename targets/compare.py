@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import ConfigError
+from core.errors import ConfigError
 
 RUNTIMES = ("executorch", "onnxruntime")
 

@@ -22,7 +22,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.errors import RuntimeMissingError
+from core.errors import RuntimeMissingError
 
 MIB = 1024 * 1024
 _JOIN = 'echo $$ > "$0/cgroup.procs" && exec "$@"'

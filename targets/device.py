@@ -1,8 +1,8 @@
 """Merge a run on a real device (scripts/validate_ssh.sh, scripts/validate_android.sh) into a report.
 
-The device ran ``targets/runner.py`` (copied there: it imports only the standard library, numpy and
-the runtime) on the same artifact and prompt as the local validation. Its JSON (timings, peak RSS
-on the device) and its generation (logits, tokens) come back; this module compares the tokens and
+The device ran ``targets/runner.py`` (copied there with ``core/measure.py``: they import only the
+standard library, numpy and the runtime) on the same artifact and prompt as the local validation.
+Its JSON (timings, peak RSS on the device) and its generation (logits, tokens) come back; this module compares the tokens and
 logits with the local PyTorch reference the validation stored, adds the run to ``report.json``
 under ``device_runs`` and re-renders the report.
 
@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import ConfigError, PrunefitError
+from core.errors import ConfigError, PrunefitError
 from targets.report import write_report
 
 

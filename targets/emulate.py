@@ -40,10 +40,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import ConfigError, GateError, PrunefitError, RuntimeMissingError
+from core.errors import ConfigError, GateError, PrunefitError, RuntimeMissingError
 from targets.device import compare_with_local, merge
+from targets.gates import Gate, emulated_gates
 from targets.profile import DeviceProfile, load_profile
-from targets.validate import Gate
 
 log = logging.getLogger(__name__)
 
@@ -253,34 +253,6 @@ def _onnx_artifact(out_dir: Path) -> Path:
     raise ConfigError(f"No ONNX artifact in {out_dir}: run `make export` for it first.")
 
 
-def _gates(profile: DeviceProfile, runtime: str, quantized: bool, cmp: dict[str, Any]) -> list[Gate]:
-    """The emulated run against the local run: same tokens and logits (fp32), or top-1 (quantized)."""
-    name = f"emulated[{runtime}]"
-    if quantized:
-        agree, need = cmp["argmax_agreement_vs_local_run"], profile.gates.quantized_min_top1
-        return [
-            Gate(
-                name,
-                agree >= need,
-                agree,
-                need,
-                f"aarch64 vs local top-1 agreement over the prompt {agree:.1%} (need {need:.0%}; integer kernels "
-                "differ by ISA)",
-            )
-        ]
-    diff, atol = cmp["max_abs_logit_diff_vs_local_run"], profile.gates.parity_atol
-    same = cmp["tokens_equal_to_local_run"]
-    return [
-        Gate(
-            name,
-            bool(same) and diff <= atol,
-            diff,
-            atol,
-            f"aarch64 vs local: tokens {'equal' if same else 'DIFFER'}, max |logit diff| {diff:.2e} (limit {atol:.0e})",
-        )
-    ]
-
-
 def run(cfg: EmulationConfig) -> EmulationResult:
     """Run the artifact under qemu-aarch64, compare with the local run, merge into the report."""
     if cfg.runtime not in EMULATED_RUNTIMES:
@@ -310,7 +282,7 @@ def run(cfg: EmulationConfig) -> EmulationResult:
         ]  # fmt: skip
         env = {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-            "PYTHONPATH": str(root.site),
+            "PYTHONPATH": f"{root.site}:{ROOT}",  # ROOT: the runner imports core.measure
             "PYTHONNOUSERSITE": "1",
             "PYTHONDONTWRITEBYTECODE": "1",
         }
@@ -334,7 +306,7 @@ def run(cfg: EmulationConfig) -> EmulationResult:
                 f"{out}/validation/{cfg.runtime}_generation.npz is missing: run `prunefit validate` first."
             )
         quantized = cfg.runtime in profile.quantize
-        gates = _gates(profile, cfg.runtime, quantized, cmp)
+        gates = emulated_gates(profile, cfg.runtime, quantized, cmp)
         emulated = {"qemu": Path(qemu).name, "cpu": core, "features": CORES[core].features, "wall_s": wall,
                     "note": "timings and memory are qemu's, not a device's"}  # fmt: skip
         entry = merge(

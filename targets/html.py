@@ -16,8 +16,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pipeline.fsio import atomic_write_bytes, atomic_write_text
-from targets.report import DEVICE_HEADERS, device_run_rows
+from core.fsio import atomic_write_bytes, atomic_write_text
+from targets.markdown import DEVICE_HEADERS, device_run_rows
 
 
 def _png(fig: Any) -> bytes:

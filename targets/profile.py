@@ -13,10 +13,11 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from pipeline.errors import ProfileError
+from core.errors import ProfileError
+from core.runtimes import RUNTIMES, Runtime
+from core.schemes import Scheme, schemes_for
 
-Runtime = Literal["onnxruntime", "executorch"]
-RUNTIMES: tuple[Runtime, ...] = ("onnxruntime", "executorch")
+__all__ = ["RUNTIMES", "DeviceProfile", "Runtime", "Scheme", "load_profile"]
 
 
 class _Strict(BaseModel):
@@ -57,11 +58,6 @@ class Gates(_Strict):
     quantized_min_top1: float = Field(0.85, gt=0.0, le=1.0)
 
 
-# Weight quantization schemes each runtime's exporter implements (exporters/quantize.py).
-Scheme = Literal["int8", "int8w", "8da4w", "8da8w"]
-QUANT_SCHEMES: dict[str, tuple[str, ...]] = {"onnxruntime": ("int8", "int8w"), "executorch": ("8da4w", "8da8w")}
-
-
 class DeviceProfile(_Strict):
     """A target device and the run-time constraints an exported model must meet on it."""
 
@@ -80,7 +76,7 @@ class DeviceProfile(_Strict):
     threads: int = Field(ge=1, le=256)
     width_multiple: int = Field(8, ge=1, le=256)
     runtime_overhead_mib: dict[Runtime, float] = Field(default_factory=dict)
-    # Weight quantization per runtime (absent: fp32): one of QUANT_SCHEMES[runtime].
+    # Weight quantization per runtime (absent: fp32): one of core.schemes.schemes_for(runtime).
     quantize: dict[Runtime, Scheme] = Field(default_factory=dict)
     # onnxruntime artifact format: "ort" = ORT format for ORT Mobile / minimal builds, optimized
     # offline for the device's CPU (model.onnx is still written beside it).
@@ -110,7 +106,7 @@ class DeviceProfile(_Strict):
                 f"({self.memory_budget_mib})"
             )
         for rt, scheme in self.quantize.items():
-            allowed = QUANT_SCHEMES[rt]
+            allowed = schemes_for(rt)
             if scheme not in allowed:
                 raise ValueError(f"quantize.{rt}: '{scheme}' is not a {rt} scheme; use one of {', '.join(allowed)}")
             if rt not in self.runtimes:

@@ -1,4 +1,5 @@
-"""Render a run's results as ``report.json`` (machine-readable, versioned) and ``report.md``."""
+"""Write a run's results: ``report.json`` (machine-readable, versioned), ``report.md``
+(``targets/markdown.py``) and ``report.html`` with its plots (``targets/html.py``)."""
 
 from __future__ import annotations
 
@@ -6,160 +7,16 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pipeline.fsio import atomic_write_json, atomic_write_text
+from core.errors import ConfigError
+from core.fsio import atomic_write_json, atomic_write_text
+from targets.html import write_html
+from targets.markdown import render_markdown
 
 SCHEMA_VERSION = 1
 
 
-def _f(x: Any, nd: int = 1) -> str:
-    return f"{x:.{nd}f}" if isinstance(x, (int, float)) else str(x)
-
-
-def render_markdown(report: dict[str, Any]) -> str:
-    p, plan, val = report["profile"], report["prune"], report["validation"]
-    lines = [
-        f"# prunefit report: {p['name']}",
-        "",
-        f"**{p['device']}** — {p['cpu']['arch']} ({', '.join(p['cpu']['features']) or 'no extra features'}), "
-        f"{p['ram_mib']} MiB RAM, budget **{p['memory_budget_mib']} MiB**, context {p['context_length']}, "
-        f"prefill {p['prefill_tokens']}, batch {p['batch_size']}, {p['threads']} threads, {p['precision']}.",
-        "",
-        f"Model: `{report['model']}`. Overall: **{'PASS' if val['passed'] else 'FAIL'}**.",
-        "",
-        "## Pruning",
-        "",
-        f"Method `{plan['method']}`, {len(plan['steps'])} steps: removed {len(plan['removed_layers'])} of "
-        f"{len(plan['removed_layers']) + len(plan['kept_layers'])} decoder blocks "
-        f"{plan['removed_layers'] or ''}; parameters {plan['params_before']:,} -> {plan['params_after']:,} "
-        f"({1 - plan['params_after'] / plan['params_before']:.1%} removed) in {plan['wall_s']:.1f} s"
-        f"{_peak(plan)}.",
-        "",
-        "| step | removed | score | predicted peak (MiB) | calibration perplexity |",
-        "|---:|---|---:|---:|---:|",
-    ]
-    steps = list(enumerate(plan["steps"], 1))
-    shown = steps if len(steps) <= 24 else steps[:12] + steps[-12:]  # width pruning takes hundreds of small steps
-    for n, (i, s) in enumerate(shown):
-        if n == 12 and len(steps) > 24:
-            lines.append(f"| ... | {len(steps) - 24} more steps in prune_plan.json | | | |")
-        lines.append(
-            f"| {i} | {s['removed']} | {s['score']:.4g} | {s['estimate_mib']:.1f} | {_f(s.get('calib_ppl', '-'), 2)} |"
-        )
-    lines += [
-        "",
-        "## Memory model (predicted, MiB)",
-        "",
-        "| runtime | when | weights | KV cache | activations | overhead | total | budget | fits |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---|",
-    ]
-    for when in ("before", "after"):
-        for e in plan[when]["per_runtime"]:
-            lines.append(
-                f"| {e['runtime']} | {when} | {_f(e['weights_mib'])} | {_f(e['kv_cache_mib'])} | "
-                f"{_f(e['activations_mib'])} | {_f(e['overhead_mib'])} | {_f(e['total_mib'])} | "
-                f"{_f(e['budget_mib'], 0)} | {'yes' if e['fits'] else 'no'} |"
-            )
-    lines += [
-        "",
-        "## Exported artifacts, measured",
-        "",
-        "Each artifact prefilled the prompt, then greedy-decoded with its own KV cache, in a child process "
-        "held to the model's share of the budget.",
-        "",
-        "| runtime | file | size (MiB) | load (s) | prefill (ms) | decode (tok/s) | measured run peak (MiB) "
-        "| predicted (MiB) | error | projected peak incl. rest of KV + library (MiB) | max abs logit diff "
-        "| tokens equal |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
-    ]
-    for r in val["runtimes"]:
-        m, g = r["measured"], r.get("generation", {})
-        lines.append(
-            f"| {r['runtime']} | {r['artifact']} | {_f(r['size_mib'])} | {_f(m['load_s'], 2)} | "
-            f"{_f(m.get('prefill_s', m.get('forward_s', float('nan'))) * 1000)} | "
-            f"{_f(m.get('decode_tokens_per_s', '-'))} | {_f(m['model_peak_mib'])} | "
-            f"{_f(r['predicted_model_peak_mib'])} | {r['prediction_error']:+.1%} | {_f(r['projected_peak_mib'])} | "
-            f"{r['max_abs_logit_diff']:.2e} | {_tokens(g)} |"
-        )
-    lines += _device_runs(report.get("device_runs", []))
-    ppl = val.get("perplexity", {})
-    if ppl:
-        lines += [
-            "",
-            "## Perplexity",
-            "",
-            f"Evaluated on `{report.get('eval_source', 'generated text')}`.",
-            "",
-            "| model | perplexity |",
-            "|---|---:|",
-        ]
-        lines += [f"| {k} | {v:.2f} |" for k, v in ppl.items()]
-    lines += ["", "## Gates", "", "| gate | result | detail |", "|---|---|---|"]
-    lines += [f"| {g['name']} | {'pass' if g['passed'] else '**FAIL**'} | {g['detail']} |" for g in val["gates"]]
-    lines += ["", "## Stage timings (s)", "", "| stage | wall (s) | cached |", "|---|---:|---|"]
-    lines += [f"| {k} | {v['wall_s']:.1f} | {'yes' if v['cached'] else 'no'} |" for k, v in report["stages"].items()]
-    lines.append("")
-    return "\n".join(lines)
-
-
-def device_run_rows(runs: list[dict[str, Any]]) -> list[list[str]]:
-    """One row per run merged by the device scripts or the emulated mode (shared by md and html)."""
-    rows = []
-    for r in runs:
-        m = r["measured"]
-        same = r.get("tokens_equal_to_local_run")
-        gates = r.get("gates", [])
-        rows.append([
-            r["label"], r["runtime"], str(m.get("threads", "-")), _f(m.get("load_s", "-"), 2),
-            _f(m.get("prefill_s", float("nan")) * 1000), _f(m.get("decode_tokens_per_s", "-")),
-            _f(m.get("model_peak_mib", "-")), "-" if same is None else ("yes" if same else "**no**"),
-            _f(r.get("max_abs_logit_diff_vs_local_run", "-"), 6),
-            ", ".join(f"{g['name']} {'pass' if g['passed'] else '**FAIL**'}" for g in gates) or "-",
-        ])  # fmt: skip
-    return rows
-
-
-DEVICE_HEADERS = [
-    "device", "runtime", "threads", "load (s)", "prefill (ms)", "decode (tok/s)", "run peak RSS (MiB)",
-    "tokens equal to local run", "max abs logit diff vs local", "gates",
-]  # fmt: skip
-
-
-def _device_runs(runs: list[dict[str, Any]]) -> list[str]:
-    """Runs on real devices (scripts/validate_{ssh,android}.sh) or emulated (targets.emulate)."""
-    if not runs:
-        return []
-    lines = [
-        "",
-        "## On devices",
-        "",
-        "| " + " | ".join(DEVICE_HEADERS) + " |",
-        "|---|---|---:|---:|---:|---:|---:|---|---:|---|",
-    ]
-    lines += ["| " + " | ".join(row) + " |" for row in device_run_rows(runs)]
-    if any(r.get("emulated") for r in runs):
-        lines += ["", "Rows marked *(emulated)* ran under qemu-user on the target ISA: their timings and memory "
-                  "are the emulator's, not a device's; their tokens and logits are the target build's."]  # fmt: skip
-    return lines
-
-
-def _tokens(gen: dict[str, Any]) -> str:
-    if not gen:  # reports written before generation was checked
-        return "-"
-    n = len(gen["reference_tokens"])
-    return f"{n}/{n}" if gen["tokens_equal"] else f"first {gen['first_token_mismatch']}/{n}"
-
-
-def _peak(plan: dict[str, Any]) -> str:
-    if "peak_rss_mib" not in plan:  # reports written before the field existed
-        return ""
-    over = plan["peak_rss_over_start_mib"]
-    return f", process peak RSS {plan['peak_rss_mib']:.0f} MiB (+{over:.0f} over the loaded model)"
-
-
 def rerender(out_dir: Path) -> Path:
     """Re-render report.md from an existing report.json (``prunefit report``)."""
-    from pipeline.errors import ConfigError
-
     path = out_dir / "report.json"
     try:
         report = json.loads(path.read_text())
@@ -170,8 +27,6 @@ def rerender(out_dir: Path) -> Path:
 
 def write_report(out_dir: Path, report: dict[str, Any]) -> tuple[Path, Path]:
     """report.json, report.md and report.html (with plots/)."""
-    from targets.html import write_html
-
     report = {**report, "schema_version": SCHEMA_VERSION}
     paths = (
         atomic_write_json(out_dir / "report.json", report),

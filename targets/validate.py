@@ -22,10 +22,11 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
+from core.errors import ExportError, GateError, RuntimeMissingError
 from exporters.base import artifact_files, artifact_size_bytes
-from pipeline.errors import ExportError, GateError, RuntimeMissingError
 from targets import confine
 from targets.budget import MemoryEstimate, estimate, kv_cache_not_held_mib, library_mib, model_shape
+from targets.gates import Gate, fp32_gates, killed_gates, memory_gate, perplexity_gate, quantized_gates
 from targets.profile import DeviceProfile, Runtime
 
 log = logging.getLogger(__name__)
@@ -36,15 +37,6 @@ HOST_PROBE_LIMIT_MIB = 8192.0  # generous: the probe only imports the runtime
 # run whose VmHWM was 763.1 MiB was killed at a limit 764 MiB above its host's charge. The limit gets
 # this slack; the gate itself stays on the measured resident peak.
 CGROUP_SLACK_MIB = 32.0
-
-
-@dataclass
-class Gate:
-    name: str
-    passed: bool
-    value: float
-    threshold: float
-    detail: str
 
 
 @dataclass
@@ -273,73 +265,6 @@ def run_artifact(
     return {**result, **extra, "oom_killed": False}, generation
 
 
-def _fp32_gates(profile: DeviceProfile, runtime: str, cmp: dict[str, Any], new_tokens: int) -> list[Gate]:
-    """An fp32 artifact computes what PyTorch computes: logits within atol, the same greedy text."""
-    atol = profile.gates.parity_atol
-    diff, agree = cmp["max_abs_logit_diff"], cmp["argmax_agreement"]
-    first = cmp["first_token_mismatch"]
-    return [
-        Gate(
-            f"parity[{runtime}]",
-            diff <= atol and agree == 1.0,
-            diff,
-            atol,
-            f"max |logit diff| {diff:.2e} over the prompt and {new_tokens} decode steps (limit {atol:.0e}), "
-            f"prompt argmax agreement {agree:.1%} (need 100%)",
-        ),
-        Gate(
-            f"generation[{runtime}]",
-            cmp["tokens_equal"],
-            float(new_tokens if first is None else first),
-            float(new_tokens),
-            f"{new_tokens} greedy tokens with the artifact's KV cache "
-            + ("equal PyTorch generate token by token" if first is None else f"differ from PyTorch at token {first}"),
-        ),
-    ]
-
-
-def _quantized_gates(
-    profile: DeviceProfile, runtime: str, scheme: str, cmp: dict[str, Any], perplexity: dict[str, float]
-) -> list[Gate]:
-    """A quantized artifact is held to its quality: top-1 agreement with the fp32 model over the
-    prompt and the evaluation text (when one ran), and its own perplexity over the pruned fp32
-    model's."""
-    g = profile.gates
-    agree, positions = cmp.get("top1_agreement", cmp["argmax_agreement"]), cmp.get("top1_positions", 0)
-    where = (
-        f"over {positions} positions (prompt {cmp['argmax_agreement']:.1%}, evaluation text "
-        f"{cmp['eval_top1_agreement']:.1%})"
-        if cmp.get("eval_top1_agreement") is not None
-        else "over the prompt"
-    )
-    first = cmp["first_token_mismatch"]
-    same = "all greedy tokens equal" if first is None else f"greedy tokens equal up to token {first}"
-    gates = [
-        Gate(
-            f"agreement[{runtime}]",
-            agree >= g.quantized_min_top1,
-            agree,
-            g.quantized_min_top1,
-            f"{scheme}: top-1 agreement with the fp32 pruned model {where} {agree:.1%} "
-            f"(need {g.quantized_min_top1:.0%}); {same}; max |logit diff| {cmp['max_abs_logit_diff']:.2f}",
-        )
-    ]
-    exported, pruned = perplexity.get(f"exported[{runtime}]"), perplexity.get("pruned")
-    if exported is not None and pruned:
-        ratio = exported / pruned
-        gates.append(
-            Gate(
-                f"quality[{runtime}]",
-                ratio <= g.quantized_max_ppl_ratio,
-                ratio,
-                g.quantized_max_ppl_ratio,
-                f"{scheme}: perplexity {exported:.2f} vs fp32 pruned {pruned:.2f} = {ratio:.3f}x "
-                f"(limit {g.quantized_max_ppl_ratio:.2f}x)",
-            )
-        )
-    return gates
-
-
 def validate(
     profile: DeviceProfile,
     model: PreTrainedModel,
@@ -386,25 +311,17 @@ def validate(
         if "perplexity" in measured:
             report.perplexity[f"exported[{runtime}]"] = measured["perplexity"]
         if got is None:  # killed by the kernel at the budget: gates say so; no measured row
-            report.gates.append(
-                Gate(
-                    f"memory[{runtime}]",
-                    False,
-                    float(measured["cgroup_limit_mib"]),
-                    float(profile.memory_budget_mib),
-                    f"killed by the kernel: the run needed more than its {model_share:.1f} MiB share (+"
-                    f"{CGROUP_SLACK_MIB:.0f} MiB slack for kernel-side charges) of the "
-                    f"{profile.memory_budget_mib} MiB budget (KV cache not held by the run {kv_rest:.1f} + runtime "
-                    f"library {lib:.1f} take the rest); predicted {pred.total_mib:.1f} MiB in all. Raise "
-                    "pruning.headroom_mib (prune further under the budget) or memory_budget_mib.",
-                )
+            report.gates += killed_gates(
+                profile,
+                runtime,
+                f"killed by the kernel: the run needed more than its {model_share:.1f} MiB share (+"
+                f"{CGROUP_SLACK_MIB:.0f} MiB slack for kernel-side charges) of the "
+                f"{profile.memory_budget_mib} MiB budget (KV cache not held by the run {kv_rest:.1f} + runtime "
+                f"library {lib:.1f} take the rest); predicted {pred.total_mib:.1f} MiB in all. Raise "
+                "pruning.headroom_mib (prune further under the budget) or memory_budget_mib.",
+                # at least: its share and the slack were not enough (the budget, + the slack)
+                needed_mib=model_share + CGROUP_SLACK_MIB + kv_rest + lib,
             )
-            for gate in ("agreement",) if profile.quantize.get(runtime) else ("parity", "generation"):
-                report.gates.append(
-                    Gate(
-                        f"{gate}[{runtime}]", False, 0.0, profile.gates.parity_atol, "not checked: killed at the budget"
-                    )
-                )
             continue
         cmp = compare_generation(got, reference)
         if profile.quantize.get(runtime) and windows is not None and got.eval_top1 is not None:
@@ -431,32 +348,13 @@ def validate(
         report.runtimes.append(rr)
         scheme = profile.quantize.get(runtime)
         if scheme:
-            report.gates += _quantized_gates(profile, runtime, scheme, cmp, report.perplexity)
+            report.gates += quantized_gates(profile, runtime, scheme, cmp, report.perplexity)
         else:
-            report.gates += _fp32_gates(profile, runtime, cmp, new_tokens)
-        budget = float(profile.memory_budget_mib)
+            report.gates += fp32_gates(profile, runtime, cmp, new_tokens)
         report.gates.append(
-            Gate(
-                f"memory[{runtime}]",
-                projected <= budget,
-                projected,
-                budget,
-                f"measured run peak {measured['model_peak_mib']:.1f} MiB + KV cache not held by the run "
-                f"{kv_rest:.1f} + runtime library {lib:.1f} = {projected:.1f} MiB vs budget {budget:.0f} MiB "
-                f"({'under' if projected <= budget else 'over'} by {abs(budget - projected):.1f} MiB)",
-            )
+            memory_gate(runtime, measured["model_peak_mib"], kv_rest, lib, float(profile.memory_budget_mib))
         )
-    max_ratio = profile.gates.max_ppl_ratio
-    if max_ratio is not None and "dense" in perplexity and "pruned" in perplexity:
-        ratio = perplexity["pruned"] / perplexity["dense"]
-        report.gates.append(
-            Gate(
-                "quality[perplexity]",
-                ratio <= max_ratio,
-                ratio,
-                max_ratio,
-                f"pruned/dense perplexity {perplexity['pruned']:.2f}/{perplexity['dense']:.2f} = {ratio:.2f}x "
-                f"(limit {max_ratio:.2f}x)",
-            )
-        )
+    ppl_gate = perplexity_gate(profile, perplexity)
+    if ppl_gate is not None:
+        report.gates.append(ppl_gate)
     return report

@@ -13,8 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import exporters
-from pipeline import cli, fsio
-from pipeline.errors import ModelLoadError, OutputError, ProfileError, RuntimeMissingError
+from core import fsio
+from pipeline import cli
+from core.errors import ModelLoadError, OutputError, ProfileError, RuntimeMissingError
 from pipeline.model import load_model
 from targets.profile import load_profile, profiles_dir
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import cli
-from pipeline.errors import BudgetError, CalibrationError, ModelLoadError, ProfileError
+from core.errors import BudgetError, CalibrationError, ModelLoadError, ProfileError
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

@@ -16,7 +16,7 @@ import torch
 
 from exporters import get_exporter
 from exporters.base import ExportConfig
-from pipeline.arch import decoder_layers
+from core.arch import decoder_layers
 from pipeline.width import prune_mlp
 from targets.validate import reference_generation
 from tests.conftest import tiny_model

@@ -10,8 +10,8 @@ import torch
 
 from exporters import available_exporters, get_exporter
 from exporters.base import ExportConfig, artifact_size_bytes
-from pipeline.arch import arch_for, decoder_layers, head_dim
-from pipeline.errors import ExportError
+from core.arch import arch_for, decoder_layers, head_dim
+from core.errors import ExportError
 from pipeline.rewrite import remove_layers
 from pipeline.width import prune_kv_groups, prune_mlp
 from targets.validate import compare_generation, reference_generation, run_artifact

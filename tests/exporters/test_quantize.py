@@ -11,8 +11,9 @@ import torch
 
 from exporters import get_exporter
 from exporters.base import ExportConfig, artifact_size_bytes
-from exporters.quantize import WEIGHT_BYTES, check_scheme, quantize_torch
-from pipeline.errors import ExportError
+from core.schemes import SCHEME_TABLE
+from exporters.quantize import check_scheme, quantize_torch
+from core.errors import ExportError
 from targets.budget import model_shape, weights_bytes
 from targets.validate import compare_generation, reference_generation, run_artifact
 from tests.conftest import tiny_model
@@ -66,12 +67,13 @@ def test_schemes_are_checked_per_runtime() -> None:
     with pytest.raises(ExportError, match="supports: int8"):
         check_scheme("onnxruntime", "8da4w")
     check_scheme("executorch", "8da8w")
-    assert WEIGHT_BYTES["8da4w"] < WEIGHT_BYTES["int8"] < WEIGHT_BYTES["int8w"] < 4
+    b = {name: spec.weight_bytes for name, spec in SCHEME_TABLE.items()}
+    assert b["8da4w"] < b["int8"] < b["int8w"] < 4
 
 
 def test_int4_groups_that_do_not_tile_stay_fp32() -> None:
     """A pruned intermediate size that is not a multiple of 32 keeps that down_proj in fp32."""
-    from pipeline.arch import decoder_layers
+    from core.arch import decoder_layers
     from pipeline.width import prune_mlp
 
     model = tiny_model("llama", **WIDE)

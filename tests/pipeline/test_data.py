@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pipeline.data import DataConfig, first_windows, load_windows, read_text, tokenize_windows
-from pipeline.errors import CalibrationError, RuntimeMissingError
+from core.errors import CalibrationError, RuntimeMissingError
 from tests.conftest import tiny_model
 
 

@@ -11,7 +11,7 @@ import yaml
 from transformers import AutoModelForCausalLM
 
 from pipeline.data import DataConfig
-from pipeline.errors import GateError
+from core.errors import GateError
 from pipeline.run import EvalConfig, RunConfig, run_pipeline
 
 WIDE = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4)

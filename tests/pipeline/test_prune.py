@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.errors import BudgetError, ConfigError
+from core.errors import BudgetError, ConfigError
 from pipeline.prune import PruneConfig, block_influence, prune_to_budget
 from targets.budget import estimate_all, model_shape, worst
 from targets.profile import DeviceProfile

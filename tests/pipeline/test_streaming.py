@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from pipeline.checkpoint import prune_checkpoint
-from pipeline.errors import ConfigError
+from core.errors import ConfigError
 from pipeline.prune import PruneConfig, prune_to_budget
 from pipeline.rewrite import load_pruned
 from targets import confine

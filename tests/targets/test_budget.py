@@ -6,13 +6,13 @@ import pytest
 
 from targets.budget import (
     MIB,
-    RUNTIME_COSTS,
     activation_bytes,
     estimate,
     kv_cache_bytes,
     model_shape,
     weights_bytes,
 )
+from core.runtimes import RUNTIME_TABLE
 from targets.profile import load_profile
 from tests.conftest import tiny_model
 
@@ -70,7 +70,7 @@ def test_estimate_totals_and_overrides() -> None:
     p = load_profile("android")
     s = model_shape(tiny_model("llama"))
     e = estimate(s, p, "executorch")
-    cost = RUNTIME_COSTS["executorch"]
+    cost = RUNTIME_TABLE["executorch"].cost
     expected_overhead = p.runtime_overhead_mib["executorch"] + cost.session_mib
     transient = cost.gemm_transient_ratio * e.block_weights_mib + cost.head_transient_ratio * e.head_weights_mib
     assert e.overhead_mib == pytest.approx(expected_overhead + transient)
@@ -85,7 +85,8 @@ def test_estimate_totals_and_overrides() -> None:
 def test_mapped_embedding_that_is_only_gathered_is_not_resident() -> None:
     """onnxruntime maps its weights: an embedding read whole as the tied lm_head is resident, one
     that is only gathered from (untied model, or int8w's own quantized head) is not."""
-    from targets.budget import runtime_cost, weight_terms
+    from core.schemes import runtime_cost
+    from targets.budget import weight_terms
 
     p = load_profile("android-go")  # quantize: onnxruntime int8w (unties the head), executorch 8da8w
     tied = model_shape(tiny_model("llama"))
@@ -100,4 +101,4 @@ def test_mapped_embedding_that_is_only_gathered_is_not_resident() -> None:
     terms = weight_terms(tied, "onnxruntime", "fp32", "int8w")
     assert terms.head == pytest.approx(512 * 64 * (1 + 4 / 32)) == terms.head_read
     assert runtime_cost("onnxruntime", "int8w") is not runtime_cost("onnxruntime")
-    assert runtime_cost("executorch", "8da8w") is RUNTIME_COSTS["executorch"]
+    assert runtime_cost("executorch", "8da8w") is RUNTIME_TABLE["executorch"].cost

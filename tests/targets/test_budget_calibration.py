@@ -2,7 +2,7 @@
 
 benchmarks/memory_calibration.py collects measured model peaks (default model at several budgets,
 schemes and contexts; tiny models at several widths) with the terms the memory model predicted.
-The committed RUNTIME_COSTS are held to what they reach on that data (the default model within
+The committed runtime and scheme constants (core/runtimes.py, core/schemes.py) are held to what they reach on that data (the default model within
 +-5%, tiny models within +-10%), so a change to the memory model that breaks the calibration
 fails here, without re-running anything.
 """
@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from targets.budget import RUNTIME_COSTS, runtime_cost
+from core.runtimes import RUNTIMES
+from core.schemes import runtime_cost
 
 DATA = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "memory_calibration.json"
 
@@ -25,7 +26,7 @@ def _points() -> list[dict]:
 
 def test_calibration_data_cover_both_runtimes_and_both_ends() -> None:
     pts = _points()
-    for rt in RUNTIME_COSTS:
+    for rt in RUNTIMES:
         weights = [p["weights_mib"] for p in pts if p["runtime"] == rt]
         assert len(weights) >= 4, rt
         assert min(weights) < 100 < 300 < max(weights), (rt, weights)  # tiny models and the default model
@@ -41,7 +42,7 @@ def _errors(runtime: str) -> list[tuple[dict, float]]:
     return out
 
 
-@pytest.mark.parametrize("runtime", sorted(RUNTIME_COSTS))
+@pytest.mark.parametrize("runtime", sorted(RUNTIMES))
 def test_default_model_points_within_5_percent(runtime: str) -> None:
     """The points the pruner's decisions rest on (SmolLM2 on the shipped profiles)."""
     for p, err in _errors(runtime):
@@ -49,7 +50,7 @@ def test_default_model_points_within_5_percent(runtime: str) -> None:
             assert abs(err) <= 0.05, f"{p['source']}/{p['scheme']}: {err:+.1%}"
 
 
-@pytest.mark.parametrize("runtime", sorted(RUNTIME_COSTS))
+@pytest.mark.parametrize("runtime", sorted(RUNTIMES))
 def test_tiny_model_points_within_10_percent(runtime: str) -> None:
     """Tiny models (vocab 512), whose weights are almost all block GEMMs: the issue's +-10% goal.
     Before the transient was split into block and lm_head terms, ExecuTorch's tiny points sat at

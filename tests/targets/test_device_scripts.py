@@ -84,7 +84,7 @@ def test_ssh_script_runs_on_device_and_merges(artifacts: Path, tmp_path: Path) -
         capture_output=True, text=True, env=_env(tmp_path), cwd=ROOT, check=False,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
-    assert (remote / "runner.py").is_file() and (remote / "model.onnx").is_file()
+    assert (remote / "runner.py").is_file() and (remote / "measure.py").is_file() and (remote / "model.onnx").is_file()
     report = json.loads((artifacts / "report.json").read_text())
     run = next(d for d in report["device_runs"] if d["label"] == "raspberrypi")
     assert run["runtime"] == "onnxruntime" and run["tokens_equal_to_local_run"] is True

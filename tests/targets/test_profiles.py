@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.errors import ProfileError
+from core.errors import ProfileError
 from targets.profile import DeviceProfile, available_profiles, load_profile, profiles_dir
 
 SHIPPED = available_profiles()
@@ -161,7 +161,7 @@ def test_every_shipped_profile_runs_the_pipeline(
     Quantized profiles' quality gates are judged on real models only: a random tiny model has
     near-uniform logits, whose top-1 flips under any quantization."""
     from pipeline.data import DataConfig
-    from pipeline.errors import GateError
+    from core.errors import GateError
     from pipeline.run import EvalConfig, RunConfig, run_pipeline
     from tests.conftest import tiny_model
 

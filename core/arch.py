@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import nn
 
-from pipeline.errors import ModelLoadError
+from core.errors import ModelLoadError
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,9 @@ class ArchSpec:
     # Phi-3's attention splits its fused qkv output by the *global* config head counts, so a
     # per-layer head count cannot be expressed with stock modules: width pruning leaves its heads.
     per_layer_heads: bool = True
+    # Gemma 2/3: norms after the attention and the MLP too (post_*_layernorm), so a sub-layer's
+    # output reaches the residual stream through a norm and cannot be re-fitted to the stream's drift.
+    sandwich_norms: bool = False
 
 
 ARCHS: dict[str, ArchSpec] = {
@@ -36,8 +39,8 @@ ARCHS: dict[str, ArchSpec] = {
         ArchSpec("qwen2"),
         ArchSpec("qwen3"),
         ArchSpec("gemma"),
-        ArchSpec("gemma2"),
-        ArchSpec("gemma3_text"),
+        ArchSpec("gemma2", sandwich_norms=True),
+        ArchSpec("gemma3_text", sandwich_norms=True),
         ArchSpec("phi3", fused_qkv=True, fused_gate_up=True, per_layer_heads=False),
     )
 }
@@ -66,3 +69,22 @@ def decoder_layers(model: Any) -> Any:
 def head_dim(config: object) -> int:
     hd = getattr(config, "head_dim", None)
     return int(hd) if hd else int(config.hidden_size // config.num_attention_heads)  # type: ignore[attr-defined]
+
+
+def _rows(linear: Any) -> int:
+    return int(linear.weight.shape[0])
+
+
+def attention_heads(attn: Any, hd: int) -> tuple[int, int]:
+    """(query heads, KV heads) of one attention module, read from its live projection shapes (a
+    pruned layer has fewer than the config says). Phi-3's fused qkv_proj holds [q | k | v] rows."""
+    n_q = int(attn.o_proj.weight.shape[1]) // hd
+    if getattr(attn, "qkv_proj", None) is not None:
+        return n_q, (_rows(attn.qkv_proj) // hd - n_q) // 2
+    return n_q, _rows(attn.k_proj) // hd
+
+
+def mlp_width(mlp: Any) -> int:
+    """Intermediate channels of one MLP, from its live shapes (Phi-3: fused gate_up_proj)."""
+    fused = getattr(mlp, "gate_up_proj", None)
+    return _rows(fused) // 2 if fused is not None else _rows(mlp.up_proj)

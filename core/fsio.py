@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import ConfigError, OutputError
+from core.errors import ConfigError, OutputError
 
 
 def ensure_writable_dir(path: Path) -> Path:

@@ -1,0 +1,105 @@
+"""The runtime table: one row per runtime prunefit exports to, with every fact other modules need.
+
+A row says which exporter writes the artifact, which Python modules must be importable, how the
+runtime stores weights (memory-mapped or loaded, a tied embedding once or twice), how its KV cache
+is held, and the memory model's constants for it. Adding a runtime is one row here, one exporter
+module and one loader in ``targets/runner.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from core.errors import ConfigError
+
+Runtime = Literal["onnxruntime", "executorch"]
+
+
+@dataclass(frozen=True)
+class RuntimeCost:
+    """What a runtime adds on top of weights, KV cache and activations.
+
+    - ``library_mib``: resident code/data of the runtime library in the device's runner (not
+      measurable here, where the host is Python; profiles override it via runtime_overhead_mib).
+    - ``session_mib``: fixed allocations of a loaded session (thread pools, arenas, plans). The
+      runtime's code is not in it: what the run pages in is the library's (the runner measures it
+      out), so ExecuTorch, whose planned buffers are the activations and KV cache, fits at 0.
+    - ``gemm_transient_ratio`` / ``head_transient_ratio``: both runtimes repack GEMM weights into
+      their kernels' layout while loading (MLAS prepack, XNNPACK packing), and the peak holds part
+      of the source and the packed copy at once. Two terms, because the measured share differs by
+      an order of magnitude: the decoder blocks' GEMMs (many small weights, packed one after the
+      other) cost a few percent of their size, the vocabulary projection (one 49152 x 576 weight
+      for SmolLM2, packed or transposed whole) most of its size. One weight-proportional ratio
+      could not fit both the default model and the tiny test models (three points off by 9-13%).
+
+    Fitted by least squares (``benchmarks/memory_calibration.py``) on the model-attributable peak
+    RSS of every point in ``benchmarks/results/memory_calibration.json``, each residual relative to
+    its point: SmolLM2-135M pruned for android, rpi4 and android-go (fp32, 8da8w, int8w) and tiny
+    Llama models with 0.7-200 MiB of weights. Every point is within +-10%
+    (``tests/targets/test_budget_calibration.py``; +-4.4% when fitted).
+    """
+
+    library_mib: float
+    session_mib: float
+    gemm_transient_ratio: float
+    head_transient_ratio: float
+
+    def loaded_overhead_mib(self, gemm_mib: float, head_mib: float) -> float:
+        """What a loaded session adds beyond weights, KV cache and activations (library excluded),
+        for ``gemm_mib`` of decoder-block weights and a ``head_mib`` vocabulary projection."""
+        return self.session_mib + self.gemm_transient_ratio * gemm_mib + self.head_transient_ratio * head_mib
+
+
+@dataclass(frozen=True)
+class RuntimeSpec:
+    """One runtime: who writes its artifact, what it needs installed, how it holds the model."""
+
+    name: Runtime
+    exporter: str  # "module:Class" of the exporter that writes its artifact (imported lazily)
+    requires: tuple[str, ...]  # importable modules, checked before any model loads
+    cost: RuntimeCost  # fp32 constants of the memory model
+    # Whether the runtime memory-maps its weights from the artifact, so that an embedding table that
+    # is only gathered from (not also read whole as the lm_head) stays on disk but for the rows looked
+    # up. onnxruntime maps external-data initializers (measured: an int8w model with an untied head
+    # peaked ~100 MiB under its stored weights); the ExecuTorch runner here loads the program's data.
+    maps_weights: bool
+    # Whether the runtime keeps one copy of a tied embedding / lm_head: ONNX from torch.onnx's dynamo
+    # exporter shares the initializer; an ExecuTorch program serialises the lm_head weight separately.
+    stores_tied_once: bool
+    # Whether the KV cache is allocated whole at load (ExecuTorch's static cache is planned memory of
+    # the program) or grows with the tokens seen (ONNX past/present tensors).
+    kv_preallocated: bool
+
+
+RUNTIME_TABLE: dict[Runtime, RuntimeSpec] = {
+    "onnxruntime": RuntimeSpec(
+        name="onnxruntime",
+        exporter="exporters.onnx:OnnxExporter",
+        requires=("onnx", "onnxscript", "onnxruntime"),
+        # libonnxruntime.so for arm64 Android/Linux maps ~20 MiB; ORT Mobile minimal builds are smaller.
+        cost=RuntimeCost(20.0, session_mib=4.3, gemm_transient_ratio=0.067, head_transient_ratio=0.47),
+        maps_weights=True,
+        stores_tied_once=True,
+        kv_preallocated=False,
+    ),
+    "executorch": RuntimeSpec(
+        name="executorch",
+        exporter="exporters.executorch:ExecuTorchExporter",
+        requires=("executorch.exir", "executorch.runtime"),
+        # The ExecuTorch runtime core + XNNPACK delegate is a few MiB of code.
+        cost=RuntimeCost(4.0, session_mib=0.0, gemm_transient_ratio=0.033, head_transient_ratio=0.765),
+        maps_weights=False,
+        stores_tied_once=False,
+        kv_preallocated=True,
+    ),
+}
+RUNTIMES: tuple[Runtime, ...] = tuple(RUNTIME_TABLE)
+
+
+def runtime_spec(name: str) -> RuntimeSpec:
+    """The row of ``name``; an unknown runtime is a ConfigError listing the known ones."""
+    try:
+        return RUNTIME_TABLE[name]  # type: ignore[index]
+    except KeyError:
+        raise ConfigError(f"Unknown runtime '{name}'. Available: {', '.join(RUNTIMES)}.") from None
