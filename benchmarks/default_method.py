@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.data import first_windows, generate_samples, read_text
 from core.perplexity import perplexity
+from pipeline.data import first_windows, generate_samples, read_text
 from pipeline.model import load_model
 from pipeline.prune import prune_to_budget
 from pipeline.run import profile_prune_config

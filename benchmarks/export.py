@@ -53,9 +53,10 @@ from typing import Any
 
 import numpy as np
 
+from core.runtimes import RUNTIMES
+
 ROOT = Path(__file__).resolve().parent
 WIKI = ROOT.parent.parent / "shared" / "data" / "wikitext-2"
-RUNTIMES = ("onnxruntime", "executorch")
 PROMPT, NEW_TOKENS, THREADS, CONTEXT = 128, 32, 2, 1024
 log = logging.getLogger("bench.export")
 
@@ -65,9 +66,10 @@ def prepare(work: Path, ratio: float, methods: list[str]) -> dict[str, Any]:
     import torch
     from safetensors.torch import save_file
 
+    from core.methods import method_config
     from pipeline.data import first_windows, read_text, tokenize_windows
     from pipeline.model import load_model
-    from pipeline.prune import PruneConfig, prune_to_budget
+    from pipeline.prune import prune_to_budget
     from pipeline.rewrite import load_pruned, save_model
     from targets.profile import load_profile
 
@@ -84,10 +86,10 @@ def prepare(work: Path, ratio: float, methods: list[str]) -> dict[str, Any]:
     for method in methods:
         pruned = load_pruned(work / "dense")
         t0 = time.perf_counter()
-        cfg = PruneConfig(method=method, target_decoder_ratio=ratio, max_removed_layer_ratio=0.9)
-        prune_to_budget(pruned, calib, load_profile("android"), cfg)
+        cfg = method_config(method=method, target_decoder_ratio=ratio, max_removed_layer_ratio=0.9)
+        plan = prune_to_budget(pruned, calib, load_profile("android"), cfg)
         meta[f"prune_s[{method}]"] = time.perf_counter() - t0
-        save_model(pruned, tok, work / f"pruned-{method}")
+        save_model(pruned, tok, work / f"pruned-{method}", plan.record)
         meta[f"pruned_params[{method}]"] = sum(p.numel() for p in pruned.parameters())
     del torch
     return meta

@@ -85,8 +85,8 @@ def tiny_points(work: Path) -> list[dict[str, Any]]:
     import yaml
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from pipeline.data import DataConfig
     from core.errors import GateError
+    from pipeline.data import DataConfig
     from pipeline.run import EvalConfig, RunConfig, run_pipeline
     from tests.conftest import make_tokenizer
 

@@ -40,16 +40,18 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from core.arch import decoder_layers
+from core.measure import current_rss_bytes, peak_rss_bytes, reset_peak
+from core.methods import method_config
+from core.perplexity import perplexity
 from pipeline.checkpoint import prune_checkpoint
 from pipeline.data import first_windows, read_text, tokenize_windows
-from core.perplexity import perplexity
+from pipeline.methods.scores import block_influence, channel_scores, collect_stats
+from pipeline.methods.units import prune_mlp, remove_layers
 from pipeline.model import load_model
-from pipeline.prune import PruneConfig, block_influence, prune_to_budget
-from pipeline.rewrite import load_pruned, remove_layers, save_model
+from pipeline.prune import prune_to_budget
+from pipeline.rewrite import load_pruned, save_model
 from pipeline.stream import trim_heap
-from pipeline.width import channel_scores, collect_stats, prune_mlp
 from targets.profile import load_profile
-from core.measure import current_rss_bytes, peak_rss_bytes, reset_peak
 
 ROOT = Path(__file__).resolve().parent
 WIKI = ROOT.parent.parent / "shared" / "data" / "wikitext-2"
@@ -100,11 +102,10 @@ def blockpruner(model: Any, calib: torch.Tensor, ratio: float) -> None:
     drop_blocks_until(model, ratio, pick)
 
 
-def via_prunefit(**kw: Any) -> Any:
+def via_prunefit(method: str, **kw: Any) -> Any:
     def run(model: Any, calib: torch.Tensor, ratio: float) -> None:
-        prune_to_budget(
-            model, calib, PROFILE, PruneConfig(target_decoder_ratio=ratio, max_removed_layer_ratio=0.9, **kw)
-        )
+        cfg = method_config(method, target_decoder_ratio=ratio, max_removed_layer_ratio=0.9, **kw)
+        prune_to_budget(model, calib, PROFILE, cfg)
 
     return run
 
@@ -138,8 +139,8 @@ METHODS = {
     "width": via_prunefit(method="width"),
     "multipruner": via_prunefit(method="multipruner"),
     "comp-nocomp": via_prunefit(method="comp", compensate=False),
-    "comp-sublayer": via_prunefit(method="comp", comp_target="sublayer"),
-    "comp-blocks": via_prunefit(method="comp", comp_blocks=True),
+    "comp-sublayer": via_prunefit(method="comp", target="sublayer"),
+    "comp-blocks": via_prunefit(method="comp", blocks=True),
     "comp": "streamed",  # prunefit's default: layer-wise from safetensors (the low-memory path)
 }
 
@@ -157,7 +158,7 @@ def child(method: str, ratio: float, work: Path) -> dict[str, Any]:
     reset_peak()
     t0 = time.perf_counter()
     if METHODS[method] == "streamed":
-        cfg = PruneConfig(method="comp", target_decoder_ratio=ratio, width_multiple=PROFILE.width_multiple)
+        cfg = method_config(method="comp", target_decoder_ratio=ratio, width_multiple=PROFILE.width_multiple)
         prune_checkpoint(work / "dense", calib, PROFILE, cfg, work / f"{method}-{ratio}")
         wall = time.perf_counter() - t0
         peak = _peak_mib() - start_rss  # everything the pruning process held, model included

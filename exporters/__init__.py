@@ -10,6 +10,7 @@ from core.errors import ExportError, RuntimeMissingError
 from core.runtimes import RUNTIME_TABLE
 from exporters.base import Exporter
 
+
 def check_runtime_available(runtime: str) -> None:
     """Raise RuntimeMissingError naming the missing package, without importing the backend."""
     spec = RUNTIME_TABLE.get(runtime)  # type: ignore[call-overload]

@@ -21,12 +21,12 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
+from core.errors import ExportError, RuntimeMissingError
+from core.fsio import atomic_write_bytes
 from exporters.base import ExportArtifact, ExportConfig, export_error
 from exporters.cache import StaticCacheDecoder, kv_layout
 from exporters.llm_ops import LlmOpsCacheDecoder, llm_ops_attention, unsupported_reason
 from exporters.quantize import quantize_torch
-from core.errors import ExportError, RuntimeMissingError
-from core.fsio import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 

@@ -17,10 +17,10 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
+from core.errors import ExportError
 from exporters.base import ExportArtifact, ExportConfig, artifact_size_bytes, export_error
 from exporters.cache import KvLayout, PastKeyValuesDecoder, kv_layout
 from exporters.quantize import check_scheme, quantize_onnx
-from core.errors import ExportError
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,6 @@ import json
 import logging
 import shutil
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -25,7 +24,10 @@ from safetensors.torch import save_file
 
 from core.errors import ConfigError, ModelLoadError
 from core.fsio import atomic_dir
-from pipeline.prune import PruneConfig, PrunePlan, prune_to_budget
+from core.methods import MethodConfig
+from core.record import PruneRecord
+from pipeline.methods import build_pruner
+from pipeline.prune import PrunePlan, prune_to_budget
 from pipeline.rewrite import finalise_config
 from pipeline.stream import LayerStream
 from targets.profile import DeviceProfile
@@ -39,10 +41,11 @@ TOKENIZER_FILES = (
 
 
 def prune_checkpoint(
-    model_dir: Path, calib: torch.Tensor, profile: DeviceProfile, cfg: PruneConfig, out_dir: Path
+    model_dir: Path, calib: torch.Tensor, profile: DeviceProfile, cfg: MethodConfig, out_dir: Path
 ) -> PrunePlan:
-    """Prune ``model_dir`` (config.json + safetensors) block by block into ``out_dir`` (atomic)."""
-    if cfg.method != "comp":
+    """Prune ``model_dir`` (config.json + safetensors) block by block into ``out_dir`` (atomic).
+    Only layer-wise methods stream (``comp``); others are a ConfigError before anything is read."""
+    if not build_pruner(cfg).streams:
         raise ConfigError(
             f"Streaming (checkpoint-to-checkpoint) pruning is layer-wise and supports method 'comp', not "
             f"'{cfg.method}'. Use --method comp, or `prunefit export` to prune an in-memory model."
@@ -52,11 +55,8 @@ def prune_checkpoint(
     with atomic_dir(out_dir) as tmp:
         staging = tmp / "staging"
         stream = LayerStream.from_checkpoint(model_dir, staging)
-        model = stream.model
-        model.prunefit_stream = stream
-        plan = prune_to_budget(model, calib, profile, cfg)
-        del model.prunefit_stream
-        write_checkpoint(stream, tmp)
+        plan = prune_to_budget(stream.model, calib, profile, cfg, stream=stream)
+        write_checkpoint(stream, tmp, plan.record)
         shutil.rmtree(staging)
         for name in TOKENIZER_FILES:
             if (model_dir / name).is_file():
@@ -78,11 +78,10 @@ def _block_tensors(stream: LayerStream, original: int) -> dict[str, torch.Tensor
     return out
 
 
-def write_checkpoint(stream: LayerStream, out: Path) -> None:
-    """Shards (one per block + one for the rest), the index, and the config with per-layer widths."""
+def write_checkpoint(stream: LayerStream, out: Path, record: PruneRecord | None) -> None:
+    """Shards (one per block + one for the rest), the index, and the config with the prune record."""
     model = stream.model
-    meta: dict[str, Any] = getattr(model.config, "prunefit", None) or {}
-    kept = list(meta.get("kept_layers", range(len(stream))))
+    kept = record.kept_layers if record is not None else list(range(len(stream)))
     n_files = len(kept) + 1
     weight_map: dict[str, str] = {}
     total = 0
@@ -100,5 +99,5 @@ def write_checkpoint(stream: LayerStream, out: Path) -> None:
     (out / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2)
     )
-    finalise_config(model)
+    finalise_config(model, record)
     model.config.save_pretrained(out)

@@ -12,16 +12,14 @@ import os
 import sys
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from core.errors import ModelLoadError, PrunefitError
+from core.errors import ConfigError, ModelLoadError, PrunefitError
+from core.methods import METHODS, method_keys
 
-METHODS = (
-    "depth",
-    "width",
-    "comp",
-    "multipruner",
-    "depth+width",
-)  # pipeline.prune.PRUNERS (not imported here: it pulls in torch)
+if TYPE_CHECKING:
+    from targets.profile import DeviceProfile
+
 
 log = logging.getLogger("prunefit")
 
@@ -96,6 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
         "channels + KV groups, condition-aware scores, compensation on the pruned stream; multipruner = "
         "blocks + channels + KV groups in a fixed mix, each step the one that raises calibration perplexity least",
     )
+    ex.add_argument(
+        "--prune-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a knob of the pruning method's config (repeatable; e.g. ridge=0.02 for comp); overrides the "
+        "profile's pruning section, and an unknown key is an error listing the method's keys",
+    )
     ex.add_argument("--force", action="store_true", help="redo every stage even if its inputs did not change")
     ex.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code to run")
     _add_common(ex)
@@ -155,7 +161,24 @@ def _cmd_profiles() -> int:
     return 0
 
 
-def _cmd_export(args: argparse.Namespace) -> int:
+def _prune_options(pairs: list[str], method: str | None) -> dict[str, object]:
+    """``--prune-set KEY=VALUE`` pairs; values are YAML scalars or lists (``0.05``, ``true``, ``[0.5, 0.5, 0]``)."""
+    import yaml
+
+    out: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            keys = ", ".join(method_keys(method)) if method else "see the method's keys in core/methods.py"
+            raise ConfigError(f"--prune-set takes KEY=VALUE, got '{pair}' (keys: {keys}).")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--prune-set {key}: cannot read value '{value}': {exc}") from None
+    return out
+
+
+def _cmd_export(args: argparse.Namespace, profile: DeviceProfile) -> int:
     from pipeline.data import DataConfig
     from pipeline.run import EvalConfig, RunConfig, run_pipeline
 
@@ -167,10 +190,11 @@ def _cmd_export(args: argparse.Namespace) -> int:
         eval=EvalConfig(source=args.eval_source, num_samples=args.eval_samples, seq_len=args.eval_seq_len),
         max_prune_ratio=args.max_prune_ratio,
         method=args.method,
+        prune_options=_prune_options(args.prune_set, args.method),
         force=args.force,
         trust_remote_code=args.trust_remote_code,
     )
-    report = run_pipeline(cfg)
+    report = run_pipeline(cfg, profile)
     v = report["validation"]
     log.info(
         "PASS: %d gates passed; report in %s",
@@ -187,11 +211,10 @@ def _cmd_prune(args: argparse.Namespace) -> int:
 
     from transformers import AutoTokenizer
 
+    from core.measure import peak_rss_bytes
     from pipeline.checkpoint import prune_checkpoint
     from pipeline.data import read_text, tokenize_windows
-    from pipeline.prune import PruneConfig
     from targets.profile import load_profile
-    from core.measure import peak_rss_bytes
 
     profile = load_profile(args.target)
     t0 = time.perf_counter()
@@ -200,12 +223,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"No usable tokenizer in {args.model}: {exc}") from None
     calib = tokenize_windows(read_text(args.calib), tok, args.num_samples, args.seq_len, args.seed, where=args.calib)
-    cfg = PruneConfig(
-        method="comp",
-        max_removed_layer_ratio=profile.pruning.max_removed_layer_ratio,
-        width_multiple=profile.width_multiple,
-        target_decoder_ratio=args.ratio,
-    )
+    cfg = profile.prune_config(method="comp", target_decoder_ratio=args.ratio)
     plan = prune_checkpoint(args.model, calib, profile, cfg, args.out)
     summary = {
         "out": str(args.out),
@@ -224,12 +242,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     verbosity = -1 if args.quiet else (1 if args.verbose else 0)
     log_file = None
+    profile: DeviceProfile | None = None
     if args.command == "export":
         from targets.profile import load_profile
 
-        try:
-            name = load_profile(args.target).name
-            log_file = (args.out or Path("artifacts") / name) / "prunefit.log"
+        try:  # resolved once, here, and passed on: creating OUT below must not change what a name means
+            profile = load_profile(args.target)
+            log_file = (args.out or Path("artifacts") / profile.name) / "prunefit.log"
         except PrunefitError:
             log_file = None  # reported below with the proper message
     _setup_logging(verbosity, log_file)
@@ -238,7 +257,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "profiles":
             return _cmd_profiles()
         if args.command == "export":
-            return _cmd_export(args)
+            if profile is None:
+                from targets.profile import load_profile
+
+                profile = load_profile(args.target)  # raises the ProfileError with its message
+            return _cmd_export(args, profile)
         if args.command == "prune":
             return _cmd_prune(args)
         if args.command == "compare":

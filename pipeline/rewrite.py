@@ -1,96 +1,73 @@
-"""Shape rewriting: apply a prune plan to a live model, record it in the config, save, reload.
+"""Shape rewriting: write the prune record into the config, save, reload, check.
 
-Depth pruning keeps every remaining block's shapes, so the result is a *stock* config
-(``num_hidden_layers`` lowered, ``layer_types`` sliced) that plain ``from_pretrained`` loads with no
-prunefit code. What was removed is recorded under ``config.prunefit`` for provenance.
+Depth pruning keeps every remaining block's shapes, and uniform width pruning changes them all
+alike, so the result is a *stock* config (``num_hidden_layers`` lowered, ``layer_types`` sliced,
+widths in the stock keys) that plain ``from_pretrained`` loads with no prunefit code. Per-layer
+widths are rebuilt from the record (``config.prunefit``) by :func:`load_pruned`. The record is
+written here and nowhere else.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
 import torch
-from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
-from core.arch import arch_for, decoder_layers, head_dim
+from core.arch import decoder_layers, head_dim
 from core.errors import ExportError
 from core.fsio import atomic_dir
+from core.record import PruneRecord
+from pipeline.methods.units import layer_widths, prune_kv_groups, prune_mlp
 
 log = logging.getLogger(__name__)
 
 
-def remove_layers(model: PreTrainedModel, remove: Iterable[int]) -> list[int]:
-    """Drop decoder blocks in place; returns the *original* indices of the blocks that remain.
-
-    ``remove`` indexes the model's current layers. Attention ``layer_idx`` is renumbered so KV-cache
-    slots stay contiguous, and per-layer config lists (``layer_types``) are sliced to match.
-    """
-    spec = arch_for(model.config.model_type)
-    layers = decoder_layers(model)
-    drop = set(remove)
-    if not drop:
-        return list(range(len(layers)))
-    if any(i < 0 or i >= len(layers) for i in drop):
-        raise ValueError(f"layer indices {sorted(drop)} out of range for {len(layers)} layers")
-    if len(drop) >= len(layers):
-        raise ValueError("cannot remove every decoder layer")
-    meta: dict[str, Any] = dict(getattr(model.config, "prunefit", None) or {})
-    original = list(meta.get("kept_layers", range(len(layers))))
-    keep = [i for i in range(len(layers)) if i not in drop]
-    new_layers = nn.ModuleList([layers[i] for i in keep])
-    for new_idx, layer in enumerate(new_layers):
-        for mod in (layer, getattr(layer, "self_attn", None)):
-            if mod is not None and hasattr(mod, "layer_idx"):
-                mod.layer_idx = new_idx
-    parent: Any = model
-    *path, last = spec.layers_attr.split(".")
-    for part in path:
-        parent = getattr(parent, part)
-    setattr(parent, last, new_layers)
-    cfg = model.config
-    cfg.num_hidden_layers = len(keep)
-    if getattr(cfg, "layer_types", None) is not None:
-        cfg.layer_types = [cfg.layer_types[i] for i in keep]
-    kept_original = [original[i] for i in keep]
-    meta["kept_layers"] = kept_original
-    meta["removed_layers"] = sorted(set(meta.get("removed_layers", [])) | {original[i] for i in drop})
-    meta.setdefault("original_num_hidden_layers", len(original))
-    cfg.prunefit = meta
-    return kept_original
-
-
-def _uniform_widths(model: PreTrainedModel) -> dict[str, int] | None:
-    widths = (getattr(model.config, "prunefit", None) or {}).get("layers")
-    if not widths:
-        return None
-    first = widths[0]
-    return first if all(w == first for w in widths) else None
-
-
-def finalise_config(model: PreTrainedModel) -> None:
-    """Uniform widths become the stock config keys; per-layer widths stay under ``prunefit.layers``."""
-    uniform = _uniform_widths(model)
+def finalise_config(model: PreTrainedModel, record: PruneRecord | None) -> None:
+    """Write ``record`` into the config, once: uniform widths become the stock config keys (any
+    transformers loads the model), per-layer widths stay under ``prunefit.layers``."""
+    if record is None:
+        return
+    uniform = record.uniform_widths
     if uniform is not None and hasattr(model.config, "head_dim"):
         model.config.head_dim = head_dim(model.config)  # pin it: it is derived from the head count otherwise
-        for key, value in uniform.items():
+        for key, value in uniform.model_dump().items():
             setattr(model.config, key, value)
-        meta = dict(model.config.prunefit)
-        meta["uniform"] = True
-        model.config.prunefit = meta
+        record = record.model_copy(update={"uniform": True})
+    model.config.prunefit = record.to_config()
 
 
-def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> Path:
+def _check_stock_widths(model: PreTrainedModel) -> None:
+    """A model saved without a prune record must have the widths its config states: otherwise the
+    saved config.json describes another model, and loading it fails (or worse, loads wrong)."""
+    cfg = model.config
+    stock = {
+        "intermediate_size": getattr(cfg, "intermediate_size", None),
+        "num_attention_heads": getattr(cfg, "num_attention_heads", None),
+        "num_key_value_heads": getattr(cfg, "num_key_value_heads", None) or getattr(cfg, "num_attention_heads", None),
+    }
+    for i, widths in enumerate(layer_widths(model)):
+        off = {k: v for k, v in widths.items() if stock[k] is not None and v != stock[k]}
+        if off:
+            raise ExportError(
+                f"Block {i} has widths {off} that its config does not state ({ {k: stock[k] for k in off} }): "
+                "pass the prune record (PrunePlan.record) to save_model so the config records them."
+            )
+
+
+def save_model(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: Path, record: PruneRecord | None = None
+) -> Path:
     """Save as safetensors + config.json + tokenizer, atomically (temp dir, then rename).
 
     Uniform widths are written as a plain stock config (any transformers loads it); per-layer
     widths keep the original global sizes in the config plus ``prunefit.layers``, which
     :func:`load_pruned` applies.
     """
-    finalise_config(model)
+    if record is None:
+        _check_stock_widths(model)
+    finalise_config(model, record)
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
@@ -103,21 +80,18 @@ def load_pruned(model_dir: Path) -> PreTrainedModel:
     from safetensors.torch import load_file
     from transformers import AutoConfig
 
-    from pipeline.width import layer_widths, prune_kv_groups, prune_mlp
-
     config = AutoConfig.from_pretrained(model_dir)
-    meta = getattr(config, "prunefit", None) or {}
-    widths = meta.get("layers")
-    if not widths or meta.get("uniform"):
+    record = PruneRecord.from_config(config)
+    if record is None or not record.layers or record.uniform:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True)
         return model.eval().requires_grad_(False)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     hd = head_dim(config)
-    for layer, w, now in zip(decoder_layers(model), widths, layer_widths(model), strict=True):
-        if w["intermediate_size"] != now["intermediate_size"]:
-            prune_mlp(layer, torch.arange(w["intermediate_size"]), None)
-        if w["num_key_value_heads"] != now["num_key_value_heads"]:
-            prune_kv_groups(layer, torch.arange(w["num_key_value_heads"]), hd, None)
+    for layer, w, now in zip(decoder_layers(model), record.layers, layer_widths(model), strict=True):
+        if w.intermediate_size != now["intermediate_size"]:
+            prune_mlp(layer, torch.arange(w.intermediate_size), None)
+        if w.num_key_value_heads != now["num_key_value_heads"]:
+            prune_kv_groups(layer, torch.arange(w.num_key_value_heads), hd, None)
     state: dict[str, torch.Tensor] = {}
     for f in sorted(model_dir.glob("*.safetensors")):
         state.update(load_file(str(f)))

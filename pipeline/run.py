@@ -22,12 +22,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from exporters import check_runtime_available, get_exporter
-from exporters.base import ExportConfig, artifact_files
-from pipeline.cache import fingerprint_path, is_fresh, package_versions, source_digest, stage_key, write_manifest
-from pipeline.data import DataConfig, first_windows, generate_samples, load_windows, read_text
 from core.errors import CalibrationError, ConfigError, ExportError
-from core.perplexity import perplexity
 from core.fsio import (
     atomic_path,
     atomic_write_json,
@@ -36,11 +31,17 @@ from core.fsio import (
     exclusive_lock,
     remove_stale_temps,
 )
-from pipeline.model import DEFAULT_MODEL, load_model, resolve_model_path
-from pipeline.prune import PruneConfig, prune_to_budget
-from pipeline.rewrite import check_round_trip, load_pruned, save_model
+from core.methods import MethodConfig
+from core.perplexity import perplexity
 from core.runtimes import RUNTIME_TABLE
 from core.schemes import SCHEME_TABLE
+from exporters import check_runtime_available, get_exporter
+from exporters.base import ExportConfig, artifact_files
+from pipeline.cache import fingerprint_path, is_fresh, package_versions, source_digest, stage_key, write_manifest
+from pipeline.data import DataConfig, first_windows, generate_samples, load_windows, read_text
+from pipeline.model import DEFAULT_MODEL, load_model, resolve_model_path
+from pipeline.prune import prune_to_budget
+from pipeline.rewrite import check_round_trip, load_pruned, save_model
 from targets.profile import DeviceProfile, Runtime, load_profile
 from targets.report import write_report
 from targets.validate import validate
@@ -66,6 +67,8 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     max_prune_ratio: float | None = None  # overrides profile.pruning.max_removed_layer_ratio
     method: str | None = None  # overrides profile.pruning.method
+    # the method's knobs (core/methods.py), over the profile's pruning section
+    prune_options: dict[str, Any] = field(default_factory=dict)
     threads: int | None = None  # torch threads for pruning/eval (default: all cores)
     force: bool = False
     trust_remote_code: bool = False
@@ -75,17 +78,22 @@ class RunConfig:
 
 
 def profile_prune_config(
-    profile: DeviceProfile, method: str | None = None, max_prune_ratio: float | None = None
-) -> PruneConfig:
-    """The prune stage's knobs for ``profile``, with the run's overrides (benchmarks/default_method.py
-    uses it too, so it prunes exactly as ``make export`` does)."""
-    ratio = max_prune_ratio if max_prune_ratio is not None else profile.pruning.max_removed_layer_ratio
-    method = method or profile.pruning.method  # PruneConfig rejects unknown names, listing the known ones
-    return PruneConfig(method=method, max_removed_layer_ratio=ratio, width_multiple=profile.width_multiple)  # type: ignore[arg-type]
+    profile: DeviceProfile,
+    method: str | None = None,
+    max_prune_ratio: float | None = None,
+    options: dict[str, Any] | None = None,
+) -> MethodConfig:
+    """The prune stage's typed method config for ``profile``, with the run's overrides
+    (benchmarks/default_method.py uses it too, so it prunes exactly as ``make export`` does). An
+    unknown method or knob is a ConfigError listing the valid ones."""
+    overrides = dict(options or {})
+    if max_prune_ratio is not None:
+        overrides["max_removed_layer_ratio"] = max_prune_ratio
+    return profile.prune_config(method, **overrides)
 
 
-def _prune_config(cfg: RunConfig, profile: DeviceProfile) -> PruneConfig:
-    return profile_prune_config(profile, cfg.method, cfg.max_prune_ratio)
+def _prune_config(cfg: RunConfig, profile: DeviceProfile) -> MethodConfig:
+    return profile_prune_config(profile, cfg.method, cfg.max_prune_ratio, cfg.prune_options)
 
 
 def _eval_windows(cfg: RunConfig, model: PreTrainedModel, tokenizer: Any) -> torch.Tensor:
@@ -116,7 +124,7 @@ def _prune_stage(cfg: RunConfig, profile: DeviceProfile, out: Path, key: str) ->
     plan = prune_to_budget(model, calib, profile, _prune_config(cfg, profile))
     ppl_pruned = perplexity(model, evals, desc="perplexity (pruned)")
     log.info("pruned perplexity %.2f (%.2fx)", ppl_pruned, ppl_pruned / ppl_dense)
-    model_dir = save_model(model, tok, out / "pruned_model")
+    model_dir = save_model(model, tok, out / "pruned_model", plan.record)
     check_round_trip(model, model_dir, calib[:1, :64])
     result = {"plan": plan.to_dict(), "perplexity": {"dense": ppl_dense, "pruned": ppl_pruned}}
     plan_path = atomic_write_json(out / "prune_plan.json", result)
@@ -126,11 +134,13 @@ def _prune_stage(cfg: RunConfig, profile: DeviceProfile, out: Path, key: str) ->
     return result
 
 
-def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
-    """Run every stage for ``cfg.target``; raise GateError (after writing the report) if a gate fails."""
-    profile = load_profile(cfg.target)
+def run_pipeline(cfg: RunConfig, profile: DeviceProfile | None = None) -> dict[str, Any]:
+    """Run every stage for ``cfg.target``; raise GateError (after writing the report) if a gate fails.
+    ``profile``: the target's profile, already loaded (the CLI resolves it once); else loaded here."""
+    profile = profile or load_profile(cfg.target)
     if cfg.max_prune_ratio is not None and not 0 < cfg.max_prune_ratio < 1:
         raise ConfigError(f"--max-prune-ratio must be in (0, 1), got {cfg.max_prune_ratio}.")
+    _prune_config(cfg, profile)  # the method and its knobs are valid before any model loads
     for runtime in profile.runtimes:
         check_runtime_available(runtime)
     model_path = resolve_model_path(cfg.model)
@@ -165,7 +175,7 @@ def _run_stages(cfg: RunConfig, profile: DeviceProfile, out: Path, model_path: P
         calib_data=_source_fingerprint(cfg.calib.source),
         eval=asdict(cfg.eval),
         eval_data=_source_fingerprint(cfg.eval.source),
-        prune=asdict(_prune_config(cfg, profile)),
+        prune=_prune_config(cfg, profile).model_dump(),
         profile=profile.model_dump(),
         # the memory model's calibrated constants decide how much is pruned: a recalibration redoes it
         memory_model={

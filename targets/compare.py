@@ -12,8 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import ConfigError
-
-RUNTIMES = ("executorch", "onnxruntime")
+from core.runtimes import RUNTIMES
 
 
 def _load(out_dir: Path) -> dict[str, Any]:
@@ -49,7 +48,7 @@ def compare(dirs: list[Path]) -> str:
     row("params removed", lambda r: _f(1 - r["prune"]["params_after"] / r["prune"]["params_before"], ".1%"))
     for key in ("dense", "pruned"):
         row(f"perplexity {key}", lambda r, k=key: _f(r["validation"]["perplexity"].get(k), ".2f"))
-    for rt in RUNTIMES:
+    for rt in sorted(RUNTIMES):
 
         def by_rt(r: dict[str, Any], rt: str = rt) -> dict[str, Any] | None:
             return next((x for x in r["validation"]["runtimes"] if x["runtime"] == rt), None)

@@ -2,9 +2,9 @@
 
 The device ran ``targets/runner.py`` (copied there with ``core/measure.py``: they import only the
 standard library, numpy and the runtime) on the same artifact and prompt as the local validation.
-Its JSON (timings, peak RSS on the device) and its generation (logits, tokens) come back; this module compares the tokens and
-logits with the local PyTorch reference the validation stored, adds the run to ``report.json``
-under ``device_runs`` and re-renders the report.
+Its JSON (timings, peak RSS on the device) and its generation (logits, tokens) come back; this
+module compares the tokens and logits with the local PyTorch reference the validation stored, adds
+the run to ``report.json`` under ``device_runs`` and re-renders the report.
 
 ``python -m targets.device merge OUT_DIR --runtime R --label HOST --result device.json
 --generation device.npz``

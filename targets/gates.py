@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from core.runtimes import Runtime
 from targets.profile import DeviceProfile
 
 
@@ -104,7 +105,7 @@ def memory_gate(runtime: str, model_peak_mib: float, kv_rest_mib: float, library
     )
 
 
-def killed_gates(profile: DeviceProfile, runtime: str, detail: str, needed_mib: float) -> list[Gate]:
+def killed_gates(profile: DeviceProfile, runtime: Runtime, detail: str, needed_mib: float) -> list[Gate]:
     """A run the kernel killed at its limit: the memory gate fails with what it needed (at least the
     limit it hit), and the output gates are reported as not checked, with no threshold."""
     gates = [Gate(f"memory[{runtime}]", False, needed_mib, float(profile.memory_budget_mib), detail)]

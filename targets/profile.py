@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from core.errors import ProfileError
+from core.errors import ConfigError, ProfileError
+from core.methods import DEFAULT_METHOD, MethodConfig, method_config
 from core.runtimes import RUNTIMES, Runtime
 from core.schemes import Scheme, schemes_for
 
@@ -32,17 +33,37 @@ class CpuSpec(_Strict):
     features: list[str] = Field(default_factory=list)
 
 
-class PruningLimits(_Strict):
-    """How far the pruner may go to meet the budget before declaring it infeasible."""
+class PruningLimits(BaseModel):
+    """The profile's ``pruning:`` section: the method, how far under the budget to stop, and any knob
+    of that method's config (``core/methods.py``), validated against it: an unknown knob is an error
+    that lists the method's keys."""
 
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    method: str = DEFAULT_METHOD
     max_removed_layer_ratio: float = Field(0.5, gt=0.0, lt=1.0)
-    # comp: best measured at the android budget on the default model with the default 256 x 128
-    # self-generated calibration (WikiText-2 test PPL 38.9; depth+width 44.2, depth 50.3;
-    # benchmarks/results/default_method.md)
-    method: Literal["depth", "width", "comp", "multipruner", "depth+width"] = "comp"
     # Prune until the prediction is this far under the budget: slack for allocator and workspace
     # variation the memory model does not capture (a few MiB run to run in a Python host).
     headroom_mib: float = Field(0.0, ge=0.0)
+
+    @model_validator(mode="after")
+    def _knobs_belong_to_the_method(self) -> PruningLimits:
+        if "width_multiple" in self.knobs():
+            raise ValueError("width_multiple is a top-level profile key (it shapes every method): move it there")
+        try:
+            self.config()
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+    def knobs(self) -> dict[str, Any]:
+        """The method's own knobs set in the profile (beyond method, max_removed_layer_ratio, headroom_mib)."""
+        return dict(self.model_extra or {})
+
+    def config(self, **overrides: Any) -> MethodConfig:
+        """The method's typed config: the profile's knobs, then ``overrides``."""
+        knobs = {**self.knobs(), "max_removed_layer_ratio": self.max_removed_layer_ratio, **overrides}
+        return method_config(self.method, **knobs)
 
 
 class Gates(_Strict):
@@ -83,6 +104,15 @@ class DeviceProfile(_Strict):
     onnx_format: Literal["onnx", "ort"] = "onnx"
     pruning: PruningLimits = PruningLimits()
     gates: Gates = Gates()
+
+    def prune_config(self, method: str | None = None, **overrides: Any) -> MethodConfig:
+        """The pruning method's typed config for this profile: its ``pruning:`` knobs (when
+        ``method`` is the profile's own), the profile's width multiple, then ``overrides``."""
+        overrides = {"width_multiple": self.width_multiple, **overrides}
+        if method is None or method == self.pruning.method:
+            return self.pruning.config(**overrides)
+        # another method: the profile's knobs are its own method's; the shared limit carries over
+        return method_config(method, max_removed_layer_ratio=self.pruning.max_removed_layer_ratio, **overrides)
 
     @model_validator(mode="after")
     def _consistent(self) -> DeviceProfile:
@@ -144,9 +174,11 @@ def _format_errors(path: Path, exc: ValidationError) -> str:
 
 
 def resolve_profile_path(name_or_path: str | Path) -> Path:
-    """Accept a profile name (``android``) or a path to a YAML file."""
+    """Accept a profile name (``android``) or a path to a YAML file. A name means a file only when
+    it ends in ``.yaml``/``.yml`` or contains a path separator: a directory that happens to be named
+    like a target (``--out android`` run from the same folder) is not a profile."""
     p = Path(name_or_path)
-    if p.suffix in (".yaml", ".yml") or p.exists():
+    if isinstance(name_or_path, Path) or p.suffix in (".yaml", ".yml") or os.sep in str(name_or_path):
         if not p.is_file():
             raise ProfileError(f"Profile file {p} does not exist.")
         return p

@@ -33,8 +33,16 @@ TINY_CONFIGS: dict[str, dict] = {
     "qwen3": dict(model_type="qwen3", head_dim=16, tie_word_embeddings=True),
     "phi3": dict(model_type="phi3", pad_token_id=0),
     "gemma": dict(model_type="gemma", head_dim=16),
+    "gemma2": dict(model_type="gemma2", head_dim=16, sliding_window=16, layer_types=None),
     "gemma3_text": dict(model_type="gemma3_text", head_dim=16, sliding_window=16, layer_types=None),
 }
+
+
+# Wider tiny shapes, one place for every test that needs room to prune (named by what they are for).
+PRUNE_WIDE = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4)
+GQA_WIDE = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4)
+ENFORCE_WIDE = dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=4)
+QUANT_WIDE = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2)
 
 
 def tiny_model(arch: str = "llama", seed: int = 0, **overrides: object) -> torch.nn.Module:

@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 
 import exporters
 from core import fsio
-from pipeline import cli
 from core.errors import ModelLoadError, OutputError, ProfileError, RuntimeMissingError
+from pipeline import cli
 from pipeline.model import load_model
 from targets.profile import load_profile, profiles_dir
 

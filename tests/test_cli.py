@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import cli
 from core.errors import BudgetError, CalibrationError, ModelLoadError, ProfileError
+from pipeline import cli
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

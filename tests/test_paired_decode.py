@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 
+from core.arch import decoder_layers
 from exporters import get_exporter
 from exporters.base import ExportConfig
-from core.arch import decoder_layers
-from pipeline.width import prune_mlp
+from pipeline.methods.units import prune_mlp
 from targets.validate import reference_generation
 from tests.conftest import tiny_model
 

@@ -9,15 +9,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.comp import CompPruner, greedy_obs, ls_fit
-from pipeline.prune import PruneConfig, prune_to_budget
+from core.methods import method_config
+from pipeline.methods.base import PruneContext
+from pipeline.methods.comp import CompPruner
+from pipeline.methods.comp_math import greedy_obs
+from pipeline.methods.units import layer_widths, ls_fit, narrowest_shape
+from pipeline.prune import prune_to_budget
 from pipeline.rewrite import check_round_trip, save_model
-from pipeline.width import layer_widths, narrowest_shape
 from targets.budget import estimate_all, model_shape, worst
-from tests.conftest import TINY_CONFIGS, tiny_model
+from tests.conftest import GQA_WIDE, TINY_CONFIGS, tiny_model
 from tests.pipeline.test_prune import profile
 
-WIDE = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4)
+WIDE = GQA_WIDE
 ZERO = {"onnxruntime": 0.0, "executorch": 0.0}
 
 
@@ -95,8 +98,8 @@ def test_comp_prunes_to_budget_on_every_architecture(arch: str, tmp_path: Path, 
     dense = model_shape(m)
     weights = worst(estimate_all(dense, profile(1000))).weights_mib
     total = worst(estimate_all(dense, profile(1000, runtime_overhead_mib=ZERO))).total_mib
-    cfg = PruneConfig(method="comp", width_multiple=8)
-    narrow = narrowest_shape(m, dense, cfg, drop_blocks=True)
+    cfg = method_config(method="comp", width_multiple=8)
+    narrow = narrowest_shape(m, dense, 8, cfg.min_keep_ratio, drop_blocks=cfg.max_removed_layer_ratio)
     floor = worst(estimate_all(narrow, profile(1000, runtime_overhead_mib=ZERO)))
     # a quarter of the weights under dense, but always reachable (the fixed session overheads of
     # a model this small can leave less than that to prune)
@@ -117,17 +120,17 @@ def test_comp_prunes_to_budget_on_every_architecture(arch: str, tmp_path: Path, 
         assert w["num_attention_heads"] == rep * w["num_key_value_heads"] >= rep  # GQA groups intact
     out = m(calib(2, 16), use_cache=False).logits
     assert torch.isfinite(out).all()
-    tokenizer_dir = save_model(m, tokenizer, tmp_path / "pruned")
+    tokenizer_dir = save_model(m, tokenizer, tmp_path / "pruned", plan.record)
     assert check_round_trip(m, tokenizer_dir, calib(1, 16)) == 0.0
 
 
 def test_compensation_lowers_reconstruction_error() -> None:
     m = tiny_model("llama", **WIDE)
-    pruner = CompPruner()
-    cfg = PruneConfig(method="comp", width_multiple=8, target_decoder_ratio=0.25, comp_blocks=False)
-    pruner.prepare(m, calib(16), cfg)
-    while (sum(lp.mlp for lp in pruner.plan) < 512) and pruner.can_step(m, cfg):
-        pruner.step(m, calib(), cfg)
+    cfg = method_config(method="comp", width_multiple=8, target_decoder_ratio=0.25, blocks=False)
+    pruner = CompPruner(cfg)  # type: ignore[arg-type]
+    pruner.prepare(m, calib(16), PruneContext(fits=lambda s: False, kept_layers=list(range(4))))
+    while (sum(lp.mlp for lp in pruner.plan) < 512) and pruner.can_step(m):
+        pruner.step(m, calib())
     pruner.finalize(m)
     assert pruner.reconstruction
     for entry in pruner.reconstruction:
@@ -142,7 +145,7 @@ def test_comp_keeps_more_quality_than_uncompensated() -> None:
     errs = {}
     for compensate in (True, False):
         m = tiny_model("llama", **WIDE)
-        cfg = PruneConfig(method="comp", width_multiple=8, target_decoder_ratio=0.3, compensate=compensate)
+        cfg = method_config(method="comp", width_multiple=8, target_decoder_ratio=0.3, compensate=compensate)
         prune_to_budget(m, ids, profile(1000), cfg)
         errs[compensate] = float((m(ids, use_cache=False).logits - ref).pow(2).mean())
     assert errs[True] < errs[False]
@@ -152,7 +155,7 @@ def test_comp_ratio_target_and_blocks_compete() -> None:
     m = tiny_model("llama", **dict(WIDE, num_hidden_layers=8))
     dec = sum(p.numel() for layer in m.model.layers for p in layer.parameters())
     plan = prune_to_budget(
-        m, calib(), profile(1000), PruneConfig(method="comp", target_decoder_ratio=0.4, comp_blocks=True)
+        m, calib(), profile(1000), method_config(method="comp", target_decoder_ratio=0.4, blocks=True)
     )
     dec_after = sum(p.numel() for layer in m.model.layers for p in layer.parameters())
     assert 0.4 <= 1 - dec_after / dec < 0.4 + 0.15  # within one step (a block is 1/8 of the decoder)
@@ -163,7 +166,7 @@ def test_comp_ratio_target_and_blocks_compete() -> None:
 def test_multipruner_balanced_greedy_on_every_architecture(arch: str, tmp_path: Path, tokenizer) -> None:
     m = tiny_model(arch, **dict(WIDE, num_hidden_layers=6))
     dec = sum(p.numel() for layer in m.model.layers for p in layer.parameters())
-    cfg = PruneConfig(method="multipruner", target_decoder_ratio=0.3, multipruner_group=32)
+    cfg = method_config(method="multipruner", target_decoder_ratio=0.3, group=32)
     plan = prune_to_budget(m, calib(), profile(1000), cfg)
     dec_after = sum(p.numel() for layer in m.model.layers for p in layer.parameters())
     assert 0.3 <= 1 - dec_after / dec < 0.3 + 1 / 6  # stops within one step (a block is 1/6)
@@ -175,12 +178,12 @@ def test_multipruner_balanced_greedy_on_every_architecture(arch: str, tmp_path: 
     for w in layer_widths(m):
         assert w["num_attention_heads"] == 2 * w["num_key_value_heads"] >= 2
     assert torch.isfinite(m(calib(2, 16), use_cache=False).logits).all()
-    assert check_round_trip(m, save_model(m, tokenizer, tmp_path / "mp"), calib(1, 16)) == 0.0
+    assert check_round_trip(m, save_model(m, tokenizer, tmp_path / "mp", plan.record), calib(1, 16)) == 0.0
 
 
 def test_comp_uniform_allocation_spreads_evenly() -> None:
     m = tiny_model("llama", **WIDE)
-    cfg = PruneConfig(method="comp", width_multiple=8, target_decoder_ratio=0.2, comp_allocation="uniform")
+    cfg = method_config(method="comp", width_multiple=8, target_decoder_ratio=0.2, allocation="uniform")
     prune_to_budget(m, calib(), profile(1000), cfg)
     widths = [w["intermediate_size"] for w in layer_widths(m)]
     assert max(widths) - min(widths) <= 8  # at most one group apart (the last, partial round)
@@ -190,19 +193,19 @@ def test_comp_uniform_allocation_spreads_evenly() -> None:
 def test_multipruner_shortlist_scores_only_the_locally_cheapest() -> None:
     """The shortlist gives the perplexity forward to the candidates that change their own block
     least; scoring every candidate can only find an equal or lower calibration perplexity."""
-    from pipeline.multipruner import MultiPruner
+    from pipeline.methods.multipruner import MultiPruner
 
     chosen = {}
     for shortlist in (1, 100):
         torch.manual_seed(0)
         m = tiny_model("llama", **dict(WIDE, num_hidden_layers=6))
-        cfg = PruneConfig(method="multipruner", multipruner_group=32, multipruner_shortlist=shortlist)
-        pruner = MultiPruner()
-        pruner.prepare(m, calib(), cfg)
+        cfg = method_config(method="multipruner", group=32, shortlist=shortlist)
+        pruner = MultiPruner(cfg)  # type: ignore[arg-type]
+        pruner.prepare(m, calib(), PruneContext(fits=lambda s: False, kept_layers=list(range(6))))
         pruner.removed_params["block"] = 10**9  # serve MLP channels first: 6 candidates, one per block
         if shortlist == 1:
             change = [pruner._local_change(m, i, "mlp", pruner._next_mlp(m, i)) for i in range(6)]
             expect = min(range(6), key=change.__getitem__)
-        chosen[shortlist] = pruner.step(m, calib(), cfg)
+        chosen[shortlist] = pruner.step(m, calib())
     assert chosen[1][0].startswith(f"block {expect}:")
     assert chosen[100][1] <= chosen[1][1]

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.data import DataConfig, first_windows, load_windows, read_text, tokenize_windows
 from core.errors import CalibrationError, RuntimeMissingError
+from pipeline.data import DataConfig, first_windows, load_windows, read_text, tokenize_windows
 from tests.conftest import tiny_model
 
 

@@ -10,11 +10,12 @@ import pytest
 import yaml
 from transformers import AutoModelForCausalLM
 
-from pipeline.data import DataConfig
 from core.errors import GateError
+from pipeline.data import DataConfig
 from pipeline.run import EvalConfig, RunConfig, run_pipeline
+from tests.conftest import PRUNE_WIDE
 
-WIDE = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4)
+WIDE = PRUNE_WIDE
 
 
 def write_profile(tmp_path: Path, name: str = "tight", **overrides: object) -> Path:

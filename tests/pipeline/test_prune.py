@@ -6,12 +6,14 @@ import pytest
 import torch
 
 from core.errors import BudgetError, ConfigError
-from pipeline.prune import PruneConfig, block_influence, prune_to_budget
+from core.methods import method_config
+from pipeline.methods.scores import block_influence
+from pipeline.prune import prune_to_budget
 from targets.budget import estimate_all, model_shape, worst
 from targets.profile import DeviceProfile
-from tests.conftest import tiny_model
+from tests.conftest import PRUNE_WIDE, tiny_model
 
-WIDE = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4)
+WIDE = PRUNE_WIDE
 
 
 def profile(budget_mib: int, **kw: object) -> DeviceProfile:
@@ -48,7 +50,7 @@ def test_prunes_fewest_blocks_that_fit() -> None:
     dense = model_shape(m)
     p = profile(30)
     assert not worst(estimate_all(dense, p)).fits
-    plan = prune_to_budget(m, calib(), p, PruneConfig(method="depth", max_removed_layer_ratio=0.75))
+    plan = prune_to_budget(m, calib(), p, method_config(method="depth", max_removed_layer_ratio=0.75))
     after = model_shape(m)
     assert worst(estimate_all(after, p)).fits
     k = len(plan.removed_layers)
@@ -57,14 +59,15 @@ def test_prunes_fewest_blocks_that_fit() -> None:
     assert not worst(estimate_all(dense.without_layers(set(plan.removed_layers[1:])), p)).fits
     assert plan.params_after == sum(x.numel() for x in m.parameters())
     assert m.config.num_hidden_layers == len(after.layers)
-    assert m.config.prunefit["removed_layers"] == plan.removed_layers
+    assert plan.record is not None and plan.record.removed_layers == plan.removed_layers
+    assert plan.record.kept_layers == [i for i in range(8) if i not in plan.removed_layers]
     out = m(calib(1), use_cache=False).logits
     assert out.shape == (1, 32, 512) and torch.isfinite(out).all()
 
 
 def test_no_pruning_when_it_already_fits() -> None:
     m = tiny_model("llama", **WIDE)
-    plan = prune_to_budget(m, calib(), profile(512), PruneConfig())
+    plan = prune_to_budget(m, calib(), profile(512), method_config("comp"))
     assert plan.removed_layers == [] and plan.steps == []
     assert len(model_shape(m).layers) == 8
 
@@ -72,28 +75,30 @@ def test_no_pruning_when_it_already_fits() -> None:
 def test_impossible_budget_fails_before_pruning_and_says_how_far() -> None:
     m = tiny_model("llama", **WIDE)
     with pytest.raises(BudgetError) as err:
-        prune_to_budget(m, calib(), profile(2), PruneConfig(max_removed_layer_ratio=0.5))
+        prune_to_budget(m, calib(), profile(2), method_config("comp", max_removed_layer_ratio=0.5))
     msg = str(err.value)
     assert "MiB over" in msg and "max_removed_layer_ratio=0.5" in msg
     assert len(model_shape(m).layers) == 8  # untouched
 
 
 def test_bad_prune_config() -> None:
-    with pytest.raises(ConfigError):
-        PruneConfig(max_removed_layer_ratio=1.0)
+    with pytest.raises(ConfigError, match="max_removed_layer_ratio"):
+        method_config("comp", max_removed_layer_ratio=1.0)
+    with pytest.raises(ConfigError, match=r"unknown key 'shortlist'.*takes: .*ridge"):
+        method_config("comp", shortlist=3)  # a multipruner knob
     with pytest.raises(ConfigError, match="Available: depth"):
-        PruneConfig(method="nope")  # type: ignore[arg-type]
+        method_config(method="nope")  # type: ignore[arg-type]
 
 
 def test_headroom_prunes_until_prediction_is_that_far_under_budget() -> None:
     plain = prune_to_budget(
-        tiny_model("llama", **WIDE), calib(), profile(30), PruneConfig(method="depth", max_removed_layer_ratio=0.75)
+        tiny_model("llama", **WIDE), calib(), profile(30), method_config(method="depth", max_removed_layer_ratio=0.75)
     )
     spare = prune_to_budget(
         tiny_model("llama", **WIDE),
         calib(),
         profile(30, pruning={"headroom_mib": 5.0}),
-        PruneConfig(method="depth", max_removed_layer_ratio=0.75),
+        method_config(method="depth", max_removed_layer_ratio=0.75),
     )
     assert spare.after["worst_mib"] <= 25 < plain.after["worst_mib"] + 5
     assert len(spare.removed_layers) > len(plain.removed_layers)
@@ -111,8 +116,8 @@ def test_depth_then_width_meets_the_budget_without_a_block_of_overshoot() -> Non
     budget = int(start - 1.5 * per_block)  # needs one block and a half
     p = profile(budget)
     m_depth, m_mixed = tiny_model("llama", **WIDE), tiny_model("llama", **WIDE)
-    prune_to_budget(m_depth, calib(), p, PruneConfig(method="depth", max_removed_layer_ratio=0.75))
-    plan = prune_to_budget(m_mixed, calib(), p, PruneConfig(method="depth+width", max_removed_layer_ratio=0.75))
+    prune_to_budget(m_depth, calib(), p, method_config(method="depth", max_removed_layer_ratio=0.75))
+    plan = prune_to_budget(m_mixed, calib(), p, method_config(method="depth+width", max_removed_layer_ratio=0.75))
     depth_mib = worst(estimate_all(model_shape(m_depth), p)).total_mib
     mixed_mib = worst(estimate_all(model_shape(m_mixed), p)).total_mib
     assert len(model_shape(m_depth).layers) == 6  # two blocks: 1.5 rounded up
@@ -120,7 +125,8 @@ def test_depth_then_width_meets_the_budget_without_a_block_of_overshoot() -> Non
     assert depth_mib < mixed_mib <= budget
     assert budget - mixed_mib < per_block / 2  # channel granularity, not block granularity
     assert any("MLP channels" in s.removed or "KV group" in s.removed for s in plan.steps)
-    widths = m_mixed.config.prunefit["layers"]
-    assert len(widths) == 7 and min(w["intermediate_size"] for w in widths) < 768
+    assert plan.record is not None
+    widths = plan.record.layers
+    assert len(widths) == 7 and min(w.intermediate_size for w in widths) < 768
     ids = calib(1, 16)
     assert torch.isfinite(m_mixed(ids).logits).all()

@@ -13,15 +13,16 @@ import yaml
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from pipeline.checkpoint import prune_checkpoint
 from core.errors import ConfigError
-from pipeline.prune import PruneConfig, prune_to_budget
+from core.methods import method_config
+from pipeline.checkpoint import prune_checkpoint
+from pipeline.prune import prune_to_budget
 from pipeline.rewrite import load_pruned
 from targets import confine
-from tests.conftest import tiny_model
+from tests.conftest import GQA_WIDE, tiny_model
 from tests.pipeline.test_prune import profile
 
-WIDE = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=4)
+WIDE = dict(GQA_WIDE, num_hidden_layers=6)
 
 
 def calib(n: int = 8, t: int = 32) -> torch.Tensor:
@@ -31,7 +32,7 @@ def calib(n: int = 8, t: int = 32) -> torch.Tensor:
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3_text"])
 def test_streamed_equals_in_memory(arch: str, tmp_path: Path, make_model_dir) -> None:
     src = make_model_dir(arch, **WIDE)
-    cfg = PruneConfig(method="comp", width_multiple=8, target_decoder_ratio=0.3, comp_blocks=True)
+    cfg = method_config(method="comp", width_multiple=8, target_decoder_ratio=0.3, blocks=True)
     in_memory = tiny_model(arch, **WIDE)
     plan_mem = prune_to_budget(in_memory, calib(), profile(1000), cfg)
     plan_str = prune_checkpoint(src, calib(), profile(1000), cfg, tmp_path / "out")
@@ -50,7 +51,7 @@ def test_streamed_equals_in_memory(arch: str, tmp_path: Path, make_model_dir) ->
 def test_streaming_rejects_non_layerwise_method(tmp_path: Path, make_model_dir) -> None:
     src = make_model_dir("llama", **WIDE)
     with pytest.raises(ConfigError, match="comp"):
-        prune_checkpoint(src, calib(), profile(1000), PruneConfig(method="depth"), tmp_path / "out")
+        prune_checkpoint(src, calib(), profile(1000), method_config(method="depth"), tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 

@@ -7,14 +7,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.prune import PruneConfig, prune_to_budget
+from core.methods import method_config
+from pipeline.methods.scores import collect_stats
+from pipeline.methods.units import layer_widths, prune_kv_groups, prune_mlp
+from pipeline.prune import prune_to_budget
 from pipeline.rewrite import check_round_trip, load_pruned, save_model
-from pipeline.width import collect_stats, layer_widths, prune_kv_groups, prune_mlp
 from targets.budget import estimate_all, model_shape, worst
-from tests.conftest import TINY_CONFIGS, tiny_model
+from tests.conftest import GQA_WIDE, TINY_CONFIGS, tiny_model
 from tests.pipeline.test_prune import profile
 
-WIDE = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4)
+WIDE = GQA_WIDE
 
 
 def calib(n: int = 8, t: int = 32) -> torch.Tensor:
@@ -36,19 +38,19 @@ def test_width_prune_save_load(arch: str, tmp_path: Path, tokenizer) -> None:
     zero = {"onnxruntime": 0.0, "executorch": 0.0}
     target = profile(int(dense_est - 0.2 * weights), runtime_overhead_mib=zero)
     assert p.memory_budget_mib > target.memory_budget_mib
-    plan = prune_to_budget(m, calib(), target, PruneConfig(method="width", width_multiple=8))
+    plan = prune_to_budget(m, calib(), target, method_config(method="width", width_multiple=8))
     shape = model_shape(m)
     assert worst(estimate_all(shape, target)).fits
     assert plan.params_after == sum(x.numel() for x in m.parameters()) < params_before
     widths = layer_widths(m)
-    assert widths == m.config.prunefit["layers"]
+    assert plan.record is not None and widths == [w.model_dump() for w in plan.record.layers]
     for w in widths:
         assert w["intermediate_size"] % 8 == 0 and w["num_key_value_heads"] >= 1
         assert w["num_attention_heads"] == 2 * w["num_key_value_heads"]  # GQA grouping intact
     ids = calib(2, 16)
     out = m(ids, use_cache=False).logits
     assert torch.isfinite(out).all()
-    saved = save_model(m, tokenizer, tmp_path / "pruned")
+    saved = save_model(m, tokenizer, tmp_path / "pruned", plan.record)
     assert check_round_trip(m, saved, ids) == 0.0
     again = load_pruned(saved)
     assert layer_widths(again) == widths
@@ -100,7 +102,7 @@ def test_compensation_lowers_reconstruction_error() -> None:
 def test_explicit_decoder_ratio_target(method: str) -> None:
     m = tiny_model("llama", **{**WIDE, "num_hidden_layers": 8})
     dense = model_shape(m).layer_params
-    plan = prune_to_budget(m, calib(), profile(4000), PruneConfig(method=method, target_decoder_ratio=0.2))
+    plan = prune_to_budget(m, calib(), profile(4000), method_config(method=method, target_decoder_ratio=0.2))
     removed = (dense - model_shape(m).layer_params) / dense
     assert 0.2 <= removed < 0.2 + 0.13  # stops within one unit (a block is 1/8 of the decoder here)
     assert plan.steps

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from core.runtimes import RUNTIME_TABLE
 from targets.budget import (
     MIB,
     activation_bytes,
@@ -12,7 +13,6 @@ from targets.budget import (
     model_shape,
     weights_bytes,
 )
-from core.runtimes import RUNTIME_TABLE
 from targets.profile import load_profile
 from tests.conftest import tiny_model
 

@@ -2,9 +2,9 @@
 
 benchmarks/memory_calibration.py collects measured model peaks (default model at several budgets,
 schemes and contexts; tiny models at several widths) with the terms the memory model predicted.
-The committed runtime and scheme constants (core/runtimes.py, core/schemes.py) are held to what they reach on that data (the default model within
-+-5%, tiny models within +-10%), so a change to the memory model that breaks the calibration
-fails here, without re-running anything.
+The committed runtime and scheme constants (core/runtimes.py, core/schemes.py) are held to what
+they reach on that data (the default model within +-5%, tiny models within +-10%), so a change to
+the memory model that breaks the calibration fails here, without re-running anything.
 """
 
 from __future__ import annotations

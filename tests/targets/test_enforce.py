@@ -12,11 +12,11 @@ from exporters import get_exporter
 from exporters.base import ExportConfig
 from targets import confine
 from targets.validate import validate
-from tests.conftest import tiny_model
+from tests.conftest import ENFORCE_WIDE, tiny_model
 from tests.pipeline.test_prune import profile
 
 # ~95 MiB of fp32 weights: far over a 4 MiB budget even with the cgroup's slack (CGROUP_SLACK_MIB)
-WIDE = dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=4)
+WIDE = ENFORCE_WIDE
 
 
 @pytest.fixture(scope="module")

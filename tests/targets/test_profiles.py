@@ -160,8 +160,8 @@ def test_every_shipped_profile_runs_the_pipeline(
 
     Quantized profiles' quality gates are judged on real models only: a random tiny model has
     near-uniform logits, whose top-1 flips under any quantization."""
-    from pipeline.data import DataConfig
     from core.errors import GateError
+    from pipeline.data import DataConfig
     from pipeline.run import EvalConfig, RunConfig, run_pipeline
     from tests.conftest import tiny_model
 

@@ -2,14 +2,14 @@
 
 Ideas from MultiPruner (Munoz et al., arXiv 2501.09949), written for prunefit:
 
-* The removal target is split across three dimensions by a distribution (``multipruner_shares``,
+* The removal target is split across three dimensions by a distribution (``shares``,
   shares of removed parameters for blocks : MLP channels : KV groups). Each step serves the
   dimension furthest below its share, so the mix holds at every point of the budget search.
 * Inside a dimension every layer offers one candidate: the block itself, its next group of
-  ``multipruner_group`` MLP channels, or its next KV group (with its query heads). Channels and
+  ``group`` MLP channels, or its next KV group (with its query heads). Channels and
   groups are ordered beforehand by an importance score (their output energy) so that groups are
   contiguous in importance. The step removes the candidate whose removal raises calibration
-  perplexity least, scored by a real forward pass. Only the ``multipruner_shortlist`` candidates
+  perplexity least, scored by a real forward pass. Only the ``shortlist`` candidates
   that change their own block's output least (one block forward each) get that pass: a candidate
   in block ``L`` costs the blocks from ``L`` on plus the lm_head, and scoring all of them made a
   20% run on SmolLM2-135M take over 40 minutes.
@@ -34,19 +34,20 @@ import torch
 import torch.nn.functional as F
 
 from core.arch import arch_for, decoder_layers, head_dim
-from pipeline.rewrite import remove_layers
-from pipeline.stream import LayerStream
-from pipeline.width import (
-    _narrowed,
-    channel_scores,
-    collect_stats,
+from core.methods import MultiPrunerConfig
+from pipeline.methods.base import PruneContext
+from pipeline.methods.scores import channel_scores, collect_stats, kv_group_scores
+from pipeline.methods.units import (
     kv_group_dims,
-    kv_group_scores,
+    kv_group_params,
+    max_removable_layers,
+    mlp_unit_params,
+    narrowed,
     narrowest_shape,
     prune_kv_groups,
     prune_mlp,
-    record_widths,
 )
+from pipeline.stream import LayerStream
 from targets.budget import ModelShape, model_shape
 
 log = logging.getLogger(__name__)
@@ -55,8 +56,12 @@ EVAL_WINDOWS = 4  # calibration windows scored per candidate (MultiPruner uses a
 
 class MultiPruner:
     name = "multipruner"
+    streams = False
+    applied = False  # candidates are masked while scoring; slicing happens in finalize
 
-    def __init__(self) -> None:
+    def __init__(self, cfg: MultiPrunerConfig) -> None:
+        self.cfg = cfg
+        self.ctx: PruneContext | None = None
         self.base: ModelShape | None = None
         self.dropped: set[int] = set()
         self.mlp_removed: dict[int, list[int]] = {}
@@ -70,8 +75,8 @@ class MultiPruner:
 
     # -- setup ---------------------------------------------------------------------------------------
     @torch.no_grad()
-    def prepare(self, model: Any, calib: torch.Tensor, cfg: Any) -> None:
-        self.cfg = cfg
+    def prepare(self, model: Any, calib: torch.Tensor, ctx: PruneContext) -> None:
+        cfg, self.ctx = self.cfg, ctx
         self.base = model_shape(model)
         hd = head_dim(model.config)
         stats = collect_stats(model, calib, cfg.batch_size)
@@ -115,7 +120,7 @@ class MultiPruner:
         done = self.mlp_removed.get(i, [])
         inter = len(self.mlp_order[i])
         keep_min = max(self.cfg.width_multiple, int(self.cfg.min_keep_ratio * inter))
-        g = self.cfg.multipruner_group
+        g = self.cfg.group
         if i in self.dropped or inter - len(done) - g < keep_min:
             return None
         return self.mlp_order[i][len(done) : len(done) + g]
@@ -167,34 +172,32 @@ class MultiPruner:
         if kind == "block":
             return self.shape_params(i)
         if kind == "mlp":
-            return 3 * hidden * self.cfg.multipruner_group
-        rep = shape.num_heads // shape.num_kv_heads
-        return 2 * (rep + 1) * shape.head_dim * hidden
+            return mlp_unit_params(hidden, self.cfg.group)
+        return kv_group_params(hidden, shape.num_heads // shape.num_kv_heads, shape.head_dim)
 
     def shape_params(self, i: int) -> int:
         return self._current_layers()[i].params
 
     # -- Pruner protocol -------------------------------------------------------------------------------
     def _dimensions(self, model: Any) -> list[str]:
-        shares = dict(zip(("block", "mlp", "kv"), self.cfg.multipruner_shares, strict=True))
+        shares = dict(zip(("block", "mlp", "kv"), self.cfg.shares, strict=True))
         dims = [d for d, s in shares.items() if s > 0 and self._has_candidate(model, d)]
         return sorted(dims, key=lambda d: self.removed_params[d] / shares[d])
 
     def _has_candidate(self, model: Any, kind: str) -> bool:
         n = len(decoder_layers(model))
         if kind == "block":
-            from pipeline.prune import max_removable_layers
-
-            return len(self.dropped) < max_removable_layers(n, self.cfg)
+            return len(self.dropped) < max_removable_layers(n, self.cfg.max_removed_layer_ratio)
         if kind == "mlp":
             return any(self._next_mlp(model, i) is not None for i in range(n))
         return any(self._next_kv(i) is not None for i in range(n))
 
-    def can_step(self, model: Any, cfg: Any) -> bool:
+    def can_step(self, model: Any) -> bool:
         return bool(self._dimensions(model))
 
     @torch.no_grad()
-    def step(self, model: Any, calib: torch.Tensor, cfg: Any) -> tuple[str, float]:
+    def step(self, model: Any, calib: torch.Tensor) -> tuple[str, float]:
+        cfg = self.cfg
         kind = self._dimensions(model)[0]
         best: tuple[float, int, Any] | None = None
         candidates: list[tuple[int, Any]] = []
@@ -208,10 +211,10 @@ class MultiPruner:
                 unit = self._next_kv(i)
             if unit is not None:
                 candidates.append((i, unit))
-        if len(candidates) > cfg.multipruner_shortlist:
+        if len(candidates) > cfg.shortlist:
             change = [self._local_change(model, i, kind, unit) for i, unit in candidates]
             ranked = sorted(range(len(candidates)), key=change.__getitem__)
-            candidates = [candidates[k] for k in ranked[: cfg.multipruner_shortlist]]
+            candidates = [candidates[k] for k in ranked[: cfg.shortlist]]
         for i, unit in candidates:
             ppl = self._masked_ppl(model, i, kind, unit)
             if best is None or ppl < best[0]:
@@ -237,7 +240,7 @@ class MultiPruner:
     def _current_layers(self) -> list[Any]:
         assert self.base is not None
         return [
-            _narrowed(layer, self.base.hidden_size, len(self.mlp_removed.get(i, [])), len(self.kv_removed.get(i, [])))
+            narrowed(layer, self.base.hidden_size, len(self.mlp_removed.get(i, [])), len(self.kv_removed.get(i, [])))
             for i, layer in enumerate(self.base.layers)
         ]
 
@@ -245,8 +248,9 @@ class MultiPruner:
         assert self.base is not None
         return dataclasses.replace(self.base, layers=tuple(self._current_layers())).without_layers(self.dropped)
 
-    def most_pruned_shape(self, model: Any, shape: ModelShape, cfg: Any) -> ModelShape:
-        return narrowest_shape(model, shape, cfg, drop_blocks=True)
+    def most_pruned_shape(self, model: Any, shape: ModelShape) -> ModelShape:
+        cfg = self.cfg
+        return narrowest_shape(model, shape, cfg.width_multiple, cfg.min_keep_ratio, cfg.max_removed_layer_ratio)
 
     def finalize(self, model: Any) -> None:
         hd = head_dim(model.config)
@@ -260,6 +264,6 @@ class MultiPruner:
                 n_kv = len(self.kv_order[i])
                 prune_kv_groups(layer, torch.tensor([g for g in range(n_kv) if g not in gone_g]), hd, None)
         if self.dropped:
-            remove_layers(model, sorted(self.dropped))
-        record_widths(model)
+            assert self.ctx is not None
+            self.ctx.remove_blocks(model, sorted(self.dropped))
         self.hidden = []

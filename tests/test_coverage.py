@@ -1,0 +1,31 @@
+"""Every registered architecture, pruning method, runtime and quantization scheme has its tiny test
+case: a row added to a table without one fails here (as optimum's test_all_models_tested does)."""
+
+from __future__ import annotations
+
+from core.arch import ARCHS
+from core.methods import METHOD_TABLE
+from core.runtimes import RUNTIME_TABLE
+from core.schemes import SCHEME_TABLE
+from tests.conftest import TINY_CONFIGS
+from tests.exporters.test_exporters import RUNTIME_CASES
+from tests.exporters.test_quantize import SCHEME_CASES
+from tests.pipeline.test_methods import METHOD_CASES
+
+
+def test_every_architecture_has_a_tiny_config() -> None:
+    assert set(TINY_CONFIGS) == set(ARCHS)
+
+
+def test_every_method_has_a_tiny_case() -> None:
+    assert set(METHOD_CASES) == set(METHOD_TABLE)
+
+
+def test_every_runtime_has_a_tiny_case() -> None:
+    assert set(RUNTIME_CASES) == set(RUNTIME_TABLE)
+
+
+def test_every_scheme_has_a_tiny_case_on_its_runtime() -> None:
+    assert {name: runtime for name, (runtime, _) in SCHEME_CASES.items()} == {
+        name: spec.runtime for name, spec in SCHEME_TABLE.items()
+    }
