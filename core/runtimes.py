@@ -70,6 +70,11 @@ class RuntimeSpec:
     # Whether the KV cache is allocated whole at load (ExecuTorch's static cache is planned memory of
     # the program) or grows with the tokens seen (ONNX past/present tensors).
     kv_preallocated: bool
+    # Whether a sliding-window layer's cache holds only its window. onnxruntime's past/present come
+    # from transformers' sliding cache layer, which drops what falls out of the window; ExecuTorch's
+    # static cache is full length for every layer (the window's roll is data-dependent control flow
+    # that does not export; the mask applies the window).
+    kv_windowed: bool
 
 
 RUNTIME_TABLE: dict[Runtime, RuntimeSpec] = {
@@ -82,6 +87,7 @@ RUNTIME_TABLE: dict[Runtime, RuntimeSpec] = {
         maps_weights=True,
         stores_tied_once=True,
         kv_preallocated=False,
+        kv_windowed=True,
     ),
     "executorch": RuntimeSpec(
         name="executorch",
@@ -92,6 +98,7 @@ RUNTIME_TABLE: dict[Runtime, RuntimeSpec] = {
         maps_weights=False,
         stores_tied_once=False,
         kv_preallocated=True,
+        kv_windowed=False,
     ),
 }
 RUNTIMES: tuple[Runtime, ...] = tuple(RUNTIME_TABLE)

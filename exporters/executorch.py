@@ -1,6 +1,6 @@
 """ExecuTorch export: torch.export -> to_edge_transform_and_lower with the XNNPACK partitioner -> .pte.
 
-The program is a decoder step over a static KV cache (:class:`exporters.cache.StaticCacheDecoder`)
+The program is a decoder step over a static KV cache (:class:`exporters.kv_cache.StaticCacheDecoder`)
 with ExecuTorch's LLM-runner signature ``forward(tokens [batch, seq], input_pos [seq])``: seq is
 dynamic from 1 (decode) to the profile's prefill chunk, so one method serves prefill and decode,
 and the cache is sized once, at the profile's context length, in the program's planned memory.
@@ -24,7 +24,7 @@ from transformers import PreTrainedModel
 from core.errors import ExportError, RuntimeMissingError
 from core.fsio import atomic_write_bytes
 from exporters.base import ExportArtifact, ExportConfig, export_error
-from exporters.cache import StaticCacheDecoder, kv_layout
+from exporters.kv_cache import StaticCacheDecoder, kv_layout
 from exporters.llm_ops import LlmOpsCacheDecoder, llm_ops_attention, unsupported_reason
 from exporters.quantize import quantize_torch
 

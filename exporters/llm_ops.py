@@ -1,6 +1,6 @@
 """The ExecuTorch decoder on ExecuTorch's LLM kernels: ``llama::update_cache`` + ``llama::custom_sdpa``.
 
-The generic static-cache program (:class:`exporters.cache.StaticCacheDecoder`) runs transformers'
+The generic static-cache program (:class:`exporters.kv_cache.StaticCacheDecoder`) runs transformers'
 SDPA over the whole ``[batch, heads, context, head_dim]`` cache with a ``[seq, context]`` causal
 mask at every step: the mask, the GQA head expansion and the cache write lower to ops XNNPACK does
 not take, which run in ExecuTorch's portable (reference) kernels over the full context. ExecuTorch's
@@ -34,7 +34,7 @@ from transformers import AttentionInterface, PreTrainedModel, StaticCache
 from transformers.cache_utils import StaticLayer
 from transformers.masking_utils import AttentionMaskInterface
 
-from exporters.cache import kv_layout
+from exporters.kv_cache import kv_layout
 
 ATTENTION = "prunefit_llm_ops"
 

@@ -1,5 +1,5 @@
 """ONNX export with torch.onnx's dynamo exporter, run by onnxruntime: one decoder graph with the KV
-cache as inputs and outputs (see :mod:`exporters.cache`), dynamic batch / sequence / past axes.
+cache as inputs and outputs (see :mod:`exporters.kv_cache`), dynamic batch / sequence / past axes.
 
 The dynamo exporter keeps a tied embedding / lm_head as one initializer (the legacy exporter
 stores it twice), and its output is checked with ``onnx.checker`` before it is renamed into place.
@@ -19,7 +19,7 @@ from transformers import PreTrainedModel
 
 from core.errors import ExportError
 from exporters.base import ExportArtifact, ExportConfig, artifact_size_bytes, export_error
-from exporters.cache import KvLayout, PastKeyValuesDecoder, kv_layout
+from exporters.kv_cache import KvLayout, PastKeyValuesDecoder, kv_layout
 from exporters.quantize import check_scheme, quantize_onnx
 
 log = logging.getLogger(__name__)

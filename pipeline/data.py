@@ -125,20 +125,51 @@ def _read_hf_dataset(spec: str) -> str:
     return "\n\n".join(t for t in ds["text"] if t)
 
 
-def tokenize_windows(
-    text: str, tokenizer: PreTrainedTokenizerBase, num_samples: int, seq_len: int, seed: int, *, where: str
-) -> torch.Tensor:
-    """Cut ``text`` into non-overlapping ``seq_len`` windows and pick ``num_samples`` of them (seeded)."""
+def bos_token_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The BOS id when the tokenizer's own convention starts every text with one (Gemma, Llama 2/3
+    tokenizers do; SmolLM2's does not), else None. Models trained that way score text without it
+    far worse (Gemma 3 270M: WikiText-2 perplexity 134.8 without, 54.1 with, on 4 windows)."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return None
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return int(bos) if ids and ids[0] == bos else None
+
+
+def _windows(ids: torch.Tensor, n: int, seq_len: int, bos: int | None) -> torch.Tensor:
+    """``n`` consecutive windows of ``seq_len`` tokens from ``ids``, each led by ``bos`` when given
+    (then ``seq_len - 1`` text tokens each)."""
+    if bos is None:
+        return ids[: n * seq_len].view(n, seq_len)
+    body = ids[: n * (seq_len - 1)].view(n, seq_len - 1)
+    return torch.cat([torch.full((n, 1), bos, dtype=body.dtype), body], dim=1)
+
+
+def _text_ids(
+    text: str, tokenizer: PreTrainedTokenizerBase, seq_len: int, where: str
+) -> tuple[torch.Tensor, int | None, int]:
+    """The text's token ids (no special tokens), the BOS to lead each window with, and the text
+    tokens a window holds."""
     if not text.strip():
         raise CalibrationError(f"{where} is empty.")
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
-    n_windows = ids.numel() // seq_len
+    bos = bos_token_id(tokenizer)
+    return ids, bos, seq_len - (bos is not None)
+
+
+def tokenize_windows(
+    text: str, tokenizer: PreTrainedTokenizerBase, num_samples: int, seq_len: int, seed: int, *, where: str
+) -> torch.Tensor:
+    """Cut ``text`` into non-overlapping ``seq_len`` windows and pick ``num_samples`` of them (seeded);
+    each window starts with BOS where the tokenizer's convention has one."""
+    ids, bos, body = _text_ids(text, tokenizer, seq_len, where)
+    n_windows = ids.numel() // body
     if n_windows < num_samples:
         raise CalibrationError(
             f"{where} has {ids.numel()} tokens: {n_windows} windows of {seq_len}, need {num_samples}. "
             "Give more text or lower --num-samples / --seq-len."
         )
-    windows = ids[: n_windows * seq_len].view(n_windows, seq_len)
+    windows = _windows(ids, n_windows, seq_len, bos)
     g = torch.Generator().manual_seed(seed)
     pick = torch.randperm(n_windows, generator=g)[:num_samples].sort().values
     return windows[pick].clone()
@@ -147,14 +178,13 @@ def tokenize_windows(
 def first_windows(
     text: str, tokenizer: PreTrainedTokenizerBase, num_samples: int, seq_len: int, *, where: str
 ) -> torch.Tensor:
-    """The first ``num_samples`` consecutive windows: the usual perplexity protocol, comparable across runs."""
-    if not text.strip():
-        raise CalibrationError(f"{where} is empty.")
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
-    n = min(num_samples, ids.numel() // seq_len)
+    """The first ``num_samples`` consecutive windows: the usual perplexity protocol, comparable across
+    runs; each starts with BOS where the tokenizer's convention has one."""
+    ids, bos, body = _text_ids(text, tokenizer, seq_len, where)
+    n = min(num_samples, ids.numel() // body)
     if n < 1:
         raise CalibrationError(f"{where} has {ids.numel()} tokens, fewer than one window of {seq_len}.")
-    return ids[: n * seq_len].view(n, seq_len).clone()
+    return _windows(ids, n, seq_len, bos).clone()
 
 
 @torch.no_grad()
@@ -183,7 +213,11 @@ def generate_samples(
             pad_token_id=tokenizer.pad_token_id,
         )
         rows.extend(out[:, -seq_len:])
-    return torch.stack(rows)
+    windows = torch.stack(rows)
+    bos = bos_token_id(tokenizer)
+    if bos is not None:  # the tokenizer's convention: each window starts with BOS
+        windows = torch.cat([torch.full((len(rows), 1), bos, dtype=windows.dtype), windows[:, 1:]], dim=1)
+    return windows
 
 
 def load_windows(cfg: DataConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:

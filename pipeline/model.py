@@ -14,7 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from core.arch import arch_for
 from core.errors import ModelLoadError
@@ -85,6 +92,27 @@ def _strip_gguf_quantization(model: PreTrainedModel) -> None:
         del model.config.quantization_config
     setattr(model, "hf_quantizer", None)  # noqa: B010 - typed as a module attribute by torch
     setattr(model, "is_quantized", False)  # noqa: B010
+
+
+def load_config(path: Path, *, trust_remote_code: bool = False) -> PretrainedConfig:
+    """The model's config alone (no weight is read), checked to be a supported causal LM."""
+    try:
+        if path.is_file():  # .gguf
+            config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=trust_remote_code)
+        else:
+            config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        raise ModelLoadError(f"Could not read the model config from {path} ({type(exc).__name__}: {exc}).") from exc
+    _check_causal_lm(config, path)
+    return config
+
+
+def skeleton(config: PretrainedConfig) -> PreTrainedModel:
+    """The model with every tensor on PyTorch's ``meta`` device: its shapes, no memory, no weights
+    read. Enough for the memory model (a budget check before the model loads)."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return model
 
 
 def load_model(model: str | Path = DEFAULT_MODEL, *, trust_remote_code: bool = False) -> LoadedModel:

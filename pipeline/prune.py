@@ -21,9 +21,10 @@ from transformers import PreTrainedModel
 
 from core.errors import BudgetError, ConfigError
 from core.measure import current_rss_bytes, peak_rss_bytes, reset_peak
-from core.methods import MethodConfig, method_spec
+from core.methods import MethodConfig
 from core.perplexity import perplexity
 from core.record import LayerWidths, PruneRecord
+from pipeline.feasibility import check_feasible
 from pipeline.methods import build_pruner
 from pipeline.methods.base import PPL_WINDOWS, PruneContext
 from pipeline.methods.units import layer_widths
@@ -116,20 +117,7 @@ def prune_to_budget(
             f"Cannot remove {ratio:.0%} of decoder parameters with {cfg.method} under its limits "
             f"(at most {(dense_layer_params - most.layer_params) / dense_layer_params:.0%})."
         )
-    floor = worst(estimate_all(most, profile))
-    if ratio is None and floor.total_mib > target_mib:
-        # only a method that removes whole blocks has its floor moved by max_removed_layer_ratio
-        blocks = method_spec(cfg.method).removes_blocks or bool(getattr(cfg, "blocks", False))
-        more = "allow more pruning (pruning.max_removed_layer_ratio / --max-prune-ratio), " if blocks else ""
-        raise BudgetError(
-            f"Budget infeasible for profile '{profile.name}': even the most pruning allowed "
-            f"({cfg.method}, max_removed_layer_ratio={cfg.max_removed_layer_ratio}) needs "
-            f"{floor.total_mib:.1f} MiB on {floor.runtime} (weights {floor.weights_mib:.1f} + KV "
-            f"{floor.kv_cache_mib:.1f} + activations {floor.activations_mib:.1f} + overhead {floor.overhead_mib:.1f}), "
-            f"{floor.total_mib - target_mib:.1f} MiB over the {floor.budget_mib:.0f} MiB budget"
-            f"{f' less {profile.pruning.headroom_mib:g} MiB headroom' if profile.pruning.headroom_mib else ''}. "
-            f"Raise memory_budget_mib, lower context_length/prefill_tokens, {more}or pick a smaller model."
-        )
+    check_feasible(model, profile, cfg, shape)
     plan = PrunePlan(method=cfg.method, budget_mib=float(profile.memory_budget_mib), before=before, after=before)
     ctx = PruneContext(fits=lambda s: not needs_more(s), kept_layers=list(range(original_layers)), stream=stream)
     if needs_more(shape):

@@ -37,9 +37,10 @@ from core.runtimes import RUNTIME_TABLE
 from core.schemes import SCHEME_TABLE
 from exporters import check_runtime_available, get_exporter
 from exporters.base import ExportConfig, artifact_files
-from pipeline.cache import fingerprint_path, is_fresh, package_versions, source_digest, stage_key, write_manifest
 from pipeline.data import DataConfig, first_windows, generate_samples, load_windows, read_text
-from pipeline.model import DEFAULT_MODEL, load_model, resolve_model_path
+from pipeline.feasibility import check_feasible
+from pipeline.manifest import fingerprint_path, is_fresh, package_versions, source_digest, stage_key, write_manifest
+from pipeline.model import DEFAULT_MODEL, load_config, load_model, resolve_model_path, skeleton
 from pipeline.prune import prune_to_budget
 from pipeline.rewrite import check_round_trip, load_pruned, save_model
 from targets.profile import DeviceProfile, Runtime, load_profile
@@ -140,10 +141,12 @@ def run_pipeline(cfg: RunConfig, profile: DeviceProfile | None = None) -> dict[s
     profile = profile or load_profile(cfg.target)
     if cfg.max_prune_ratio is not None and not 0 < cfg.max_prune_ratio < 1:
         raise ConfigError(f"--max-prune-ratio must be in (0, 1), got {cfg.max_prune_ratio}.")
-    _prune_config(cfg, profile)  # the method and its knobs are valid before any model loads
+    prune_cfg = _prune_config(cfg, profile)  # the method and its knobs are valid before any model loads
     for runtime in profile.runtimes:
         check_runtime_available(runtime)
     model_path = resolve_model_path(cfg.model)
+    # the budget's floor, from the config alone: an impossible budget fails before any weight is read
+    check_feasible(skeleton(load_config(model_path, trust_remote_code=cfg.trust_remote_code)), profile, prune_cfg)
     if cfg.calib.source is not None:
         read_text(cfg.calib.source)  # fail on a bad calibration file before loading the model
     if cfg.eval.source is not None:
@@ -183,7 +186,7 @@ def _run_stages(cfg: RunConfig, profile: DeviceProfile, out: Path, model_path: P
             **{name: asdict(spec) for name, spec in SCHEME_TABLE.items()},
         },
         versions=package_versions(),
-        code=source_digest("pipeline"),
+        code=source_digest("core", "pipeline"),
     )
     t0 = time.perf_counter()
     fresh = None if cfg.force else is_fresh(out, "prune", prune_key)
@@ -197,7 +200,7 @@ def _run_stages(cfg: RunConfig, profile: DeviceProfile, out: Path, model_path: P
     artifacts: dict[Runtime, Path] = {}
     export_cfg = _export_config(profile)
     model = _load_pruned(out)
-    export_code = source_digest("exporters")
+    export_code = source_digest("core", "exporters")
     for runtime in tqdm(profile.runtimes, desc="export", unit="runtime", disable=None):
         exporter = get_exporter(runtime)
         rt_cfg = runtime_export_config(export_cfg, profile, runtime)

@@ -40,6 +40,13 @@ class LayerShape:
     num_kv_heads: int
     head_dim: int
     intermediate_size: int
+    # positions a sliding-window layer attends to (None: every position, a full-attention layer)
+    window: int | None = None
+
+    def positions(self, context: int, windowed: bool) -> int:
+        """Positions of the KV cache this layer holds at ``context``: a sliding-window layer holds
+        its window where the runtime's cache drops what falls out of it (``windowed``)."""
+        return min(context, self.window) if windowed and self.window else context
 
 
 @dataclass(frozen=True)
@@ -80,15 +87,27 @@ def _n(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def layer_shape(layer: Any, hd: int) -> LayerShape:
+def layer_shape(layer: Any, hd: int, window: int | None = None) -> LayerShape:
     n_q, n_kv = attention_heads(layer.self_attn, hd)
-    return LayerShape(_n(layer), n_q, n_kv, hd, mlp_width(layer.mlp))
+    return LayerShape(_n(layer), n_q, n_kv, hd, mlp_width(layer.mlp), window)
+
+
+def layer_windows(config: Any, num_layers: int) -> list[int | None]:
+    """Each block's attention window from the config's per-layer types (Gemma 2/3: most layers
+    ``sliding_attention`` over ``sliding_window`` positions); None for full attention."""
+    types = getattr(config, "layer_types", None)
+    window = getattr(config, "sliding_window", None)
+    if not types or not window:
+        return [None] * num_layers
+    return [int(window) if t == "sliding_attention" else None for t in types[:num_layers]]
 
 
 def model_shape(model: Any) -> ModelShape:
     cfg = model.config
     hd = head_dim(cfg)
-    layers = tuple(layer_shape(layer, hd) for layer in decoder_layers(model))
+    blocks = decoder_layers(model)
+    windows = layer_windows(cfg, len(blocks))
+    layers = tuple(layer_shape(layer, hd, w) for layer, w in zip(blocks, windows, strict=True))
     embed = model.get_input_embeddings()
     head = model.get_output_embeddings()
     tied = head is not None and head.weight is embed.weight
@@ -184,21 +203,29 @@ def weights_bytes(shape: ModelShape, runtime: Runtime, precision: str, scheme: s
     return weight_terms(shape, runtime, precision, scheme).total
 
 
-def kv_cache_bytes(shape: ModelShape, context: int, batch: int, precision: str) -> int:
-    per_token = sum(2 * layer.num_kv_heads * layer.head_dim for layer in shape.layers)
-    return per_token * context * batch * BYTES_PER_ELEMENT[precision]
+def kv_cache_bytes(shape: ModelShape, context: int, batch: int, precision: str, windowed: bool = False) -> int:
+    """Keys and values of every layer at ``context`` positions; with ``windowed`` a sliding-window
+    layer holds only its window (onnxruntime's past/present: transformers' sliding cache layer
+    drops what falls out of the window)."""
+    per_batch = sum(
+        2 * layer.num_kv_heads * layer.head_dim * layer.positions(context, windowed) for layer in shape.layers
+    )
+    return per_batch * batch * BYTES_PER_ELEMENT[precision]
 
 
 def kv_cache_not_held_mib(shape: ModelShape, profile: DeviceProfile, runtime: Runtime, tokens_run: int) -> float:
     """The part of the context's KV cache a validation run of ``tokens_run`` tokens did not hold:
     none for a preallocated cache, the remaining positions for a growing one."""
-    if RUNTIME_TABLE[runtime].kv_preallocated:
+    spec = RUNTIME_TABLE[runtime]
+    if spec.kv_preallocated:
         return 0.0
-    rest = max(0, profile.context_length - tokens_run)
-    return kv_cache_bytes(shape, rest, profile.batch_size, profile.precision) / MIB
+    full = kv_cache_bytes(shape, profile.context_length, profile.batch_size, profile.precision, spec.kv_windowed)
+    held = kv_cache_bytes(shape, min(tokens_run, profile.context_length), profile.batch_size, profile.precision,
+                          spec.kv_windowed)  # fmt: skip
+    return (full - held) / MIB
 
 
-def activation_bytes(shape: ModelShape, tokens: int, context: int, batch: int) -> int:
+def activation_bytes(shape: ModelShape, tokens: int, context: int, batch: int, windowed: bool = False) -> int:
     """Working set of one prefill chunk of ``tokens`` attending over up to ``context`` positions.
 
     Activations stay fp32 on CPU runtimes. Layers run one after another, so the peak is the
@@ -209,7 +236,7 @@ def activation_bytes(shape: ModelShape, tokens: int, context: int, batch: int) -
     widest = 0
     for layer in shape.layers:
         qkv = bt * (layer.num_heads + 2 * layer.num_kv_heads) * layer.head_dim
-        scores = 2 * batch * layer.num_heads * tokens * context  # scores + softmax output
+        scores = 2 * batch * layer.num_heads * tokens * layer.positions(context, windowed)  # scores + softmax
         mlp = 3 * bt * layer.intermediate_size  # gate, up, act*up
         widest = max(widest, qkv + scores, mlp)
     logits = bt * shape.vocab_size
@@ -222,14 +249,18 @@ def estimate(shape: ModelShape, profile: DeviceProfile, runtime: Runtime) -> Mem
     says how much that left on disk)."""
     scheme = profile.quantize.get(runtime)
     cost = runtime_cost(runtime, scheme)
+    windowed = RUNTIME_TABLE[runtime].kv_windowed
     terms = weight_terms(shape, runtime, profile.precision, scheme)
     gemm_mib, head_mib = terms.blocks / MIB, terms.head_read / MIB
     overhead = library_mib(profile, runtime) + cost.loaded_overhead_mib(gemm_mib, head_mib)
     return MemoryEstimate(
         runtime=runtime,
         weights_mib=terms.resident / MIB,
-        kv_cache_mib=kv_cache_bytes(shape, profile.context_length, profile.batch_size, profile.precision) / MIB,
-        activations_mib=activation_bytes(shape, profile.prefill_tokens, profile.context_length, profile.batch_size)
+        kv_cache_mib=kv_cache_bytes(shape, profile.context_length, profile.batch_size, profile.precision, windowed)
+        / MIB,
+        activations_mib=activation_bytes(
+            shape, profile.prefill_tokens, profile.context_length, profile.batch_size, windowed
+        )
         / MIB,
         overhead_mib=overhead,
         budget_mib=float(profile.memory_budget_mib),

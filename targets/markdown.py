@@ -77,6 +77,12 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"{_f(r['predicted_model_peak_mib'])} | {r['prediction_error']:+.1%} | {_f(r['projected_peak_mib'])} | "
             f"{r['max_abs_logit_diff']:.2e} | {_tokens(g)} |"
         )
+    for k in val.get("killed", []):  # a run the kernel killed at its limit: a row saying so, not silence
+        lines.append(
+            f"| {k['runtime']} | {k['artifact']} | {_f(k['size_mib'])} | killed | | | more than its "
+            f"{_f(k['model_share_mib'])} share (cgroup limit {_f(k['cgroup_limit_mib'])}) | "
+            f"{_f(k['predicted_model_peak_mib'])} | | | | not checked |"
+        )
     lines += _device_runs(report.get("device_runs", []))
     ppl = val.get("perplexity", {})
     if ppl:

@@ -299,14 +299,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-only", action="store_true", help="only report the perplexity of --eval-inputs")
     ap.add_argument("--top1-out", type=Path, help=".npy: with --eval-only, the top-1 token at every scored position")
     ap.add_argument("--probe", action="store_true", help="only import the runtime and report the host's RSS")
+    ap.add_argument("--result-out", type=Path, help="write the result JSON here (default: the last stdout line)")
     args = ap.parse_args(argv)
+
+    def emit(result: dict[str, Any]) -> None:
+        _emit(result, args.result_out)
+
     if args.probe:
         try:
             RUNTIMES[args.runtime](args.artifact, args.threads, args.chunk)
         except ImportError as exc:
-            print(json.dumps({"error": "runtime_missing", "message": str(exc)}))
+            emit({"error": "runtime_missing", "message": str(exc)})
             return 3
-        print(json.dumps({"baseline_rss_mib": current_rss_bytes() / MIB}))
+        emit({"baseline_rss_mib": current_rss_bytes() / MIB})
         return 0
     try:
         if args.eval_only:
@@ -325,13 +330,25 @@ def main(argv: list[str] | None = None) -> int:
                 args.chunk,
             )
     except ImportError as exc:
-        print(json.dumps({"error": "runtime_missing", "message": str(exc)}))
+        emit({"error": "runtime_missing", "message": str(exc)})
         return 3
     except StaleArtifactError as exc:
-        print(json.dumps({"error": "stale_artifact", "message": str(exc)}))
+        emit({"error": "stale_artifact", "message": str(exc)})
         return 4
-    print(json.dumps(result))
+    emit(result)
     return 0
+
+
+def _emit(result: dict[str, Any], path: Path | None) -> None:
+    """The result as JSON: into ``path`` (written to a temp name, then renamed, so a reader never
+    sees half of it), or as the last stdout line (the device scripts capture stdout)."""
+    text = json.dumps(result)
+    if path is None:
+        print(text)
+        return
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 if __name__ == "__main__":

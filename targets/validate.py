@@ -8,7 +8,6 @@ them; the caller raises :class:`GateError` naming each failed gate and by how mu
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import subprocess
@@ -22,11 +21,12 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from core.errors import ExportError, GateError, RuntimeMissingError
+from core.errors import GateError
 from exporters.base import artifact_files, artifact_size_bytes
 from targets import confine
 from targets.budget import MemoryEstimate, estimate, kv_cache_not_held_mib, library_mib, model_shape
 from targets.gates import Gate, fp32_gates, killed_gates, memory_gate, perplexity_gate, quantized_gates
+from targets.measurement import EvalResult, ProbeResult, RunMeasurement, read_result
 from targets.profile import DeviceProfile, Runtime
 
 log = logging.getLogger(__name__)
@@ -56,11 +56,27 @@ class RuntimeReport:
 
 
 @dataclass
+class KilledRun:
+    """An artifact's run the kernel killed at its cgroup limit: the model needed more than its share.
+    ``cgroup_limit_mib`` is the limit as the cgroup counted it (host interpreter and library charge +
+    the model's share + slack); ``model_share_mib`` the budget's part the model itself could use."""
+
+    runtime: str
+    artifact: str
+    size_mib: float
+    model_share_mib: float
+    cgroup_limit_mib: float
+    predicted_model_peak_mib: float
+
+
+@dataclass
 class ValidationReport:
     profile: str
     runtimes: list[RuntimeReport] = field(default_factory=list)
     gates: list[Gate] = field(default_factory=list)
     perplexity: dict[str, float] = field(default_factory=dict)
+    # runs the kernel killed at their memory limit: no measured row, this says what they were held to
+    killed: list[KilledRun] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
@@ -87,18 +103,6 @@ def _runner_cmd(
         "--inputs", str(ids), "--logits-out", str(logits), "--threads", str(threads),
         "--new-tokens", str(new_tokens), "--chunk", str(chunk), *extra,
     ]  # fmt: skip
-
-
-def _last_json(stdout: str) -> dict[str, Any]:
-    lines = [ln for ln in stdout.splitlines() if ln.startswith("{")]
-    return json.loads(lines[-1]) if lines else {}
-
-
-def _check_missing(runtime: Runtime, result: dict[str, Any]) -> None:
-    if result.get("error") == "runtime_missing":
-        raise RuntimeMissingError(f"Runtime '{runtime}' is not installed: {result['message']}. Run `make setup`.")
-    if result.get("error") == "stale_artifact":
-        raise ExportError(result["message"])
 
 
 @dataclass
@@ -217,6 +221,8 @@ def run_artifact(
     ids_path, logits_path = work_dir / f"{runtime}_inputs.npy", work_dir / f"{runtime}_generation.npz"
     np.save(ids_path, inputs.astype(np.int64), allow_pickle=False)
     cmd = _runner_cmd(runtime, artifact, ids_path, logits_path, threads, new_tokens, chunk)
+    result_path = work_dir / f"{runtime}_result.json"
+    result_path.unlink(missing_ok=True)  # never read a previous run's result
     confined = model_limit_mib is not None and confine.available()[0]
     if confined:
         assert model_limit_mib is not None
@@ -226,41 +232,43 @@ def run_artifact(
         # sees the cache as the real run will; a cold probe would be charged for reading them and
         # inflate the limit by their size.
         _evict_from_page_cache(artifact)
+        probe_path = work_dir / f"{runtime}_probe.json"
         for _ in range(2):
-            probe = confine.run_confined([*cmd, "--probe"], HOST_PROBE_LIMIT_MIB)
-            _check_missing(runtime, _last_json(probe.stdout))
+            probe_path.unlink(missing_ok=True)
+            probe = confine.run_confined([*cmd, "--probe", "--result-out", str(probe_path)], HOST_PROBE_LIMIT_MIB)
+            read_result(probe_path, ProbeResult, runtime, probe.returncode, probe.stderr or probe.stdout)
         limit = probe.peak_mib + model_limit_mib + CGROUP_SLACK_MIB
-        run = confine.run_confined(cmd, limit)
+        run = confine.run_confined([*cmd, "--result-out", str(result_path)], limit)
         returncode, stdout, stderr = run.returncode, run.stdout, run.stderr
         extra = {"confined": True, "cgroup_limit_mib": limit, "cgroup_peak_mib": run.peak_mib}
         if run.oom_killed:
             return {**extra, "oom_killed": True, "model_limit_mib": model_limit_mib}, None
     else:
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        proc = subprocess.run([*cmd, "--result-out", str(result_path)], capture_output=True, text=True, check=False)
         returncode, stdout, stderr = proc.returncode, proc.stdout, proc.stderr
         extra = {"confined": False}
-    result = _last_json(stdout)
-    _check_missing(runtime, result)
-    if returncode != 0 or not result:
-        tail = (stderr or stdout)[-3000:]
-        raise GateError(f"Running {artifact} in {runtime} failed (exit {returncode}):\n{tail}")
+    measurement = read_result(result_path, RunMeasurement, runtime, returncode, stderr or stdout)
+    if returncode != 0:
+        raise GateError(f"Running {artifact} in {runtime} failed (exit {returncode}):\n{(stderr or stdout)[-3000:]}")
+    result: dict[str, Any] = measurement.model_dump()
     with np.load(logits_path, allow_pickle=False) as data:
         generation = Generation(data["prefill"], data["steps"], data["tokens"])
     if eval_windows is not None:  # a second, unconfined run: scoring text is not the measured workload
         eval_path, top1_path = work_dir / f"{runtime}_eval.npy", work_dir / f"{runtime}_eval_top1.npy"
         np.save(eval_path, eval_windows.astype(np.int64), allow_pickle=False)
+        eval_result = work_dir / f"{runtime}_eval.json"
+        eval_result.unlink(missing_ok=True)
         proc = subprocess.run(
-            [*cmd, "--eval-only", "--eval-inputs", str(eval_path), "--top1-out", str(top1_path)],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        scored = _last_json(proc.stdout)
-        if proc.returncode != 0 or "perplexity" not in scored:
+            [*cmd, "--eval-only", "--eval-inputs", str(eval_path), "--top1-out", str(top1_path),
+             "--result-out", str(eval_result)],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        scored = read_result(eval_result, EvalResult, runtime, proc.returncode, proc.stderr or proc.stdout)
+        if proc.returncode != 0:
             raise GateError(
                 f"Scoring text with {artifact} in {runtime} failed:\n{(proc.stderr or proc.stdout)[-3000:]}"
             )
-        result |= scored
+        result |= scored.model_dump()
         generation.eval_top1 = np.load(top1_path, allow_pickle=False)
     return {**result, **extra, "oom_killed": False}, generation
 
@@ -310,7 +318,11 @@ def validate(
         )
         if "perplexity" in measured:
             report.perplexity[f"exported[{runtime}]"] = measured["perplexity"]
-        if got is None:  # killed by the kernel at the budget: gates say so; no measured row
+        if got is None:  # killed by the kernel at the budget: gates say so; the report a row
+            report.killed.append(
+                KilledRun(runtime, path.name, artifact_size_bytes(path) / 2**20, model_share,
+                          float(measured["cgroup_limit_mib"]), pred.total_mib - kv_rest - lib)
+            )  # fmt: skip
             report.gates += killed_gates(
                 profile,
                 runtime,

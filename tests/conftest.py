@@ -39,10 +39,18 @@ TINY_CONFIGS: dict[str, dict] = {
 
 
 # Wider tiny shapes, one place for every test that needs room to prune (named by what they are for).
-PRUNE_WIDE = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4)
-GQA_WIDE = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4)
-ENFORCE_WIDE = dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=4)
-QUANT_WIDE = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2)
+PRUNE_WIDE = dict(
+    hidden_size=256, intermediate_size=768, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4
+)
+GQA_WIDE = dict(
+    hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4
+)
+ENFORCE_WIDE = dict(
+    hidden_size=512, intermediate_size=2048, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=4
+)
+QUANT_WIDE = dict(
+    hidden_size=256, intermediate_size=1024, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2
+)
 
 
 def tiny_model(arch: str = "llama", seed: int = 0, **overrides: object) -> torch.nn.Module:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from core.errors import BudgetError, CalibrationError, ModelLoadError, ProfileError
+from core.errors import BudgetError, CalibrationError, ConfigError, ModelLoadError, ProfileError
 from pipeline import cli
 
 
@@ -145,3 +145,59 @@ def test_context_longer_than_model_supports(tmp_path: Path, make_model_dir, caps
     assert code == 2
     err = capsys.readouterr().err
     assert "context_length 1024" in err and "at most 256" in err
+
+
+def test_out_folder_named_like_the_target_is_not_a_profile(tmp_path: Path) -> None:
+    """Issue 21.1: run from a folder, --out <folder>/android; creating OUT (for the log) made a
+    directory named like the target, and the second resolution took it for a profile file."""
+    from targets.profile import resolve_profile_path
+
+    r = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "export", "--target", "android", "--model", str(tmp_path / "nope"),
+         "--out", str(tmp_path / "android")],
+        capture_output=True, text=True, check=False, cwd=tmp_path,
+    )  # fmt: skip
+    assert (tmp_path / "android" / "prunefit.log").is_file()  # OUT was created before the run went on
+    assert r.returncode == ModelLoadError.exit_code, r.stderr  # the model is what is wrong, not the profile
+    assert "ProfileError" not in r.stderr
+    (tmp_path / "rpi5").mkdir()
+    here = Path.cwd()
+    try:
+        import os
+
+        os.chdir(tmp_path)
+        assert resolve_profile_path("rpi5").name == "rpi5.yaml"  # the shipped profile, not ./rpi5
+    finally:
+        os.chdir(here)
+
+
+def test_unknown_pruning_knob_fails_before_the_model_loads(tmp_path: Path) -> None:
+    r = run_cli("export", "--target", "android", "--prune-set", "shortlist=3", "--model", str(tmp_path / "nope"),
+                "--out", str(tmp_path / "o"))  # fmt: skip
+    assert r.returncode == ConfigError.exit_code, r.stderr
+    assert "unknown key 'shortlist' for method 'comp'" in r.stderr and "min_keep_ratio" in r.stderr
+    r = run_cli("export", "--target", "android", "--prune-set", "ridge", "--out", str(tmp_path / "o"))
+    assert r.returncode == ConfigError.exit_code and "KEY=VALUE" in r.stderr
+
+
+def test_infeasible_budget_is_found_from_the_config_alone(tmp_path: Path, make_model_dir) -> None:
+    """Issue 21.2: the floor comes from shapes before any weight is read (the weights here are gone),
+    and the advice names only levers that reach the budget, with the smallest budget that fits."""
+    from tests.pipeline.test_pipeline import write_profile
+
+    d = make_model_dir("llama", num_hidden_layers=8, hidden_size=256, intermediate_size=1024)
+    (d / "model.safetensors").unlink()  # nothing to read but config.json and the tokenizer
+    common = {"memory_budget_mib": 12, "runtime_overhead_mib": {"executorch": 0.0, "onnxruntime": 0.0}}
+    profile = write_profile(tmp_path, "small", **common, pruning={"method": "comp", "headroom_mib": 0.0})
+    r = run_cli("export", "--target", str(profile), "--model", str(d), "--out", str(tmp_path / "o"))
+    assert r.returncode == BudgetError.exit_code, r.stderr
+    msg = r.stderr
+    assert "Budget infeasible" in msg and "MiB over the 12 MiB budget" in msg
+    assert "memory_budget_mib: " in msg and "Nothing was pruned or exported" in msg
+    assert "max_removed_layer_ratio: 0.9" not in msg  # comp keeps every block: that lever moves nothing
+    assert "quantize: {" in msg  # int8 weights would reach it here: offered, with the MiB they save
+    assert not list((tmp_path / "o").glob("*.safetensors")) and not (tmp_path / "o" / "profile.yaml").exists()
+    # depth removes blocks: there the lever is offered when it reaches the budget
+    profile = write_profile(tmp_path, "deep", **common, pruning={"method": "depth", "max_removed_layer_ratio": 0.1})
+    r = run_cli("export", "--target", str(profile), "--model", str(d), "--out", str(tmp_path / "o2"))
+    assert r.returncode == BudgetError.exit_code and "(max_removed_layer_ratio=0.1)" in r.stderr

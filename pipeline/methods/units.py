@@ -78,7 +78,7 @@ def narrowed(layer: LayerShape, hidden: int, drop_channels: int, drop_groups: in
     params -= drop_groups * kv_group_params(hidden, rep, layer.head_dim)
     return LayerShape(
         params, layer.num_heads - drop_groups * rep, layer.num_kv_heads - drop_groups, layer.head_dim,
-        layer.intermediate_size - drop_channels,
+        layer.intermediate_size - drop_channels, layer.window,
     )  # fmt: skip
 
 

@@ -91,7 +91,7 @@ def test_onnx_dynamic_batch(tmp_path: Path) -> None:
 
 
 def kv_layout_heads(model: torch.nn.Module) -> list[int]:
-    from exporters.cache import kv_layout
+    from exporters.kv_cache import kv_layout
 
     return list(kv_layout(model).kv_heads)
 
@@ -129,3 +129,28 @@ def test_ort_format_for_ort_mobile(tmp_path: Path) -> None:
     assert out["artifact"].path.name == "model.ort"
     assert (tmp_path / "model.onnx").is_file() and (tmp_path / "model.required_operators.config").is_file()
     assert "MatMul" in (tmp_path / "model.required_operators.config").read_text()
+
+
+def test_onnx_sliding_layers_present_only_their_window(tmp_path: Path) -> None:
+    """What the memory model counts for onnxruntime (targets.budget, windowed KV cache) is what the
+    graph holds: after a 40-token prompt, a sliding layer's present is its window, a full one 40."""
+    import numpy as np
+    import onnxruntime as ort
+
+    types = ["sliding_attention", "full_attention", "sliding_attention", "sliding_attention"]
+    model = tiny_model("gemma3_text", layer_types=types)  # sliding_window 16
+    art = get_exporter("onnxruntime").export(model, ExportConfig(seq_len=8), tmp_path)
+    sess = ort.InferenceSession(str(art.path), providers=["CPUExecutionProvider"])
+    n = 40
+    feeds: dict[str, np.ndarray] = {
+        "input_ids": np.random.default_rng(0).integers(0, 512, (1, n)).astype(np.int64),
+        "attention_mask": np.ones((1, n), dtype=np.int64),
+        "position_ids": np.arange(n, dtype=np.int64)[None],
+    }
+    for i in range(4):
+        for kv in ("key", "value"):
+            feeds[f"past_key_values.{i}.{kv}"] = np.zeros((1, 2, 0, 16), dtype=np.float32)
+    names = [o.name for o in sess.get_outputs()]
+    out = dict(zip(names, sess.run(None, feeds), strict=True))
+    lengths = [out[f"present.{i}.key"].shape[2] for i in range(4)]
+    assert lengths[1] == n and all(length < 16 for k, length in enumerate(lengths) if k != 1), lengths

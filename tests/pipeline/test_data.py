@@ -67,3 +67,35 @@ def test_first_windows_too_short(tokenizer) -> None:
         first_windows("tiny text", tokenizer, 4, 512, where="eval")
     with pytest.raises(CalibrationError, match="num_samples"):
         DataConfig(num_samples=0)
+
+
+def bos_tokenizer(tokenizer):
+    """The tiny tokenizer with Gemma's convention: a <bos> token prepended to every text."""
+    from tokenizers import Tokenizer, processors
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    tok.add_special_tokens(["<bos>"])
+    bos = tok.token_to_id("<bos>")
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", bos)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<eos>")
+
+
+def test_windows_follow_the_tokenizers_bos_convention(tokenizer) -> None:
+    from pipeline.data import bos_token_id, generate_samples
+
+    text = "the quick brown fox jumps over the lazy dog. " * 300
+    bos_tok = bos_tokenizer(tokenizer)
+    bos = bos_token_id(bos_tok)
+    assert bos is not None and bos_token_id(tokenizer) is None  # the plain tiny tokenizer adds none
+    for windows in (
+        tokenize_windows(text, bos_tok, 4, 32, seed=0, where="t"),
+        first_windows(text, bos_tok, 4, 32, where="t"),
+        generate_samples(tiny_model("gemma3_text", vocab_size=len(bos_tok)), bos_tok, 3, 16, seed=0),
+    ):
+        assert (windows[:, 0] == bos).all() and windows.shape[1] in (32, 16)
+        assert (windows[:, 1:] != bos).all()  # one BOS per window, leading it
+    # the text after the BOS is the text's own tokens, in order: the same stream without a BOS tokenizer
+    plain = first_windows(text, tokenizer, 4, 32, where="t")
+    assert torch.equal(first_windows(text, bos_tok, 4, 32, where="t")[0, 1:], plain.flatten()[:31])
+    assert not (plain[:, 0] == bos).all()

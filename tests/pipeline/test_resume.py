@@ -78,7 +78,7 @@ def test_kill9_then_rerun_equals_uninterrupted(
 
 def test_source_digest_moves_with_the_code_only(tmp_path: Path) -> None:
     """A stage's key holds its package's source: an edit to it redoes the stage, an edit elsewhere does not."""
-    from pipeline.cache import source_digest
+    from pipeline.manifest import source_digest
 
     (tmp_path / "exporters" / "sub").mkdir(parents=True)
     (tmp_path / "other").mkdir()

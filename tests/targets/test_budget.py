@@ -102,3 +102,25 @@ def test_mapped_embedding_that_is_only_gathered_is_not_resident() -> None:
     assert terms.head == pytest.approx(512 * 64 * (1 + 4 / 32)) == terms.head_read
     assert runtime_cost("onnxruntime", "int8w") is not runtime_cost("onnxruntime")
     assert runtime_cost("executorch", "8da8w") is RUNTIME_TABLE["executorch"].cost
+
+
+def test_sliding_window_layers_hold_their_window_where_the_runtime_drops_the_rest() -> None:
+    """Issue 21.4: Gemma's sliding layers only ever hold ``sliding_window`` positions in onnxruntime's
+    past/present; ExecuTorch's static cache is full length for every layer."""
+    types = ["sliding_attention", "full_attention", "sliding_attention", "sliding_attention"]
+    s = model_shape(tiny_model("gemma3_text", layer_types=types))  # sliding_window 16
+    assert [layer.window for layer in s.layers] == [16, None, 16, 16]
+    per_position = 2 * 2 * 16 * 4  # K and V x 2 KV heads x head_dim 16 x 4 bytes
+    assert kv_cache_bytes(s, 256, 1, "fp32", windowed=True) == per_position * (3 * 16 + 256)
+    assert kv_cache_bytes(s, 256, 1, "fp32") == per_position * 4 * 256
+    p = load_profile("android")  # context 1024
+    ort, et = estimate(s, p, "onnxruntime"), estimate(s, p, "executorch")
+    assert ort.kv_cache_mib == pytest.approx(per_position * (3 * 16 + 1024) / MIB)
+    assert et.kv_cache_mib == pytest.approx(per_position * 4 * 1024 / MIB)
+    # a validation run of 40 tokens already holds the sliding layers' whole window
+    from targets.budget import kv_cache_not_held_mib
+
+    assert kv_cache_not_held_mib(s, p, "onnxruntime", 40) == pytest.approx(per_position * (1024 - 40) / MIB)
+    assert kv_cache_not_held_mib(s, p, "executorch", 40) == 0.0
+    # a llama has no sliding layers: nothing changes
+    assert all(layer.window is None for layer in model_shape(tiny_model("llama")).layers)

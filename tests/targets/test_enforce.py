@@ -44,6 +44,19 @@ def test_over_budget_run_is_killed_and_reported(exported, tmp_path: Path) -> Non
     assert not mem.passed and "killed by the kernel" in mem.detail
     assert report.runtimes == []  # no measured row for a run that did not finish
     assert not report.passed
+    # issue 21.6: the gate's value is what the run needed at least (its share, the slack, the rest of
+    # the budget: more than the budget), the report has a row for it, and the gates it could not
+    # check say so with no threshold
+    assert mem.value > 4 and mem.threshold == 4.0
+    (killed,) = report.killed
+    assert killed.runtime == "onnxruntime" and killed.model_share_mib < 4 < killed.cgroup_limit_mib
+    for g in report.gates:
+        if g.name != "memory[onnxruntime]":
+            assert g.threshold is None and "not checked" in g.detail
+    from targets.markdown import render_markdown
+
+    row = next(line for line in render_markdown(_minimal_report(report)).splitlines() if "killed" in line)
+    assert "onnxruntime" in row and "cgroup limit" in row
 
 
 def test_within_budget_run_is_confined_and_passes(exported, tmp_path: Path) -> None:
@@ -55,3 +68,12 @@ def test_within_budget_run_is_confined_and_passes(exported, tmp_path: Path) -> N
     assert rt.measured["confined"] and not rt.measured["oom_killed"]
     assert rt.measured["cgroup_peak_mib"] <= rt.measured["cgroup_limit_mib"]
     assert report.passed, [g.detail for g in report.gates if not g.passed]
+
+
+def _minimal_report(report) -> dict:
+    """The report.json content markdown renders, around a validation report."""
+    plan = {"method": "depth", "steps": [], "removed_layers": [], "kept_layers": [0], "params_before": 1,
+            "params_after": 1, "wall_s": 0.0, "before": {"per_runtime": []}, "after": {"per_runtime": []}}
+    prof = {"name": "t", "device": "t", "cpu": {"arch": "x86_64", "features": []}, "ram_mib": 1, "memory_budget_mib": 4,
+            "context_length": 64, "prefill_tokens": 16, "batch_size": 1, "threads": 1, "precision": "fp32"}
+    return {"profile": prof, "prune": plan, "validation": report.to_dict(), "model": "tiny", "stages": {}}

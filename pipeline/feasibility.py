@@ -1,0 +1,100 @@
+"""Can the budget be met at all? Checked from shapes alone, before any weight is read.
+
+The most pruning a method allows gives the smallest model it can produce (its floor). If the
+memory model says even that does not fit the profile, the run stops with a BudgetError that says by
+how much, names the levers that *would* reach the budget (each with the MiB it saves), and the
+smallest budget at which the floor fits. A lever that cannot reach it is not offered: for a method
+that keeps every block (``comp``), allowing more block removal moves nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from core.errors import BudgetError
+from core.methods import MethodConfig, method_config, method_spec
+from core.schemes import SCHEME_TABLE, schemes_for
+from pipeline.methods import build_pruner
+from targets.budget import MemoryEstimate, ModelShape, estimate_all, model_shape, worst
+from targets.profile import DeviceProfile
+
+MOST_BLOCK_REMOVAL = 0.9  # the lever "remove more blocks", evaluated at this max_removed_layer_ratio
+
+
+def floor_estimate(model: Any, shape: ModelShape, profile: DeviceProfile, cfg: MethodConfig) -> MemoryEstimate:
+    """The worst runtime's prediction for the smallest model ``cfg``'s method may produce."""
+    return worst(estimate_all(build_pruner(cfg).most_pruned_shape(model, shape), profile))
+
+
+def check_feasible(model: Any, profile: DeviceProfile, cfg: MethodConfig, shape: ModelShape | None = None) -> None:
+    """BudgetError when even the most pruning ``cfg`` allows cannot fit ``profile``. ``model`` may be
+    a meta-device skeleton (:func:`pipeline.model.skeleton`): only shapes are read."""
+    if cfg.target_decoder_ratio is not None:
+        return  # a ratio target ignores the budget
+    shape = shape or model_shape(model)
+    target = profile.memory_budget_mib - profile.pruning.headroom_mib
+    floor = floor_estimate(model, shape, profile, cfg)
+    if floor.total_mib <= target:
+        return
+    over = floor.total_mib - target
+    levers = [
+        f"{text} ({saved:.1f} MiB less)" for text, saved in _levers(model, shape, profile, cfg, floor) if saved >= over
+    ]
+    smallest = math.ceil(floor.total_mib + profile.pruning.headroom_mib)
+    headroom = f" less {profile.pruning.headroom_mib:g} MiB headroom" if profile.pruning.headroom_mib else ""
+    reach = (
+        "Levers that reach it: " + "; ".join(levers) + "."
+        if levers
+        else "No single change of the profile reaches it (context, prefill, quantization, block removal); "
+        "pick a smaller model."
+    )
+    raise BudgetError(
+        f"Budget infeasible for profile '{profile.name}': even the most pruning {cfg.method} allows "
+        f"(max_removed_layer_ratio={cfg.max_removed_layer_ratio}) needs {floor.total_mib:.1f} MiB on "
+        f"{floor.runtime} (weights {floor.weights_mib:.1f} + KV {floor.kv_cache_mib:.1f} + activations "
+        f"{floor.activations_mib:.1f} + overhead {floor.overhead_mib:.1f}), {over:.1f} MiB over the "
+        f"{floor.budget_mib:.0f} MiB budget{headroom}. {reach} The smallest budget at which this floor fits: "
+        f"memory_budget_mib: {smallest}. Nothing was pruned or exported."
+    )
+
+
+def _worst_floor(model: Any, shape: ModelShape, profile: DeviceProfile, cfg: MethodConfig) -> float:
+    return floor_estimate(model, shape, profile, cfg).total_mib
+
+
+def _levers(
+    model: Any, shape: ModelShape, profile: DeviceProfile, cfg: MethodConfig, floor: MemoryEstimate
+) -> list[tuple[str, float]]:
+    """(change, MiB it saves on the worst runtime's floor) for each lever the profile has."""
+    base = floor.total_mib
+    out: list[tuple[str, float]] = []
+
+    def saved(**update: Any) -> float:
+        return base - _worst_floor(model, shape, profile.model_copy(update=update), cfg)
+
+    # the smallest context at which the floor fits (KV cache and attention scores shrink with it)
+    lo, hi = profile.prefill_tokens + profile.decode_tokens, profile.context_length
+    if saved(context_length=lo) >= base - (profile.memory_budget_mib - profile.pruning.headroom_mib):
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if base - saved(context_length=mid) <= profile.memory_budget_mib - profile.pruning.headroom_mib:
+                lo = mid
+            else:
+                hi = mid
+        out.append((f"context_length: {lo}", saved(context_length=lo)))
+    # quantized weights on every runtime that runs fp32 today, with each runtime's smallest scheme
+    fp32 = [rt for rt in profile.runtimes if rt not in profile.quantize]
+    if fp32:
+        smallest = {rt: min(schemes_for(rt), key=lambda s: SCHEME_TABLE[s].weight_bytes) for rt in fp32}
+        change = ", ".join(f"{rt}: {s}" for rt, s in smallest.items())
+        out.append((f"quantize: {{{change}}}", saved(quantize={**profile.quantize, **smallest})))
+    # more whole blocks removed, where the method removes blocks at all
+    if method_spec(cfg.method).removes_blocks or bool(getattr(cfg, "blocks", False)):
+        more = method_config(
+            cfg.method, **{**cfg.model_dump(exclude={"method"}), "max_removed_layer_ratio": MOST_BLOCK_REMOVAL}
+        )
+        out.append(
+            (f"pruning.max_removed_layer_ratio: {MOST_BLOCK_REMOVAL}", base - _worst_floor(model, shape, profile, more))
+        )
+    return out
