@@ -45,6 +45,7 @@ from pipeline.prune import prune_to_budget
 from pipeline.rewrite import check_round_trip, load_pruned, save_model
 from targets.profile import DeviceProfile, Runtime, load_profile
 from targets.report import write_report
+from targets.results import Report
 from targets.validate import validate
 
 log = logging.getLogger(__name__)
@@ -281,24 +282,24 @@ def validate_and_report(
         eval_windows=tensors["evaluation"],
     )
     stages["validate"] = {"wall_s": time.perf_counter() - t0, "cached": False}
-    report = {
-        "model": str(model_path),
-        "eval_source": cfg.eval.source or "model-generated text (held-out seed)",
-        "calib_source": cfg.calib.source or "model-generated text",
-        "profile": profile.model_dump(),
-        "prune": result["plan"],
-        "validation": report_obj.to_dict(),
-        "stages": stages,
-        "versions": package_versions(),
-        "artifacts": {rt: p.name for rt, p in artifacts.items()} | {"pruned_model": "pruned_model"},
-    }
-    missing = [name for name in report["artifacts"].values() if not (out / name).exists()]
+    report = Report(
+        model=str(model_path),
+        eval_source=cfg.eval.source or "model-generated text (held-out seed)",
+        calib_source=cfg.calib.source or "model-generated text",
+        profile=profile.model_dump(),
+        prune=result["plan"],
+        validation=report_obj,
+        stages=stages,
+        versions=package_versions(),
+        artifacts={rt: p.name for rt, p in artifacts.items()} | {"pruned_model": "pruned_model"},
+    )
+    missing = [name for name in report.artifacts.values() if not (out / name).exists()]
     if missing:  # never publish a report that claims files which are not there
         raise ExportError(f"Artifacts {missing} are missing from {out}; rerun with --force.")
     write_report(out, report)
     log.info("report: %s", out / "report.md")
     report_obj.raise_if_failed()
-    return report
+    return report.model_dump()
 
 
 def validate_existing(out: Path, target: str | None = None) -> dict[str, Any]:

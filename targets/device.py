@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 
 from core.errors import ConfigError, PrunefitError
-from targets.report import write_report
+from targets.report import load_report, write_report
+from targets.results import DeviceRun
 
 
 def _load_json(path: Path) -> dict[str, Any]:
@@ -59,11 +60,7 @@ def merge(
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Add one device run to ``out_dir/report.json``; returns the entry written."""
-    report_path = out_dir / "report.json"
-    try:
-        report = json.loads(report_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"No readable report at {report_path} ({exc}); run `prunefit export` first.") from exc
+    report = load_report(out_dir)
     result = _load_json(result_path)
     if "error" in result:
         raise ConfigError(f"The device runner failed on {label}: {result.get('message', result['error'])}")
@@ -74,9 +71,8 @@ def merge(
         **compare_with_local(out_dir, runtime, generation_path),
         **(extra or {}),
     }
-    runs = [r for r in report.get("device_runs", []) if not (r["label"] == label and r["runtime"] == runtime)]
-    report["device_runs"] = [*runs, entry]
-    write_report(out_dir, report)
+    runs = [r for r in report.device_runs if not (r.label == label and r.runtime == runtime)]
+    write_report(out_dir, report.model_copy(update={"device_runs": [*runs, DeviceRun.model_validate(entry)]}))
     return entry
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from core.fsio import atomic_write_bytes, atomic_write_text
 from targets.markdown import DEVICE_HEADERS, device_run_rows
+from targets.results import Report
 
 
 def _png(fig: Any) -> bytes:
@@ -130,8 +131,9 @@ def _runtime_row(r: dict[str, Any]) -> list[Any]:
     ]
 
 
-def render_html(out_dir: Path, report: dict[str, Any]) -> str:
+def render_html(out_dir: Path, typed: Report) -> str:
     """The page; also writes each plot to ``out_dir/plots/<name>.png``."""
+    report = typed.model_dump()
     images = plots(out_dir, report)
     for name, data in images.items():
         atomic_write_bytes(out_dir / "plots" / f"{name}.png", data)
@@ -176,5 +178,5 @@ def render_html(out_dir: Path, report: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
-def write_html(out_dir: Path, report: dict[str, Any]) -> Path:
+def write_html(out_dir: Path, report: Report) -> Path:
     return atomic_write_text(out_dir / "report.html", render_html(out_dir, report))

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from targets.results import Report
+
 
 def _f(x: Any, nd: int = 1) -> str:
     return f"{x:.{nd}f}" if isinstance(x, (int, float)) else str(x)
 
 
-def render_markdown(report: dict[str, Any]) -> str:
+def render_markdown(typed: Report) -> str:
+    report = typed.model_dump()
     p, plan, val = report["profile"], report["prune"], report["validation"]
     lines = [
         f"# prunefit report: {p['name']}",

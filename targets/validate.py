@@ -12,7 +12,7 @@ import logging
 import os
 import subprocess
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +25,10 @@ from core.errors import GateError
 from exporters.base import artifact_files, artifact_size_bytes
 from targets import confine
 from targets.budget import MemoryEstimate, estimate, kv_cache_not_held_mib, library_mib, model_shape
-from targets.gates import Gate, fp32_gates, killed_gates, memory_gate, perplexity_gate, quantized_gates
+from targets.gates import fp32_gates, killed_gates, memory_gate, perplexity_gate, quantized_gates
 from targets.measurement import EvalResult, ProbeResult, RunMeasurement, read_result
 from targets.profile import DeviceProfile, Runtime
+from targets.results import KilledRun, RuntimeResult, ValidationResult
 
 log = logging.getLogger(__name__)
 HOST_PROBE_LIMIT_MIB = 8192.0  # generous: the probe only imports the runtime
@@ -37,62 +38,6 @@ HOST_PROBE_LIMIT_MIB = 8192.0  # generous: the probe only imports the runtime
 # run whose VmHWM was 763.1 MiB was killed at a limit 764 MiB above its host's charge. The limit gets
 # this slack; the gate itself stays on the measured resident peak.
 CGROUP_SLACK_MIB = 32.0
-
-
-@dataclass
-class RuntimeReport:
-    runtime: str
-    artifact: str
-    size_mib: float
-    measured: dict[str, Any]
-    predicted: dict[str, Any]
-    projected_peak_mib: float
-    predicted_model_peak_mib: float  # the part of the prediction the child process measures
-    prediction_error: float  # measured / predicted - 1
-    max_abs_logit_diff: float
-    argmax_agreement: float
-    kv_cache_not_held_mib: float = 0.0  # KV cache up to the context that the run did not hold
-    generation: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class KilledRun:
-    """An artifact's run the kernel killed at its cgroup limit: the model needed more than its share.
-    ``cgroup_limit_mib`` is the limit as the cgroup counted it (host interpreter and library charge +
-    the model's share + slack); ``model_share_mib`` the budget's part the model itself could use."""
-
-    runtime: str
-    artifact: str
-    size_mib: float
-    model_share_mib: float
-    cgroup_limit_mib: float
-    predicted_model_peak_mib: float
-
-
-@dataclass
-class ValidationReport:
-    profile: str
-    runtimes: list[RuntimeReport] = field(default_factory=list)
-    gates: list[Gate] = field(default_factory=list)
-    perplexity: dict[str, float] = field(default_factory=dict)
-    # runs the kernel killed at their memory limit: no measured row, this says what they were held to
-    killed: list[KilledRun] = field(default_factory=list)
-
-    @property
-    def passed(self) -> bool:
-        return all(g.passed for g in self.gates)
-
-    def failures(self) -> list[Gate]:
-        return [g for g in self.gates if not g.passed]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "passed": self.passed}
-
-    def raise_if_failed(self) -> None:
-        failed = self.failures()
-        if failed:
-            lines = "\n".join(f"  - {g.name}: {g.detail}" for g in failed)
-            raise GateError(f"Validation on profile '{self.profile}' failed {len(failed)} gate(s):\n{lines}")
 
 
 def _runner_cmd(
@@ -282,13 +227,13 @@ def validate(
     perplexity: dict[str, float],
     enforce: bool = True,
     eval_windows: torch.Tensor | None = None,
-) -> ValidationReport:
+) -> ValidationResult:
     """Run every artifact, compare with PyTorch, and evaluate all gates.
 
     With ``enforce`` (the default) each run is confined to the model's share of the budget in a
     memory cgroup where this machine allows it (see :func:`run_artifact`). With ``eval_windows``
     each artifact's own perplexity is measured too (``perplexity["exported[<runtime>]"]``)."""
-    report = ValidationReport(profile=profile.name, perplexity=perplexity)
+    report = ValidationResult(profile=profile.name, perplexity=perplexity)
     new_tokens = profile.decode_tokens
     reference = reference_generation(model, inputs, new_tokens)
     shape = model_shape(model)
@@ -320,8 +265,14 @@ def validate(
             report.perplexity[f"exported[{runtime}]"] = measured["perplexity"]
         if got is None:  # killed by the kernel at the budget: gates say so; the report a row
             report.killed.append(
-                KilledRun(runtime, path.name, artifact_size_bytes(path) / 2**20, model_share,
-                          float(measured["cgroup_limit_mib"]), pred.total_mib - kv_rest - lib)
+                KilledRun(
+                    runtime=runtime,
+                    artifact=path.name,
+                    size_mib=artifact_size_bytes(path) / 2**20,
+                    model_share_mib=model_share,
+                    cgroup_limit_mib=float(measured["cgroup_limit_mib"]),
+                    predicted_model_peak_mib=pred.total_mib - kv_rest - lib,
+                )
             )  # fmt: skip
             report.gates += killed_gates(
                 profile,
@@ -343,7 +294,7 @@ def validate(
             cmp["eval_top1_agreement"] = float((got.eval_top1 == ref_top1).mean())
         predicted_run = pred.total_mib - kv_rest - lib
         projected = measured["model_peak_mib"] + kv_rest + lib
-        rr = RuntimeReport(
+        rr = RuntimeResult(
             runtime=runtime,
             artifact=path.name,
             size_mib=artifact_size_bytes(path) / 2**20,

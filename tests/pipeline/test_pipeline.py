@@ -92,7 +92,7 @@ def test_prunes_exports_and_fits(run_cfg: RunConfig) -> None:
     ppl = val["perplexity"]
     assert 1.0 < ppl["dense"] < 1e4 and 1.0 < ppl["pruned"] < 1e4
     on_disk = json.loads((out / "report.json").read_text())
-    assert on_disk["schema_version"] == 1 and on_disk["validation"]["passed"]
+    assert on_disk["schema_version"] == 2 and on_disk["validation"]["passed"]
     md = (out / "report.md").read_text()
     assert "| memory[onnxruntime] | pass |" in md and "| memory[executorch] | pass |" in md
     pruned = AutoModelForCausalLM.from_pretrained(out / "pruned_model")

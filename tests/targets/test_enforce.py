@@ -70,10 +70,13 @@ def test_within_budget_run_is_confined_and_passes(exported, tmp_path: Path) -> N
     assert report.passed, [g.detail for g in report.gates if not g.passed]
 
 
-def _minimal_report(report) -> dict:
+def _minimal_report(report):
     """The report.json content markdown renders, around a validation report."""
     plan = {"method": "depth", "steps": [], "removed_layers": [], "kept_layers": [0], "params_before": 1,
             "params_after": 1, "wall_s": 0.0, "before": {"per_runtime": []}, "after": {"per_runtime": []}}
     prof = {"name": "t", "device": "t", "cpu": {"arch": "x86_64", "features": []}, "ram_mib": 1, "memory_budget_mib": 4,
             "context_length": 64, "prefill_tokens": 16, "batch_size": 1, "threads": 1, "precision": "fp32"}
-    return {"profile": prof, "prune": plan, "validation": report.to_dict(), "model": "tiny", "stages": {}}
+    from targets.results import Report
+
+    return Report(profile=prof, prune=plan, validation=report, model="tiny", eval_source="-", calib_source="-",
+                  stages={}, versions={}, artifacts={})  # fmt: skip
