@@ -13,9 +13,9 @@ import torch
 from exporters import get_exporter
 from exporters.base import ExportConfig
 from targets.profile import load_profile
+from targets.gates import quantized_gates
 from targets.validate import (
     Generation,
-    _quantized_gates,
     reference_generation,
     reference_top1,
     run_artifact,
@@ -60,9 +60,9 @@ def test_agreement_gate_says_where_it_was_measured() -> None:
     profile = load_profile("android-go")
     cmp = {"argmax_agreement": 0.70, "first_token_mismatch": 3, "max_abs_logit_diff": 2.0,
            "top1_agreement": 0.86, "top1_positions": 8240, "eval_top1_agreement": 0.862}  # fmt: skip
-    gate = _quantized_gates(profile, "executorch", "8da8w", cmp, {})[0]
+    gate = quantized_gates(profile, "executorch", "8da8w", cmp, {})[0]
     assert gate.passed and gate.value == 0.86
     assert "over 8240 positions (prompt 70.0%, evaluation text 86.2%)" in gate.detail
     prompt_only = {k: v for k, v in cmp.items() if not k.startswith(("top1", "eval"))}
-    gate = _quantized_gates(profile, "executorch", "8da8w", prompt_only, {})[0]
+    gate = quantized_gates(profile, "executorch", "8da8w", prompt_only, {})[0]
     assert not gate.passed and "over the prompt" in gate.detail
