@@ -12,8 +12,8 @@ import torch
 
 from exporters import get_exporter
 from exporters.base import ExportConfig
-from targets.profile import load_profile
 from targets.gates import quantized_gates
+from targets.profile import load_profile
 from targets.validate import (
     Generation,
     reference_generation,
