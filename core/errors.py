@@ -65,3 +65,10 @@ class OutputError(PrunefitError):
     """An artifact could not be written (disk full, I/O error); nothing half-written is left."""
 
     exit_code = 10
+
+
+class EmulationSkippedError(PrunefitError):
+    """Emulated validation was asked for but could not run (no qemu-user / arm64 root): nothing was
+    checked, which must not read as a pass."""
+
+    exit_code = 11

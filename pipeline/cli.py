@@ -116,7 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     em.add_argument("--out", type=Path, required=True, help="artifacts directory of an earlier `prunefit export`")
     em.add_argument("--target", default=None, help="profile (default: the one exported for)")
-    em.add_argument("--require", action="store_true", help="fail instead of skipping when qemu-user is missing")
+    em.add_argument(
+        "--allow-skip", action="store_true", help="exit 0 when qemu-user is missing (default: exit 11, nothing checked)"
+    )
+    em.add_argument("--require", action="store_true", help=argparse.SUPPRESS)  # the default now
     _add_common(em)
 
     rp = sub.add_parser("report", help="re-render report.md from the report.json of an earlier run")
@@ -273,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
             from targets.emulate import main as emulate_main
 
             argv = [str(args.out), *(["--target", args.target] if args.target else [])]
-            return emulate_main(argv + (["--require"] if args.require else []))
+            return emulate_main(argv + (["--allow-skip"] if args.allow_skip else []))
         if args.command == "report":
             from targets.report import rerender
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -187,6 +188,42 @@ def first_windows(
     return _windows(ids, n, seq_len, bos).clone()
 
 
+class GenerationProgress:
+    """Counts generated tokens as ``generate`` produces them (a logits processor that leaves the
+    scores as they are, so sampling is unchanged): a tqdm bar, and every ``log_every_s`` a log line
+    with tokens done out of the total, the rate and the time left. On a busy machine generation can
+    take far longer than on an idle one; a run that says nothing for that long reads as a hang."""
+
+    def __init__(self, total_tokens: int, log_every_s: float = 10.0) -> None:
+        from tqdm.auto import tqdm
+
+        self.total, self.log_every_s = total_tokens, log_every_s
+        self.done = 0
+        self.bar = tqdm(total=total_tokens, desc="calibration text", unit="tok", disable=None)
+        self.start = self.last_log = time.monotonic()
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        n = int(input_ids.shape[0])
+        self.done += n
+        self.bar.update(n)
+        now = time.monotonic()
+        if now - self.last_log >= self.log_every_s:
+            self.last_log = now
+            rate = self.done / max(now - self.start, 1e-9)
+            left = (self.total - self.done) / rate if rate > 0 else float("inf")
+            log.info(
+                "calibration text: %d/%d tokens, %.0f tok/s, about %d min %02d s left",
+                self.done, self.total, rate, int(left // 60), int(left % 60),
+            )  # fmt: skip
+        return scores
+
+    def __enter__(self) -> GenerationProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.close()
+
+
 @torch.no_grad()
 def generate_samples(
     model: Any, tokenizer: PreTrainedTokenizerBase, num_samples: int, seq_len: int, seed: int
@@ -196,23 +233,27 @@ def generate_samples(
     Sampling (temperature 1, nucleus 0.95) rather than greedy keeps the text diverse, so the
     activations it produces cover the model's typical operating range.
     """
+    from transformers import LogitsProcessorList
+
     torch.manual_seed(seed)
     prompts = [_GENERATION_PROMPTS[i % len(_GENERATION_PROMPTS)] for i in range(num_samples)]
     rows: list[torch.Tensor] = []
     batch = 32  # one wide batch: decode steps are latency-bound on CPU, so width is nearly free
-    for start in range(0, num_samples, batch):
-        chunk = prompts[start : start + batch]
-        enc = tokenizer(chunk, return_tensors="pt", padding=True, padding_side="left")
-        out = model.generate(
-            **enc,
-            do_sample=True,
-            temperature=1.0,
-            top_p=0.95,
-            max_new_tokens=seq_len,
-            min_new_tokens=seq_len,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        rows.extend(out[:, -seq_len:])
+    with GenerationProgress(num_samples * seq_len) as progress:
+        for start in range(0, num_samples, batch):
+            chunk = prompts[start : start + batch]
+            enc = tokenizer(chunk, return_tensors="pt", padding=True, padding_side="left")
+            out = model.generate(
+                **enc,
+                do_sample=True,
+                temperature=1.0,
+                top_p=0.95,
+                max_new_tokens=seq_len,
+                min_new_tokens=seq_len,
+                pad_token_id=tokenizer.pad_token_id,
+                logits_processor=LogitsProcessorList([progress]),
+            )
+            rows.extend(out[:, -seq_len:])
     windows = torch.stack(rows)
     bos = bos_token_id(tokenizer)
     if bos is not None:  # the tokenizer's convention: each window starts with BOS
@@ -220,9 +261,44 @@ def generate_samples(
     return windows
 
 
-def load_windows(cfg: DataConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
-    """Token windows [num_samples, seq_len] for calibration."""
+def generated_windows(
+    model: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    num_samples: int,
+    seq_len: int,
+    seed: int,
+    model_digest: str | None = None,
+    force: bool = False,
+    what: str = "calibration text",
+) -> torch.Tensor:
+    """Model-generated windows, from the user cache when ``model_digest`` (the model's content hash)
+    is given and an entry for these settings exists (``pipeline/calib_cache.py``)."""
+
+    def generate() -> torch.Tensor:
+        log.info("Generating %d seeded %s samples of %d tokens from the model", num_samples, what, seq_len)
+        return generate_samples(model, tokenizer, num_samples, seq_len, seed)
+
+    if model_digest is None:
+        return generate()
+    from pipeline.calib_cache import cache_key, cached_windows
+
+    key = cache_key(
+        model_digest, num_samples=num_samples, seq_len=seq_len, seed=seed, prompts=_GENERATION_PROMPTS,
+        sampling={"temperature": 1.0, "top_p": 0.95, "batch": 32}, bos=bos_token_id(tokenizer),
+    )  # fmt: skip
+    vocab = int(getattr(model.config, "vocab_size", 0)) or len(tokenizer)
+    return cached_windows(generate, key, (num_samples, seq_len), vocab, force=force, what=what)
+
+
+def load_windows(
+    cfg: DataConfig,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    model_digest: str | None = None,
+    force: bool = False,
+) -> torch.Tensor:
+    """Token windows [num_samples, seq_len] for calibration (model-generated ones cached per model
+    content when ``model_digest`` is given; ``force`` generates them again)."""
     if cfg.source is None:
-        log.info("Generating %d seeded calibration samples of %d tokens from the model", cfg.num_samples, cfg.seq_len)
-        return generate_samples(model, tokenizer, cfg.num_samples, cfg.seq_len, cfg.seed)
+        return generated_windows(model, tokenizer, cfg.num_samples, cfg.seq_len, cfg.seed, model_digest, force)
     return tokenize_windows(read_text(cfg.source), tokenizer, cfg.num_samples, cfg.seq_len, cfg.seed, where=cfg.source)

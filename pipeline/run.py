@@ -37,7 +37,8 @@ from core.runtimes import RUNTIME_TABLE
 from core.schemes import SCHEME_TABLE
 from exporters import check_runtime_available, get_exporter
 from exporters.base import ExportConfig, artifact_files
-from pipeline.data import DataConfig, first_windows, generate_samples, load_windows, read_text
+from pipeline.calib_cache import content_digest
+from pipeline.data import DataConfig, first_windows, generated_windows, load_windows, read_text
 from pipeline.feasibility import check_feasible
 from pipeline.manifest import fingerprint_path, is_fresh, package_versions, source_digest, stage_key, write_manifest
 from pipeline.model import DEFAULT_MODEL, load_config, load_model, resolve_model_path, skeleton
@@ -98,10 +99,13 @@ def _prune_config(cfg: RunConfig, profile: DeviceProfile) -> MethodConfig:
     return profile_prune_config(profile, cfg.method, cfg.max_prune_ratio, cfg.prune_options)
 
 
-def _eval_windows(cfg: RunConfig, model: PreTrainedModel, tokenizer: Any) -> torch.Tensor:
+def _eval_windows(cfg: RunConfig, model: PreTrainedModel, tokenizer: Any, digest: str | None) -> torch.Tensor:
     ev = cfg.eval
     if ev.source is None:
-        return generate_samples(model, tokenizer, ev.num_samples, ev.seq_len, seed=cfg.calib.seed + 1_000)
+        seed = cfg.calib.seed + 1_000
+        return generated_windows(
+            model, tokenizer, ev.num_samples, ev.seq_len, seed, digest, cfg.force, "evaluation text"
+        )
     return first_windows(read_text(ev.source), tokenizer, ev.num_samples, ev.seq_len, where=ev.source)
 
 
@@ -116,8 +120,11 @@ def _prune_stage(cfg: RunConfig, profile: DeviceProfile, out: Path, key: str) ->
             f"supports at most {max_pos} positions. Lower context_length in the profile or pick a model "
             "with a longer context."
         )
-    calib = load_windows(cfg.calib, model, tok)
-    evals = _eval_windows(cfg, model, tok)
+    # generated text is cached per model content (pipeline/calib_cache.py): hash the model only then
+    generated = cfg.calib.source is None or cfg.eval.source is None
+    digest = content_digest(resolve_model_path(cfg.model)) if generated else None
+    calib = load_windows(cfg.calib, model, tok, digest, cfg.force)
+    evals = _eval_windows(cfg, model, tok, digest)
     tensors_path = out / "calibration.safetensors"
     with atomic_path(tensors_path) as tmp:
         save_file({"calibration": calib.contiguous(), "evaluation": evals.contiguous()}, str(tmp))

@@ -39,6 +39,8 @@ class Confined:
     peak_mib: float  # the group's high-water mark (includes page cache)
     oom_killed: bool
     version: int  # cgroup version used
+    # the peak is the maximum of memory.current sampled during the run (cgroup v2 without memory.peak)
+    peak_polled: bool = False
 
 
 def _v1_root() -> Path | None:
@@ -111,12 +113,48 @@ def memory_cgroup(limit_bytes: int) -> Iterator[tuple[Path, int]]:
             group.rmdir()
 
 
-def _peak_bytes(group: Path, version: int) -> int:
-    name = "memory.peak" if version == 2 else "memory.max_usage_in_bytes"
+def _read_bytes(path: Path) -> int | None:
     try:
-        return int((group / name).read_text().split()[0])
-    except (OSError, ValueError):
-        return 0
+        return int(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _peak_bytes(group: Path, version: int) -> int | None:
+    """The group's own high-water mark; None where the kernel keeps none (cgroup v2 before Linux
+    5.19 has no ``memory.peak``): then the poller's maximum of ``memory.current`` stands in."""
+    return _read_bytes(group / ("memory.peak" if version == 2 else "memory.max_usage_in_bytes"))
+
+
+class CurrentPoller:
+    """The maximum of ``memory.current`` seen while a run goes, sampled every ``interval_s`` in a
+    thread. Sampling can miss a short spike, so it is a lower bound, used only where the kernel
+    keeps no peak; reading 0 instead would make a model that fits look over budget (and one over
+    budget look fine)."""
+
+    def __init__(self, current: Path, interval_s: float = 0.005) -> None:
+        import threading
+
+        self.current, self.interval_s = current, interval_s
+        self.max_bytes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while True:
+            value = _read_bytes(self.current)
+            if value is not None:
+                self.max_bytes = max(self.max_bytes, value)
+            if self._stop.wait(self.interval_s):
+                return
+
+    def __enter__(self) -> CurrentPoller:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def _oom(group: Path, version: int, returncode: int) -> bool:
@@ -137,20 +175,25 @@ def run_confined(
     """Run ``cmd`` held to ``limit_mib`` of memory; a process over the limit is killed, not failed over."""
     limit = int(limit_mib * MIB)
     with memory_cgroup(limit) as (group, version):
-        proc = subprocess.run(
-            ["sh", "-c", _JOIN, str(group), *cmd],
-            capture_output=True,
-            text=True,
-            env={**os.environ, **(env or {})},
-            timeout=timeout,
-            check=False,
-        )
+        polled = _peak_bytes(group, version) is None
+        poller = CurrentPoller(group / "memory.current") if polled else contextlib.nullcontext()
+        with poller:
+            proc = subprocess.run(
+                ["sh", "-c", _JOIN, str(group), *cmd],
+                capture_output=True,
+                text=True,
+                env={**os.environ, **(env or {})},
+                timeout=timeout,
+                check=False,
+            )
+        peak = poller.max_bytes if isinstance(poller, CurrentPoller) else _peak_bytes(group, version) or 0
         return Confined(
             returncode=proc.returncode,
             stdout=proc.stdout,
             stderr=proc.stderr,
             limit_mib=limit_mib,
-            peak_mib=_peak_bytes(group, version) / MIB,
+            peak_mib=peak / MIB,
             oom_killed=_oom(group, version, proc.returncode),
             version=version,
+            peak_polled=polled,
         )

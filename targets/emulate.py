@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from core.errors import ConfigError, GateError, PrunefitError, RuntimeMissingError
+from core.errors import ConfigError, EmulationSkippedError, GateError, PrunefitError, RuntimeMissingError
 from targets.device import compare_with_local, merge
 from targets.gates import Gate, emulated_gates
 from targets.profile import DeviceProfile, load_profile
@@ -322,17 +322,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runtime", default="onnxruntime", choices=["onnxruntime", "executorch"])
     ap.add_argument("--target", default=None, help="profile (default: the one the artifacts were made for)")
     ap.add_argument("--root", type=Path, default=None, help="arm64 root (default: ~/.cache/prunefit/...)")
-    ap.add_argument("--require", action="store_true", help="fail (exit 8) instead of skipping when qemu is missing")
+    ap.add_argument(
+        "--allow-skip",
+        action="store_true",
+        help="exit 0 when emulation cannot run (qemu-user missing); without it, a skip exits 11: nothing was checked",
+    )
+    ap.add_argument("--require", action="store_true", help=argparse.SUPPRESS)  # the default now; kept for old scripts
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         res = run(EmulationConfig(args.out_dir, args.runtime, args.target, args.root))
     except EmulationUnavailable as exc:
-        if args.require:
-            print(f"error: {exc}", file=sys.stderr)
-            return exc.exit_code
-        print(f"SKIPPED emulated validation: {exc}", file=sys.stderr)
-        return 0
+        if args.allow_skip and not args.require:
+            print(f"SKIPPED emulated validation (--allow-skip): {exc}", file=sys.stderr)
+            return 0
+        print(
+            f"error: emulated validation was skipped, so nothing was checked: {exc}\n"
+            "Install it with `make setup-emulated`, or pass --allow-skip to accept the skip.",
+            file=sys.stderr,
+        )
+        return EmulationSkippedError.exit_code
     except PrunefitError as exc:
         print(f"error ({type(exc).__name__}): {exc}", file=sys.stderr)
         return exc.exit_code

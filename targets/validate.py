@@ -185,7 +185,8 @@ def run_artifact(
         limit = probe.peak_mib + model_limit_mib + CGROUP_SLACK_MIB
         run = confine.run_confined([*cmd, "--result-out", str(result_path)], limit)
         returncode, stdout, stderr = run.returncode, run.stdout, run.stderr
-        extra = {"confined": True, "cgroup_limit_mib": limit, "cgroup_peak_mib": run.peak_mib}
+        extra = {"confined": True, "cgroup_limit_mib": limit, "cgroup_peak_mib": run.peak_mib,
+                 "cgroup_peak_polled": run.peak_polled}  # fmt: skip
         if run.oom_killed:
             return {**extra, "oom_killed": True, "model_limit_mib": model_limit_mib}, None
     else:

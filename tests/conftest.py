@@ -4,6 +4,8 @@ and WikiText-2 paths. Nothing is downloaded."""
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,10 @@ WIKI_VALID = SHARED / "wiki.valid.tokens"
 WIKI_TEST = SHARED / "wiki.test.tokens"
 
 logging.getLogger("torchao").setLevel(logging.ERROR)
+
+# Generated calibration text is cached per user (pipeline/calib_cache.py): tests keep theirs in a
+# directory of their own, never in the user's cache (set PRUNEFIT_CACHE_DIR to share one on purpose).
+os.environ.setdefault("PRUNEFIT_CACHE_DIR", tempfile.mkdtemp(prefix="prunefit-test-cache-"))
 
 # Tiny configs per architecture: GQA everywhere (4 query heads / 2 KV heads).
 _COMMON = dict(
@@ -33,7 +39,6 @@ TINY_CONFIGS: dict[str, dict] = {
     "qwen3": dict(model_type="qwen3", head_dim=16, tie_word_embeddings=True),
     "phi3": dict(model_type="phi3", pad_token_id=0),
     "gemma": dict(model_type="gemma", head_dim=16),
-    "gemma2": dict(model_type="gemma2", head_dim=16, sliding_window=16, layer_types=None),
     "gemma3_text": dict(model_type="gemma3_text", head_dim=16, sliding_window=16, layer_types=None),
 }
 

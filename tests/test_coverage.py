@@ -17,6 +17,19 @@ def test_every_architecture_has_a_tiny_config() -> None:
     assert set(TINY_CONFIGS) == set(ARCHS)
 
 
+def test_refused_architectures_say_why() -> None:
+    """Gemma 2 was registered without a tiny case; its tiny case showed its ONNX decode broken past
+    the sliding window, so it is refused with that reason instead of exported wrong."""
+    import pytest
+
+    from core.arch import UNSUPPORTED, arch_for
+    from core.errors import ModelLoadError
+
+    assert not set(UNSUPPORTED) & set(ARCHS)
+    with pytest.raises(ModelLoadError, match=r"gemma2.*sliding window.*supports: gemma, gemma3_text"):
+        arch_for("gemma2")
+
+
 def test_every_method_has_a_tiny_case() -> None:
     assert set(METHOD_CASES) == set(METHOD_TABLE)
 

@@ -99,3 +99,49 @@ def test_windows_follow_the_tokenizers_bos_convention(tokenizer) -> None:
     plain = first_windows(text, tokenizer, 4, 32, where="t")
     assert torch.equal(first_windows(text, bos_tok, 4, 32, where="t")[0, 1:], plain.flatten()[:31])
     assert not (plain[:, 0] == bos).all()
+
+
+def test_generated_text_is_cached_per_model_content(tmp_path: Path, tokenizer, monkeypatch, caplog) -> None:
+    """Issue 19.2: generated calibration text is reused by every target and rerun (same model
+    content and settings), regenerated with --force or when the entry is corrupt, and a cache that
+    cannot be written is reported once while the run goes on."""
+    import logging
+
+    import pipeline.data as data
+    from pipeline import calib_cache
+
+    monkeypatch.setenv("PRUNEFIT_CACHE_DIR", str(tmp_path / "cache"))
+    model = tiny_model("llama")
+    calls: list[int] = []
+    real = data.generate_samples
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(data, "generate_samples", counting)
+    cfg = DataConfig(None, 3, 12, seed=5)
+    a = load_windows(cfg, model, tokenizer, "digest-a")
+    b = load_windows(cfg, model, tokenizer, "digest-a")  # another target, the same model: reused
+    assert torch.equal(a, b) and len(calls) == 1
+    load_windows(DataConfig(None, 3, 12, seed=6), model, tokenizer, "digest-a")  # other settings: generated
+    load_windows(cfg, model, tokenizer, "digest-b")  # another model's content: generated
+    assert len(calls) == 3
+    assert torch.equal(load_windows(cfg, model, tokenizer, "digest-a", force=True), a) and len(calls) == 4
+    assert len(list((tmp_path / "cache" / "calibration").glob("*.safetensors"))) == 3  # no temp files left
+    for f in (tmp_path / "cache" / "calibration").glob("*.safetensors"):
+        f.write_bytes(b"not safetensors")  # corrupt every entry
+    with caplog.at_level(logging.WARNING):
+        assert torch.equal(load_windows(cfg, model, tokenizer, "digest-a"), a)
+    assert len(calls) == 5 and "unreadable" in caplog.text
+    # an unwritable cache: the run goes on, and says so once
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the cache directory should be")
+    monkeypatch.setenv("PRUNEFIT_CACHE_DIR", str(blocked))
+    calib_cache._warned.clear()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        load_windows(cfg, model, tokenizer, "digest-a")
+        load_windows(cfg, model, tokenizer, "digest-a")
+    assert caplog.text.count("cannot write the calibration cache") == 1 and len(calls) == 7
+    assert calib_cache.content_digest(tmp_path / "cache") != calib_cache.content_digest(blocked)

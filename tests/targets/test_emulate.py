@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from core.errors import EmulationSkippedError
+from pipeline import cli
 from targets import emulate
 from targets.profile import load_profile
 from tests.conftest import run_tiny_pipeline
@@ -60,8 +62,12 @@ def test_missing_qemu_is_a_clear_skip(tmp_path: Path, monkeypatch: pytest.Monkey
     out = tmp_path / "out"
     out.mkdir()
     _aarch64_profile(tmp_path, ["neon"]).rename(out / "profile.yaml")
-    assert emulate.main([str(out)]) == 0  # skipped, says why
-    assert emulate.main([str(out), "--require"]) == emulate.EmulationUnavailable.exit_code
+    # a skip checks nothing: it exits with its own code unless the user accepts it explicitly
+    assert emulate.main([str(out)]) == EmulationSkippedError.exit_code == 11
+    assert emulate.main([str(out), "--require"]) == EmulationSkippedError.exit_code
+    assert emulate.main([str(out), "--allow-skip"]) == 0
+    assert cli.main(["emulate", "--out", str(out)]) == EmulationSkippedError.exit_code
+    assert cli.main(["emulate", "--out", str(out), "--allow-skip"]) == 0
 
 
 def test_executorch_is_refused_with_the_reason(tmp_path: Path) -> None:
