@@ -81,17 +81,17 @@ def test_method_config_is_typed_and_lists_its_keys() -> None:
 
 
 def test_profile_pruning_section_sets_any_knob_of_its_method(tmp_path: Path) -> None:
-    p = load_profile(_write(tmp_path, {**_base(), "pruning": {"method": "comp", "ridge": 0.02, "target": "sublayer"}}))
+    p = load_profile(_write(tmp_path, {**_base(), "name": "dev", "pruning": {"method": "comp", "ridge": 0.02, "target": "sublayer"}}))
     cfg = p.prune_config()
     assert isinstance(cfg, CompConfig)
     assert (cfg.ridge, cfg.target, cfg.width_multiple) == (0.02, "sublayer", p.width_multiple)
     # another method asked on the command line: the profile's comp knobs do not leak into it
     assert p.prune_config("depth").method == "depth"
     with pytest.raises(ProfileError) as err:
-        load_profile(_write(tmp_path, {**_base(), "pruning": {"method": "width", "ridge": 0.1, "shortlist": 3}}))
+        load_profile(_write(tmp_path, {**_base(), "name": "dev", "pruning": {"method": "width", "ridge": 0.1, "shortlist": 3}}))
     msg = str(err.value)
     assert "unknown key 'shortlist' for method 'width'" in msg and "min_keep_ratio" in msg
     with pytest.raises(ProfileError, match="width_multiple is a top-level"):
-        load_profile(_write(tmp_path, {**_base(), "pruning": {"width_multiple": 16}}))
+        load_profile(_write(tmp_path, {**_base(), "name": "dev", "pruning": {"width_multiple": 16}}))
     with pytest.raises(ProfileError, match="Available: depth"):
-        load_profile(_write(tmp_path, {**_base(), "pruning": {"method": "magic"}}))
+        load_profile(_write(tmp_path, {**_base(), "name": "dev", "pruning": {"method": "magic"}}))
