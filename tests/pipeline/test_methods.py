@@ -81,14 +81,18 @@ def test_method_config_is_typed_and_lists_its_keys() -> None:
 
 
 def test_profile_pruning_section_sets_any_knob_of_its_method(tmp_path: Path) -> None:
-    p = load_profile(_write(tmp_path, {**_base(), "name": "dev", "pruning": {"method": "comp", "ridge": 0.02, "target": "sublayer"}}))
+    p = load_profile(
+        _write(tmp_path, {**_base(), "name": "dev", "pruning": {"method": "comp", "ridge": 0.02, "target": "sublayer"}})
+    )
     cfg = p.prune_config()
     assert isinstance(cfg, CompConfig)
     assert (cfg.ridge, cfg.target, cfg.width_multiple) == (0.02, "sublayer", p.width_multiple)
     # another method asked on the command line: the profile's comp knobs do not leak into it
     assert p.prune_config("depth").method == "depth"
     with pytest.raises(ProfileError) as err:
-        load_profile(_write(tmp_path, {**_base(), "name": "dev", "pruning": {"method": "width", "ridge": 0.1, "shortlist": 3}}))
+        load_profile(
+            _write(tmp_path, {**_base(), "name": "dev", "pruning": {"method": "width", "ridge": 0.1, "shortlist": 3}})
+        )
     msg = str(err.value)
     assert "unknown key 'shortlist' for method 'width'" in msg and "min_keep_ratio" in msg
     with pytest.raises(ProfileError, match="width_multiple is a top-level"):
