@@ -31,6 +31,12 @@ class MethodConfig(BaseModel):
     # "prune 20%" requests). None: target the budget.
     target_decoder_ratio: float | None = Field(None, gt=0.0, lt=1.0)
 
+    @property
+    def removes_blocks(self) -> bool:
+        """Whether this method, so configured, removes whole blocks (so that
+        ``max_removed_layer_ratio`` moves its floor)."""
+        return True
+
 
 class DepthConfig(MethodConfig):
     """``depth``: whole blocks, least Block Influence first, re-scored after each removal."""
@@ -49,11 +55,19 @@ class WidthConfig(MethodConfig):
     score: Literal["energy", "wanda", "magnitude"] = "energy"
     min_keep_ratio: float = Field(0.5, gt=0.0, le=1.0)  # each block keeps this share of its MLP channels
 
+    @property
+    def removes_blocks(self) -> bool:
+        return False
+
 
 class DepthWidthConfig(WidthConfig):
     """``depth+width``: whole blocks while more than one is still needed, then ``width`` units."""
 
     method: Literal["depth+width"] = "depth+width"  # type: ignore[assignment]
+
+    @property
+    def removes_blocks(self) -> bool:
+        return True
 
 
 class CompConfig(MethodConfig):
@@ -78,6 +92,10 @@ class CompConfig(MethodConfig):
     # how the removal is spread: globally cheapest-first by compensated cost per parameter, or the
     # same number of MLP channels from every block (units still chosen by cost inside each block)
     allocation: Literal["global", "uniform"] = "global"
+
+    @property
+    def removes_blocks(self) -> bool:
+        return self.blocks
 
 
 class MultiPrunerConfig(MethodConfig):
@@ -108,15 +126,14 @@ class MethodSpec:
 
     config: type[MethodConfig]
     pruner: str
-    removes_blocks: bool  # whether max_removed_layer_ratio can move its floor
 
 
 METHOD_TABLE: dict[str, MethodSpec] = {
-    "depth": MethodSpec(DepthConfig, "pipeline.methods.depth:DepthPruner", removes_blocks=True),
-    "width": MethodSpec(WidthConfig, "pipeline.methods.width:WidthPruner", removes_blocks=False),
-    "comp": MethodSpec(CompConfig, "pipeline.methods.comp:CompPruner", removes_blocks=False),
-    "multipruner": MethodSpec(MultiPrunerConfig, "pipeline.methods.multipruner:MultiPruner", removes_blocks=True),
-    "depth+width": MethodSpec(DepthWidthConfig, "pipeline.methods.depth_width:DepthThenWidth", removes_blocks=True),
+    "depth": MethodSpec(DepthConfig, "pipeline.methods.depth:DepthPruner"),
+    "width": MethodSpec(WidthConfig, "pipeline.methods.width:WidthPruner"),
+    "comp": MethodSpec(CompConfig, "pipeline.methods.comp:CompPruner"),
+    "multipruner": MethodSpec(MultiPrunerConfig, "pipeline.methods.multipruner:MultiPruner"),
+    "depth+width": MethodSpec(DepthWidthConfig, "pipeline.methods.depth_width:DepthThenWidth"),
 }
 METHODS: tuple[str, ...] = tuple(METHOD_TABLE)
 # The default: best measured at the android budget on the default model with the default 256 x 128

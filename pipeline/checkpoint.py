@@ -22,11 +22,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from core.errors import ConfigError, ModelLoadError
+from core.errors import ModelLoadError
 from core.fsio import atomic_dir
 from core.methods import MethodConfig
 from core.record import PruneRecord
-from pipeline.methods import build_pruner
+from pipeline.methods import build_pruner, check_streams
 from pipeline.prune import PrunePlan, prune_to_budget
 from pipeline.rewrite import finalise_config
 from pipeline.stream import LayerStream
@@ -45,11 +45,7 @@ def prune_checkpoint(
 ) -> PrunePlan:
     """Prune ``model_dir`` (config.json + safetensors) block by block into ``out_dir`` (atomic).
     Only layer-wise methods stream (``comp``); others are a ConfigError before anything is read."""
-    if not build_pruner(cfg).streams:
-        raise ConfigError(
-            f"Streaming (checkpoint-to-checkpoint) pruning is layer-wise and supports method 'comp', not "
-            f"'{cfg.method}'. Use --method comp, or `prunefit export` to prune an in-memory model."
-        )
+    check_streams(build_pruner(cfg))  # before anything is read or written
     if not (model_dir / "config.json").is_file():
         raise ModelLoadError(f"{model_dir} is not a Hugging Face model directory (no config.json).")
     with atomic_dir(out_dir) as tmp:

@@ -137,13 +137,17 @@ def bos_token_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
     return int(bos) if ids and ids[0] == bos else None
 
 
+def _lead_with(bos: int, body: torch.Tensor) -> torch.Tensor:
+    """Each row of ``body`` [n, len] with ``bos`` prepended: [n, len + 1]."""
+    return torch.cat([torch.full((body.shape[0], 1), bos, dtype=body.dtype), body], dim=1)
+
+
 def _windows(ids: torch.Tensor, n: int, seq_len: int, bos: int | None) -> torch.Tensor:
     """``n`` consecutive windows of ``seq_len`` tokens from ``ids``, each led by ``bos`` when given
     (then ``seq_len - 1`` text tokens each)."""
     if bos is None:
         return ids[: n * seq_len].view(n, seq_len)
-    body = ids[: n * (seq_len - 1)].view(n, seq_len - 1)
-    return torch.cat([torch.full((n, 1), bos, dtype=body.dtype), body], dim=1)
+    return _lead_with(bos, ids[: n * (seq_len - 1)].view(n, seq_len - 1))
 
 
 def _text_ids(
@@ -257,7 +261,7 @@ def generate_samples(
     windows = torch.stack(rows)
     bos = bos_token_id(tokenizer)
     if bos is not None:  # the tokenizer's convention: each window starts with BOS
-        windows = torch.cat([torch.full((len(rows), 1), bos, dtype=windows.dtype), windows[:, 1:]], dim=1)
+        windows = _lead_with(bos, windows[:, 1:])
     return windows
 
 

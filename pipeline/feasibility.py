@@ -13,7 +13,7 @@ import math
 from typing import Any
 
 from core.errors import BudgetError
-from core.methods import MethodConfig, method_config, method_spec
+from core.methods import MethodConfig
 from core.schemes import SCHEME_TABLE, schemes_for
 from pipeline.methods import build_pruner
 from targets.budget import MemoryEstimate, ModelShape, estimate_all, model_shape, worst
@@ -59,42 +59,31 @@ def check_feasible(model: Any, profile: DeviceProfile, cfg: MethodConfig, shape:
     )
 
 
-def _worst_floor(model: Any, shape: ModelShape, profile: DeviceProfile, cfg: MethodConfig) -> float:
-    return floor_estimate(model, shape, profile, cfg).total_mib
-
-
 def _levers(
     model: Any, shape: ModelShape, profile: DeviceProfile, cfg: MethodConfig, floor: MemoryEstimate
 ) -> list[tuple[str, float]]:
     """(change, MiB it saves on the worst runtime's floor) for each lever the profile has."""
-    base = floor.total_mib
+    target = profile.memory_budget_mib - profile.pruning.headroom_mib
+
+    def floor_with(method_cfg: MethodConfig = cfg, **update: Any) -> float:
+        return floor_estimate(model, shape, profile.model_copy(update=update), method_cfg).total_mib
+
     out: list[tuple[str, float]] = []
-
-    def saved(**update: Any) -> float:
-        return base - _worst_floor(model, shape, profile.model_copy(update=update), cfg)
-
-    # the smallest context at which the floor fits (KV cache and attention scores shrink with it)
+    # the largest context at which the floor fits (KV cache and attention scores shrink with it)
     lo, hi = profile.prefill_tokens + profile.decode_tokens, profile.context_length
-    if saved(context_length=lo) >= base - (profile.memory_budget_mib - profile.pruning.headroom_mib):
+    if floor_with(context_length=lo) <= target:
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            if base - saved(context_length=mid) <= profile.memory_budget_mib - profile.pruning.headroom_mib:
-                lo = mid
-            else:
-                hi = mid
-        out.append((f"context_length: {lo}", saved(context_length=lo)))
+            lo, hi = (mid, hi) if floor_with(context_length=mid) <= target else (lo, mid)
+        out.append((f"context_length: {lo}", floor.total_mib - floor_with(context_length=lo)))
     # quantized weights on every runtime that runs fp32 today, with each runtime's smallest scheme
     fp32 = [rt for rt in profile.runtimes if rt not in profile.quantize]
     if fp32:
         smallest = {rt: min(schemes_for(rt), key=lambda s: SCHEME_TABLE[s].weight_bytes) for rt in fp32}
         change = ", ".join(f"{rt}: {s}" for rt, s in smallest.items())
-        out.append((f"quantize: {{{change}}}", saved(quantize={**profile.quantize, **smallest})))
+        out.append((f"quantize: {{{change}}}", floor.total_mib - floor_with(quantize={**profile.quantize, **smallest})))
     # more whole blocks removed, where the method removes blocks at all
-    if method_spec(cfg.method).removes_blocks or bool(getattr(cfg, "blocks", False)):
-        more = method_config(
-            cfg.method, **{**cfg.model_dump(exclude={"method"}), "max_removed_layer_ratio": MOST_BLOCK_REMOVAL}
-        )
-        out.append(
-            (f"pruning.max_removed_layer_ratio: {MOST_BLOCK_REMOVAL}", base - _worst_floor(model, shape, profile, more))
-        )
+    if cfg.removes_blocks:
+        more = cfg.model_copy(update={"max_removed_layer_ratio": MOST_BLOCK_REMOVAL})
+        out.append((f"pruning.max_removed_layer_ratio: {MOST_BLOCK_REMOVAL}", floor.total_mib - floor_with(more)))
     return out

@@ -8,6 +8,8 @@ the model can be pruned and saved as plain safetensors.
 
 from __future__ import annotations
 
+import copy
+import functools
 import importlib.util
 import logging
 from dataclasses import dataclass
@@ -94,15 +96,26 @@ def _strip_gguf_quantization(model: PreTrainedModel) -> None:
     setattr(model, "is_quantized", False)  # noqa: B010
 
 
+@functools.lru_cache(maxsize=4)
+def _read_config(path: Path, stamp: tuple[int, int], trust_remote_code: bool) -> PretrainedConfig:
+    """Parsed once per file version (``stamp``: size, mtime): a GGUF's config takes seconds to parse
+    (~25 s for Gemma 3 270M), and a run reads it for the budget check and again to load the model."""
+    if path.is_file():  # .gguf
+        return AutoConfig.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=trust_remote_code)
+    return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+
+
 def load_config(path: Path, *, trust_remote_code: bool = False) -> PretrainedConfig:
     """The model's config alone (no weight is read), checked to be a supported causal LM."""
     try:
-        if path.is_file():  # .gguf
-            config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=trust_remote_code)
-        else:
-            config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except Exception as exc:
-        raise ModelLoadError(f"Could not read the model config from {path} ({type(exc).__name__}: {exc}).") from exc
+        source = path if path.is_file() else path / "config.json"
+        stat = source.stat()
+        config = copy.deepcopy(_read_config(path, (stat.st_size, stat.st_mtime_ns), trust_remote_code))
+    except Exception as exc:  # corrupt GGUF, bad config.json, ...
+        raise ModelLoadError(
+            f"Could not load model from {path}: its config cannot be read ({type(exc).__name__}: {exc}). Check "
+            "that the files are complete or re-download / re-convert the model."
+        ) from exc
     _check_causal_lm(config, path)
     return config
 
@@ -118,18 +131,15 @@ def skeleton(config: PretrainedConfig) -> PreTrainedModel:
 def load_model(model: str | Path = DEFAULT_MODEL, *, trust_remote_code: bool = False) -> LoadedModel:
     """Load model + tokenizer in fp32, eval mode, on CPU."""
     path = resolve_model_path(model)
+    load_config(path, trust_remote_code=trust_remote_code)  # a supported causal LM before any weight loads
     try:
         if path.is_file():  # .gguf
             kwargs = {"gguf_file": path.name, "trust_remote_code": trust_remote_code}
-            config = AutoConfig.from_pretrained(path.parent, **kwargs)
-            _check_causal_lm(config, path)
             log.info("Loading GGUF %s (dequantizing to fp32)", path)
             tok = AutoTokenizer.from_pretrained(path.parent, **kwargs)
             lm = AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.float32, **kwargs)
             _strip_gguf_quantization(lm)
         else:
-            config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-            _check_causal_lm(config, path)
             log.info("Loading %s", path)
             tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
             lm = AutoModelForCausalLM.from_pretrained(

@@ -19,13 +19,13 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from core.errors import BudgetError, ConfigError
+from core.errors import BudgetError
 from core.measure import current_rss_bytes, peak_rss_bytes, reset_peak
 from core.methods import MethodConfig
 from core.perplexity import perplexity
 from core.record import LayerWidths, PruneRecord
 from pipeline.feasibility import check_feasible
-from pipeline.methods import build_pruner
+from pipeline.methods import build_pruner, check_streams
 from pipeline.methods.base import PPL_WINDOWS, PruneContext
 from pipeline.methods.units import layer_widths
 from targets.budget import ModelShape, estimate_all, model_shape, worst
@@ -94,11 +94,8 @@ def prune_to_budget(
     start_rss = current_rss_bytes()
     reset_peak()
     pruner = build_pruner(cfg)
-    if stream is not None and not pruner.streams:
-        raise ConfigError(
-            f"Streaming (checkpoint-to-checkpoint) pruning is layer-wise; method '{cfg.method}' needs the whole "
-            "model in memory. Use --method comp, or `prunefit export` to prune an in-memory model."
-        )
+    if stream is not None:
+        check_streams(pruner)
     shape = model_shape(model)
     original_layers = len(shape.layers)
     before = _estimates(shape, profile)
