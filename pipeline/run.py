@@ -40,6 +40,7 @@ from exporters.base import ExportConfig, artifact_files
 from pipeline.calib_cache import content_digest
 from pipeline.data import DataConfig, first_windows, generated_windows, load_windows, read_text
 from pipeline.feasibility import check_feasible
+from pipeline.fit import choose_precision, fitted_profile, most_compressed
 from pipeline.manifest import fingerprint_path, is_fresh, package_versions, source_digest, stage_key, write_manifest
 from pipeline.model import DEFAULT_MODEL, load_config, load_model, resolve_model_path, skeleton
 from pipeline.prune import prune_to_budget
@@ -130,12 +131,16 @@ def _prune_stage(cfg: RunConfig, profile: DeviceProfile, out: Path, key: str) ->
         save_file({"calibration": calib.contiguous(), "evaluation": evals.contiguous()}, str(tmp))
     ppl_dense = perplexity(model, evals, desc="perplexity (dense)")
     log.info("dense perplexity %.2f", ppl_dense)
+    fit = None
+    if profile.precision == "auto":  # choose each runtime's precision first: prune only for what it cannot reach
+        fit = choose_precision(model, calib, profile, _prune_config(cfg, profile)).to_dict()
+        profile = fitted_profile(profile, fit)
     plan = prune_to_budget(model, calib, profile, _prune_config(cfg, profile))
     ppl_pruned = perplexity(model, evals, desc="perplexity (pruned)")
     log.info("pruned perplexity %.2f (%.2fx)", ppl_pruned, ppl_pruned / ppl_dense)
     model_dir = save_model(model, tok, out / "pruned_model", plan.record)
     check_round_trip(model, model_dir, calib[:1, :64])
-    result = {"plan": plan.to_dict(), "perplexity": {"dense": ppl_dense, "pruned": ppl_pruned}}
+    result = {"plan": plan.to_dict(), "perplexity": {"dense": ppl_dense, "pruned": ppl_pruned}, "fit": fit}
     plan_path = atomic_write_json(out / "prune_plan.json", result)
     write_manifest(
         out, "prune", key, [model_dir, plan_path, tensors_path], time.perf_counter() - t0, result["perplexity"]
@@ -154,7 +159,10 @@ def run_pipeline(cfg: RunConfig, profile: DeviceProfile | None = None) -> dict[s
         check_runtime_available(runtime)
     model_path = resolve_model_path(cfg.model)
     # the budget's floor, from the config alone: an impossible budget fails before any weight is read
-    check_feasible(skeleton(load_config(model_path, trust_remote_code=cfg.trust_remote_code)), profile, prune_cfg)
+    # (precision: auto at its most compressed: the smallest scheme of every runtime it may choose)
+    check_feasible(
+        skeleton(load_config(model_path, trust_remote_code=cfg.trust_remote_code)), most_compressed(profile), prune_cfg
+    )
     if cfg.calib.source is not None:
         read_text(cfg.calib.source)  # fail on a bad calibration file before loading the model
     if cfg.eval.source is not None:
@@ -204,6 +212,9 @@ def _run_stages(cfg: RunConfig, profile: DeviceProfile, out: Path, model_path: P
     else:
         result = _prune_stage(cfg, profile, out, prune_key)
     stages["prune"] = {"wall_s": time.perf_counter() - t0 if not fresh else fresh["wall_s"], "cached": bool(fresh)}
+    if result.get("fit"):  # precision: auto chose the schemes: export and validate with them
+        profile = fitted_profile(profile, result["fit"])
+        atomic_write_text(out / "profile.yaml", _profile_yaml(profile))
 
     artifacts: dict[Runtime, Path] = {}
     export_cfg = _export_config(profile)
@@ -295,6 +306,7 @@ def validate_and_report(
         calib_source=cfg.calib.source or "model-generated text",
         profile=profile.model_dump(),
         prune=result["plan"],
+        fit=result.get("fit"),
         validation=report_obj,
         stages=stages,
         versions=package_versions(),
@@ -316,7 +328,8 @@ def validate_existing(out: Path, target: str | None = None) -> dict[str, Any]:
     if not (out / "prune_plan.json").is_file() or not run_cfg_path.is_file():
         raise ExportError(f"{out} holds no finished prunefit run (no prune_plan.json); run `prunefit export` first.")
     saved = json.loads(run_cfg_path.read_text())
-    profile = load_profile(target or saved["target"])
+    result = json.loads((out / "prune_plan.json").read_text())
+    profile = fitted_profile(load_profile(target or saved["target"]), result.get("fit"))
     artifacts: dict[Runtime, Path] = {}
     for runtime in profile.runtimes:
         path = out / get_exporter(runtime).artifact_name(
@@ -331,7 +344,6 @@ def validate_existing(out: Path, target: str | None = None) -> dict[str, Any]:
         eval=EvalConfig(**saved["eval"]),
         calib=DataConfig(**saved["calib"]),
     )
-    result = json.loads((out / "prune_plan.json").read_text())
     return validate_and_report(out, profile, _load_pruned(out), artifacts, result, {}, cfg, saved["model_path"])
 
 

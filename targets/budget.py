@@ -219,8 +219,8 @@ def kv_cache_not_held_mib(shape: ModelShape, profile: DeviceProfile, runtime: Ru
     spec = RUNTIME_TABLE[runtime]
     if spec.kv_preallocated:
         return 0.0
-    full = kv_cache_bytes(shape, profile.context_length, profile.batch_size, profile.precision, spec.kv_windowed)
-    held = kv_cache_bytes(shape, min(tokens_run, profile.context_length), profile.batch_size, profile.precision,
+    full = kv_cache_bytes(shape, profile.context_length, profile.batch_size, profile.float_dtype, spec.kv_windowed)
+    held = kv_cache_bytes(shape, min(tokens_run, profile.context_length), profile.batch_size, profile.float_dtype,
                           spec.kv_windowed)  # fmt: skip
     return (full - held) / MIB
 
@@ -250,13 +250,13 @@ def estimate(shape: ModelShape, profile: DeviceProfile, runtime: Runtime) -> Mem
     scheme = profile.quantize.get(runtime)
     cost = runtime_cost(runtime, scheme)
     windowed = RUNTIME_TABLE[runtime].kv_windowed
-    terms = weight_terms(shape, runtime, profile.precision, scheme)
+    terms = weight_terms(shape, runtime, profile.float_dtype, scheme)
     gemm_mib, head_mib = terms.blocks / MIB, terms.head_read / MIB
     overhead = library_mib(profile, runtime) + cost.loaded_overhead_mib(gemm_mib, head_mib)
     return MemoryEstimate(
         runtime=runtime,
         weights_mib=terms.resident / MIB,
-        kv_cache_mib=kv_cache_bytes(shape, profile.context_length, profile.batch_size, profile.precision, windowed)
+        kv_cache_mib=kv_cache_bytes(shape, profile.context_length, profile.batch_size, profile.float_dtype, windowed)
         / MIB,
         activations_mib=activation_bytes(
             shape, profile.prefill_tokens, profile.context_length, profile.batch_size, windowed

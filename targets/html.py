@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from core.fsio import atomic_write_bytes, atomic_write_text
-from targets.markdown import DEVICE_HEADERS, device_run_rows
+from targets.markdown import DEVICE_HEADERS, FRONTIER_HEADERS, device_run_rows, frontier_rows
 from targets.results import Report
 
 
@@ -106,7 +106,29 @@ def plots(out_dir: Path, report: dict[str, Any]) -> dict[str, bytes]:
         ax.legend(fontsize=7)
         images["prediction"] = _png(fig)
         plt.close(fig)
+    fit = report.get("fit")
+    if fit:
+        images["frontier"] = _frontier_plot(plt, fit, float(report["profile"]["memory_budget_mib"]))
     return images
+
+
+def _frontier_plot(plt: Any, fit: dict[str, Any], budget: float) -> bytes:
+    """Each priced candidate: its dense prediction (worst runtime) against its estimated loss."""
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for c in fit["candidates"]:
+        if c["worst_ratio"] is None:
+            continue
+        x, y = max(c["dense_mib"].values()), c["worst_ratio"]
+        ax.scatter([x], [y], color="#e45756" if c["chosen"] else "#4c78a8", zorder=3, s=40 if c["chosen"] else 20)
+        ax.annotate(", ".join(c["precision"].values()), (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    ax.axvline(budget, color="black", linestyle="--", label=f"budget {budget:.0f} MiB")
+    ax.set_xlabel("predicted peak of the dense model, worst runtime (MiB)")
+    ax.set_ylabel("estimated perplexity / dense fp32")
+    ax.set_title("precision: auto, the candidates (red: chosen; right of the budget: pruned to fit)")
+    ax.legend(fontsize=7)
+    data = _png(fig)
+    plt.close(fig)
+    return data
 
 
 def _table(headers: list[str], rows: list[list[Any]]) -> str:
@@ -156,7 +178,15 @@ def render_html(out_dir: Path, typed: Report) -> str:
             [[g["name"], "pass" if g["passed"] else "FAIL", g["detail"]] for g in val["gates"]],
         ),
     ]
-    titles = {"widths": "What was pruned", "budget": "Budget", "prediction": "Predicted vs measured"}
+    if report.get("fit"):
+        parts.append("<h2>Precision (precision: auto)</h2>")
+        parts.append(f"<p>Chosen: {html.escape(report['fit']['reason'])}.</p>")
+        rows = [[c.replace("**", "") for c in row] for row in frontier_rows(report["fit"])]
+        parts.append(_table(FRONTIER_HEADERS, rows))
+    titles = {
+        "widths": "What was pruned", "budget": "Budget", "prediction": "Predicted vs measured",
+        "frontier": "Precision candidates",
+    }  # fmt: skip
     for name, data in images.items():
         parts.append(f"<h2>{titles[name]}</h2><img alt='{name}' src='data:image/png;base64,"
                      f"{base64.b64encode(data).decode()}'>")  # fmt: skip

@@ -25,6 +25,7 @@ def render_markdown(typed: Report) -> str:
         f"prefill {p['prefill_tokens']}, batch {p['batch_size']}, {p['threads']} threads, {p['precision']}.",
         "",
         f"Model: `{report['model']}`. Overall: **{'PASS' if val['passed'] else 'FAIL'}**.",
+        *_fit(report.get("fit")),
         "",
         "## Pruning",
         "",
@@ -105,6 +106,54 @@ def render_markdown(typed: Report) -> str:
     lines += [f"| {k} | {v['wall_s']:.1f} | {'yes' if v['cached'] else 'no'} |" for k, v in report["stages"].items()]
     lines.append("")
     return "\n".join(lines)
+
+
+FRONTIER_HEADERS = [
+    "candidate", "predicted dense peak, worst runtime (MiB)", "pruning needed", "calibration perplexity by runtime",
+    "estimated ratio (worst runtime)", "chosen",
+]  # fmt: skip
+
+
+def frontier_rows(fit: dict[str, Any]) -> list[list[str]]:
+    """One row per candidate ``precision: auto`` priced (shared by md and html), best first."""
+
+    def key(c: dict[str, Any]) -> tuple[bool, float]:
+        return (not c["reachable"], c["worst_ratio"] if c["worst_ratio"] is not None else float("inf"))
+
+    rows = []
+    for c in sorted(fit["candidates"], key=key):
+        prec = ", ".join(f"{rt} {s}" for rt, s in c["precision"].items())
+        share = c["prune_share"]
+        if not c["reachable"]:
+            prune = "out of reach"
+        elif share is None:
+            prune = "more than the proxy reaches"
+        else:
+            prune = "none" if share == 0 else f"~{share:.0%} of MLP channels"
+        ppl = ", ".join(f"{_f(v, 2)}" for v in c["quant_ppl"].values()) or "-"
+        if c["prune_ppl"] is not None and share:
+            ppl += f"; pruning proxy {_f(c['prune_ppl'], 2)}"
+        ratio = "-" if c["worst_ratio"] is None else f"{c['worst_ratio']:.3f}x"
+        rows.append([prec, _f(max(c["dense_mib"].values())), prune, ppl, ratio, "**yes**" if c["chosen"] else ""])
+    return rows
+
+
+def _fit(fit: dict[str, Any] | None) -> list[str]:
+    """The precision section: what ``precision: auto`` chose, why, and every candidate it priced."""
+    if not fit:
+        return []
+    lines = [
+        "",
+        "## Precision (precision: auto)",
+        "",
+        f"Chosen: {fit['reason']}. Calibration perplexity of the dense fp32 model: {fit['base_ppl']:.2f} "
+        f"({fit['windows']} calibration windows; schemes simulated in PyTorch, pruning by an uncompensated "
+        f"MLP-channel proxy that over-states the method's loss; {fit['wall_s']:.0f} s).",
+        "",
+        "| " + " | ".join(FRONTIER_HEADERS) + " |",
+        "|---|---:|---|---|---:|---|",
+    ]
+    return lines + ["| " + " | ".join(row) + " |" for row in frontier_rows(fit)]
 
 
 def device_run_rows(runs: list[dict[str, Any]]) -> list[list[str]]:

@@ -6,6 +6,7 @@ typo in a hand-edited profile fails immediately instead of silently falling back
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -16,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from core.errors import ConfigError, ProfileError
 from core.methods import DEFAULT_METHOD, MethodConfig, method_config
 from core.runtimes import RUNTIMES, Runtime
-from core.schemes import Scheme, schemes_for
+from core.schemes import SCHEME_TABLE, Scheme, schemes_for
 
 __all__ = ["RUNTIMES", "DeviceProfile", "Runtime", "Scheme", "load_profile"]
 
@@ -93,7 +94,11 @@ class DeviceProfile(_Strict):
     decode_tokens: int = Field(32, ge=1, le=4096)
     batch_size: int = Field(1, ge=1, le=64)
     runtimes: list[Runtime] = Field(min_length=1)
-    precision: Literal["fp32"] = "fp32"
+    # "fp32": weights fp32 except where ``quantize:`` names a scheme. "auto": the fitting stage
+    # (pipeline/fit/) picks each runtime's scheme (fp32 or one of its rows in core.schemes) and
+    # the pruning together, for the least calibration loss that fits; ``quantize:`` entries pin a
+    # runtime's scheme. Activations, the KV cache and embeddings stay fp32 either way.
+    precision: Literal["fp32", "auto"] = "fp32"
     threads: int = Field(ge=1, le=256)
     width_multiple: int = Field(8, ge=1, le=256)
     runtime_overhead_mib: dict[Runtime, float] = Field(default_factory=dict)
@@ -105,10 +110,26 @@ class DeviceProfile(_Strict):
     pruning: PruningLimits = PruningLimits()
     gates: Gates = Gates()
 
+    @property
+    def float_dtype(self) -> Literal["fp32"]:
+        """What activations, the KV cache and unquantized weights are stored in."""
+        return "fp32"
+
+    @property
+    def channel_multiple(self) -> int:
+        """The multiple pruned widths keep: ``width_multiple``, and whole groups of every scheme that
+        needs its groups to tile a weight's input width (else that weight would stay fp32)."""
+        groups = [SCHEME_TABLE[s].group_size for s in self.quantize.values() if SCHEME_TABLE[s].whole_groups]
+        return math.lcm(self.width_multiple, *groups)
+
+    def with_quantize(self, quantize: dict[Runtime, Scheme]) -> DeviceProfile:
+        """This profile with ``quantize`` as its per-runtime schemes (a fitted ``precision: auto``)."""
+        return self.model_copy(update={"quantize": dict(quantize)})
+
     def prune_config(self, method: str | None = None, **overrides: Any) -> MethodConfig:
         """The pruning method's typed config for this profile: its ``pruning:`` knobs (when
         ``method`` is the profile's own), the profile's width multiple, then ``overrides``."""
-        overrides = {"width_multiple": self.width_multiple, **overrides}
+        overrides = {"width_multiple": self.channel_multiple, **overrides}
         if method is None or method == self.pruning.method:
             return self.pruning.config(**overrides)
         # another method: the profile's knobs are its own method's; the shared limit carries over

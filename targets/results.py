@@ -99,6 +99,8 @@ class Report(_Section):
     calib_source: str
     profile: dict[str, Any]  # the resolved DeviceProfile
     prune: dict[str, Any]  # pipeline.prune.PrunePlan.to_dict()
+    # precision: auto's choice (pipeline.fit.FitPlan.to_dict()): the candidates, the frontier, why
+    fit: dict[str, Any] | None = None
     validation: ValidationResult
     stages: dict[str, Any]
     versions: dict[str, Any]

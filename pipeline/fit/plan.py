@@ -1,0 +1,199 @@
+"""``precision: auto``: choose each runtime's weight precision and the pruning together, for the
+least calibration loss that fits the budget.
+
+Quantization and pruning both free memory, at very different prices: on SmolLM2-135M int8 weights
+cost ~1-2% perplexity for a 2-3x smaller model, where pruning the fp32 model into the same android
+budget cost 31%. So the fitting stage prices every candidate before it prunes anything:
+
+1. **Candidates**: each runtime's options are fp32 and the schemes its exporter implements
+   (``core.schemes``); a runtime pinned by the profile's ``quantize:`` has only that one. One
+   candidate per combination (the pruned model is shared by every runtime, its precision is not).
+2. **Memory**: the memory model predicts each candidate on the dense shape. One that fits needs no
+   pruning; one that does not needs the smallest uniform MLP-channel share that makes it fit
+   (``proxy.smallest_share``), and must be reachable by the pruning method at all (its floor).
+3. **Loss, measured** on the calibration windows: each scheme simulated in PyTorch
+   (``simulate.py``), and the pruning a candidate needs by the uncompensated proxy (``proxy.py``).
+   A runtime's estimated perplexity ratio is its scheme's times the pruning's (losses compound).
+4. **Choice**: the candidate whose worst runtime loses least; ties go to the smaller total loss,
+   then the smaller prediction. Pruning then runs only for what the chosen precision cannot reach.
+
+Every candidate, its predicted MiB and its estimated loss go to the report: the frontier.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from core.methods import MethodConfig
+from core.perplexity import perplexity
+from core.runtimes import Runtime
+from core.schemes import SCHEME_TABLE, schemes_for
+from pipeline.feasibility import floor_estimate
+from pipeline.fit.proxy import PruningProxy, smallest_share
+from pipeline.fit.simulate import simulated
+from pipeline.methods.base import PPL_WINDOWS
+from targets.budget import ModelShape, estimate_all, model_shape, worst
+from targets.profile import DeviceProfile
+
+log = logging.getLogger(__name__)
+
+FP32 = "fp32"
+
+
+def options(profile: DeviceProfile, runtime: Runtime) -> list[str]:
+    """The precisions ``runtime`` may take under ``profile``: its pinned scheme, or fp32 and every
+    scheme of the runtime (``precision: fp32`` without a pin: fp32 only)."""
+    pinned = profile.quantize.get(runtime)
+    if pinned is not None:
+        return [pinned]
+    if profile.precision != "auto":
+        return [FP32]
+    return [FP32, *schemes_for(runtime)]
+
+
+def most_compressed(profile: DeviceProfile) -> DeviceProfile:
+    """``profile`` with every free runtime at its smallest scheme: the floor ``precision: auto`` may
+    reach, for the feasibility check before any weight is read."""
+    smallest = {
+        rt: min(opts, key=lambda s: SCHEME_TABLE[s].weight_bytes if s != FP32 else 4.0)  # type: ignore[index]
+        for rt in profile.runtimes
+        if (opts := options(profile, rt))
+    }
+    return profile.with_quantize({rt: s for rt, s in smallest.items() if s != FP32})  # type: ignore[misc]
+
+
+@dataclass
+class Candidate:
+    """One precision combination and what it would cost."""
+
+    precision: dict[str, str]  # runtime -> fp32 or a scheme
+    dense_mib: dict[str, float]  # predicted peak of the dense model, per runtime
+    reachable: bool  # the pruning method's floor fits with this precision
+    prune_share: float | None  # MLP-channel share the proxy needs (0: fits as is; None: beyond the proxy)
+    quant_ppl: dict[str, float]  # calibration perplexity of each runtime's precision, dense
+    prune_ppl: float | None  # the proxy's calibration perplexity at prune_share
+    est_ratio: dict[str, float] = field(default_factory=dict)  # per runtime, vs dense fp32
+    chosen: bool = False
+
+    @property
+    def worst_ratio(self) -> float:
+        return max(self.est_ratio.values()) if self.est_ratio else math.inf
+
+    @property
+    def quantize(self) -> dict[str, str]:
+        return {rt: s for rt, s in self.precision.items() if s != FP32}
+
+    def label(self) -> str:
+        prec = ", ".join(f"{rt} {s}" for rt, s in self.precision.items())
+        if not self.reachable:
+            return f"{prec}: out of the method's reach"
+        prune = "no pruning" if self.prune_share == 0 else (
+            f"prune ~{self.prune_share:.0%} of MLP channels" if self.prune_share is not None else "prune past the proxy"
+        )  # fmt: skip
+        return f"{prec}, {prune}"
+
+
+@dataclass
+class FitPlan:
+    """What ``precision: auto`` chose, among which candidates, and why."""
+
+    base_ppl: float  # calibration perplexity of the dense fp32 model (the ratios' denominator)
+    windows: int
+    candidates: list[Candidate]
+    quantize: dict[str, str]  # the chosen schemes (runtimes absent: fp32)
+    reason: str
+    wall_s: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        for c, d in zip(self.candidates, out["candidates"], strict=True):
+            d["worst_ratio"] = c.worst_ratio if math.isfinite(c.worst_ratio) else None
+            d["label"] = c.label()
+        return out
+
+
+def _rank(c: Candidate) -> tuple[float, float, float]:
+    return (c.worst_ratio, sum(c.est_ratio.values()) if c.est_ratio else math.inf, max(c.dense_mib.values()))
+
+
+@torch.no_grad()
+def choose_precision(model: Any, calib: torch.Tensor, profile: DeviceProfile, cfg: MethodConfig) -> FitPlan:
+    """Price every candidate of ``profile`` on ``model`` (dense, fp32) and choose one (module
+    docstring). The model is left as it was."""
+    t0 = time.perf_counter()
+    windows = calib[:PPL_WINDOWS]
+    shape = model_shape(model)
+    target = profile.memory_budget_mib - profile.pruning.headroom_mib
+    base = perplexity(model, windows, batch_size=cfg.batch_size, desc="calibration perplexity (fp32)")
+    quant_ppl: dict[str, float] = {FP32: base}
+    proxy = PruningProxy(model, windows, cfg.batch_size)
+    per_runtime = [[(rt, s) for s in options(profile, rt)] for rt in profile.runtimes]
+    candidates = []
+    for combo in itertools.product(*per_runtime):
+        precision: dict[str, str] = dict(combo)
+        prof = profile.with_quantize({rt: s for rt, s in precision.items() if s != FP32})  # type: ignore[misc]
+        cand = _price(model, shape, prof, cfg, target, precision)
+        if cand.reachable:
+            for s in precision.values():
+                if s not in quant_ppl:
+                    with simulated(model, s) as n:
+                        quant_ppl[s] = perplexity(model, windows, batch_size=cfg.batch_size, desc=f"simulated {s}")
+                    log.info("%s simulated on %d Linear modules: calibration perplexity %.3f (fp32 %.3f)",
+                             s, n, quant_ppl[s], base)  # fmt: skip
+            cand.quant_ppl = {rt: quant_ppl[s] for rt, s in precision.items()}
+            if cand.prune_share is not None:
+                cand.prune_ppl = proxy.perplexity(cand.prune_share) if cand.prune_share else base
+                cand.est_ratio = {rt: (q / base) * (cand.prune_ppl / base) for rt, q in cand.quant_ppl.items()}
+        candidates.append(cand)
+    ranked = sorted((c for c in candidates if c.reachable), key=_rank)
+    if not ranked:  # pragma: no cover - the run checks the most compressed floor before loading
+        from pipeline.feasibility import check_feasible
+
+        check_feasible(model, most_compressed(profile), cfg, shape)
+    best = ranked[0]
+    best.chosen = True
+    reason = _reason(best, ranked[1:])
+    log.info("precision: %s", reason)
+    return FitPlan(base, int(windows.shape[0]), candidates, best.quantize, reason, round(time.perf_counter() - t0, 2))
+
+
+def _price(
+    model: Any, shape: ModelShape, prof: DeviceProfile, cfg: MethodConfig, target: float, precision: dict[str, str]
+) -> Candidate:
+    """The memory side of one candidate: its dense prediction and the pruning it needs."""
+    dense = {e.runtime: round(e.total_mib, 1) for e in estimate_all(shape, prof)}
+
+    def fits(s: ModelShape) -> bool:
+        return worst(estimate_all(s, prof)).total_mib <= target
+
+    reachable = fits(shape) or floor_estimate(model, shape, prof, cfg).total_mib <= target
+    share = smallest_share(shape, fits) if reachable else None
+    return Candidate(precision, dense, reachable, share, {}, None)
+
+
+def _reason(best: Candidate, rest: list[Candidate]) -> str:
+    ratios = ", ".join(f"{rt} {r:.3f}x" for rt, r in best.est_ratio.items())
+    why = f"{best.label()}: estimated calibration perplexity {ratios} of dense fp32, the least of {1 + len(rest)} "
+    why += "candidates that fit"
+    if best.prune_share is None:
+        why += " (none fits by quantization and moderate pruning; the pruning method goes further)"
+    if rest:
+        runner_up = rest[0]
+        worst_r = f"{runner_up.worst_ratio:.3f}x" if math.isfinite(runner_up.worst_ratio) else "unpriced"
+        why += f"; next: {runner_up.label()} ({worst_r})"
+    return why
+
+
+def fitted_profile(profile: DeviceProfile, fit: dict[str, Any] | None) -> DeviceProfile:
+    """``profile`` as the run used it: with the schemes ``precision: auto`` chose (``fit`` is
+    :meth:`FitPlan.to_dict`, as saved in ``prune_plan.json``; None: nothing was chosen)."""
+    if fit is None:
+        return profile
+    return profile.with_quantize({**fit["quantize"], **profile.quantize})

@@ -1,0 +1,144 @@
+"""Each quantization scheme simulated in PyTorch, to measure what it costs before anything is exported.
+
+The fitting stage ranks precisions by the calibration loss they add. Exporting every candidate to
+measure it would take minutes per scheme, so each scheme of ``core.schemes`` is reproduced here as
+quantize-dequantize arithmetic on the fp32 model: weights rounded to the scheme's grid (per output
+channel, or in groups along the input), and activations rounded as the runtime rounds them at run
+time (per token, per block of the input, or per tensor). The weights of the modules a scheme touches
+are swapped for rounded copies and restored on exit, so the model is left exactly as it was.
+
+How each runtime quantizes (the exporters in ``exporters/quantize.py``):
+
+- ``int8`` (onnxruntime ``quantize_dynamic``): uint8 weights per output channel, asymmetric;
+  activations uint8 with one scale per tensor (``DynamicQuantizeLinear``). A tied lm_head reads the
+  embedding through a Transpose, not a constant, so it stays fp32.
+- ``int8w`` (``MatMulNBits`` 8-bit, accuracy level 4): symmetric int8 weights in blocks of 32 along
+  the input; activations symmetric int8 per block of 32 (MLAS's integer GEMM). The head is untied
+  and quantized.
+- ``8da8w`` / ``8da4w`` (torchao on every nn.Linear, head included): int8 per output channel or int4
+  in groups of 32, symmetric; activations asymmetric int8 per token. ``8da4w`` leaves a Linear whose
+  input width is not a whole number of groups in fp32, as the exporter does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from core.arch import decoder_layers
+from core.schemes import GROUP_SIZE, scheme_spec
+
+Rounding = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _symmetric(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Round ``x`` (last dim = one scale group) to a symmetric signed grid, as torchao does:
+    scale = max|x| / ((qmax - qmin) / 2), codes clamped to [qmin, qmax]."""
+    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    scale = x.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / ((qmax - qmin) / 2)
+    return (x * (1.0 / scale)).round().clamp(qmin, qmax) * scale  # x * (1/scale), as torchao rounds
+
+
+def _asymmetric(x: torch.Tensor, bits: int, dim: int | None = -1) -> torch.Tensor:
+    """Round ``x`` to an unsigned grid spanning [min, max] (zero always representable), one scale per
+    slice along ``dim`` (None: the whole tensor)."""
+    levels = 2**bits - 1
+    if dim is None:
+        lo, hi = x.min().clamp(max=0), x.max().clamp(min=0)
+    else:
+        lo = x.amin(dim=dim, keepdim=True).clamp(max=0)
+        hi = x.amax(dim=dim, keepdim=True).clamp(min=0)
+    scale = ((hi - lo) / levels).clamp_min(1e-12)
+    zero = (-lo / scale).round()
+    return ((x * (1.0 / scale)).round() + zero).clamp(0, levels).sub(zero) * scale
+
+
+def _in_groups(fn: Callable[[torch.Tensor], torch.Tensor], group: int) -> Rounding:
+    """Apply ``fn`` to consecutive groups of ``group`` elements of the last dim (zero-padded)."""
+
+    def grouped(x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[-1]
+        pad = (-n) % group
+        y = nn.functional.pad(x, (0, pad)) if pad else x
+        out = fn(y.reshape(*y.shape[:-1], -1, group)).reshape(y.shape)
+        return out[..., :n] if pad else out
+
+    return grouped
+
+
+@dataclass(frozen=True)
+class Simulation:
+    """How one scheme rounds a Linear's weight ([out, in]) and its input activations."""
+
+    weight: Rounding
+    activation: Rounding
+    quantizes_tied_head: bool  # a lm_head that shares the embedding's weight is quantized too
+
+
+SIMULATIONS: dict[str, Simulation] = {
+    "int8": Simulation(
+        weight=lambda w: _asymmetric(w, 8, dim=-1),
+        activation=lambda x: _asymmetric(x, 8, dim=None),
+        quantizes_tied_head=False,
+    ),
+    "int8w": Simulation(
+        weight=_in_groups(lambda w: _symmetric(w, 8), GROUP_SIZE),
+        activation=_in_groups(lambda x: _symmetric(x, 8), GROUP_SIZE),
+        quantizes_tied_head=True,
+    ),
+    "8da8w": Simulation(
+        weight=lambda w: _symmetric(w, 8),
+        activation=lambda x: _asymmetric(x, 8, dim=-1),
+        quantizes_tied_head=True,
+    ),
+    "8da4w": Simulation(
+        weight=_in_groups(lambda w: _symmetric(w, 4), GROUP_SIZE),
+        activation=lambda x: _asymmetric(x, 8, dim=-1),
+        quantizes_tied_head=True,
+    ),
+}
+
+
+def quantized_linears(model: Any, scheme: str) -> list[nn.Linear]:
+    """The Linear modules ``scheme``'s exporter quantizes: every decoder block's, and the lm_head
+    unless it is tied and the scheme keeps a tied head fp32; never one whose input width does not
+    tile the scheme's groups when it requires whole groups."""
+    spec = scheme_spec(scheme)
+    sim = SIMULATIONS[scheme]
+    linears = [m for layer in decoder_layers(model) for m in layer.modules() if isinstance(m, nn.Linear)]
+    head = model.get_output_embeddings()
+    if isinstance(head, nn.Linear):
+        tied = head.weight is model.get_input_embeddings().weight
+        if sim.quantizes_tied_head or not tied:
+            linears.append(head)
+    return [m for m in linears if not spec.whole_groups or m.in_features % spec.group_size == 0]
+
+
+@contextmanager
+def simulated(model: Any, scheme: str) -> Iterator[int]:
+    """Within the block, ``model`` computes as ``scheme``'s artifact would (weights and activations
+    rounded); yields how many Linear modules were quantized. Restores every weight on exit."""
+    sim = SIMULATIONS[scheme]
+    linears = quantized_linears(model, scheme)
+    saved: list[tuple[nn.Linear, Any]] = []
+    handles = []
+
+    def round_input(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        return (sim.activation(args[0].float()).to(args[0].dtype), *args[1:])
+
+    try:
+        for lin in linears:
+            saved.append((lin, lin.weight))
+            lin.weight = nn.Parameter(sim.weight(lin.weight.detach().float()).to(lin.weight.dtype), requires_grad=False)
+            handles.append(lin.register_forward_pre_hook(round_input))
+        yield len(linears)
+    finally:
+        for h in handles:
+            h.remove()
+        for lin, weight in saved:
+            lin.weight = weight

@@ -1,0 +1,182 @@
+"""precision: auto: schemes simulated in PyTorch as their exporters quantize, the pruning proxy, and
+the choice of each runtime's precision with the pruning (pipeline/fit/)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from core.errors import BudgetError
+from core.methods import method_config
+from exporters.quantize import quantize_torch
+from pipeline.feasibility import check_feasible
+from pipeline.fit import choose_precision, fitted_profile, most_compressed
+from pipeline.fit.plan import options
+from pipeline.fit.proxy import MAX_SHARE, STEP, PruningProxy, share_shape, smallest_share
+from pipeline.fit.simulate import SIMULATIONS, quantized_linears, simulated
+from targets.budget import estimate_all, model_shape, worst
+from targets.profile import load_profile
+from tests.conftest import PRUNE_WIDE, QUANT_WIDE, tiny_model
+from tests.pipeline.test_pipeline import write_profile
+
+
+@pytest.fixture(scope="module")
+def wide() -> nn.Module:
+    return tiny_model("llama", **QUANT_WIDE)
+
+
+@pytest.fixture(scope="module")
+def ids() -> torch.Tensor:
+    return torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(3))
+
+
+@pytest.mark.parametrize("scheme", ["8da8w", "8da4w"])
+def test_executorch_schemes_simulate_torchao_exactly(scheme: str, wide: nn.Module, ids: torch.Tensor) -> None:
+    """The simulation computes what torchao's quantized model (the .pte's source) computes."""
+    with torch.no_grad():
+        real = quantize_torch(wide, scheme)(ids, use_cache=False).logits
+        fp32 = wide(ids, use_cache=False).logits
+        with simulated(wide, scheme) as n:
+            sim = wide(ids, use_cache=False).logits
+    assert n == 3 * 7 + 1  # every block's seven Linear modules and the (tied) lm_head
+    assert (fp32 - real).abs().max() > 1e-3  # quantization does change the logits...
+    torch.testing.assert_close(sim, real, atol=1e-5, rtol=0)  # ...exactly as simulated
+
+
+def test_simulation_restores_the_model_and_its_tied_head(wide: nn.Module, ids: torch.Tensor) -> None:
+    head, embed = wide.get_output_embeddings(), wide.get_input_embeddings()
+    assert head.weight is embed.weight
+    before = {k: v.clone() for k, v in wide.state_dict().items()}
+    with torch.no_grad():
+        ref = wide(ids, use_cache=False).logits
+        for scheme in SIMULATIONS:
+            with simulated(wide, scheme):
+                assert head.weight is not embed.weight or scheme == "int8"  # only int8 keeps a tied head fp32
+        after = wide(ids, use_cache=False).logits
+    assert head.weight is embed.weight
+    assert all(torch.equal(v, wide.state_dict()[k]) for k, v in before.items())
+    assert torch.equal(ref, after)
+
+
+def test_quantized_linears_follow_each_exporter() -> None:
+    model = tiny_model("llama", **QUANT_WIDE)
+    blocks = 3 * 7
+    assert len(quantized_linears(model, "int8")) == blocks  # the tied head reads a Transpose: stays fp32
+    assert len(quantized_linears(model, "int8w")) == blocks + 1  # untied and quantized
+    assert len(quantized_linears(model, "8da8w")) == blocks + 1
+    from pipeline.methods.units import prune_mlp
+
+    prune_mlp(model.model.layers[0], torch.arange(1000), None)  # 1000 % 32 != 0: that down_proj stays fp32
+    assert len(quantized_linears(model, "8da4w")) == blocks  # (+1 head, -1 down_proj)
+    assert len(quantized_linears(model, "8da8w")) == blocks + 1
+
+
+def test_int4_rounding_has_sixteen_levels_per_group() -> None:
+    w = torch.randn(4, 64)
+    q = SIMULATIONS["8da4w"].weight(w)
+    for group in q.reshape(4, 2, 32).unbind(1):
+        for row in group:
+            assert row.unique().numel() <= 16
+    assert (q - w).abs().max() <= w.abs().max() / 7.5 / 2 + 1e-6  # half a step of the coarsest group
+
+
+def test_smallest_share_is_the_least_that_fits() -> None:
+    shape = model_shape(tiny_model("llama", **PRUNE_WIDE))
+    full = shape.layer_params
+
+    def under(limit: float):
+        return lambda s: s.layer_params <= limit
+
+    assert smallest_share(shape, under(full)) == 0.0
+    share = smallest_share(shape, under(0.8 * full))
+    assert share is not None and 0 < share <= MAX_SHARE
+    assert share_shape(shape, share).layer_params <= 0.8 * full < share_shape(shape, share - STEP).layer_params
+    assert smallest_share(shape, under(0.01 * full)) is None  # attention alone is more than that
+
+
+def test_pruning_proxy_masks_what_removal_would_remove(ids: torch.Tensor) -> None:
+    """Masking a share of channels scores the model those channels' removal gives (lowest energy
+    first), and the mask is undone afterwards."""
+    import copy
+
+    from core.arch import decoder_layers
+    from core.perplexity import perplexity
+    from pipeline.methods.scores import channel_scores, collect_stats
+    from pipeline.methods.units import prune_mlp
+
+    model = tiny_model("llama", **QUANT_WIDE)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    proxy = PruningProxy(model, ids)
+    masked = proxy.perplexity(0.25)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert proxy.perplexity(0.0) == pytest.approx(perplexity(model, ids))
+    removed = copy.deepcopy(model)
+    for layer, st in zip(decoder_layers(removed), collect_stats(removed, ids), strict=True):
+        order = torch.argsort(channel_scores(layer, st))
+        prune_mlp(layer, order[256:].sort().values, None)  # keep all but the lowest 25% of 1024
+    assert perplexity(removed, ids) == pytest.approx(masked, rel=1e-4)
+    assert masked != pytest.approx(proxy.perplexity(0.0), rel=1e-3)
+
+
+def _auto_profile(tmp_path: Path, **overrides: object):
+    return load_profile(write_profile(tmp_path, name="auto", precision="auto", **overrides))
+
+
+def test_auto_quantizes_instead_of_pruning(tmp_path: Path, ids: torch.Tensor, monkeypatch) -> None:
+    """fp32 does not fit (36 MiB less 10 headroom) on either runtime; every quantized candidate does.
+    With pruning priced as it is on trained models (a random one's perplexity does not rise when
+    channels go), the choice quantizes both runtimes and prunes nothing."""
+    import pipeline.fit.plan as plan
+
+    class Proxy(PruningProxy):
+        def perplexity(self, share: float) -> float:
+            return base * (1 + 2 * share)
+
+    model = tiny_model("llama", **PRUNE_WIDE)
+    from core.perplexity import perplexity
+
+    base = perplexity(model, ids)
+    monkeypatch.setattr(plan, "PruningProxy", Proxy)
+    profile = _auto_profile(tmp_path)
+    shape = model_shape(model)
+    assert worst(estimate_all(shape, profile)).total_mib > 26
+    fit = choose_precision(model, ids, profile, profile.prune_config())
+    assert len(fit.candidates) == 3 * 3  # executorch fp32/8da4w/8da8w x onnxruntime fp32/int8/int8w
+    chosen = [c for c in fit.candidates if c.chosen]
+    assert len(chosen) == 1 and chosen[0].prune_share == 0 and chosen[0].quantize == fit.quantize
+    assert set(fit.quantize) == {"executorch", "onnxruntime"}  # fp32 fits on neither
+    priced = [c for c in fit.candidates if c.est_ratio]
+    assert chosen[0].worst_ratio == min(c.worst_ratio for c in priced)
+    fp32 = next(c for c in fit.candidates if set(c.precision.values()) == {"fp32"})
+    assert fp32.prune_share and fp32.prune_ppl == pytest.approx(base * (1 + 2 * fp32.prune_share))
+    for c in priced:  # losses compound: each runtime's scheme times the shared pruning
+        for rt, r in c.est_ratio.items():
+            assert r == pytest.approx(c.quant_ppl[rt] / base * (c.prune_ppl or base) / base)
+    assert fit.quantize["executorch"] in fit.reason and "no pruning" in fit.reason
+    fitted = fitted_profile(profile, fit.to_dict())
+    assert worst(estimate_all(shape, fitted)).total_mib <= 26
+
+
+def test_pinned_and_fp32_profiles_are_honoured(tmp_path: Path) -> None:
+    pinned = _auto_profile(tmp_path, quantize={"executorch": "8da4w"})
+    assert options(pinned, "executorch") == ["8da4w"]
+    assert options(pinned, "onnxruntime") == ["fp32", "int8", "int8w"]
+    assert pinned.channel_multiple == 32  # int4 groups: pruned widths stay whole groups
+    fp32 = load_profile(write_profile(tmp_path))
+    assert options(fp32, "onnxruntime") == ["fp32"] and fp32.channel_multiple == 8
+    assert most_compressed(pinned).quantize == {"executorch": "8da4w", "onnxruntime": "int8"}
+    assert most_compressed(fp32) == fp32
+
+
+def test_feasibility_counts_what_auto_may_reach(tmp_path: Path) -> None:
+    """A budget that only quantization reaches: refused under fp32, accepted under auto."""
+    model = tiny_model("llama", **PRUNE_WIDE)
+    cfg = method_config("width")  # keeps every block: its floor is far above 14 MiB in fp32
+    fp32 = load_profile(write_profile(tmp_path, memory_budget_mib=14, pruning={"method": "width", "headroom_mib": 0}))
+    with pytest.raises(BudgetError, match="quantize"):
+        check_feasible(model, fp32, cfg)
+    auto = _auto_profile(tmp_path, memory_budget_mib=14, pruning={"method": "width", "headroom_mib": 0})
+    check_feasible(model, most_compressed(auto), cfg)
