@@ -102,6 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="a knob of the pruning method's config (repeatable; e.g. ridge=0.02 for comp); overrides the "
         "profile's pruning section, and an unknown key is an error listing the method's keys",
     )
+    ex.add_argument(
+        "--precision",
+        choices=("auto", "fp32"),
+        default=None,
+        help="overrides the profile's precision: auto = each runtime's weights fp32 or quantized, chosen with "
+        "the pruning for the least calibration loss that fits; fp32 = fp32 weights (or the profile's quantize "
+        "pins) and pruning for the rest",
+    )
     ex.add_argument("--force", action="store_true", help="redo every stage even if its inputs did not change")
     ex.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code to run")
     _add_common(ex)
@@ -197,6 +205,8 @@ def _cmd_export(args: argparse.Namespace, profile: DeviceProfile) -> int:
         force=args.force,
         trust_remote_code=args.trust_remote_code,
     )
+    if args.precision is not None:
+        profile = profile.model_copy(update={"precision": args.precision})
     report = run_pipeline(cfg, profile)
     v = report["validation"]
     log.info(

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
+from core.cpus import available_cpus, local_threads
 from core.errors import CalibrationError, ConfigError, ExportError
 from core.fsio import (
     atomic_path,
@@ -183,7 +184,7 @@ def _source_fingerprint(source: str | None) -> Any:
 
 
 def _run_stages(cfg: RunConfig, profile: DeviceProfile, out: Path, model_path: Path) -> dict[str, Any]:
-    torch.set_num_threads(cfg.threads or torch.get_num_threads())
+    torch.set_num_threads(local_threads(cfg.threads or available_cpus().count).used)  # never oversubscribe
     atomic_write_text(out / "profile.yaml", _profile_yaml(profile))
     atomic_write_json(out / "run_config.json", {**asdict(cfg), "out_dir": str(out), "model_path": str(model_path)})
     stages: dict[str, dict[str, Any]] = {}

@@ -40,6 +40,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from core.cpus import local_threads
 from core.errors import ConfigError, EmulationSkippedError, GateError, PrunefitError, RuntimeMissingError
 from targets.device import compare_with_local, merge
 from targets.gates import Gate, emulated_gates
@@ -272,12 +273,13 @@ def run(cfg: EmulationConfig) -> EmulationResult:
     root = ensure_root(cfg.root_dir)
     _cpu_files(root, CORES[core], profile.cpu.cores)
     label = f"qemu-aarch64 {core} (emulated)"
+    threads = local_threads(profile.threads).used  # qemu-user runs each guest thread on a host thread
     with tempfile.TemporaryDirectory(prefix="prunefit-emu-") as tmp:
         gen = Path(tmp) / "generation.npz"
         cmd = [
             qemu, "-cpu", CORES[core].qemu_cpu, "-L", str(root.path), str(root.python),
             str(ROOT / "targets" / "runner.py"), "--runtime", cfg.runtime, "--artifact", str(artifact.resolve()),
-            "--inputs", str(inputs.resolve()), "--logits-out", str(gen), "--threads", str(profile.threads),
+            "--inputs", str(inputs.resolve()), "--logits-out", str(gen), "--threads", str(threads),
             "--chunk", str(profile.prefill_tokens), "--new-tokens", str(profile.decode_tokens), "--repeats", "1",
         ]  # fmt: skip
         env = {
@@ -287,7 +289,7 @@ def run(cfg: EmulationConfig) -> EmulationResult:
             "PYTHONDONTWRITEBYTECODE": "1",
         }
         log.info("running %s under qemu-aarch64 -cpu %s (%d threads): timings are the emulator's", artifact.name,
-                 core, profile.threads)  # fmt: skip
+                 core, threads)  # fmt: skip
         t = time.perf_counter()
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=cfg.timeout_s, check=False)

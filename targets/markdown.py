@@ -65,7 +65,8 @@ def render_markdown(typed: Report) -> str:
         "## Exported artifacts, measured",
         "",
         "Each artifact prefilled the prompt, then greedy-decoded with its own KV cache, in a child process "
-        "held to the model's share of the budget.",
+        "held to the model's share of the budget."
+        + (f" Threads: {val['threads_note']}." if val.get("threads_note") else ""),
         "",
         "| runtime | file | size (MiB) | load (s) | prefill (ms) | decode (tok/s) | measured run peak (MiB) "
         "| predicted (MiB) | error | projected peak incl. rest of KV + library (MiB) | max abs logit diff "

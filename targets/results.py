@@ -58,6 +58,8 @@ class ValidationResult(_Section):
     perplexity: dict[str, float] = Field(default_factory=dict)
     # runs the kernel killed at their memory limit: no measured row, this says what they were held to
     killed: list[KilledRun] = Field(default_factory=list)
+    # the runners' thread count here, when the profile's was capped at the CPUs this host gives us
+    threads_note: str = ""
 
     @model_validator(mode="before")
     @classmethod

@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
+from core.cpus import local_threads
 from core.errors import GateError
 from exporters.base import artifact_files, artifact_size_bytes
 from targets import confine
@@ -234,13 +235,16 @@ def validate(
     With ``enforce`` (the default) each run is confined to the model's share of the budget in a
     memory cgroup where this machine allows it (see :func:`run_artifact`). With ``eval_windows``
     each artifact's own perplexity is measured too (``perplexity["exported[<runtime>]"]``)."""
-    report = ValidationResult(profile=profile.name, perplexity=perplexity)
+    threads = local_threads(profile.threads)
+    report = ValidationResult(profile=profile.name, perplexity=perplexity, threads_note=threads.note)
+    if threads.capped:
+        log.warning("%s", threads.note)
     new_tokens = profile.decode_tokens
     reference = reference_generation(model, inputs, new_tokens)
     shape = model_shape(model)
     ref_top1: np.ndarray | None = None
     for runtime, path in tqdm(artifacts.items(), desc="validate", unit="runtime", disable=None):
-        log.info("validating %s in %s (threads=%d)", path.name, runtime, profile.threads)
+        log.info("validating %s in %s (threads=%d)", path.name, runtime, threads.used)
         pred: MemoryEstimate = estimate(shape, profile, runtime)
         # The run holds the KV cache it used: all of it for a preallocated static cache, only the
         # prompt + decoded tokens for a growing one; the rest, up to the profile's context, is
@@ -256,7 +260,7 @@ def validate(
             path,
             inputs.numpy(),
             work_dir,
-            profile.threads,
+            threads.used,
             model_share if enforce else None,
             new_tokens,
             profile.prefill_tokens,

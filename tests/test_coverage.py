@@ -42,3 +42,11 @@ def test_every_scheme_has_a_tiny_case_on_its_runtime() -> None:
     assert {name: runtime for name, (runtime, _) in SCHEME_CASES.items()} == {
         name: spec.runtime for name, spec in SCHEME_TABLE.items()
     }
+
+
+def test_every_scheme_is_simulated_for_precision_auto() -> None:
+    """precision: auto prices a scheme by its PyTorch simulation (pipeline/fit/simulate.py); the
+    tiny export case of each scheme checks that the simulation loses what the artifact loses."""
+    from pipeline.fit.simulate import SIMULATIONS
+
+    assert set(SIMULATIONS) == set(SCHEME_TABLE)

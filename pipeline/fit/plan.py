@@ -15,7 +15,9 @@ budget cost 31%. So the fitting stage prices every candidate before it prunes an
    (``simulate.py``), and the pruning a candidate needs by the uncompensated proxy (``proxy.py``).
    A runtime's estimated perplexity ratio is its scheme's times the pruning's (losses compound).
 4. **Choice**: the candidate whose worst runtime loses least; ties go to the smaller total loss,
-   then the smaller prediction. Pruning then runs only for what the chosen precision cannot reach.
+   then to the least compression (a ratio below 1 counts as 1: it is the sample's noise, so fp32
+   stays where it fits and a scheme measured as "better" does not displace it). Pruning then runs
+   only for what the chosen precision cannot reach.
 
 Every candidate, its predicted MiB and its estimated loss go to the report: the frontier.
 """
@@ -120,7 +122,8 @@ class FitPlan:
 
 
 def _rank(c: Candidate) -> tuple[float, float, float]:
-    return (c.worst_ratio, sum(c.est_ratio.values()) if c.est_ratio else math.inf, max(c.dense_mib.values()))
+    """Least worst-runtime loss, then least total loss, then the least compression (fits, no further)."""
+    return (c.worst_ratio, sum(c.est_ratio.values()) if c.est_ratio else math.inf, -sum(c.dense_mib.values()))
 
 
 @torch.no_grad()
@@ -150,7 +153,8 @@ def choose_precision(model: Any, calib: torch.Tensor, profile: DeviceProfile, cf
             cand.quant_ppl = {rt: quant_ppl[s] for rt, s in precision.items()}
             if cand.prune_share is not None:
                 cand.prune_ppl = proxy.perplexity(cand.prune_share) if cand.prune_share else base
-                cand.est_ratio = {rt: (q / base) * (cand.prune_ppl / base) for rt, q in cand.quant_ppl.items()}
+                prune = _loss(cand.prune_ppl, base)
+                cand.est_ratio = {rt: _loss(q, base) * prune for rt, q in cand.quant_ppl.items()}
         candidates.append(cand)
     ranked = sorted((c for c in candidates if c.reachable), key=_rank)
     if not ranked:  # pragma: no cover - the run checks the most compressed floor before loading
@@ -162,6 +166,12 @@ def choose_precision(model: Any, calib: torch.Tensor, profile: DeviceProfile, cf
     reason = _reason(best, ranked[1:])
     log.info("precision: %s", reason)
     return FitPlan(base, int(windows.shape[0]), candidates, best.quantize, reason, round(time.perf_counter() - t0, 2))
+
+
+def _loss(ppl: float, base: float) -> float:
+    """``ppl`` over ``base``, never below 1: rounding or removing weights cannot make the fp32 model
+    better, so a lower measured perplexity is the calibration sample's noise (random models show it)."""
+    return max(1.0, ppl / base)
 
 
 def _price(

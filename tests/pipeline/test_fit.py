@@ -154,7 +154,7 @@ def test_auto_quantizes_instead_of_pruning(tmp_path: Path, ids: torch.Tensor, mo
     assert fp32.prune_share and fp32.prune_ppl == pytest.approx(base * (1 + 2 * fp32.prune_share))
     for c in priced:  # losses compound: each runtime's scheme times the shared pruning
         for rt, r in c.est_ratio.items():
-            assert r == pytest.approx(c.quant_ppl[rt] / base * (c.prune_ppl or base) / base)
+            assert r == pytest.approx(max(1, c.quant_ppl[rt] / base) * max(1, (c.prune_ppl or base) / base))
     assert fit.quantize["executorch"] in fit.reason and "no pruning" in fit.reason
     fitted = fitted_profile(profile, fit.to_dict())
     assert worst(estimate_all(shape, fitted)).total_mib <= 26

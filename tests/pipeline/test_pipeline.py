@@ -167,3 +167,43 @@ def test_tight_profile_measured_over_budget_fails_gate(run_cfg: RunConfig, tmp_p
         validate_existing(cfg.out_dir, str(heavy))  # type: ignore[arg-type]
     report = json.loads((cfg.out_dir / "report.json").read_text())  # type: ignore[operator]
     assert report["validation"]["passed"] is False
+
+
+def test_auto_precision_quantizes_instead_of_pruning(run_cfg: RunConfig, tmp_path: Path, monkeypatch) -> None:
+    """precision: auto on a budget fp32 misses but int8 weights meet: the run quantizes, prunes
+    nothing, exports the chosen schemes, reports the candidates, and re-validates with them."""
+    import pipeline.fit.plan as plan
+    from pipeline.fit.proxy import PruningProxy
+    from pipeline.run import validate_existing
+
+    class Proxy(PruningProxy):  # pruning priced as on a trained model (a random one barely notices)
+        def perplexity(self, share: float) -> float:
+            return super().perplexity(0.0) * (1 + 2 * share)
+
+    monkeypatch.setattr(plan, "PruningProxy", Proxy)
+    prof = write_profile(
+        tmp_path, name="auto", precision="auto",
+        gates={"parity_atol": 1e-4, "max_ppl_ratio": 50.0, "quantized_max_ppl_ratio": 1.1, "quantized_min_top1": 0.5},
+    )  # fmt: skip
+    cfg = RunConfig(**{**run_cfg.__dict__, "target": str(prof)})
+    report = run_pipeline(cfg)
+    fit, val = report["fit"], report["validation"]
+    assert fit is not None and set(fit["quantize"]) == {"executorch", "onnxruntime"}
+    assert len(fit["candidates"]) == 9 and sum(c["chosen"] for c in fit["candidates"]) == 1
+    assert report["prune"]["steps"] == [] and report["prune"]["record"] is None  # quantization sufficed
+    assert report["profile"]["quantize"] == fit["quantize"]  # the report's profile is the one the run used
+    for rt, scheme in fit["quantize"].items():
+        assert report["stages"][f"export-{rt}"]["details"]["quantization"] == scheme
+    for rt in val["runtimes"]:
+        assert rt["projected_peak_mib"] <= 36
+        assert val["perplexity"][f"exported[{rt['runtime']}]"] / val["perplexity"]["pruned"] < 1.1
+    assert val["passed"], [g for g in val["gates"] if not g["passed"]]
+    out = cfg.out_dir
+    assert out is not None
+    md = (out / "report.md").read_text()
+    assert "## Precision (precision: auto)" in md and "| **yes** |" in md
+    assert (out / "plots" / "frontier.png").is_file()
+    saved = yaml.safe_load((out / "profile.yaml").read_text())
+    assert saved["precision"] == "auto" and saved["quantize"] == fit["quantize"]
+    again = validate_existing(out)  # finds the quantized artifacts the fitting chose
+    assert again["validation"]["passed"] and again["fit"] == fit

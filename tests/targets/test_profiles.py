@@ -12,8 +12,9 @@ from core.errors import ProfileError
 from targets.profile import DeviceProfile, available_profiles, load_profile, profiles_dir
 
 SHIPPED = available_profiles()
-# Every shipped profile must be listed here with whether the default model needs pruning to fit it;
-# adding a profile file without adding it here fails test_every_profile_is_covered.
+# Every shipped profile must be listed here with whether the default model needs pruning to fit it
+# in fp32 (or its pinned schemes); adding a profile file without adding it here fails
+# test_every_profile_is_covered. With precision: auto, none needs pruning (int8 weights fit).
 NEEDS_PRUNING_FOR_DEFAULT = {
     "android": True,
     "android-go": False,  # quantized (8da8w / int8w), the 30-block model fits its 320 MiB
@@ -49,13 +50,16 @@ def _default_model_shape():
 @pytest.mark.parametrize("name", SHIPPED)
 def test_budget_model_agrees_on_which_profiles_prune_the_default(name: str) -> None:
     """The table above is what the memory model predicts for the dense default model."""
+    from pipeline.fit import most_compressed
     from targets.budget import estimate_all, worst
 
     profile = load_profile(name)
-    need = worst(estimate_all(_default_model_shape(), profile)).total_mib > (
-        profile.memory_budget_mib - profile.pruning.headroom_mib
-    )
+    target = profile.memory_budget_mib - profile.pruning.headroom_mib
+    assert profile.precision == "auto"  # the shipped default: precision chosen with the pruning
+    need = worst(estimate_all(_default_model_shape(), profile)).total_mib > target
     assert need == NEEDS_PRUNING_FOR_DEFAULT[name]
+    # quantized as far as auto may go, every shipped profile holds the default model unpruned
+    assert worst(estimate_all(_default_model_shape(), most_compressed(profile))).total_mib <= target
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -184,9 +188,18 @@ def test_every_shipped_profile_runs_the_pipeline(
     gates = {g["name"]: g for g in report["validation"]["gates"]}
     for rt in profile.runtimes:
         assert gates[f"memory[{rt}]"]["passed"], gates[f"memory[{rt}]"]["detail"]
-        if rt in profile.quantize:
+        if rt in report["profile"]["quantize"]:  # pinned, or chosen by precision: auto
             assert f"agreement[{rt}]" in gates
         else:
             assert gates[f"parity[{rt}]"]["passed"] and gates[f"generation[{rt}]"]["passed"], gates
     assert report["profile"]["name"] == name and report["profile"]["context_length"] == profile.context_length
+    # the runners never oversubscribe this host: a profile asking for more threads is capped, and says so
+    from core.cpus import available_cpus
+
+    here = available_cpus().count
+    for r in report["validation"]["runtimes"]:
+        assert r["measured"]["threads"] == min(profile.threads, here)
+    assert (f"{profile.threads} threads ran as {here}" in report["validation"]["threads_note"]) == (
+        profile.threads > here
+    )
     assert (tmp_path / "out" / "report.html").is_file()
