@@ -38,6 +38,9 @@ def render_markdown(typed: Report) -> str:
         "| step | removed | score | predicted peak (MiB) | calibration perplexity |",
         "|---:|---|---:|---:|---:|",
     ]
+    if not plan["steps"]:  # the model fit (with the chosen precision): no steps to list
+        precision = " with the chosen precision" if report.get("fit") else ""
+        lines[-4:] = [f"Nothing pruned: the model fits the budget as it is{precision} (`{plan['method']}` not needed)."]
     steps = list(enumerate(plan["steps"], 1))
     shown = steps if len(steps) <= 24 else steps[:12] + steps[-12:]  # width pruning takes hundreds of small steps
     for n, (i, s) in enumerate(shown):
