@@ -49,14 +49,26 @@ def check_feasible(model: Any, profile: DeviceProfile, cfg: MethodConfig, shape:
         else "No single change of the profile reaches it (context, prefill, quantization, block removal); "
         "pick a smaller model."
     )
+    terms = (
+        f"weights {floor.weights_mib:.1f} + KV {floor.kv_cache_mib:.1f} + activations {floor.activations_mib:.1f} "
+        f"+ overhead {floor.overhead_mib:.1f}"
+    )
     raise BudgetError(
         f"Budget infeasible for profile '{profile.name}': even the most pruning {cfg.method} allows "
-        f"(max_removed_layer_ratio={cfg.max_removed_layer_ratio}) needs {floor.total_mib:.1f} MiB on "
-        f"{floor.runtime} (weights {floor.weights_mib:.1f} + KV {floor.kv_cache_mib:.1f} + activations "
-        f"{floor.activations_mib:.1f} + overhead {floor.overhead_mib:.1f}), {over:.1f} MiB over the "
+        f"(max_removed_layer_ratio={cfg.max_removed_layer_ratio}){_weights(profile)} needs "
+        f"{floor.total_mib:.1f} MiB on {floor.runtime} ({terms}), {over:.1f} MiB over the "
         f"{floor.budget_mib:.0f} MiB budget{headroom}. {reach} The smallest budget at which this floor fits: "
         f"memory_budget_mib: {smallest}. Nothing was pruned or exported."
     )
+
+
+def _weights(profile: DeviceProfile) -> str:
+    """How the floor's weights are stored, where any runtime's are quantized."""
+    if not profile.quantize:
+        return ""
+    schemes = ", ".join(f"{rt} {s}" for rt, s in profile.quantize.items())
+    auto = "the smallest precision:auto may choose, " if profile.precision == "auto" else ""
+    return f" with weights quantized ({auto}{schemes})"
 
 
 def _levers(

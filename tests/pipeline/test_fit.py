@@ -180,3 +180,6 @@ def test_feasibility_counts_what_auto_may_reach(tmp_path: Path) -> None:
         check_feasible(model, fp32, cfg)
     auto = _auto_profile(tmp_path, memory_budget_mib=14, pruning={"method": "width", "headroom_mib": 0})
     check_feasible(model, most_compressed(auto), cfg)
+    tiny = _auto_profile(tmp_path, memory_budget_mib=3, pruning={"method": "width", "headroom_mib": 0})
+    with pytest.raises(BudgetError, match=r"smallest precision:auto may choose, executorch 8da4w, onnxruntime int8"):
+        check_feasible(model, most_compressed(tiny), cfg)
