@@ -111,9 +111,24 @@ def _eval_windows(cfg: RunConfig, model: PreTrainedModel, tokenizer: Any, digest
     return first_windows(read_text(ev.source), tokenizer, ev.num_samples, ev.seq_len, where=ev.source)
 
 
+class _Laps:
+    """Seconds per part of a stage, for the report: where a first run's time goes."""
+
+    def __init__(self) -> None:
+        self.parts: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.parts[name] = round(now - self._t, 1)
+        self._t = now
+
+
 def _prune_stage(cfg: RunConfig, profile: DeviceProfile, out: Path, key: str) -> dict[str, Any]:
     t0 = time.perf_counter()
+    laps = _Laps()
     loaded = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    laps.lap("load model")
     model, tok = loaded.model, loaded.tokenizer
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if max_pos and profile.context_length > max_pos:
@@ -127,21 +142,31 @@ def _prune_stage(cfg: RunConfig, profile: DeviceProfile, out: Path, key: str) ->
     digest = content_digest(resolve_model_path(cfg.model)) if generated else None
     calib = load_windows(cfg.calib, model, tok, digest, cfg.force)
     evals = _eval_windows(cfg, model, tok, digest)
+    laps.lap("calibration and evaluation text")
     tensors_path = out / "calibration.safetensors"
     with atomic_path(tensors_path) as tmp:
         save_file({"calibration": calib.contiguous(), "evaluation": evals.contiguous()}, str(tmp))
     ppl_dense = perplexity(model, evals, desc="perplexity (dense)")
     log.info("dense perplexity %.2f", ppl_dense)
+    laps.lap("dense perplexity")
     fit = None
     if profile.precision == "auto":  # choose each runtime's precision first: prune only for what it cannot reach
         fit = choose_precision(model, calib, profile, _prune_config(cfg, profile)).to_dict()
         profile = fitted_profile(profile, fit)
+        laps.lap("precision choice")
     plan = prune_to_budget(model, calib, profile, _prune_config(cfg, profile))
+    laps.lap("pruning")
     ppl_pruned = perplexity(model, evals, desc="perplexity (pruned)")
     log.info("pruned perplexity %.2f (%.2fx)", ppl_pruned, ppl_pruned / ppl_dense)
     model_dir = save_model(model, tok, out / "pruned_model", plan.record)
     check_round_trip(model, model_dir, calib[:1, :64])
-    result = {"plan": plan.to_dict(), "perplexity": {"dense": ppl_dense, "pruned": ppl_pruned}, "fit": fit}
+    laps.lap("pruned perplexity, save, reload check")
+    result = {
+        "plan": plan.to_dict(),
+        "perplexity": {"dense": ppl_dense, "pruned": ppl_pruned},
+        "fit": fit,
+        "timings": laps.parts,
+    }
     plan_path = atomic_write_json(out / "prune_plan.json", result)
     write_manifest(
         out, "prune", key, [model_dir, plan_path, tensors_path], time.perf_counter() - t0, result["perplexity"]
@@ -212,7 +237,11 @@ def _run_stages(cfg: RunConfig, profile: DeviceProfile, out: Path, model_path: P
         result = json.loads((out / "prune_plan.json").read_text())
     else:
         result = _prune_stage(cfg, profile, out, prune_key)
-    stages["prune"] = {"wall_s": time.perf_counter() - t0 if not fresh else fresh["wall_s"], "cached": bool(fresh)}
+    stages["prune"] = {
+        "wall_s": time.perf_counter() - t0 if not fresh else fresh["wall_s"],
+        "cached": bool(fresh),
+        "details": {"parts": result.get("timings", {})},
+    }
     if result.get("fit"):  # precision: auto chose the schemes: export and validate with them
         profile = fitted_profile(profile, result["fit"])
         atomic_write_text(out / "profile.yaml", _profile_yaml(profile))

@@ -107,7 +107,10 @@ def render_markdown(typed: Report) -> str:
     lines += ["", "## Gates", "", "| gate | result | detail |", "|---|---|---|"]
     lines += [f"| {g['name']} | {'pass' if g['passed'] else '**FAIL**'} | {g['detail']} |" for g in val["gates"]]
     lines += ["", "## Stage timings (s)", "", "| stage | wall (s) | cached |", "|---|---:|---|"]
-    lines += [f"| {k} | {v['wall_s']:.1f} | {'yes' if v['cached'] else 'no'} |" for k, v in report["stages"].items()]
+    for k, v in report["stages"].items():
+        lines.append(f"| {k} | {v['wall_s']:.1f} | {'yes' if v['cached'] else 'no'} |")
+        parts = (v.get("details") or {}).get("parts") or {}
+        lines += [f"| &nbsp;&nbsp;{part} | {s:.1f} | |" for part, s in parts.items()]
     lines.append("")
     return "\n".join(lines)
 
