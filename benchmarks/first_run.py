@@ -114,6 +114,13 @@ def main() -> None:
     print(_markdown(result))
 
 
+def _precision(quantize: dict[str, str] | None) -> str:
+    """What precision: auto chose, in words (runtimes not named stayed fp32)."""
+    if not quantize:
+        return "fp32"
+    return ", ".join(f"{rt} {scheme}" for rt, scheme in quantize.items()) + ", rest fp32"
+
+
 def _markdown(result: dict[str, Any]) -> str:
     lines = [
         "# The first run, timed (benchmarks/first_run.py)",
@@ -128,7 +135,7 @@ def _markdown(result: dict[str, Any]) -> str:
     for r in result["runs"]:
         lines.append(
             f"| {r['target']} | {r['run']} | {r['wall_s']:.0f} | {r['goal_s']:.0f} | {'yes' if r['met'] else 'no'} | "
-            f"{'pass' if r['passed'] else 'FAIL'} | {r['precision'] or 'fp32'} |"
+            f"{'pass' if r['passed'] else 'FAIL'} | {_precision(r['precision'])} |"
         )
     names = list(dict.fromkeys(k for r in result["runs"] for k in r["stages"]))
     lines += ["", "Stages (s):", "", "| stage | " + " | ".join(r["target"] for r in result["runs"]) + " |"]
