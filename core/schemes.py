@@ -71,6 +71,11 @@ def schemes_for(runtime: str) -> tuple[Scheme, ...]:
     return tuple(name for name, spec in SCHEME_TABLE.items() if spec.runtime == runtime)
 
 
+def smallest_scheme(runtime: str) -> Scheme:
+    """The scheme of ``runtime`` that stores a weight in the fewest bytes (the floor of its options)."""
+    return min(schemes_for(runtime), key=lambda s: SCHEME_TABLE[s].weight_bytes)
+
+
 def scheme_spec(name: str, runtime: str | None = None) -> SchemeSpec:
     """The row of ``name`` (checked against ``runtime`` when given), or a ConfigError listing the choices."""
     spec = SCHEME_TABLE.get(name)  # type: ignore[call-overload]

@@ -14,7 +14,7 @@ from typing import Any
 
 from core.errors import BudgetError
 from core.methods import MethodConfig
-from core.schemes import SCHEME_TABLE, schemes_for
+from core.schemes import smallest_scheme
 from pipeline.methods import build_pruner
 from targets.budget import MemoryEstimate, ModelShape, estimate_all, model_shape, worst
 from targets.profile import DeviceProfile
@@ -91,7 +91,7 @@ def _levers(
     # quantized weights on every runtime that runs fp32 today, with each runtime's smallest scheme
     fp32 = [rt for rt in profile.runtimes if rt not in profile.quantize]
     if fp32:
-        smallest = {rt: min(schemes_for(rt), key=lambda s: SCHEME_TABLE[s].weight_bytes) for rt in fp32}
+        smallest = {rt: smallest_scheme(rt) for rt in fp32}
         change = ", ".join(f"{rt}: {s}" for rt, s in smallest.items())
         out.append((f"quantize: {{{change}}}", floor.total_mib - floor_with(quantize={**profile.quantize, **smallest})))
     # more whole blocks removed, where the method removes blocks at all

@@ -209,7 +209,8 @@ def _source_fingerprint(source: str | None) -> Any:
 
 
 def _run_stages(cfg: RunConfig, profile: DeviceProfile, out: Path, model_path: Path) -> dict[str, Any]:
-    torch.set_num_threads(local_threads(cfg.threads or available_cpus().count).used)  # never oversubscribe
+    # never oversubscribe: an explicit count is capped at the CPUs we have, the default is all of them
+    torch.set_num_threads(local_threads(cfg.threads).used if cfg.threads else available_cpus().count)
     atomic_write_text(out / "profile.yaml", _profile_yaml(profile))
     atomic_write_json(out / "run_config.json", {**asdict(cfg), "out_dir": str(out), "model_path": str(model_path)})
     stages: dict[str, dict[str, Any]] = {}

@@ -29,18 +29,8 @@ def render_markdown(typed: Report) -> str:
         "",
         "## Pruning",
         "",
-        f"Method `{plan['method']}`, {len(plan['steps'])} steps: removed {len(plan['removed_layers'])} of "
-        f"{len(plan['removed_layers']) + len(plan['kept_layers'])} decoder blocks "
-        f"{plan['removed_layers'] or ''}; parameters {plan['params_before']:,} -> {plan['params_after']:,} "
-        f"({1 - plan['params_after'] / plan['params_before']:.1%} removed) in {plan['wall_s']:.1f} s"
-        f"{_peak(plan)}.",
-        "",
-        "| step | removed | score | predicted peak (MiB) | calibration perplexity |",
-        "|---:|---|---:|---:|---:|",
+        *_pruning_summary(plan, bool(report.get("fit"))),
     ]
-    if not plan["steps"]:  # the model fit (with the chosen precision): no steps to list
-        precision = " with the chosen precision" if report.get("fit") else ""
-        lines[-4:] = [f"Nothing pruned: the model fits the budget as it is{precision} (`{plan['method']}` not needed)."]
     steps = list(enumerate(plan["steps"], 1))
     shown = steps if len(steps) <= 24 else steps[:12] + steps[-12:]  # width pruning takes hundreds of small steps
     for n, (i, s) in enumerate(shown):
@@ -115,6 +105,23 @@ def render_markdown(typed: Report) -> str:
     return "\n".join(lines)
 
 
+def _pruning_summary(plan: dict[str, Any], fitted: bool) -> list[str]:
+    """What the prune stage removed, and the head of its step table; one line when nothing was."""
+    if not plan["steps"]:  # the model fit (with the chosen precision)
+        precision = " with the chosen precision" if fitted else ""
+        return [f"Nothing pruned: the model fits the budget as it is{precision} (`{plan['method']}` not needed)."]
+    return [
+        f"Method `{plan['method']}`, {len(plan['steps'])} steps: removed {len(plan['removed_layers'])} of "
+        f"{len(plan['removed_layers']) + len(plan['kept_layers'])} decoder blocks "
+        f"{plan['removed_layers'] or ''}; parameters {plan['params_before']:,} -> {plan['params_after']:,} "
+        f"({1 - plan['params_after'] / plan['params_before']:.1%} removed) in {plan['wall_s']:.1f} s"
+        f"{_peak(plan)}.",
+        "",
+        "| step | removed | score | predicted peak (MiB) | calibration perplexity |",
+        "|---:|---|---:|---:|---:|",
+    ]
+
+
 FRONTIER_HEADERS = [
     "candidate", "predicted dense peak, worst runtime (MiB)", "pruning needed", "calibration perplexity by runtime",
     "estimated ratio (worst runtime)", "chosen",
@@ -130,18 +137,12 @@ def frontier_rows(fit: dict[str, Any]) -> list[list[str]]:
     rows = []
     for c in sorted(fit["candidates"], key=key):
         prec = ", ".join(f"{rt} {s}" for rt, s in c["precision"].items())
-        share = c["prune_share"]
-        if not c["reachable"]:
-            prune = "out of reach"
-        elif share is None:
-            prune = "more than the proxy reaches"
-        else:
-            prune = "none" if share == 0 else f"~{share:.0%} of MLP channels"
         ppl = ", ".join(f"{_f(v, 2)}" for v in c["quant_ppl"].values()) or "-"
-        if c["prune_ppl"] is not None and share:
+        if c["prune_ppl"] is not None and c["prune_share"]:
             ppl += f"; pruning proxy {_f(c['prune_ppl'], 2)}"
         ratio = "-" if c["worst_ratio"] is None else f"{c['worst_ratio']:.3f}x"
-        rows.append([prec, _f(max(c["dense_mib"].values())), prune, ppl, ratio, "**yes**" if c["chosen"] else ""])
+        chosen = "**yes**" if c["chosen"] else ""
+        rows.append([prec, _f(max(c["dense_mib"].values())), c["pruning"], ppl, ratio, chosen])
     return rows
 
 

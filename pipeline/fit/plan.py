@@ -36,7 +36,7 @@ import torch
 from core.methods import MethodConfig
 from core.perplexity import perplexity
 from core.runtimes import Runtime
-from core.schemes import SCHEME_TABLE, schemes_for
+from core.schemes import schemes_for, smallest_scheme
 from pipeline.feasibility import floor_estimate
 from pipeline.fit.proxy import PruningProxy, smallest_share
 from pipeline.fit.simulate import simulated
@@ -62,13 +62,10 @@ def options(profile: DeviceProfile, runtime: Runtime) -> list[str]:
 
 def most_compressed(profile: DeviceProfile) -> DeviceProfile:
     """``profile`` with every free runtime at its smallest scheme: the floor ``precision: auto`` may
-    reach, for the feasibility check before any weight is read."""
-    smallest = {
-        rt: min(opts, key=lambda s: SCHEME_TABLE[s].weight_bytes if s != FP32 else 4.0)  # type: ignore[index]
-        for rt in profile.runtimes
-        if (opts := options(profile, rt))
-    }
-    return profile.with_quantize({rt: s for rt, s in smallest.items() if s != FP32})  # type: ignore[misc]
+    reach, for the feasibility check before any weight is read (pins kept; ``fp32``: unchanged)."""
+    if profile.precision != "auto":
+        return profile
+    return profile.with_quantize({**{rt: smallest_scheme(rt) for rt in profile.runtimes}, **profile.quantize})
 
 
 @dataclass
@@ -92,14 +89,18 @@ class Candidate:
     def quantize(self) -> dict[str, str]:
         return {rt: s for rt, s in self.precision.items() if s != FP32}
 
+    @property
+    def pruning(self) -> str:
+        """The pruning this candidate needs, in words (the report's column and :meth:`label`)."""
+        if not self.reachable:
+            return "out of the method's reach"
+        if self.prune_share is None:
+            return "more than the proxy reaches"
+        return "none" if self.prune_share == 0 else f"~{self.prune_share:.0%} of MLP channels"
+
     def label(self) -> str:
         prec = ", ".join(f"{rt} {s}" for rt, s in self.precision.items())
-        if not self.reachable:
-            return f"{prec}: out of the method's reach"
-        prune = "no pruning" if self.prune_share == 0 else (
-            f"prune ~{self.prune_share:.0%} of MLP channels" if self.prune_share is not None else "prune past the proxy"
-        )  # fmt: skip
-        return f"{prec}, {prune}"
+        return f"{prec}, {'no pruning' if self.prune_share == 0 else 'pruning ' + self.pruning}"
 
 
 @dataclass
@@ -117,7 +118,7 @@ class FitPlan:
         out = asdict(self)
         for c, d in zip(self.candidates, out["candidates"], strict=True):
             d["worst_ratio"] = c.worst_ratio if math.isfinite(c.worst_ratio) else None
-            d["label"] = c.label()
+            d["label"], d["pruning"] = c.label(), c.pruning
         return out
 
 
