@@ -6,17 +6,22 @@ precision), whether a tied lm_head gets its own quantized copy, and, where its l
 the runtime's fp32 weights, its own memory-model constants. The profile validates ``quantize:``
 against it, the memory model counts bytes from it, the exporters implement it
 (``exporters/quantize.py``). Adding a scheme is one row here plus its branch in the exporter.
+
+The embedding table is a component of its own (``EMBEDDING_TABLE``): its schemes are chosen apart
+from the linear weights' (``quantize_embedding:``), since the embedding is a gather, not a GEMM, and
+on a large-vocabulary model it is most of the weights (Gemma 3 270M: 63%).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Literal
 
 from core.errors import ConfigError
 from core.runtimes import RUNTIME_TABLE, Runtime, RuntimeCost
 
-Scheme = Literal["int8", "int8w", "8da4w", "8da8w"]
+Scheme = Literal["int8", "int8w", "int4w", "8da4w", "8da8w"]
 
 GROUP_SIZE = 32  # int4 group: XNNPACK's blockwise kernels take multiples of 32; int8w's block too
 
@@ -32,6 +37,7 @@ class SchemeSpec:
     # scale each 1 + 4/32.
     weight_bytes: float
     group_size: int  # 0: per output channel
+    bits: int = 8  # of each weight code
     # int4 groups must tile the input width: a (pruned) weight whose input width is not a multiple
     # of the group stays in the model's precision
     whole_groups: bool = False
@@ -40,6 +46,13 @@ class SchemeSpec:
     summary: str = ""
 
 
+# MatMulNBits with int8 compute packs every weight into its own layout at load while the mapped source
+# pages are resident too: 0.41 of the block weights, 0.55 of the lm_head (fitted on SmolLM2 int8w for
+# android-go and three tiny models; fp32's ratios under-predict them by 26-28%).
+MATMULNBITS_COST = replace(
+    RUNTIME_TABLE["onnxruntime"].cost, session_mib=5.66, gemm_transient_ratio=0.406, head_transient_ratio=0.552
+)
+
 SCHEME_TABLE: dict[Scheme, SchemeSpec] = {
     "int8": SchemeSpec(
         "int8", "onnxruntime", weight_bytes=1.0, group_size=0,
@@ -47,16 +60,18 @@ SCHEME_TABLE: dict[Scheme, SchemeSpec] = {
     ),
     "int8w": SchemeSpec(
         "int8w", "onnxruntime", weight_bytes=1.0 + 4 / GROUP_SIZE, group_size=GROUP_SIZE, unties_head=True,
-        # MatMulNBits with int8 compute packs every weight into its own layout at load while the mapped
-        # source pages are resident too: 0.41 of the block weights, 0.55 of the lm_head (fitted on
-        # SmolLM2 for android-go and three tiny models; fp32's ratios under-predict them by 26-28%).
-        cost=replace(
-            RUNTIME_TABLE["onnxruntime"].cost, session_mib=5.66, gemm_transient_ratio=0.406, head_transient_ratio=0.552
-        ),
+        cost=MATMULNBITS_COST,
         summary="onnxruntime MatMulNBits: int8 weights and activations in blocks of 32",
     ),
+    "int4w": SchemeSpec(
+        "int4w", "onnxruntime", weight_bytes=0.5 + 4 / GROUP_SIZE, group_size=GROUP_SIZE, bits=4, unties_head=True,
+        # MatMulNBits' 4-bit blocks (onnxruntime-genai's default precision), packed at load like int8w's:
+        # its constants until int4w is measured on its own (benchmarks/memory_calibration.py)
+        cost=MATMULNBITS_COST,
+        summary="onnxruntime MatMulNBits: int4 weights in blocks of 32, int8 activations per block",
+    ),
     "8da4w": SchemeSpec(
-        "8da4w", "executorch", weight_bytes=0.5 + 4 / GROUP_SIZE, group_size=GROUP_SIZE, whole_groups=True,
+        "8da4w", "executorch", weight_bytes=0.5 + 4 / GROUP_SIZE, group_size=GROUP_SIZE, bits=4, whole_groups=True,
         summary="torchao 8-bit dynamic activations, int4 weights in groups of 32 (XNNPACK)",
     ),
     "8da8w": SchemeSpec(
@@ -64,6 +79,59 @@ SCHEME_TABLE: dict[Scheme, SchemeSpec] = {
         summary="torchao 8-bit dynamic activations, int8 weights per channel (XNNPACK)",
     ),
 }  # fmt: skip
+
+
+EmbeddingScheme = Literal["int8", "int4"]
+
+
+@dataclass(frozen=True)
+class EmbeddingSpec:
+    """One embedding-table scheme: symmetric integer codes gathered and dequantized per looked-up row.
+
+    ExecuTorch runs them with its portable ``quantized_decomposed::embedding_byte`` / ``embedding_4bit``
+    kernels (``executorch.kernels.quantized``), the ops its own ``export_llm --embedding_quantize``
+    emits. onnxruntime has none here: with the head untied (``int8w``) its fp32 embedding stays
+    memory-mapped and only the rows looked up are resident, so quantizing it saves disk, not memory."""
+
+    name: EmbeddingScheme
+    runtimes: tuple[Runtime, ...]
+    bits: int
+    group_size: int  # 0: one scale per row (the whole hidden width)
+
+    def bytes_per_row(self, width: int) -> float:
+        """Stored bytes of one row of ``width`` values: the codes and one fp32 scale per group."""
+        groups = 1 if self.group_size == 0 else math.ceil(width / self.group_size)
+        return width * self.bits / 8 + 4 * groups
+
+
+EMBEDDING_TABLE: dict[EmbeddingScheme, EmbeddingSpec] = {
+    # int8 per row: export_llm's "8,0"; int4 in groups of 32: its "4,32"
+    "int8": EmbeddingSpec("int8", ("executorch",), bits=8, group_size=0),
+    "int4": EmbeddingSpec("int4", ("executorch",), bits=4, group_size=GROUP_SIZE),
+}
+
+
+def embedding_schemes_for(runtime: str) -> tuple[EmbeddingScheme, ...]:
+    """The embedding schemes ``runtime`` runs, in table order."""
+    return tuple(name for name, spec in EMBEDDING_TABLE.items() if runtime in spec.runtimes)
+
+
+def smallest_embedding_scheme(runtime: str) -> EmbeddingScheme | None:
+    """The embedding scheme of ``runtime`` with the fewest bits (None: it has none)."""
+    by_bits = sorted(embedding_schemes_for(runtime), key=lambda name: EMBEDDING_TABLE[name].bits)
+    return by_bits[0] if by_bits else None
+
+
+def embedding_spec(name: str, runtime: str) -> EmbeddingSpec:
+    """The embedding row of ``name`` for ``runtime``, or a ConfigError listing the choices."""
+    spec = EMBEDDING_TABLE.get(name)  # type: ignore[call-overload]
+    if spec is None or runtime not in spec.runtimes:
+        choices = embedding_schemes_for(runtime)
+        raise ConfigError(
+            f"Embedding quantization '{name}' is not available for {runtime}; "
+            f"it supports: {', '.join(choices) or 'none'}."
+        )
+    return spec
 
 
 def schemes_for(runtime: str) -> tuple[Scheme, ...]:

@@ -23,6 +23,7 @@ class ExportConfig:
     max_cache_len: int = 0  # 0: seq_len + 64 (tests); the pipeline passes the profile's context
     batch_size: int = 1
     quantize: str | None = None  # a scheme of exporters.quantize (per runtime), None: fp32
+    quantize_embedding: str | None = None  # an embedding scheme of core.schemes (per runtime), None: fp32
     ort_format: bool = False  # onnxruntime: also write model.ort (ORT Mobile), optimized offline
     target_arch: str = "aarch64"  # the device's CPU: offline optimizations must not assume this host's
     llm_ops: bool = True  # executorch: ExecuTorch's LLM kernels (custom_sdpa, update_cache) where they apply

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import copy
 import logging
 import time
 from pathlib import Path
@@ -27,6 +28,7 @@ from exporters.base import ExportArtifact, ExportConfig, export_error
 from exporters.kv_cache import StaticCacheDecoder, kv_layout
 from exporters.llm_ops import LlmOpsCacheDecoder, llm_ops_attention, unsupported_reason
 from exporters.quantize import quantize_torch
+from exporters.quantized_embedding import quantize_embedding
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +71,9 @@ class ExecuTorchExporter:
         t0 = time.perf_counter()
         # quantized: a copy; the caller's fp32 model stays the parity reference
         source: Any = quantize_torch(model, cfg.quantize) if cfg.quantize else model
+        if cfg.quantize_embedding:  # the lookup table: ExecuTorch's quantized embedding kernels
+            source = source if source is not model else copy.deepcopy(model)
+            quantize_embedding(source, cfg.quantize_embedding, self.name)
         why_not = unsupported_reason(model, cfg.cache_len) if cfg.llm_ops else "disabled"
         use_ops = why_not is None
         decoder: torch.nn.Module
@@ -116,6 +121,7 @@ class ExecuTorchExporter:
             "max_seq_len": cfg.seq_len,
             "metadata": metadata,
             "quantization": cfg.quantize or "none",
+            "embedding_quantization": cfg.quantize_embedding or "none",
         }
         return ExportArtifact(
             self.name, path, len(buffer), round(time.perf_counter() - t0, 2), (cfg.batch_size, cfg.seq_len), details

@@ -20,7 +20,7 @@ from transformers import PreTrainedModel
 from core.errors import ExportError
 from exporters.base import ExportArtifact, ExportConfig, artifact_size_bytes, export_error
 from exporters.kv_cache import KvLayout, PastKeyValuesDecoder, kv_layout
-from exporters.quantize import check_scheme, quantize_onnx
+from exporters.quantize import check_embedding_scheme, check_scheme, quantize_onnx
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,8 @@ class OnnxExporter:
         t0 = time.perf_counter()
         if cfg.quantize:
             check_scheme(self.name, cfg.quantize)
+        if cfg.quantize_embedding:
+            check_embedding_scheme(self.name, cfg.quantize_embedding)
         layout = kv_layout(model)
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / self.filename

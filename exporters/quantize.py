@@ -20,10 +20,13 @@
   agreement with fp32 93.8% (96.9%). Untied at ``accuracy_level=0`` peaked at 332 MiB and decoded
   at a third of the speed (the 49152-wide head dequantized per call). A 4-bit embedding
   (``GatherBlockQuantized``) saved 18 MiB more but agreement fell to 90.6%: not taken.
+- ``int4w`` (onnxruntime): the same with 4-bit blocks (``MatMulNBits`` bits=4, onnxruntime-genai's
+  default precision): weights 0.625 bytes each with their scales, the same int8 activation blocks.
 - ``8da4w`` / ``8da8w`` (executorch): torchao's ``Int8DynamicActivationIntxWeightConfig`` on every
   nn.Linear (lm_head included): int4 weights in groups of 32 (or int8 per channel), activations
   quantized per token at run time; the XNNPACK partitioner lowers them to its dynamically
-  quantized GEMMs. Embeddings stay fp32.
+  quantized GEMMs. The embedding is its own component (``quantize_embedding``: int8 rows or int4
+  groups, :mod:`exporters.quantized_embedding`); without it, it stays fp32.
 
 Why these: they are what each runtime accelerates on ARM CPUs without calibration data (dynamic
 activation scales), so they need no extra data beyond what pruning already used.
@@ -40,7 +43,7 @@ import numpy as np
 from torch import nn
 
 from core.errors import ConfigError, ExportError
-from core.schemes import GROUP_SIZE, scheme_spec
+from core.schemes import GROUP_SIZE, embedding_spec, scheme_spec
 
 if TYPE_CHECKING:
     import onnx
@@ -96,6 +99,14 @@ def check_scheme(runtime: str, scheme: str) -> None:
         raise ExportError(str(exc)) from None
 
 
+def check_embedding_scheme(runtime: str, scheme: str) -> None:
+    """ExportError unless ``scheme`` is one of ``runtime``'s embedding rows in ``core.schemes``."""
+    try:
+        embedding_spec(scheme, runtime)
+    except ConfigError as exc:
+        raise ExportError(str(exc)) from None
+
+
 def quantize_torch(model: nn.Module, scheme: str) -> nn.Module:
     """A quantized copy of ``model`` (the fp32 model stays as it is, for parity references)."""
     import torch
@@ -119,11 +130,12 @@ def quantize_torch(model: nn.Module, scheme: str) -> nn.Module:
 
 
 def quantize_onnx(src: Path, dst: Path, scheme: str = "int8") -> None:
-    """Quantize ``src`` into ``dst`` (``int8`` dynamic or ``int8w`` weight-only), weights in ``dst``'s
-    ``.data`` sidecar."""
+    """Quantize ``src`` into ``dst`` (``int8`` dynamic, or ``int8w`` / ``int4w`` MatMulNBits), weights in
+    ``dst``'s ``.data`` sidecar."""
     check_scheme("onnxruntime", scheme)
+    spec = scheme_spec(scheme, "onnxruntime")
     try:
-        if scheme == "int8w":
+        if spec.group_size:  # MatMulNBits, blockwise
             import onnx
             from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
@@ -131,12 +143,12 @@ def quantize_onnx(src: Path, dst: Path, scheme: str = "int8") -> None:
             model = onnx.load(str(src))
             untied = untie_transposed_weights(model)
             quantizer = MatMulNBitsQuantizer(
-                model, bits=8, block_size=GROUP_SIZE, is_symmetric=True, accuracy_level=INT8W_ACCURACY_LEVEL,
-                op_types_to_quantize=("MatMul",),
+                model, bits=spec.bits, block_size=spec.group_size, is_symmetric=True,
+                accuracy_level=INT8W_ACCURACY_LEVEL, op_types_to_quantize=("MatMul",),
             )  # fmt: skip
             quantizer.process()
             quantizer.model.save_model_to_file(str(dst), use_external_data_format=True)
-            log.info("int8w: untied %s before quantizing", ", ".join(untied) or "nothing")
+            log.info("%s: untied %s before quantizing", scheme, ", ".join(untied) or "nothing")
         else:
             from onnxruntime.quantization import QuantType, quantize_dynamic
 

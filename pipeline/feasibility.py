@@ -14,7 +14,7 @@ from typing import Any
 
 from core.errors import BudgetError
 from core.methods import MethodConfig
-from core.schemes import smallest_scheme
+from core.schemes import smallest_embedding_scheme, smallest_scheme
 from pipeline.methods import build_pruner
 from targets.budget import MemoryEstimate, ModelShape, estimate_all, model_shape, worst
 from targets.profile import DeviceProfile
@@ -64,11 +64,12 @@ def check_feasible(model: Any, profile: DeviceProfile, cfg: MethodConfig, shape:
 
 def _weights(profile: DeviceProfile) -> str:
     """How the floor's weights are stored, where any runtime's are quantized."""
-    if not profile.quantize:
+    if not profile.quantize and not profile.quantize_embedding:
         return ""
-    schemes = ", ".join(f"{rt} {s}" for rt, s in profile.quantize.items())
+    schemes = [f"{rt} {s}" for rt, s in profile.quantize.items()]
+    schemes += [f"{rt} embedding {s}" for rt, s in profile.quantize_embedding.items()]
     auto = "the smallest precision:auto may choose, " if profile.precision == "auto" else ""
-    return f" with weights quantized ({auto}{schemes})"
+    return f" with weights quantized ({auto}{', '.join(schemes)})"
 
 
 def _levers(
@@ -94,6 +95,13 @@ def _levers(
         smallest = {rt: smallest_scheme(rt) for rt in fp32}
         change = ", ".join(f"{rt}: {s}" for rt, s in smallest.items())
         out.append((f"quantize: {{{change}}}", floor.total_mib - floor_with(quantize={**profile.quantize, **smallest})))
+    # a quantized embedding table where the runtime has one and the profile keeps it fp32
+    tables = {rt: smallest_embedding_scheme(rt) for rt in profile.runtimes if rt not in profile.quantize_embedding}
+    tables = {rt: s for rt, s in tables.items() if s is not None}
+    if tables:
+        change = ", ".join(f"{rt}: {s}" for rt, s in tables.items())
+        saved = floor.total_mib - floor_with(quantize_embedding={**profile.quantize_embedding, **tables})
+        out.append((f"quantize_embedding: {{{change}}}", saved))
     # more whole blocks removed, where the method removes blocks at all
     if cfg.removes_blocks:
         more = cfg.model_copy(update={"max_removed_layer_ratio": MOST_BLOCK_REMOVAL})

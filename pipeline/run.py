@@ -35,7 +35,7 @@ from core.fsio import (
 from core.methods import MethodConfig
 from core.perplexity import perplexity
 from core.runtimes import RUNTIME_TABLE
-from core.schemes import SCHEME_TABLE
+from core.schemes import EMBEDDING_TABLE, SCHEME_TABLE
 from exporters import check_runtime_available, get_exporter
 from exporters.base import ExportConfig, artifact_files
 from pipeline.calib_cache import content_digest
@@ -227,6 +227,7 @@ def _run_stages(cfg: RunConfig, profile: DeviceProfile, out: Path, model_path: P
         memory_model={
             **{rt: asdict(spec) for rt, spec in RUNTIME_TABLE.items()},
             **{name: asdict(spec) for name, spec in SCHEME_TABLE.items()},
+            **{f"embedding-{name}": asdict(spec) for name, spec in EMBEDDING_TABLE.items()},
         },
         versions=package_versions(),
         code=source_digest("core", "pipeline"),
@@ -295,10 +296,11 @@ def _export_config(profile: DeviceProfile) -> ExportConfig:
 
 
 def runtime_export_config(base: ExportConfig, profile: DeviceProfile, runtime: Runtime) -> ExportConfig:
-    """The profile's per-runtime choices: quantization scheme, ORT format."""
+    """The profile's per-runtime choices: quantization schemes (linear, embedding), ORT format."""
     return replace(
         base,
         quantize=profile.quantize.get(runtime),
+        quantize_embedding=profile.quantize_embedding.get(runtime),
         ort_format=runtime == "onnxruntime" and profile.onnx_format == "ort",
     )
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from core.arch import attention_heads, decoder_layers, head_dim, mlp_width
 from core.runtimes import RUNTIME_TABLE, Runtime
-from core.schemes import SCHEME_TABLE, runtime_cost
+from core.schemes import EMBEDDING_TABLE, SCHEME_TABLE, runtime_cost
 from targets.profile import DeviceProfile
 
 MIB = 1024 * 1024
@@ -169,13 +169,21 @@ class WeightTerms:
         return self.total - (0 if self.embedding_resident else int(self.embedding))
 
 
-def weight_terms(shape: ModelShape, runtime: Runtime, precision: str, scheme: str | None = None) -> WeightTerms:
+def weight_terms(
+    shape: ModelShape, runtime: Runtime, precision: str, scheme: str | None = None, embedding: str | None = None
+) -> WeightTerms:
     """Weights as the runtime stores them. Quantized (``scheme``): every block's linear weights and
-    a separately stored lm_head take the scheme's bytes; embeddings, norms and a lm_head shared
-    with the embedding stay in ``precision``. int4 groups must tile a weight's input width, so a
-    down_proj whose (pruned) intermediate size is not a multiple of the group stays in fp32.
-    Schemes with ``unties_head`` (``core.schemes``) store a tied lm_head as its own quantized weight."""
+    a separately stored lm_head take the scheme's bytes; norms and a lm_head shared with the
+    embedding stay in ``precision``. int4 groups must tile a weight's input width, so a down_proj
+    whose (pruned) intermediate size is not a multiple of the group stays in fp32. Schemes with
+    ``unties_head`` (``core.schemes``) store a tied lm_head as its own quantized weight. The
+    embedding table takes its own ``embedding`` scheme's bytes (codes and per-group scales), else
+    ``precision``'s."""
     fp = BYTES_PER_ELEMENT[precision]
+    embed_bytes = float(shape.embed_params * fp)
+    if embedding is not None:
+        rows = shape.embed_params // shape.hidden_size
+        embed_bytes = rows * EMBEDDING_TABLE[embedding].bytes_per_row(shape.hidden_size)  # type: ignore[index]
     rt = RUNTIME_TABLE[runtime]
     spec = SCHEME_TABLE[scheme] if scheme is not None else None  # type: ignore[index]
     q: float = spec.weight_bytes if spec else fp
@@ -189,7 +197,7 @@ def weight_terms(shape: ModelShape, runtime: Runtime, precision: str, scheme: st
             unquantized = shape.hidden_size * layer.intermediate_size
         blocks += (layer.params - unquantized) * q + unquantized * fp
     return WeightTerms(
-        embedding=shape.embed_params * fp,
+        embedding=embed_bytes,
         head=head,
         blocks=blocks,
         other=shape.other_params * fp,
@@ -198,9 +206,11 @@ def weight_terms(shape: ModelShape, runtime: Runtime, precision: str, scheme: st
     )
 
 
-def weights_bytes(shape: ModelShape, runtime: Runtime, precision: str, scheme: str | None = None) -> int:
+def weights_bytes(
+    shape: ModelShape, runtime: Runtime, precision: str, scheme: str | None = None, embedding: str | None = None
+) -> int:
     """Total weight bytes as the runtime stores them (see :func:`weight_terms`)."""
-    return weight_terms(shape, runtime, precision, scheme).total
+    return weight_terms(shape, runtime, precision, scheme, embedding).total
 
 
 def kv_cache_bytes(shape: ModelShape, context: int, batch: int, precision: str, windowed: bool = False) -> int:
@@ -250,7 +260,7 @@ def estimate(shape: ModelShape, profile: DeviceProfile, runtime: Runtime) -> Mem
     scheme = profile.quantize.get(runtime)
     cost = runtime_cost(runtime, scheme)
     windowed = RUNTIME_TABLE[runtime].kv_windowed
-    terms = weight_terms(shape, runtime, profile.float_dtype, scheme)
+    terms = weight_terms(shape, runtime, profile.float_dtype, scheme, profile.quantize_embedding.get(runtime))
     gemm_mib, head_mib = terms.blocks / MIB, terms.head_read / MIB
     overhead = library_mib(profile, runtime) + cost.loaded_overhead_mib(gemm_mib, head_mib)
     return MemoryEstimate(

@@ -42,7 +42,7 @@ def compare(dirs: list[Path]) -> str:
     row("device", lambda r: r["profile"]["device"].split(",")[0])
     row("budget (MiB)", lambda r: str(r["profile"]["memory_budget_mib"]))
     row("context / prefill", lambda r: f"{r['profile']['context_length']} / {r['profile']['prefill_tokens']}")
-    row("quantization", lambda r: ", ".join(f"{k}: {v}" for k, v in r["profile"].get("quantize", {}).items()) or "fp32")
+    row("quantization", _quantization)
     row("pruning method", lambda r: r["prune"]["method"])
     row("blocks removed", lambda r: str(len(r["prune"]["removed_layers"])))
     row("params removed", lambda r: _f(1 - r["prune"]["params_after"] / r["prune"]["params_before"], ".1%"))
@@ -69,3 +69,15 @@ def compare(dirs: list[Path]) -> str:
     lines = ["| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     lines += [f"| {label} | " + " | ".join(values) + " |" for label, values in rows]
     return "\n".join(lines) + "\n"
+
+
+def _quantization(report: dict[str, Any]) -> str:
+    """A report's schemes per runtime, the embedding's where it has its own."""
+    prof = report["profile"]
+    emb = prof.get("quantize_embedding", {})
+    runtimes = list(dict.fromkeys([*prof.get("quantize", {}), *emb]))
+    parts = []
+    for rt in runtimes:
+        linear, table = prof.get("quantize", {}).get(rt), emb.get(rt)
+        parts.append(f"{rt}: " + " + ".join(x for x in (linear, table and f"{table} embedding") if x))
+    return ", ".join(parts) or "fp32"

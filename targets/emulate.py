@@ -307,7 +307,7 @@ def run(cfg: EmulationConfig) -> EmulationResult:
             raise ConfigError(
                 f"{out}/validation/{cfg.runtime}_generation.npz is missing: run `prunefit validate` first."
             )
-        quantized = cfg.runtime in profile.quantize
+        quantized = profile.quantized(cfg.runtime) is not None
         gates = emulated_gates(profile, cfg.runtime, quantized, cmp)
         emulated = {"qemu": Path(qemu).name, "cpu": core, "features": CORES[core].features, "wall_s": wall,
                     "note": "timings and memory are qemu's, not a device's"}  # fmt: skip

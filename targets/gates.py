@@ -109,7 +109,7 @@ def killed_gates(profile: DeviceProfile, runtime: Runtime, detail: str, needed_m
     """A run the kernel killed at its limit: the memory gate fails with what it needed (at least the
     limit it hit), and the output gates are reported as not checked, with no threshold."""
     gates = [Gate(f"memory[{runtime}]", False, needed_mib, float(profile.memory_budget_mib), detail)]
-    for name in ("agreement",) if profile.quantize.get(runtime) else ("parity", "generation"):
+    for name in ("agreement",) if profile.quantized(runtime) else ("parity", "generation"):
         gates.append(Gate(f"{name}[{runtime}]", False, float("nan"), None, "not checked: killed at the budget"))
     return gates
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from core.fsio import atomic_write_bytes, atomic_write_text
-from targets.markdown import DEVICE_HEADERS, FRONTIER_HEADERS, device_run_rows, frontier_rows
+from targets.markdown import DEVICE_HEADERS, FRONTIER_HEADERS, candidate_precision, device_run_rows, frontier_rows
 from targets.results import Report
 
 
@@ -115,12 +115,13 @@ def plots(out_dir: Path, report: dict[str, Any]) -> dict[str, bytes]:
 def _frontier_plot(plt: Any, fit: dict[str, Any], budget: float) -> bytes:
     """Each priced candidate: its dense prediction (worst runtime) against its estimated loss."""
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    for c in fit["candidates"]:
-        if c["worst_ratio"] is None:
-            continue
+    priced = sorted((c for c in fit["candidates"] if c["worst_ratio"] is not None), key=lambda c: c["worst_ratio"])
+    for rank, c in enumerate(priced):
         x, y = max(c["dense_mib"].values()), c["worst_ratio"]
         ax.scatter([x], [y], color="#e45756" if c["chosen"] else "#4c78a8", zorder=3, s=40 if c["chosen"] else 20)
-        ax.annotate(", ".join(c["precision"].values()), (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        if c["chosen"] or rank < 6:  # the best few named: dozens of labels would cover each other
+            label = candidate_precision(c, "; ").replace("executorch ", "ET ").replace("onnxruntime ", "ORT ")
+            ax.annotate(label, (x, y), fontsize=5, xytext=(3, 3), textcoords="offset points")
     ax.axvline(budget, color="black", linestyle="--", label=f"budget {budget:.0f} MiB")
     ax.set_xlabel("predicted peak of the dense model, worst runtime (MiB)")
     ax.set_ylabel("estimated perplexity / dense fp32")

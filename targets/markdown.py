@@ -128,6 +128,16 @@ FRONTIER_HEADERS = [
 ]  # fmt: skip
 
 
+def candidate_precision(c: dict[str, Any], sep: str = ", ") -> str:
+    """A saved candidate's precision per runtime: the linear scheme, and the embedding's if quantized
+    (reports written before embeddings were a component have no ``embedding``)."""
+    emb = c.get("embedding") or {}
+    return sep.join(
+        f"{rt} {s}" + ("" if emb.get(rt, "fp32") == "fp32" else f" + {emb[rt]} embedding")
+        for rt, s in c["precision"].items()
+    )
+
+
 def frontier_rows(fit: dict[str, Any]) -> list[list[str]]:
     """One row per candidate ``precision: auto`` priced (shared by md and html), best first."""
 
@@ -136,7 +146,7 @@ def frontier_rows(fit: dict[str, Any]) -> list[list[str]]:
 
     rows = []
     for c in sorted(fit["candidates"], key=key):
-        prec = ", ".join(f"{rt} {s}" for rt, s in c["precision"].items())
+        prec = candidate_precision(c)
         ppl = ", ".join(f"{_f(v, 2)}" for v in c["quant_ppl"].values()) or "-"
         if c["prune_ppl"] is not None and c["prune_share"]:
             ppl += f"; pruning proxy {_f(c['prune_ppl'], 2)}"

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from core.errors import ConfigError, ProfileError
 from core.methods import DEFAULT_METHOD, MethodConfig, method_config
 from core.runtimes import RUNTIMES, Runtime
-from core.schemes import SCHEME_TABLE, Scheme, schemes_for
+from core.schemes import SCHEME_TABLE, EmbeddingScheme, Scheme, embedding_schemes_for, schemes_for
 
 __all__ = ["RUNTIMES", "DeviceProfile", "Runtime", "Scheme", "load_profile"]
 
@@ -97,13 +97,17 @@ class DeviceProfile(_Strict):
     # "fp32": weights fp32 except where ``quantize:`` names a scheme. "auto": the fitting stage
     # (pipeline/fit/) picks each runtime's scheme (fp32 or one of its rows in core.schemes) and
     # the pruning together, for the least calibration loss that fits; ``quantize:`` entries pin a
-    # runtime's scheme. Activations, the KV cache and embeddings stay fp32 either way.
+    # runtime's scheme (``quantize_embedding:`` its embedding's). Activations and the KV cache stay fp32.
     precision: Literal["fp32", "auto"] = "fp32"
     threads: int = Field(ge=1, le=256)
     width_multiple: int = Field(8, ge=1, le=256)
     runtime_overhead_mib: dict[Runtime, float] = Field(default_factory=dict)
     # Weight quantization per runtime (absent: fp32): one of core.schemes.schemes_for(runtime).
     quantize: dict[Runtime, Scheme] = Field(default_factory=dict)
+    # The embedding table's quantization per runtime (absent: fp32, or chosen under precision: auto):
+    # one of core.schemes.embedding_schemes_for(runtime). A component of its own: the linear scheme
+    # above decides the lm_head, this one only the lookup table.
+    quantize_embedding: dict[Runtime, EmbeddingScheme] = Field(default_factory=dict)
     # onnxruntime artifact format: "ort" = ORT format for ORT Mobile / minimal builds, optimized
     # offline for the device's CPU (model.onnx is still written beside it).
     onnx_format: Literal["onnx", "ort"] = "onnx"
@@ -122,9 +126,23 @@ class DeviceProfile(_Strict):
         groups = [SCHEME_TABLE[s].group_size for s in self.quantize.values() if SCHEME_TABLE[s].whole_groups]
         return math.lcm(self.width_multiple, *groups)
 
-    def with_quantize(self, quantize: dict[Runtime, Scheme]) -> DeviceProfile:
-        """This profile with ``quantize`` as its per-runtime schemes (a fitted ``precision: auto``)."""
-        return self.model_copy(update={"quantize": dict(quantize)})
+    def quantized(self, runtime: str) -> str | None:
+        """``runtime``'s quantization in words (linear scheme, embedding scheme), None when all fp32:
+        a quantized artifact is gated on its quality, an fp32 one on parity."""
+        parts = [s for s in (self.quantize.get(runtime),) if s]  # type: ignore[call-overload]
+        emb = self.quantize_embedding.get(runtime)  # type: ignore[call-overload]
+        parts += [f"{emb} embedding"] if emb else []
+        return " + ".join(parts) or None
+
+    def with_quantize(
+        self, quantize: dict[Runtime, Scheme], embedding: dict[Runtime, EmbeddingScheme] | None = None
+    ) -> DeviceProfile:
+        """This profile with ``quantize`` as its per-runtime linear schemes and ``embedding`` as its
+        embedding schemes (None: the profile's own), as a fitted ``precision: auto`` runs it."""
+        update: dict[str, Any] = {"quantize": dict(quantize)}
+        if embedding is not None:
+            update["quantize_embedding"] = dict(embedding)
+        return self.model_copy(update=update)
 
     def prune_config(self, method: str | None = None, **overrides: Any) -> MethodConfig:
         """The pruning method's typed config for this profile: its ``pruning:`` knobs (when
@@ -162,6 +180,15 @@ class DeviceProfile(_Strict):
                 raise ValueError(f"quantize.{rt}: '{scheme}' is not a {rt} scheme; use one of {', '.join(allowed)}")
             if rt not in self.runtimes:
                 raise ValueError(f"quantize.{rt} is set but '{rt}' is not in runtimes {list(self.runtimes)}")
+        for rt, emb in self.quantize_embedding.items():
+            tables = embedding_schemes_for(rt)
+            if emb not in tables:
+                raise ValueError(
+                    f"quantize_embedding.{rt}: '{emb}' is not an embedding scheme {rt} runs; "
+                    f"use one of: {', '.join(tables) or 'none (remove the key)'}"
+                )
+            if rt not in self.runtimes:
+                raise ValueError(f"quantize_embedding.{rt} is set but '{rt}' is not in runtimes {list(self.runtimes)}")
         for rt, mib in self.runtime_overhead_mib.items():
             if mib < 0:
                 raise ValueError(f"runtime_overhead_mib.{rt} must be >= 0, got {mib}")

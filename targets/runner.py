@@ -182,6 +182,10 @@ def _executorch(path: Path, threads: int, chunk: int) -> Callable[[], Decoder]:
         from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401
     except ImportError:  # an older runtime: programs exported with llm_ops=False still run
         pass
+    try:  # quantized_decomposed::embedding_byte / embedding_4bit (quantize_embedding programs)
+        import executorch.kernels.quantized  # noqa: F401
+    except ImportError:
+        pass
     portable_lib._unsafe_reset_threadpool(threads)
     torch.set_num_threads(threads)
 

@@ -292,7 +292,7 @@ def validate(
             )
             continue
         cmp = compare_generation(got, reference)
-        if profile.quantize.get(runtime) and windows is not None and got.eval_top1 is not None:
+        if profile.quantized(runtime) and windows is not None and got.eval_top1 is not None:
             if ref_top1 is None:
                 ref_top1 = reference_top1(model, windows)
             cmp["top1_agreement"], cmp["top1_positions"] = top1_agreement(got, reference, ref_top1)
@@ -314,7 +314,7 @@ def validate(
             generation=cmp,
         )
         report.runtimes.append(rr)
-        scheme = profile.quantize.get(runtime)
+        scheme = profile.quantized(runtime)
         if scheme:
             report.gates += quantized_gates(profile, runtime, scheme, cmp, report.perplexity)
         else:

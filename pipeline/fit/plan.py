@@ -5,15 +5,18 @@ Quantization and pruning both free memory, at very different prices: on SmolLM2-
 cost ~1-2% perplexity for a 2-3x smaller model, where pruning the fp32 model into the same android
 budget cost 31%. So the fitting stage prices every candidate before it prunes anything:
 
-1. **Candidates**: each runtime's options are fp32 and the schemes its exporter implements
-   (``core.schemes``); a runtime pinned by the profile's ``quantize:`` has only that one. One
-   candidate per combination (the pruned model is shared by every runtime, its precision is not).
+1. **Candidates**: each runtime's options are, per component, fp32 and the schemes its exporter
+   implements (``core.schemes``): the linear weights (the lm_head with them) and the embedding
+   table; a component pinned by the profile's ``quantize:`` / ``quantize_embedding:`` has only that
+   one. One candidate per combination (the pruned model is shared by every runtime, its precision
+   is not).
 2. **Memory**: the memory model predicts each candidate on the dense shape. One that fits needs no
    pruning; one that does not needs the smallest uniform MLP-channel share that makes it fit
    (``proxy.smallest_share``), and must be reachable by the pruning method at all (its floor).
-3. **Loss, measured** on the calibration windows: each scheme simulated in PyTorch
-   (``simulate.py``), and the pruning a candidate needs by the uncompensated proxy (``proxy.py``).
-   A runtime's estimated perplexity ratio is its scheme's times the pruning's (losses compound).
+3. **Loss, measured** on the calibration windows: each runtime's precision (its linear and
+   embedding schemes together) simulated in PyTorch (``simulate.py``), and the pruning a candidate
+   needs by the uncompensated proxy (``proxy.py``). A runtime's estimated perplexity ratio is its
+   precision's times the pruning's (losses compound).
 4. **Choice**: the candidate whose worst runtime loses least; ties go to the smaller total loss,
    then to the least compression (a ratio below 1 counts as 1: it is the sample's noise, so fp32
    stays where it fits and a scheme measured as "better" does not displace it). Pruning then runs
@@ -24,6 +27,7 @@ Every candidate, its predicted MiB and its estimated loss go to the report: the 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
@@ -36,10 +40,10 @@ import torch
 from core.methods import MethodConfig
 from core.perplexity import perplexity
 from core.runtimes import Runtime
-from core.schemes import schemes_for, smallest_scheme
+from core.schemes import embedding_schemes_for, schemes_for, smallest_embedding_scheme, smallest_scheme
 from pipeline.feasibility import floor_estimate
 from pipeline.fit.proxy import PruningProxy, smallest_share
-from pipeline.fit.simulate import simulated
+from pipeline.fit.simulate import simulated, simulated_embedding
 from pipeline.methods.base import PPL_WINDOWS
 from targets.budget import ModelShape, estimate_all, model_shape, worst
 from targets.profile import DeviceProfile
@@ -60,23 +64,39 @@ def options(profile: DeviceProfile, runtime: Runtime) -> list[str]:
     return [FP32, *schemes_for(runtime)]
 
 
+def embedding_options(profile: DeviceProfile, runtime: Runtime) -> list[str]:
+    """The embedding precisions ``runtime`` may take: the pinned one, or fp32 and its embedding
+    schemes under ``precision: auto`` (fp32 only otherwise)."""
+    pinned = profile.quantize_embedding.get(runtime)
+    if pinned is not None:
+        return [pinned]
+    if profile.precision != "auto":
+        return [FP32]
+    return [FP32, *embedding_schemes_for(runtime)]
+
+
 def most_compressed(profile: DeviceProfile) -> DeviceProfile:
-    """``profile`` with every free runtime at its smallest scheme: the floor ``precision: auto`` may
-    reach, for the feasibility check before any weight is read (pins kept; ``fp32``: unchanged)."""
+    """``profile`` with every free component at its smallest scheme: the floor ``precision: auto``
+    may reach, for the feasibility check before any weight is read (pins kept; ``fp32``: unchanged)."""
     if profile.precision != "auto":
         return profile
-    return profile.with_quantize({**{rt: smallest_scheme(rt) for rt in profile.runtimes}, **profile.quantize})
+    tables = {rt: smallest_embedding_scheme(rt) for rt in profile.runtimes}
+    return profile.with_quantize(
+        {**{rt: smallest_scheme(rt) for rt in profile.runtimes}, **profile.quantize},
+        {**{rt: s for rt, s in tables.items() if s is not None}, **profile.quantize_embedding},
+    )
 
 
 @dataclass
 class Candidate:
     """One precision combination and what it would cost."""
 
-    precision: dict[str, str]  # runtime -> fp32 or a scheme
+    precision: dict[str, str]  # runtime -> fp32 or a scheme (linear weights and lm_head)
+    embedding: dict[str, str]  # runtime -> fp32 or an embedding scheme
     dense_mib: dict[str, float]  # predicted peak of the dense model, per runtime
     reachable: bool  # the pruning method's floor fits with this precision
     prune_share: float | None  # MLP-channel share the proxy needs (0: fits as is; None: beyond the proxy)
-    quant_ppl: dict[str, float]  # calibration perplexity of each runtime's precision, dense
+    quant_ppl: dict[str, float]  # calibration perplexity of each runtime's precision (both components), dense
     prune_ppl: float | None  # the proxy's calibration perplexity at prune_share
     est_ratio: dict[str, float] = field(default_factory=dict)  # per runtime, vs dense fp32
     chosen: bool = False
@@ -90,6 +110,15 @@ class Candidate:
         return {rt: s for rt, s in self.precision.items() if s != FP32}
 
     @property
+    def quantize_embedding(self) -> dict[str, str]:
+        return {rt: s for rt, s in self.embedding.items() if s != FP32}
+
+    def runtime_precision(self, runtime: str) -> str:
+        """``runtime``'s precision in words: its linear scheme, and its embedding's where quantized."""
+        emb = self.embedding.get(runtime, FP32)
+        return self.precision[runtime] + ("" if emb == FP32 else f" + {emb} embedding")
+
+    @property
     def pruning(self) -> str:
         """The pruning this candidate needs, in words (the report's column and :meth:`label`)."""
         if not self.reachable:
@@ -99,7 +128,7 @@ class Candidate:
         return "none" if self.prune_share == 0 else f"~{self.prune_share:.0%} of MLP channels"
 
     def label(self) -> str:
-        prec = ", ".join(f"{rt} {s}" for rt, s in self.precision.items())
+        prec = ", ".join(f"{rt} {self.runtime_precision(rt)}" for rt in self.precision)
         return f"{prec}, {'no pruning' if self.prune_share == 0 else 'pruning ' + self.pruning}"
 
 
@@ -113,6 +142,7 @@ class FitPlan:
     quantize: dict[str, str]  # the chosen schemes (runtimes absent: fp32)
     reason: str
     wall_s: float = 0.0
+    quantize_embedding: dict[str, str] = field(default_factory=dict)  # the chosen embedding schemes
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -136,22 +166,25 @@ def choose_precision(model: Any, calib: torch.Tensor, profile: DeviceProfile, cf
     shape = model_shape(model)
     target = profile.memory_budget_mib - profile.pruning.headroom_mib
     base = perplexity(model, windows, batch_size=cfg.batch_size, desc="calibration perplexity (fp32)")
-    quant_ppl: dict[str, float] = {FP32: base}
+    quant_ppl: dict[tuple[str, str, str], float] = {}
     proxy = PruningProxy(model, windows, cfg.batch_size)
-    per_runtime = [[(rt, s) for s in options(profile, rt)] for rt in profile.runtimes]
+    per_runtime = [
+        [(rt, s, e) for s in options(profile, rt) for e in embedding_options(profile, rt)] for rt in profile.runtimes
+    ]
     candidates = []
     for combo in itertools.product(*per_runtime):
-        precision: dict[str, str] = dict(combo)
-        prof = profile.with_quantize({rt: s for rt, s in precision.items() if s != FP32})  # type: ignore[misc]
-        cand = _price(model, shape, prof, cfg, target, precision)
+        precision: dict[str, str] = {rt: s for rt, s, _ in combo}
+        embedding: dict[str, str] = {rt: e for rt, _, e in combo}
+        prof = profile.with_quantize(
+            {rt: s for rt, s in precision.items() if s != FP32},  # type: ignore[misc]
+            {rt: e for rt, e in embedding.items() if e != FP32},  # type: ignore[misc]
+        )
+        cand = _price(model, shape, prof, cfg, target, precision, embedding)
         if cand.reachable:
-            for s in precision.values():
-                if s not in quant_ppl:
-                    with simulated(model, s) as n:
-                        quant_ppl[s] = perplexity(model, windows, batch_size=cfg.batch_size, desc=f"simulated {s}")
-                    log.info("%s simulated on %d Linear modules: calibration perplexity %.3f (fp32 %.3f)",
-                             s, n, quant_ppl[s], base)  # fmt: skip
-            cand.quant_ppl = {rt: quant_ppl[s] for rt, s in precision.items()}
+            for key in combo:
+                if key not in quant_ppl:
+                    quant_ppl[key] = _simulated_ppl(model, windows, cfg, key, base)
+            cand.quant_ppl = {key[0]: quant_ppl[key] for key in combo}
             if cand.prune_share is not None:
                 cand.prune_ppl = proxy.perplexity(cand.prune_share) if cand.prune_share else base
                 prune = _loss(cand.prune_ppl, base)
@@ -166,7 +199,26 @@ def choose_precision(model: Any, calib: torch.Tensor, profile: DeviceProfile, cf
     best.chosen = True
     reason = _reason(best, ranked[1:])
     log.info("precision: %s", reason)
-    return FitPlan(base, int(windows.shape[0]), candidates, best.quantize, reason, round(time.perf_counter() - t0, 2))
+    wall = round(time.perf_counter() - t0, 2)
+    return FitPlan(base, int(windows.shape[0]), candidates, best.quantize, reason, wall, best.quantize_embedding)
+
+
+def _simulated_ppl(
+    model: Any, windows: torch.Tensor, cfg: MethodConfig, key: tuple[str, str, str], base: float
+) -> float:
+    """Calibration perplexity of ``model`` computing as one runtime's precision would: ``key`` is
+    (runtime, linear scheme, embedding scheme), either of them fp32."""
+    runtime, linear, table = key
+    if linear == FP32 and table == FP32:
+        return base
+    with contextlib.ExitStack() as stack:
+        n = stack.enter_context(simulated(model, linear)) if linear != FP32 else 0
+        if table != FP32:
+            stack.enter_context(simulated_embedding(model, table, runtime))
+        what = linear + ("" if table == FP32 else f" + {table} embedding")
+        ppl = perplexity(model, windows, batch_size=cfg.batch_size, desc=f"simulated {what}")
+    log.info("%s simulated (%d Linear modules): calibration perplexity %.3f (fp32 %.3f)", what, n, ppl, base)
+    return ppl
 
 
 def _loss(ppl: float, base: float) -> float:
@@ -176,7 +228,13 @@ def _loss(ppl: float, base: float) -> float:
 
 
 def _price(
-    model: Any, shape: ModelShape, prof: DeviceProfile, cfg: MethodConfig, target: float, precision: dict[str, str]
+    model: Any,
+    shape: ModelShape,
+    prof: DeviceProfile,
+    cfg: MethodConfig,
+    target: float,
+    precision: dict[str, str],
+    embedding: dict[str, str],
 ) -> Candidate:
     """The memory side of one candidate: its dense prediction and the pruning it needs."""
     dense = {e.runtime: round(e.total_mib, 1) for e in estimate_all(shape, prof)}
@@ -186,7 +244,7 @@ def _price(
 
     reachable = fits(shape) or floor_estimate(model, shape, prof, cfg).total_mib <= target
     share = smallest_share(shape, fits) if reachable else None
-    return Candidate(precision, dense, reachable, share, {}, None)
+    return Candidate(precision, embedding, dense, reachable, share, {}, None)
 
 
 def _reason(best: Candidate, rest: list[Candidate]) -> str:
@@ -207,4 +265,6 @@ def fitted_profile(profile: DeviceProfile, fit: dict[str, Any] | None) -> Device
     :meth:`FitPlan.to_dict`, as saved in ``prune_plan.json``; None: nothing was chosen)."""
     if fit is None:
         return profile
-    return profile.with_quantize({**fit["quantize"], **profile.quantize})
+    return profile.with_quantize(
+        {**fit["quantize"], **profile.quantize}, {**fit.get("quantize_embedding", {}), **profile.quantize_embedding}
+    )

@@ -12,12 +12,15 @@ How each runtime quantizes (the exporters in ``exporters/quantize.py``):
 - ``int8`` (onnxruntime ``quantize_dynamic``): uint8 weights per output channel, asymmetric;
   activations uint8 with one scale per tensor (``DynamicQuantizeLinear``). A tied lm_head reads the
   embedding through a Transpose, not a constant, so it stays fp32.
-- ``int8w`` (``MatMulNBits`` 8-bit, accuracy level 4): symmetric int8 weights in blocks of 32 along
-  the input; activations symmetric int8 per block of 32 (MLAS's integer GEMM). The head is untied
-  and quantized.
+- ``int8w`` / ``int4w`` (``MatMulNBits`` 8- or 4-bit, accuracy level 4): symmetric weights in blocks
+  of 32 along the input, scaled as MLAS scales them (the block's signed peak on the most negative
+  code); activations symmetric int8 per block of 32 (MLAS's integer GEMM). The head is untied and
+  quantized.
 - ``8da8w`` / ``8da4w`` (torchao on every nn.Linear, head included): int8 per output channel or int4
   in groups of 32, symmetric; activations asymmetric int8 per token. ``8da4w`` leaves a Linear whose
   input width is not a whole number of groups in fp32, as the exporter does.
+- Embedding tables (``quantize_embedding``, ExecuTorch): rows rounded by the exporter's own function,
+  the lm_head left as it is (``simulated_embedding``).
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ import torch
 from torch import nn
 
 from core.arch import decoder_layers
-from core.schemes import GROUP_SIZE, scheme_spec
+from core.schemes import GROUP_SIZE, embedding_spec, scheme_spec
+from exporters.quantized_embedding import dequantized
 
 Rounding = Callable[[torch.Tensor], torch.Tensor]
 
@@ -42,6 +46,18 @@ def _symmetric(x: torch.Tensor, bits: int) -> torch.Tensor:
     qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     scale = x.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / ((qmax - qmin) / 2)
     return (x * (1.0 / scale)).round().clamp(qmin, qmax) * scale  # x * (1/scale), as torchao rounds
+
+
+def _signed_absmax(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Round ``x`` (last dim = one block) as onnxruntime's MatMulNBits quantizer does (MLAS): the
+    value of largest magnitude maps to the most negative code, scale = that value / -2^(bits-1), so
+    the block's range spends the full negative end (measured on its output: scales are exactly
+    signed absmax / -8 for 4 bits, / -128 for 8 bits)."""
+    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    peak = x.gather(-1, x.abs().argmax(dim=-1, keepdim=True))
+    scale = peak / qmin
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    return (x / scale).round().clamp(qmin, qmax) * scale
 
 
 def _asymmetric(x: torch.Tensor, bits: int, dim: int | None = -1) -> torch.Tensor:
@@ -87,7 +103,12 @@ SIMULATIONS: dict[str, Simulation] = {
         quantizes_tied_head=False,
     ),
     "int8w": Simulation(
-        weight=_in_groups(lambda w: _symmetric(w, 8), GROUP_SIZE),
+        weight=_in_groups(lambda w: _signed_absmax(w, 8), GROUP_SIZE),
+        activation=_in_groups(lambda x: _symmetric(x, 8), GROUP_SIZE),
+        quantizes_tied_head=True,
+    ),
+    "int4w": Simulation(
+        weight=_in_groups(lambda w: _signed_absmax(w, 4), GROUP_SIZE),
         activation=_in_groups(lambda x: _symmetric(x, 8), GROUP_SIZE),
         quantizes_tied_head=True,
     ),
@@ -142,3 +163,18 @@ def simulated(model: Any, scheme: str) -> Iterator[int]:
             h.remove()
         for lin, weight in saved:
             lin.weight = weight
+
+
+@contextmanager
+def simulated_embedding(model: Any, scheme: str, runtime: str = "executorch") -> Iterator[int]:
+    """Within the block, ``model``'s embedding lookups return what ``scheme``'s quantized table gives
+    back (the exporter's own rounding, :func:`exporters.quantized_embedding.dequantized`), while a tied
+    lm_head keeps the weight it had; yields the rows rounded. Restores the embedding's weight on exit."""
+    embed = model.get_input_embeddings()
+    spec = embedding_spec(scheme, runtime)
+    original = embed.weight
+    try:
+        embed.weight = nn.Parameter(dequantized(original.detach(), spec), requires_grad=False)
+        yield int(original.shape[0])
+    finally:
+        embed.weight = original

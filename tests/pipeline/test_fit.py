@@ -14,9 +14,9 @@ from core.methods import method_config
 from exporters.quantize import quantize_torch
 from pipeline.feasibility import check_feasible
 from pipeline.fit import choose_precision, fitted_profile, most_compressed
-from pipeline.fit.plan import options
+from pipeline.fit.plan import embedding_options, options
 from pipeline.fit.proxy import MAX_SHARE, STEP, PruningProxy, share_shape, smallest_share
-from pipeline.fit.simulate import SIMULATIONS, quantized_linears, simulated
+from pipeline.fit.simulate import SIMULATIONS, quantized_linears, simulated, simulated_embedding
 from targets.budget import estimate_all, model_shape, worst
 from targets.profile import load_profile
 from tests.conftest import PRUNE_WIDE, QUANT_WIDE, tiny_model
@@ -144,7 +144,8 @@ def test_auto_quantizes_instead_of_pruning(tmp_path: Path, ids: torch.Tensor, mo
     shape = model_shape(model)
     assert worst(estimate_all(shape, profile)).total_mib > 26
     fit = choose_precision(model, ids, profile, profile.prune_config())
-    assert len(fit.candidates) == 3 * 3  # executorch fp32/8da4w/8da8w x onnxruntime fp32/int8/int8w
+    # executorch fp32/8da4w/8da8w x embedding fp32/int8/int4, x onnxruntime fp32/int8/int8w/int4w
+    assert len(fit.candidates) == 3 * 3 * 4
     chosen = [c for c in fit.candidates if c.chosen]
     assert len(chosen) == 1 and chosen[0].prune_share == 0 and chosen[0].quantize == fit.quantize
     assert set(fit.quantize) == {"executorch", "onnxruntime"}  # fp32 fits on neither
@@ -163,11 +164,14 @@ def test_auto_quantizes_instead_of_pruning(tmp_path: Path, ids: torch.Tensor, mo
 def test_pinned_and_fp32_profiles_are_honoured(tmp_path: Path) -> None:
     pinned = _auto_profile(tmp_path, quantize={"executorch": "8da4w"})
     assert options(pinned, "executorch") == ["8da4w"]
-    assert options(pinned, "onnxruntime") == ["fp32", "int8", "int8w"]
+    assert options(pinned, "onnxruntime") == ["fp32", "int8", "int8w", "int4w"]
+    assert embedding_options(pinned, "executorch") == ["fp32", "int8", "int4"]  # a component of its own
+    assert embedding_options(pinned, "onnxruntime") == ["fp32"]
     assert pinned.channel_multiple == 32  # int4 groups: pruned widths stay whole groups
     fp32 = load_profile(write_profile(tmp_path))
     assert options(fp32, "onnxruntime") == ["fp32"] and fp32.channel_multiple == 8
-    assert most_compressed(pinned).quantize == {"executorch": "8da4w", "onnxruntime": "int8"}
+    assert most_compressed(pinned).quantize == {"executorch": "8da4w", "onnxruntime": "int4w"}
+    assert most_compressed(pinned).quantize_embedding == {"executorch": "int4"}
     assert most_compressed(fp32) == fp32
 
 
@@ -181,5 +185,65 @@ def test_feasibility_counts_what_auto_may_reach(tmp_path: Path) -> None:
     auto = _auto_profile(tmp_path, memory_budget_mib=14, pruning={"method": "width", "headroom_mib": 0})
     check_feasible(model, most_compressed(auto), cfg)
     tiny = _auto_profile(tmp_path, memory_budget_mib=3, pruning={"method": "width", "headroom_mib": 0})
-    with pytest.raises(BudgetError, match=r"smallest precision:auto may choose, executorch 8da4w, onnxruntime int8"):
+    floor = r"smallest precision:auto may choose, executorch 8da4w, onnxruntime int4w, executorch embedding int4"
+    with pytest.raises(BudgetError, match=floor):
         check_feasible(model, most_compressed(tiny), cfg)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_embedding_simulation_is_the_exported_table(scheme: str, ids: torch.Tensor) -> None:
+    """The simulated lookup returns what the exported table's kernel returns, bit for bit; a tied
+    lm_head keeps its fp32 weight (ExecuTorch stores the head apart), and all is restored on exit."""
+    import copy
+
+    from core.schemes import EMBEDDING_TABLE
+    from exporters.quantized_embedding import QuantizedEmbedding, quantize_embedding
+
+    model = tiny_model("gemma3_text", vocab_size=512)  # tied, with Gemma's sqrt(hidden) embedding scale
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    assert head.weight is embed.weight
+    before = embed.weight.detach().clone()
+    exported = copy.deepcopy(model)
+    stored = quantize_embedding(exported, scheme)
+    assert isinstance(exported.get_input_embeddings(), QuantizedEmbedding)
+    rows, width = before.shape
+    assert stored == pytest.approx(rows * EMBEDDING_TABLE[scheme].bytes_per_row(width))
+    with torch.no_grad(), simulated_embedding(model, scheme) as n:
+        assert n == rows and head.weight is not embed.weight and torch.equal(head.weight, before)
+        sim = embed(ids)
+        sim_logits = model(ids, use_cache=False).logits
+    assert torch.equal(sim, exported.get_input_embeddings()(ids))
+    with torch.no_grad():
+        assert torch.allclose(sim_logits, exported(ids, use_cache=False).logits, atol=1e-5)
+    assert head.weight is embed.weight and torch.equal(embed.weight, before)
+    # rounding moves a value by at most half a step: max|group| / 15 (int4) or / 255 (int8)
+    err = (sim - nn.functional.embedding(ids, before) * embed.embed_scale).abs().max()
+    assert 0 < err <= (1 / 15 if scheme == "int4" else 1 / 255) * before.abs().max() * embed.embed_scale * 1.001
+
+
+def test_large_vocabulary_quantizes_its_embedding(tmp_path: Path, ids: torch.Tensor) -> None:
+    """A tiny Gemma 3 whose tied 8192-row table is most of its weights: on ExecuTorch the linear
+    schemes alone cannot reach the budget and pruning MLP channels barely moves it, so the solver
+    quantizes the embedding table, and the plan it picks fits."""
+    model = tiny_model("gemma3_text", vocab_size=8192, hidden_size=128, intermediate_size=256, num_hidden_layers=2)
+    shape = model_shape(model)
+    assert shape.embed_params > 0.8 * shape.total_params
+    probe = _auto_profile(tmp_path, runtimes=["executorch"], runtime_overhead_mib={"executorch": 0.0})
+
+    def peak(linear: str, table: str | None) -> float:
+        prof = probe.with_quantize({"executorch": linear}, {"executorch": table} if table else {})
+        return worst(estimate_all(shape, prof)).total_mib
+
+    budget = round((peak("8da8w", None) + peak("8da8w", "int8")) / 2 + 10)  # + the 10 MiB headroom
+    profile = _auto_profile(
+        tmp_path, runtimes=["executorch"], runtime_overhead_mib={"executorch": 0.0}, memory_budget_mib=budget
+    )
+    fit = choose_precision(model, ids, profile, profile.prune_config())
+    assert len(fit.candidates) == 3 * 3
+    assert fit.quantize_embedding.get("executorch") in ("int8", "int4"), fit.reason
+    assert "embedding" in fit.reason
+    no_table = [c for c in fit.candidates if c.embedding["executorch"] == "fp32"]
+    assert all(c.prune_share is None or c.prune_share > 0 for c in no_table)  # none fits unpruned
+    fitted = fitted_profile(profile, fit.to_dict())
+    assert fitted.quantize_embedding == fit.quantize_embedding
+    assert worst(estimate_all(shape, fitted)).total_mib <= budget - 10

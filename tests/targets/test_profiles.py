@@ -116,6 +116,8 @@ def test_round_trip_through_yaml(tmp_path: Path) -> None:
         (lambda d: d.update(quantize={"onnxruntime": "8da4w"}), "not a onnxruntime scheme"),
         (lambda d: d.update(quantize={"executorch": "int2"}), "quantize.executorch"),
         (lambda d: d.update(runtimes=["executorch"], quantize={"onnxruntime": "int8"}), "not in runtimes"),
+        (lambda d: d.update(quantize_embedding={"onnxruntime": "int8"}), "use one of: none"),
+        (lambda d: d.update(quantize_embedding={"executorch": "int2"}), "quantize_embedding.executorch"),
         (lambda d: d.update(decode_tokens=2000), "cannot exceed context_length"),
         (lambda d: d.update(onnx_format="tflite"), "onnx_format"),
         (lambda d: d["pruning"].update(max_removed_layer_ratio=1.5), "pruning.max_removed_layer_ratio"),
