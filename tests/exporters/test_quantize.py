@@ -34,6 +34,7 @@ def wide() -> torch.nn.Module:
 SCHEME_CASES: dict[str, tuple[str, float]] = {
     "int8": ("onnxruntime", 0.05),
     "int8w": ("onnxruntime", 0.02),
+    "int4w": ("onnxruntime", 0.35),
     "8da4w": ("executorch", 0.35),
     "8da8w": ("executorch", 0.05),
 }
@@ -50,7 +51,7 @@ def test_quantized_export_shrinks_runs_and_stays_close(scheme: str, wide: torch.
     ratio = artifact_size_bytes(q.path) / artifact_size_bytes(fp32.path)
     # the file shrinks as the memory model says it does (graph and metadata are the slack)
     assert ratio == pytest.approx(predicted, abs=0.06), (ratio, predicted)
-    assert ratio < (0.3 if scheme == "8da4w" else 0.4)
+    assert ratio < (0.3 if SCHEME_TABLE[scheme].bits == 4 else 0.4)
 
     ids = torch.randint(0, 512, (1, 16), generator=torch.Generator().manual_seed(5))
     _, got = run_artifact(runtime, q.path, ids.numpy(), tmp_path / "run", threads=1, new_tokens=4, chunk=8)
@@ -81,7 +82,44 @@ def test_schemes_are_checked_per_runtime() -> None:
         check_scheme("onnxruntime", "8da4w")
     check_scheme("executorch", "8da8w")
     b = {name: spec.weight_bytes for name, spec in SCHEME_TABLE.items()}
-    assert b["8da4w"] < b["int8"] < b["int8w"] < 4
+    assert b["8da4w"] == b["int4w"] < b["int8"] < b["int8w"] < 4
+
+
+# (linear scheme, embedding scheme) on ExecuTorch: the table alone, and with the linear weights
+@pytest.mark.parametrize(("linear", "table"), [(None, "int4"), ("8da8w", "int8")])
+def test_quantized_embedding_export_runs_what_was_simulated(
+    linear: str | None, table: str, tmp_path: Path
+) -> None:
+    """The .pte gathers from its quantized table with ExecuTorch's quantized embedding kernels: it
+    stores what the memory model counts, and its logits are the PyTorch model's with the simulated
+    table (exactly so with fp32 linear weights; with 8da8w, as close as 8da8w alone is)."""
+    from contextlib import ExitStack
+
+    from pipeline.fit.simulate import simulated_embedding
+
+    model = tiny_model("llama", vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=2)
+    cfg = ExportConfig(seq_len=8, max_cache_len=48, quantize=linear, quantize_embedding=table)
+    art = get_exporter("executorch").export(model, cfg, tmp_path / "q")
+    assert art.details["embedding_quantization"] == table
+    op = "embedding_4bit" if table == "int4" else "embedding_byte"
+    assert any(op in name for name in art.details["undelegated_ops"]), art.details["undelegated_ops"]
+    shape = model_shape(model)
+    fp32 = weights_bytes(shape, "executorch", "fp32", linear)
+    stored = weights_bytes(shape, "executorch", "fp32", linear, table)
+    assert stored < 0.75 * fp32  # the table is most of this model
+    # the program's graph and metadata on top (~64 KiB for this one)
+    assert stored < artifact_size_bytes(art.path) < stored + 128 * 1024
+
+    ids = torch.randint(0, 4096, (1, 16), generator=torch.Generator().manual_seed(5))
+    _, got = run_artifact("executorch", art.path, ids.numpy(), tmp_path / "run", threads=1, new_tokens=4, chunk=8)
+    assert got is not None
+    with torch.no_grad(), ExitStack() as stack:
+        stack.enter_context(simulated_embedding(model, table))
+        if linear:
+            stack.enter_context(simulated(model, linear))
+        sim = model(ids, use_cache=False).logits.numpy()
+    rms = float(np.sqrt(((got.prefill - sim) ** 2).mean() / (sim**2).mean()))
+    assert rms < (1e-4 if linear is None else 0.01), rms
 
 
 def test_int4_groups_that_do_not_tile_stay_fp32() -> None:
