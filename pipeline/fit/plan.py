@@ -18,9 +18,10 @@ budget cost 31%. So the fitting stage prices every candidate before it prunes an
    needs by the uncompensated proxy (``proxy.py``). A runtime's estimated perplexity ratio is its
    precision's times the pruning's (losses compound).
 4. **Choice**: the candidate whose worst runtime loses least; ties go to the smaller total loss,
-   then to the least compression (a ratio below 1 counts as 1: it is the sample's noise, so fp32
-   stays where it fits and a scheme measured as "better" does not displace it). Pruning then runs
-   only for what the chosen precision cannot reach.
+   then to the least compression (a ratio below 1 counts as 1, and a precision scores no better
+   than each of its components alone: both are the sample's noise, so fp32 stays where it fits and
+   a scheme measured as "better" does not displace it). Pruning then runs only for what the chosen
+   precision cannot reach.
 
 Every candidate, its predicted MiB and its estimated loss go to the report: the frontier.
 """
@@ -181,10 +182,19 @@ def choose_precision(model: Any, calib: torch.Tensor, profile: DeviceProfile, cf
         )
         cand = _price(model, shape, prof, cfg, target, precision, embedding)
         if cand.reachable:
-            for key in combo:
+
+            def measured(key: tuple[str, str, str]) -> float:
                 if key not in quant_ppl:
                     quant_ppl[key] = _simulated_ppl(model, windows, cfg, key, base)
-            cand.quant_ppl = {key[0]: quant_ppl[key] for key in combo}
+                return quant_ppl[key]
+
+            # quantizing one more component cannot make a runtime better: a precision scores at least
+            # what each of its components scores alone (else sample noise could pick a smaller table
+            # that "helps", as the ratio floor of 1 keeps fp32 from losing to noise)
+            cand.quant_ppl = {
+                rt: max(measured((rt, lin, emb)), measured((rt, lin, FP32)), measured((rt, FP32, emb)))
+                for rt, lin, emb in combo
+            }
             if cand.prune_share is not None:
                 cand.prune_ppl = proxy.perplexity(cand.prune_share) if cand.prune_share else base
                 prune = _loss(cand.prune_ppl, base)

@@ -1,0 +1,178 @@
+"""Fitting by the cheapest loss (issue 17): the plan ``precision: auto`` picks against the alternatives,
+each measured in its own runtime.
+
+For every (model, target) it runs the pipeline three times, into one folder per plan:
+
+- ``auto``: the profile as shipped (``precision: auto``: precision per component and pruning chosen
+  together);
+- ``fixed``: the profile's fixed precision (``--precision fp32``: its ``quantize:`` pins, fp32 for the
+  rest), pruned to fit, as prunefit did before ``auto``;
+- ``quant``: quantization only: every free component at its smallest scheme (what ``auto`` may reach
+  at most), precision fixed there, pruned only if even that does not fit.
+
+Each row is the exported artifact measured in its runtime (validation's own numbers from
+``report.json``): WikiText-2 test perplexity and its ratio to the dense fp32 model, the measured
+peak against the memory model's prediction, the size and decode speed. A plan that cannot fit is a
+row with the pipeline's own error (an infeasible budget stops before any export).
+
+    python benchmarks/fitting.py                                    # SmolLM2 on android, rpi4, android-go
+    python benchmarks/fitting.py --models gemma=/path/gemma-3-270m-q4_k_m.gguf --targets android
+    python benchmarks/fitting.py --plans auto,quant --out /tmp/fitting
+
+Goals: android with SmolLM2 <= 1.05x dense perplexity; ``auto`` <= every alternative that fits;
+predicted memory within +-10% of measured. Writes ``benchmarks/results/fitting.{json,md}`` (merged
+with the rows already there, so models and targets can be run in separate sessions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from core.fsio import atomic_write_json, atomic_write_text  # noqa: E402
+from pipeline.fit.plan import most_compressed  # noqa: E402
+from targets.profile import load_profile  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+WIKI = ROOT.parent / "shared" / "data" / "wikitext-2"
+PLANS = ("auto", "fixed", "quant")
+log = logging.getLogger("bench.fitting")
+
+
+def quant_only_profile(target: str, work: Path) -> Path:
+    """``target``'s profile with every free component at its smallest scheme and nothing left for
+    ``auto`` to choose (written under ``work``, named as the profile so its stem check passes)."""
+    profile = most_compressed(load_profile(target).model_copy(update={"precision": "auto"}))
+    data = profile.model_copy(update={"precision": "fp32"}).model_dump(mode="json")
+    path = work / "profiles" / f"{profile.name}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def run_plan(model: str | None, target: str, plan: str, out: Path, samples: int) -> dict[str, Any]:
+    """One pipeline run; its report's numbers, or the error it stopped with."""
+    target_arg = str(quant_only_profile(target, out)) if plan == "quant" else target
+    cmd = [sys.executable, "-m", "pipeline.cli", "export", "--target", target_arg, "--out", str(out / "run")]
+    cmd += ["--model", model] if model else []
+    cmd += ["--precision", "fp32"] if plan == "fixed" else []
+    cmd += ["--calib", str(WIKI / "wiki.valid.tokens"), "--num-samples", str(samples), "--seq-len", "128"]
+    cmd += ["--eval", str(WIKI / "wiki.test.tokens"), "--eval-samples", "16", "--eval-seq-len", "512"]
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with (out / "run.log").open("w") as fh:
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, check=False)
+    wall = round(time.perf_counter() - t0, 1)
+    report_path = out / "run" / "report.json"
+    if proc.returncode not in (0, 1) or not report_path.is_file():  # 1: a gate failed, the report is there
+        tail = (out / "run.log").read_text(errors="replace").strip().splitlines()[-3:]
+        return {"error": " ".join(tail)[-600:], "exit": proc.returncode, "wall_s": wall}
+    return summarize(json.loads(report_path.read_text()), wall)
+
+
+def summarize(report: dict[str, Any], wall: float) -> dict[str, Any]:
+    """What the table shows of one run's report."""
+    val, prune, prof = report["validation"], report["prune"], report["profile"]
+    ppl = val["perplexity"]
+    runtimes = {}
+    for rt in val["runtimes"]:
+        name = rt["runtime"]
+        exported = ppl.get(f"exported[{name}]")
+        runtimes[name] = {
+            "precision": " + ".join(
+                x
+                for x in (
+                    prof.get("quantize", {}).get(name, "fp32"),
+                    prof.get("quantize_embedding", {}).get(name) and f"{prof['quantize_embedding'][name]} embedding",
+                )
+                if x
+            ),
+            "ppl": exported,
+            "ppl_ratio": exported / ppl["dense"] if exported and ppl.get("dense") else None,
+            "measured_mib": rt["measured"]["model_peak_mib"],
+            "predicted_mib": rt["predicted_model_peak_mib"],
+            "prediction_error": rt["prediction_error"],
+            "projected_peak_mib": rt["projected_peak_mib"],
+            "size_mib": rt["size_mib"],
+            "decode_tok_s": rt["measured"].get("decode_tokens_per_s"),
+        }
+    return {
+        "dense_ppl": ppl.get("dense"),
+        "params_removed": 1 - prune["params_after"] / prune["params_before"],
+        "passed": val["passed"],
+        "runtimes": runtimes,
+        "wall_s": wall,
+    }
+
+
+def _f(v: float | None, fmt: str) -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def markdown(rows: dict[str, Any]) -> str:
+    lines = [
+        "# Fitting: the plan `precision: auto` picks vs the alternatives",
+        "",
+        "Each artifact measured in its own runtime (validation's numbers): WikiText-2 test perplexity",
+        "(16 x 512 tokens) over the dense fp32 model's, the run's peak vs the memory model's prediction.",
+        "`fixed`: the profile's fixed precision, pruned to fit; `quant`: every component at its smallest",
+        "scheme, pruned only if that does not fit. `python benchmarks/fitting.py`.",
+        "",
+        "| model | target | plan | runtime | precision | params removed | PPL | x dense | measured MiB | "
+        "predicted MiB | error | size MiB | decode tok/s | gates |",
+        "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for key in sorted(rows):
+        model, target, plan = key.split("|")
+        r = rows[key]
+        if "error" in r:
+            lines.append(f"| {model} | {target} | {plan} | - | - | - | - | - | - | - | - | - | - | {r['error']} |")
+            continue
+        for rt, x in r["runtimes"].items():
+            lines.append(
+                f"| {model} | {target} | {plan} | {rt} | {x['precision']} | {r['params_removed']:.1%} | "
+                f"{_f(x['ppl'], '.2f')} | {_f(x['ppl_ratio'], '.3f')} | {x['measured_mib']:.1f} | "
+                f"{x['predicted_mib']:.1f} | {x['prediction_error']:+.1%} | {x['size_mib']:.1f} | "
+                f"{_f(x['decode_tok_s'], '.1f')} | {'pass' if r['passed'] else 'FAIL'} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--targets", default="android,rpi4,android-go")
+    ap.add_argument("--models", default="smollm2", help="name[=path] pairs; smollm2 is the default model")
+    ap.add_argument("--plans", default=",".join(PLANS))
+    ap.add_argument("--samples", type=int, default=32, help="calibration windows of 128 tokens")
+    ap.add_argument("--out", type=Path, default=ROOT / "artifacts" / "bench-fitting")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    json_path = RESULTS / "fitting.json"
+    rows: dict[str, Any] = json.loads(json_path.read_text()) if json_path.is_file() else {}
+    for spec in args.models.split(","):
+        name, _, path = spec.partition("=")
+        for target in args.targets.split(","):
+            for plan in args.plans.split(","):
+                if plan not in PLANS:
+                    raise SystemExit(f"unknown plan {plan!r}; use {', '.join(PLANS)}")
+                log.info("%s on %s, plan %s", name, target, plan)
+                rows[f"{name}|{target}|{plan}"] = run_plan(path or None, target, plan, args.out / name / target / plan,
+                                                           args.samples)  # fmt: skip
+                atomic_write_json(json_path, rows)
+                atomic_write_text(RESULTS / "fitting.md", markdown(rows))
+    log.info("wrote %s", RESULTS / "fitting.md")
+
+
+if __name__ == "__main__":
+    main()
