@@ -156,11 +156,14 @@ def _prune_stage(cfg: RunConfig, profile: DeviceProfile, out: Path, key: str) ->
         laps.lap("precision choice")
     plan = prune_to_budget(model, calib, profile, _prune_config(cfg, profile))
     laps.lap("pruning")
-    ppl_pruned = perplexity(model, evals, desc="perplexity (pruned)")
-    log.info("pruned perplexity %.2f (%.2fx)", ppl_pruned, ppl_pruned / ppl_dense)
+    if plan.steps:
+        ppl_pruned = perplexity(model, evals, desc="perplexity (pruned)")
+        log.info("pruned perplexity %.2f (%.2fx)", ppl_pruned, ppl_pruned / ppl_dense)
+    else:  # nothing removed: the model is the dense one (the reload check below still holds it to that)
+        ppl_pruned = ppl_dense
     model_dir = save_model(model, tok, out / "pruned_model", plan.record)
     check_round_trip(model, model_dir, calib[:1, :64])
-    laps.lap("pruned perplexity, save, reload check")
+    laps.lap("pruned perplexity (if pruned), save, reload check")
     result = {
         "plan": plan.to_dict(),
         "perplexity": {"dense": ppl_dense, "pruned": ppl_pruned},

@@ -172,8 +172,8 @@ def test_tight_profile_measured_over_budget_fails_gate(run_cfg: RunConfig, tmp_p
 def test_auto_precision_quantizes_instead_of_pruning(
     run_cfg: RunConfig, tmp_path: Path, make_model_dir, monkeypatch
 ) -> None:
-    """precision: auto on a budget fp32 misses but int8 weights meet: the run quantizes, prunes
-    nothing, exports the chosen schemes, reports the candidates, and re-validates with them."""
+    """precision: auto on a budget fp32 misses but quantized components meet: the run quantizes,
+    prunes nothing, exports the chosen schemes, reports the candidates, and re-validates with them."""
     import pipeline.fit.plan as plan
     from pipeline.fit.proxy import PruningProxy
     from pipeline.run import validate_existing
@@ -193,12 +193,17 @@ def test_auto_precision_quantizes_instead_of_pruning(
     cfg = RunConfig(**{**run_cfg.__dict__, "target": str(prof), "model": str(make_model_dir("llama", **QUANT_WIDE))})
     report = run_pipeline(cfg)
     fit, val = report["fit"], report["validation"]
-    assert fit is not None and set(fit["quantize"]) == {"executorch", "onnxruntime"}
-    assert len(fit["candidates"]) == 9 and sum(c["chosen"] for c in fit["candidates"]) == 1
+    # fp32 fits neither runtime: each quantizes a component (ExecuTorch's int8 table is just enough)
+    assert fit is not None and set(fit["quantize"]) | set(fit["quantize_embedding"]) == {"executorch", "onnxruntime"}
+    assert len(fit["candidates"]) == 36 and sum(c["chosen"] for c in fit["candidates"]) == 1
     assert report["prune"]["steps"] == [] and report["prune"]["record"] is None  # quantization sufficed
-    assert report["profile"]["quantize"] == fit["quantize"]  # the report's profile is the one the run used
-    for rt, scheme in fit["quantize"].items():
-        assert report["stages"][f"export-{rt}"]["details"]["quantization"] == scheme
+    # the report's profile is the one the run used, and each export is what was chosen
+    assert report["profile"]["quantize"] == fit["quantize"]
+    assert report["profile"]["quantize_embedding"] == fit["quantize_embedding"]
+    for rt in ("executorch", "onnxruntime"):
+        details = report["stages"][f"export-{rt}"]["details"]
+        assert details["quantization"] == fit["quantize"].get(rt, "none")
+        assert details.get("embedding_quantization", "none") == fit["quantize_embedding"].get(rt, "none")
     for rt in val["runtimes"]:
         assert rt["projected_peak_mib"] <= 26
         assert val["perplexity"][f"exported[{rt['runtime']}]"] / val["perplexity"]["pruned"] < 1.1
@@ -210,5 +215,6 @@ def test_auto_precision_quantizes_instead_of_pruning(
     assert (out / "plots" / "frontier.png").is_file()
     saved = yaml.safe_load((out / "profile.yaml").read_text())
     assert saved["precision"] == "auto" and saved["quantize"] == fit["quantize"]
+    assert saved["quantize_embedding"] == fit["quantize_embedding"]
     again = validate_existing(out)  # finds the quantized artifacts the fitting chose
     assert again["validation"]["passed"] and again["fit"] == fit
