@@ -107,7 +107,12 @@ def summarize(report: dict[str, Any], wall: float) -> dict[str, Any]:
             "size_mib": rt["size_mib"],
             "decode_tok_s": rt["measured"].get("decode_tokens_per_s"),
         }
+    for gate in val["gates"]:  # a run killed at the budget has no measurement: its gate says so
+        name = gate["name"].removeprefix("memory[").rstrip("]")
+        if gate["name"].startswith("memory[") and name not in runtimes:
+            runtimes[name] = {"killed": gate["detail"]}
     return {
+        "budget_mib": prof["memory_budget_mib"],
         "dense_ppl": ppl.get("dense"),
         "params_removed": 1 - prune["params_after"] / prune["params_before"],
         "passed": val["passed"],
@@ -140,6 +145,10 @@ def markdown(rows: dict[str, Any]) -> str:
             lines.append(f"| {model} | {target} | {plan} | - | - | - | - | - | - | - | - | - | - | {r['error']} |")
             continue
         for rt, x in r["runtimes"].items():
+            if "killed" in x:
+                dashes = " - |" * 9
+                lines.append(f"| {model} | {target} | {plan} | {rt} |{dashes} {x['killed']} |")
+                continue
             lines.append(
                 f"| {model} | {target} | {plan} | {rt} | {x['precision']} | {r['params_removed']:.1%} | "
                 f"{_f(x['ppl'], '.2f')} | {_f(x['ppl_ratio'], '.3f')} | {x['measured_mib']:.1f} | "
@@ -156,10 +165,21 @@ def main() -> None:
     ap.add_argument("--plans", default=",".join(PLANS))
     ap.add_argument("--samples", type=int, default=32, help="calibration windows of 128 tokens")
     ap.add_argument("--out", type=Path, default=ROOT / "artifacts" / "bench-fitting")
+    ap.add_argument(
+        "--record", action="append", default=[], metavar="MODEL|TARGET|PLAN=REPORT",
+        help="add the row of a run made by hand (its report.json) instead of running it",
+    )  # fmt: skip
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     json_path = RESULTS / "fitting.json"
     rows: dict[str, Any] = json.loads(json_path.read_text()) if json_path.is_file() else {}
+    if args.record:
+        for spec in args.record:
+            key, _, report = spec.partition("=")
+            rows[key] = summarize(json.loads(Path(report).read_text()), 0.0)
+        atomic_write_json(json_path, rows)
+        atomic_write_text(RESULTS / "fitting.md", markdown(rows))
+        return
     for spec in args.models.split(","):
         name, _, path = spec.partition("=")
         for target in args.targets.split(","):
