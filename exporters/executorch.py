@@ -27,7 +27,7 @@ from core.fsio import atomic_write_bytes
 from exporters.base import ExportArtifact, ExportConfig, export_error
 from exporters.kv_cache import StaticCacheDecoder, kv_layout
 from exporters.llm_ops import LlmOpsCacheDecoder, llm_ops_attention, unsupported_reason
-from exporters.quantize import quantize_torch
+from exporters.quantize import left_unquantized, quantize_torch
 from exporters.quantized_embedding import quantize_embedding
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,10 @@ class ExecuTorchExporter:
         t0 = time.perf_counter()
         # quantized: a copy; the caller's fp32 model stays the parity reference
         source: Any = quantize_torch(model, cfg.quantize) if cfg.quantize else model
+        left_fp32 = left_unquantized(model, cfg.quantize) if cfg.quantize else []
+        if left_fp32:
+            log.warning("%s leaves %d Linear module(s) in fp32 (input width not whole groups): %s",
+                        cfg.quantize, len(left_fp32), ", ".join(left_fp32))  # fmt: skip
         if cfg.quantize_embedding:  # the lookup table: ExecuTorch's quantized embedding kernels
             source = source if source is not model else copy.deepcopy(model)
             quantize_embedding(source, cfg.quantize_embedding, self.name)
@@ -122,6 +126,7 @@ class ExecuTorchExporter:
             "metadata": metadata,
             "quantization": cfg.quantize or "none",
             "embedding_quantization": cfg.quantize_embedding or "none",
+            "left_fp32": left_fp32,
         }
         return ExportArtifact(
             self.name, path, len(buffer), round(time.perf_counter() - t0, 2), (cfg.batch_size, cfg.seq_len), details

@@ -43,7 +43,7 @@ import numpy as np
 from torch import nn
 
 from core.errors import ConfigError, ExportError
-from core.schemes import GROUP_SIZE, embedding_spec, scheme_spec
+from core.schemes import GROUP_SIZE, SchemeSpec, embedding_spec, scheme_spec
 
 if TYPE_CHECKING:
     import onnx
@@ -122,11 +122,22 @@ def quantize_torch(model: nn.Module, scheme: str) -> nn.Module:
     spec = scheme_spec(scheme, "executorch")
 
     def linear_with_groups(module: nn.Module, fqn: str) -> bool:
-        # int4 groups must tile the input width; a pruned width that does not is left in fp32
-        return isinstance(module, nn.Linear) and (not spec.whole_groups or module.in_features % spec.group_size == 0)
+        return isinstance(module, nn.Linear) and _tiles(module, spec)
 
     quantize_(q, config, filter_fn=linear_with_groups)
     return q
+
+
+def _tiles(linear: nn.Linear, spec: SchemeSpec) -> bool:
+    """Whether ``spec`` can quantize ``linear``: int4 groups must tile the input width."""
+    return not spec.whole_groups or linear.in_features % spec.group_size == 0
+
+
+def left_unquantized(model: nn.Module, scheme: str) -> list[str]:
+    """The Linear modules ``scheme`` leaves in fp32 (a pruned input width that is not a whole number
+    of its groups): named in the export's details and the report, never skipped silently."""
+    spec = scheme_spec(scheme)
+    return [fqn for fqn, m in model.named_modules() if isinstance(m, nn.Linear) and not _tiles(m, spec)]
 
 
 def quantize_onnx(src: Path, dst: Path, scheme: str = "int8") -> None:

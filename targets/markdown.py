@@ -81,6 +81,7 @@ def render_markdown(typed: Report) -> str:
             f"{_f(k['model_share_mib'])} share (cgroup limit {_f(k['cgroup_limit_mib'])}) | "
             f"{_f(k['predicted_model_peak_mib'])} | | | | not checked |"
         )
+    lines += _as_exported(report["stages"])
     lines += _device_runs(report.get("device_runs", []))
     ppl = val.get("perplexity", {})
     if ppl:
@@ -126,6 +127,23 @@ FRONTIER_HEADERS = [
     "candidate", "predicted dense peak, worst runtime (MiB)", "pruning needed", "calibration perplexity by runtime",
     "estimated ratio (worst runtime)", "chosen",
 ]  # fmt: skip
+
+
+def _as_exported(stages: dict[str, Any]) -> list[str]:
+    """Each artifact's precision as its exporter wrote it, naming any layer a scheme left in fp32."""
+    lines = []
+    for name, stage in stages.items():
+        d = stage.get("details") or {}
+        if not name.startswith("export-") or "quantization" not in d:
+            continue
+        text = f"- {name.removeprefix('export-')}: linear weights {d['quantization']}"
+        text += f", embedding table {d.get('embedding_quantization', 'none')}"
+        left = d.get("left_fp32") or []
+        if left:
+            shown = ", ".join(f"`{n}`" for n in left[:6]) + (f" and {len(left) - 6} more" if len(left) > 6 else "")
+            text += f"; **{len(left)} Linear module(s) left in fp32** (input width not whole groups): {shown}"
+        lines.append(text)
+    return ["", "Precision as exported (none: fp32):", "", *lines] if lines else []
 
 
 def candidate_precision(c: dict[str, Any], sep: str = ", ") -> str:

@@ -13,7 +13,7 @@ from core.errors import ExportError
 from core.schemes import SCHEME_TABLE
 from exporters import get_exporter
 from exporters.base import ExportConfig, artifact_size_bytes
-from exporters.quantize import check_scheme, quantize_torch
+from exporters.quantize import check_scheme, left_unquantized, quantize_torch
 from pipeline.fit.simulate import simulated
 from targets.budget import model_shape, weights_bytes
 from targets.validate import compare_generation, reference_generation, run_artifact
@@ -133,3 +133,12 @@ def test_int4_groups_that_do_not_tile_stay_fp32() -> None:
     odd = weights_bytes(model_shape(model), "executorch", "fp32", "8da4w")
     # 24 channels fewer, but 256 x 1000 weights back to fp32
     assert odd > even
+    # and it is named, for the export's details and the report
+    assert left_unquantized(model, "8da4w") == ["model.layers.0.mlp.down_proj"]
+    assert left_unquantized(model, "8da8w") == []
+    from targets.markdown import _as_exported
+
+    details = {"quantization": "8da4w", "embedding_quantization": "int8", "left_fp32": ["model.layers.0.mlp.down_proj"]}
+    text = "\n".join(_as_exported({"export-executorch": {"details": details}, "prune": {"details": {}}}))
+    assert "executorch: linear weights 8da4w, embedding table int8" in text
+    assert "1 Linear module(s) left in fp32" in text and "`model.layers.0.mlp.down_proj`" in text
