@@ -70,12 +70,13 @@ def run_plan(model: str | None, target: str, plan: str, out: Path, samples: int)
     cmd += ["--calib", str(WIKI / "wiki.valid.tokens"), "--num-samples", str(samples), "--seq-len", "128"]
     cmd += ["--eval", str(WIKI / "wiki.test.tokens"), "--eval-samples", "16", "--eval-seq-len", "512"]
     out.mkdir(parents=True, exist_ok=True)
+    (out / "run" / "report.json").unlink(missing_ok=True)  # a gate failure still writes one: never a stale one
     t0 = time.perf_counter()
     with (out / "run.log").open("w") as fh:
         proc = subprocess.run(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, check=False)
     wall = round(time.perf_counter() - t0, 1)
     report_path = out / "run" / "report.json"
-    if proc.returncode not in (0, 1) or not report_path.is_file():  # 1: a gate failed, the report is there
+    if not report_path.is_file():  # stopped before validation (an infeasible budget, a failed export)
         tail = (out / "run.log").read_text(errors="replace").strip().splitlines()[-3:]
         return {"error": " ".join(tail)[-600:], "exit": proc.returncode, "wall_s": wall}
     return summarize(json.loads(report_path.read_text()), wall)
