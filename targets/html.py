@@ -115,13 +115,22 @@ def plots(out_dir: Path, report: dict[str, Any]) -> dict[str, bytes]:
 def _frontier_plot(plt: Any, fit: dict[str, Any], budget: float) -> bytes:
     """Each priced candidate: its dense prediction (worst runtime) against its estimated loss."""
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    priced = sorted((c for c in fit["candidates"] if c["worst_ratio"] is not None), key=lambda c: c["worst_ratio"])
-    for rank, c in enumerate(priced):
+    priced = [c for c in fit["candidates"] if c["worst_ratio"] is not None]
+    # the frontier: no other candidate is both smaller and loses less; only these (and the choice) are named
+    frontier, best = [], float("inf")
+    for c in sorted(priced, key=lambda c: (max(c["dense_mib"].values()), c["worst_ratio"])):
+        if c["worst_ratio"] < best:
+            frontier.append(c)
+            best = c["worst_ratio"]
+    for c in priced:
         x, y = max(c["dense_mib"].values()), c["worst_ratio"]
         ax.scatter([x], [y], color="#e45756" if c["chosen"] else "#4c78a8", zorder=3, s=40 if c["chosen"] else 20)
-        if c["chosen"] or rank < 6:  # the best few named: dozens of labels would cover each other
-            label = candidate_precision(c, "; ").replace("executorch ", "ET ").replace("onnxruntime ", "ORT ")
-            ax.annotate(label, (x, y), fontsize=5, xytext=(3, 3), textcoords="offset points")
+    ax.step([max(c["dense_mib"].values()) for c in frontier], [c["worst_ratio"] for c in frontier], where="post",
+            color="#4c78a8", linewidth=0.8, label="frontier")  # fmt: skip
+    for i, c in enumerate(frontier + [c for c in priced if c["chosen"] and c not in frontier]):
+        label = candidate_precision(c, "; ").replace("executorch ", "ET ").replace("onnxruntime ", "ORT ")
+        ax.annotate(label, (max(c["dense_mib"].values()), c["worst_ratio"]), fontsize=5,
+                    xytext=(3, 3 + 7 * (i % 2)), textcoords="offset points")  # fmt: skip
     ax.axvline(budget, color="black", linestyle="--", label=f"budget {budget:.0f} MiB")
     ax.set_xlabel("predicted peak of the dense model, worst runtime (MiB)")
     ax.set_ylabel("estimated perplexity / dense fp32")
