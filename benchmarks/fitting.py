@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from core.fsio import atomic_write_json, atomic_write_text  # noqa: E402
+from core.schemes import precision_text  # noqa: E402
 from pipeline.fit.plan import most_compressed  # noqa: E402
 from targets.profile import load_profile  # noqa: E402
 
@@ -91,13 +92,8 @@ def summarize(report: dict[str, Any], wall: float) -> dict[str, Any]:
         name = rt["runtime"]
         exported = ppl.get(f"exported[{name}]")
         runtimes[name] = {
-            "precision": " + ".join(
-                x
-                for x in (
-                    prof.get("quantize", {}).get(name, "fp32"),
-                    prof.get("quantize_embedding", {}).get(name) and f"{prof['quantize_embedding'][name]} embedding",
-                )
-                if x
+            "precision": precision_text(
+                prof.get("quantize", {}).get(name, "fp32"), prof.get("quantize_embedding", {}).get(name)
             ),
             "ppl": exported,
             "ppl_ratio": exported / ppl["dense"] if exported and ppl.get("dense") else None,

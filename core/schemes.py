@@ -137,6 +137,15 @@ def embedding_spec(name: str, runtime: str) -> EmbeddingSpec:
     return spec
 
 
+def precision_text(linear: str | None, embedding: str | None = None) -> str:
+    """A runtime's precision in words: its linear scheme (left out when None) and, where quantized,
+    its embedding table's: ``8da8w + int8 embedding``. The one wording of the report, gates and logs."""
+    parts = [linear] if linear else []
+    if embedding and embedding != "fp32":
+        parts.append(f"{embedding} embedding")
+    return " + ".join(parts)
+
+
 def schemes_for(runtime: str) -> tuple[Scheme, ...]:
     """The schemes ``runtime`` implements, in table order."""
     return tuple(name for name, spec in SCHEME_TABLE.items() if spec.runtime == runtime)

@@ -91,10 +91,10 @@ def untie_transposed_weights(model: onnx.ModelProto) -> list[str]:
     return untied
 
 
-def check_scheme(runtime: str, scheme: str) -> None:
-    """ExportError unless ``scheme`` is one of ``runtime``'s rows in ``core.schemes``."""
+def check_scheme(runtime: str, scheme: str) -> SchemeSpec:
+    """``scheme``'s row in ``core.schemes``; an ExportError unless it is one of ``runtime``'s."""
     try:
-        scheme_spec(scheme, runtime)
+        return scheme_spec(scheme, runtime)
     except ConfigError as exc:
         raise ExportError(str(exc)) from None
 
@@ -112,14 +112,12 @@ def quantize_torch(model: nn.Module, scheme: str) -> nn.Module:
     import torch
     from torchao.quantization import Int8DynamicActivationIntxWeightConfig, PerAxis, PerGroup, quantize_
 
-    check_scheme("executorch", scheme)
+    spec = check_scheme("executorch", scheme)
     q = copy.deepcopy(model)
     if scheme == "8da4w":
         config = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(GROUP_SIZE))  # type: ignore[attr-defined]
     else:
         config = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0))
-
-    spec = scheme_spec(scheme, "executorch")
 
     def linear_with_groups(module: nn.Module, fqn: str) -> bool:
         return isinstance(module, nn.Linear) and _tiles(module, spec)
@@ -143,8 +141,7 @@ def left_unquantized(model: nn.Module, scheme: str) -> list[str]:
 def quantize_onnx(src: Path, dst: Path, scheme: str = "int8") -> None:
     """Quantize ``src`` into ``dst`` (``int8`` dynamic, or ``int8w`` / ``int4w`` MatMulNBits), weights in
     ``dst``'s ``.data`` sidecar."""
-    check_scheme("onnxruntime", scheme)
-    spec = scheme_spec(scheme, "onnxruntime")
+    spec = check_scheme("onnxruntime", scheme)
     try:
         if spec.group_size:  # MatMulNBits, blockwise
             import onnx

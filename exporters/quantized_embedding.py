@@ -22,6 +22,15 @@ from torch import nn
 from core.schemes import EmbeddingSpec, embedding_spec
 
 
+def symmetric_grid(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes (as floats, in [-2^(bits-1), 2^(bits-1) - 1]) and scales of ``x``, one scale per slice of
+    its last dim, as torchao rounds: scale = max|x| / ((qmax - qmin) / 2), codes = round(x * (1/scale))
+    (``x * (1/scale)``, not ``x / scale``: that is what makes the simulation bit-exact)."""
+    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    scale = x.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / ((qmax - qmin) / 2)
+    return (x * (1.0 / scale)).round().clamp(qmin, qmax), scale
+
+
 def symmetric_codes(w: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Codes (int8, in [-2^(bits-1), 2^(bits-1) - 1]) and fp32 scales ([rows, groups]) of the 2-D ``w``,
     one scale per row (``group_size`` 0) or per ``group_size`` consecutive values of a row."""
@@ -29,11 +38,8 @@ def symmetric_codes(w: torch.Tensor, bits: int, group_size: int) -> tuple[torch.
     group = group_size or width
     if width % group:
         raise ValueError(f"embedding width {width} is not a multiple of the group size {group}")
-    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    g = w.detach().float().reshape(rows, width // group, group)
-    scale = g.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / ((qmax - qmin) / 2)
-    codes = (g * (1.0 / scale)).round().clamp(qmin, qmax).to(torch.int8)
-    return codes.reshape(rows, width), scale.squeeze(-1)
+    codes, scale = symmetric_grid(w.detach().float().reshape(rows, width // group, group), bits)
+    return codes.to(torch.int8).reshape(rows, width), scale.squeeze(-1)
 
 
 def dequantized(w: torch.Tensor, spec: EmbeddingSpec) -> torch.Tensor:

@@ -13,6 +13,7 @@ from typing import Any
 
 from core.errors import ConfigError
 from core.runtimes import RUNTIMES
+from core.schemes import precision_text
 
 
 def _load(out_dir: Path) -> dict[str, Any]:
@@ -76,8 +77,5 @@ def _quantization(report: dict[str, Any]) -> str:
     prof = report["profile"]
     emb = prof.get("quantize_embedding", {})
     runtimes = list(dict.fromkeys([*prof.get("quantize", {}), *emb]))
-    parts = []
-    for rt in runtimes:
-        linear, table = prof.get("quantize", {}).get(rt), emb.get(rt)
-        parts.append(f"{rt}: " + " + ".join(x for x in (linear, table and f"{table} embedding") if x))
+    parts = [f"{rt}: {precision_text(prof.get('quantize', {}).get(rt), emb.get(rt))}" for rt in runtimes]
     return ", ".join(parts) or "fp32"

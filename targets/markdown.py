@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from core.schemes import precision_text
 from targets.results import Report
 
 
@@ -150,10 +151,7 @@ def candidate_precision(c: dict[str, Any], sep: str = ", ") -> str:
     """A saved candidate's precision per runtime: the linear scheme, and the embedding's if quantized
     (reports written before embeddings were a component have no ``embedding``)."""
     emb = c.get("embedding") or {}
-    return sep.join(
-        f"{rt} {s}" + ("" if emb.get(rt, "fp32") == "fp32" else f" + {emb[rt]} embedding")
-        for rt, s in c["precision"].items()
-    )
+    return sep.join(f"{rt} {precision_text(s, emb.get(rt))}" for rt, s in c["precision"].items())
 
 
 def frontier_rows(fit: dict[str, Any]) -> list[list[str]]:

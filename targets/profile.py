@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from core.errors import ConfigError, ProfileError
 from core.methods import DEFAULT_METHOD, MethodConfig, method_config
 from core.runtimes import RUNTIMES, Runtime
-from core.schemes import SCHEME_TABLE, EmbeddingScheme, Scheme, embedding_schemes_for, schemes_for
+from core.schemes import SCHEME_TABLE, EmbeddingScheme, Scheme, embedding_schemes_for, precision_text, schemes_for
 
 __all__ = ["RUNTIMES", "DeviceProfile", "Runtime", "Scheme", "load_profile"]
 
@@ -129,10 +129,8 @@ class DeviceProfile(_Strict):
     def quantized(self, runtime: str) -> str | None:
         """``runtime``'s quantization in words (linear scheme, embedding scheme), None when all fp32:
         a quantized artifact is gated on its quality, an fp32 one on parity."""
-        parts = [s for s in (self.quantize.get(runtime),) if s]  # type: ignore[call-overload]
-        emb = self.quantize_embedding.get(runtime)  # type: ignore[call-overload]
-        parts += [f"{emb} embedding"] if emb else []
-        return " + ".join(parts) or None
+        linear, table = self.quantize.get(runtime), self.quantize_embedding.get(runtime)  # type: ignore[call-overload]
+        return precision_text(linear, table) or None
 
     def with_quantize(
         self, quantize: dict[Runtime, Scheme], embedding: dict[Runtime, EmbeddingScheme] | None = None

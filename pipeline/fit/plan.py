@@ -41,7 +41,13 @@ import torch
 from core.methods import MethodConfig
 from core.perplexity import perplexity
 from core.runtimes import Runtime
-from core.schemes import embedding_schemes_for, schemes_for, smallest_embedding_scheme, smallest_scheme
+from core.schemes import (
+    embedding_schemes_for,
+    precision_text,
+    schemes_for,
+    smallest_embedding_scheme,
+    smallest_scheme,
+)
 from pipeline.feasibility import floor_estimate
 from pipeline.fit.proxy import PruningProxy, smallest_share
 from pipeline.fit.simulate import simulated, simulated_embedding
@@ -54,26 +60,23 @@ log = logging.getLogger(__name__)
 FP32 = "fp32"
 
 
-def options(profile: DeviceProfile, runtime: Runtime) -> list[str]:
-    """The precisions ``runtime`` may take under ``profile``: its pinned scheme, or fp32 and every
-    scheme of the runtime (``precision: fp32`` without a pin: fp32 only)."""
-    pinned = profile.quantize.get(runtime)
+def _choices(profile: DeviceProfile, pinned: str | None, schemes: tuple[str, ...]) -> list[str]:
+    """One component's precisions: its pin, or fp32 and ``schemes`` under ``precision: auto`` (fp32
+    alone otherwise)."""
     if pinned is not None:
         return [pinned]
-    if profile.precision != "auto":
-        return [FP32]
-    return [FP32, *schemes_for(runtime)]
+    return [FP32, *schemes] if profile.precision == "auto" else [FP32]
+
+
+def options(profile: DeviceProfile, runtime: Runtime) -> list[str]:
+    """The linear-weight precisions ``runtime`` may take under ``profile``: its pinned scheme, or fp32
+    and every scheme of the runtime (``precision: fp32`` without a pin: fp32 only)."""
+    return _choices(profile, profile.quantize.get(runtime), schemes_for(runtime))
 
 
 def embedding_options(profile: DeviceProfile, runtime: Runtime) -> list[str]:
-    """The embedding precisions ``runtime`` may take: the pinned one, or fp32 and its embedding
-    schemes under ``precision: auto`` (fp32 only otherwise)."""
-    pinned = profile.quantize_embedding.get(runtime)
-    if pinned is not None:
-        return [pinned]
-    if profile.precision != "auto":
-        return [FP32]
-    return [FP32, *embedding_schemes_for(runtime)]
+    """The embedding-table precisions ``runtime`` may take, by the same rule."""
+    return _choices(profile, profile.quantize_embedding.get(runtime), embedding_schemes_for(runtime))
 
 
 def most_compressed(profile: DeviceProfile) -> DeviceProfile:
@@ -116,8 +119,7 @@ class Candidate:
 
     def runtime_precision(self, runtime: str) -> str:
         """``runtime``'s precision in words: its linear scheme, and its embedding's where quantized."""
-        emb = self.embedding.get(runtime, FP32)
-        return self.precision[runtime] + ("" if emb == FP32 else f" + {emb} embedding")
+        return precision_text(self.precision[runtime], self.embedding.get(runtime))
 
     @property
     def pruning(self) -> str:
@@ -172,6 +174,11 @@ def choose_precision(model: Any, calib: torch.Tensor, profile: DeviceProfile, cf
     per_runtime = [
         [(rt, s, e) for s in options(profile, rt) for e in embedding_options(profile, rt)] for rt in profile.runtimes
     ]
+    def measured(key: tuple[str, str, str]) -> float:
+        if key not in quant_ppl:
+            quant_ppl[key] = _simulated_ppl(model, windows, cfg, key, base)
+        return quant_ppl[key]
+
     candidates = []
     for combo in itertools.product(*per_runtime):
         precision: dict[str, str] = {rt: s for rt, s, _ in combo}
@@ -182,12 +189,6 @@ def choose_precision(model: Any, calib: torch.Tensor, profile: DeviceProfile, cf
         )
         cand = _price(model, shape, prof, cfg, target, precision, embedding)
         if cand.reachable:
-
-            def measured(key: tuple[str, str, str]) -> float:
-                if key not in quant_ppl:
-                    quant_ppl[key] = _simulated_ppl(model, windows, cfg, key, base)
-                return quant_ppl[key]
-
             # quantizing one more component cannot make a runtime better: a precision scores at least
             # what each of its components scores alone (else sample noise could pick a smaller table
             # that "helps", as the ratio floor of 1 keeps fp32 from losing to noise)
@@ -225,7 +226,7 @@ def _simulated_ppl(
         n = stack.enter_context(simulated(model, linear)) if linear != FP32 else 0
         if table != FP32:
             stack.enter_context(simulated_embedding(model, table, runtime))
-        what = linear + ("" if table == FP32 else f" + {table} embedding")
+        what = precision_text(linear, table)
         ppl = perplexity(model, windows, batch_size=cfg.batch_size, desc=f"simulated {what}")
     log.info("%s simulated (%d Linear modules): calibration perplexity %.3f (fp32 %.3f)", what, n, ppl, base)
     return ppl

@@ -35,7 +35,7 @@ from torch import nn
 
 from core.arch import decoder_layers
 from core.schemes import GROUP_SIZE, embedding_spec, scheme_spec
-from exporters.quantized_embedding import dequantized
+from exporters.quantized_embedding import dequantized, symmetric_grid
 
 Rounding = Callable[[torch.Tensor], torch.Tensor]
 
@@ -43,9 +43,8 @@ Rounding = Callable[[torch.Tensor], torch.Tensor]
 def _symmetric(x: torch.Tensor, bits: int) -> torch.Tensor:
     """Round ``x`` (last dim = one scale group) to a symmetric signed grid, as torchao does:
     scale = max|x| / ((qmax - qmin) / 2), codes clamped to [qmin, qmax]."""
-    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    scale = x.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / ((qmax - qmin) / 2)
-    return (x * (1.0 / scale)).round().clamp(qmin, qmax) * scale  # x * (1/scale), as torchao rounds
+    codes, scale = symmetric_grid(x, bits)
+    return codes * scale
 
 
 def _signed_absmax(x: torch.Tensor, bits: int) -> torch.Tensor:
