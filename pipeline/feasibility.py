@@ -49,10 +49,9 @@ def check_feasible(model: Any, profile: DeviceProfile, cfg: MethodConfig, shape:
         else "No single change of the profile reaches it (context, prefill, quantization, block removal); "
         "pick a smaller model."
     )
-    terms = (
-        f"weights {floor.weights_mib:.1f} + KV {floor.kv_cache_mib:.1f} + activations {floor.activations_mib:.1f} "
-        f"+ overhead {floor.overhead_mib:.1f}"
-    )
+    run = f"KV {floor.kv_cache_mib:.1f} + activations {floor.activations_mib:.1f} at {floor.positions} positions"
+    phases = f"max(load transients {floor.load_transient_mib:.1f}, {run})" if floor.load_transient_mib else run
+    terms = f"weights {floor.weights_mib:.1f} + overhead {floor.overhead_mib:.1f} + {phases}"
     raise BudgetError(
         f"Budget infeasible for profile '{profile.name}': even the most pruning {cfg.method} allows "
         f"(max_removed_layer_ratio={cfg.max_removed_layer_ratio}){_weights(profile)} needs "

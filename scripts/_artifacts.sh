@@ -1,6 +1,7 @@
 # Sourced by validate_ssh.sh and validate_android.sh: pick the artifact for $runtime in $out, check
-# that the run's files are there, and read threads / prefill chunk / decode tokens from its profile.
-# Needs: die, $runtime, $out, $local_py. Sets: files, artifact, inputs, threads, chunk, new_tokens.
+# that the run's files are there, and read threads / prefill chunk / decode tokens / positions to fill
+# from its profile. Needs: die, $runtime, $out, $local_py.
+# Sets: files, artifact, inputs, threads, chunk, new_tokens, fill.
 load_artifacts() {  # $1: the target named in the "run make export" hint
   case "$runtime" in
     onnxruntime)  # the ORT-format file when the profile asked for one (onnx_format: ort)
@@ -15,11 +16,13 @@ load_artifacts() {  # $1: the target named in the "run make export" hint
   inputs="$out/validation/${runtime}_inputs.npy"
   [ -f "$inputs" ] || die "$inputs is missing: run \`make validate\` for $out first"
   [ -x "$local_py" ] || die "local Python $local_py not found: run \`make setup\` (or set PRUNEFIT_PYTHON)"
-  # threads, prefill chunk and decode tokens come from the profile the artifacts were made for
-  read -r threads chunk new_tokens < <("$local_py" - "$out/profile.yaml" <<'PY'
+  # threads, prefill chunk, decode tokens and the context to fill (the worst case the profile claims,
+  # up to fill_max_positions as the local validation does) come from the profile the artifacts were made for
+  read -r threads chunk new_tokens fill < <("$local_py" - "$out/profile.yaml" <<'PY'
 import sys, yaml
 p = yaml.safe_load(open(sys.argv[1]))
-print(p["threads"], p["prefill_tokens"], p.get("decode_tokens", 32))
+print(p["threads"], p["prefill_tokens"], p.get("decode_tokens", 32),
+      min(p["context_length"], p.get("fill_max_positions", 8192)))
 PY
   )
 }

@@ -105,7 +105,7 @@ fi
 
 cmd=("$python" "$remote_dir/runner.py" --runtime "$runtime" --artifact "$remote_dir/$artifact"
   --inputs "$remote_dir/${runtime}_inputs.npy" --logits-out "$remote_dir/generation.npz"
-  --threads "$threads" --chunk "$chunk" --new-tokens "$new_tokens")
+  --threads "$threads" --chunk "$chunk" --new-tokens "$new_tokens" --fill "$fill")
 if [ "$dry" = 1 ]; then
   shell "${cmd[@]}"
   run "${adb[@]}" pull "$remote_dir/generation.npz" "$generation"

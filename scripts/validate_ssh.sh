@@ -78,7 +78,7 @@ run "$scp_bin" "${scp_opts[@]}" -- "${files[@]}" "$inputs" "$here/targets/runner
 if [ "$dry" = 1 ]; then
   remote "$python" "$remote_dir/runner.py" --runtime "$runtime" --artifact "$remote_dir/$artifact" \
     --inputs "$remote_dir/${runtime}_inputs.npy" --logits-out "$remote_dir/generation.npz" \
-    --threads "$threads" --chunk "$chunk" --new-tokens "$new_tokens"
+    --threads "$threads" --chunk "$chunk" --new-tokens "$new_tokens" --fill "$fill"
   show "$local_py" -m targets.device merge "$out" --runtime "$runtime" --label "$label" --result "$result" \
     --generation "$generation"
   exit 0
@@ -86,7 +86,7 @@ fi
 status=0
 remote "$python" "$remote_dir/runner.py" --runtime "$runtime" --artifact "$remote_dir/$artifact" \
   --inputs "$remote_dir/${runtime}_inputs.npy" --logits-out "$remote_dir/generation.npz" \
-  --threads "$threads" --chunk "$chunk" --new-tokens "$new_tokens" >"$result" || status=$?
+  --threads "$threads" --chunk "$chunk" --new-tokens "$new_tokens" --fill "$fill" >"$result" || status=$?
 if [ "$status" = 3 ]; then
   die "the runtime is missing on $host: install it there ($python -m pip install numpy $runtime)" 8
 elif [ "$status" != 0 ]; then

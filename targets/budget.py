@@ -1,9 +1,12 @@
 """Run-time memory model: predict an exported model's peak memory on a device from its shapes.
 
 peak = weights (export precision, as the runtime stores them)
-     + KV cache (every layer, every KV head, at the profile's context length and batch)
-     + activation working set (one prefill chunk: residual stream, attention, MLP, logits)
      + runtime overhead (the runtime's own code, arenas and bookkeeping)
+     + the larger of
+         loading: the transients of repacking weights into the kernels' layout, and
+         running at full context: the KV cache as the runtime holds it (every layer, every KV head,
+         at the profile's context length and batch; copies where the runtime keeps more than one)
+         + the activation working set (one prefill chunk attending over the whole context)
 
 Shapes are read from the live modules, not the config, so per-layer widths after pruning are
 counted exactly. The pruner calls this to decide how much to remove; validation compares it with a
@@ -123,29 +126,46 @@ def model_shape(model: Any) -> ModelShape:
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """Predicted peak run-time memory of one runtime, term by term (MiB)."""
+    """Predicted peak run-time memory of one runtime, term by term (MiB).
+
+    Loading and running never overlap: the load's repacking transients are freed before the first
+    token, and the KV cache and activations only become resident as positions are written. So the
+    peak is the weights and fixed overhead plus the larger of the two phases' own terms."""
 
     runtime: str
     weights_mib: float
-    kv_cache_mib: float
+    kv_cache_mib: float  # the KV cache as the run holds it at ``positions``: ``kv_copies`` whole caches
     activations_mib: float
-    overhead_mib: float
+    overhead_mib: float  # the runtime library + a loaded session's fixed allocations
     budget_mib: float
+    load_transient_mib: float = 0.0  # repacking while loading, freed once loaded
+    positions: int = 0  # the context the run terms are counted at
+    kv_copies: float = 1.0
     # what the overhead's load transients are proportional to (part of weights_mib, not added again)
     block_weights_mib: float = 0.0
     head_weights_mib: float = 0.0
     weights_mapped_mib: float = 0.0  # stored, memory-mapped and never read whole: not in weights_mib
 
     @property
+    def run_mib(self) -> float:
+        """The run phase's own terms: KV cache as held and one prefill chunk's activations."""
+        return self.kv_cache_mib + self.activations_mib
+
+    @property
+    def phase(self) -> str:
+        """Which phase sets the peak: ``load`` (repacking weights) or ``run`` (full context)."""
+        return "load" if self.load_transient_mib > self.run_mib else "run"
+
+    @property
     def total_mib(self) -> float:
-        return self.weights_mib + self.kv_cache_mib + self.activations_mib + self.overhead_mib
+        return self.weights_mib + self.overhead_mib + max(self.load_transient_mib, self.run_mib)
 
     @property
     def fits(self) -> bool:
         return self.total_mib <= self.budget_mib
 
     def to_dict(self) -> dict[str, float | str | bool]:
-        return {**asdict(self), "total_mib": round(self.total_mib, 2), "fits": self.fits}
+        return {**asdict(self), "total_mib": round(self.total_mib, 2), "fits": self.fits, "phase": self.phase}
 
 
 @dataclass(frozen=True)
@@ -223,18 +243,6 @@ def kv_cache_bytes(shape: ModelShape, context: int, batch: int, precision: str, 
     return per_batch * batch * BYTES_PER_ELEMENT[precision]
 
 
-def kv_cache_not_held_mib(shape: ModelShape, profile: DeviceProfile, runtime: Runtime, tokens_run: int) -> float:
-    """The part of the context's KV cache a validation run of ``tokens_run`` tokens did not hold:
-    none for a preallocated cache, the remaining positions for a growing one."""
-    spec = RUNTIME_TABLE[runtime]
-    if spec.kv_preallocated:
-        return 0.0
-    full = kv_cache_bytes(shape, profile.context_length, profile.batch_size, profile.float_dtype, spec.kv_windowed)
-    held = kv_cache_bytes(shape, min(tokens_run, profile.context_length), profile.batch_size, profile.float_dtype,
-                          spec.kv_windowed)  # fmt: skip
-    return (full - held) / MIB
-
-
 def activation_bytes(shape: ModelShape, tokens: int, context: int, batch: int, windowed: bool = False) -> int:
     """Working set of one prefill chunk of ``tokens`` attending over up to ``context`` positions.
 
@@ -253,27 +261,31 @@ def activation_bytes(shape: ModelShape, tokens: int, context: int, batch: int, w
     return 4 * (residual + widest + logits)
 
 
-def estimate(shape: ModelShape, profile: DeviceProfile, runtime: Runtime) -> MemoryEstimate:
-    """Peak memory of ``runtime`` running ``shape`` on ``profile``. ``weights_mib`` is what is
-    resident (a memory-mapped embedding that is only gathered from is not; ``weights_mapped_mib``
-    says how much that left on disk)."""
+def estimate(
+    shape: ModelShape, profile: DeviceProfile, runtime: Runtime, positions: int | None = None
+) -> MemoryEstimate:
+    """Peak memory of ``runtime`` running ``shape`` on ``profile`` with ``positions`` in its cache
+    (default: the profile's context, the worst case it claims). ``weights_mib`` is what is resident
+    (a memory-mapped embedding that is only gathered from is not; ``weights_mapped_mib`` says how
+    much that left on disk)."""
     scheme = profile.quantize.get(runtime)
     cost = runtime_cost(runtime, scheme)
-    windowed = RUNTIME_TABLE[runtime].kv_windowed
+    spec = RUNTIME_TABLE[runtime]
+    context = profile.context_length if positions is None else positions
     terms = weight_terms(shape, runtime, profile.float_dtype, scheme, profile.quantize_embedding.get(runtime))
     gemm_mib, head_mib = terms.blocks / MIB, terms.head_read / MIB
-    overhead = library_mib(profile, runtime) + cost.loaded_overhead_mib(gemm_mib, head_mib)
+    kv = kv_cache_bytes(shape, context, profile.batch_size, profile.float_dtype, spec.kv_windowed) / MIB
+    chunk = min(profile.prefill_tokens, context)
     return MemoryEstimate(
         runtime=runtime,
         weights_mib=terms.resident / MIB,
-        kv_cache_mib=kv_cache_bytes(shape, profile.context_length, profile.batch_size, profile.float_dtype, windowed)
-        / MIB,
-        activations_mib=activation_bytes(
-            shape, profile.prefill_tokens, profile.context_length, profile.batch_size, windowed
-        )
-        / MIB,
-        overhead_mib=overhead,
+        kv_cache_mib=cost.kv_copies * kv,
+        activations_mib=activation_bytes(shape, chunk, context, profile.batch_size, spec.kv_windowed) / MIB,
+        overhead_mib=library_mib(profile, runtime) + cost.session_mib,
         budget_mib=float(profile.memory_budget_mib),
+        load_transient_mib=cost.load_transient_mib(gemm_mib, head_mib),
+        positions=context,
+        kv_copies=cost.kv_copies,
         block_weights_mib=gemm_mib,
         head_weights_mib=head_mib,
         weights_mapped_mib=(terms.total - terms.resident) / MIB,

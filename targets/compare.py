@@ -56,7 +56,8 @@ def compare(dirs: list[Path]) -> str:
 
         row(f"{rt}: size (MiB)", lambda r, g=by_rt: _f((g(r) or {}).get("size_mib"), ".1f"))
         row(
-            f"{rt}: peak incl. KV + library (MiB)", lambda r, g=by_rt: _f((g(r) or {}).get("projected_peak_mib"), ".1f")
+            f"{rt}: peak at full context + library (MiB)",
+            lambda r, g=by_rt: _f((g(r) or {}).get("projected_peak_mib"), ".1f"),
         )
         row(f"{rt}: memory model error", lambda r, g=by_rt: _f((g(r) or {}).get("prediction_error"), "+.1%"))
         row(

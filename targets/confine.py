@@ -41,6 +41,16 @@ class Confined:
     version: int  # cgroup version used
     # the peak is the maximum of memory.current sampled during the run (cgroup v2 without memory.peak)
     peak_polled: bool = False
+    # times the group's usage reached its limit and the kernel reclaimed (page cache first: the
+    # mapped model file) to stay under it (v2 memory.events "max", v1 memory.failcnt; v1 often
+    # reclaims without counting, so 0 there says little). None: unreadable.
+    limit_hits: int | None = None
+
+    @property
+    def at_limit(self) -> bool:
+        """Whether the run reached its limit (and, not killed, was held there by reclaim): its
+        cgroup peak then reads the limit, which is real pressure, not a misread counter."""
+        return bool(self.limit_hits) or self.peak_mib >= self.limit_mib - 1.0
 
 
 def _v1_root() -> Path | None:
@@ -169,6 +179,17 @@ def _oom(group: Path, version: int, returncode: int) -> bool:
     return returncode == -9
 
 
+def _limit_hits(group: Path, version: int) -> int | None:
+    """How often the group hit its limit (see ``Confined.limit_hits``); None where unreadable."""
+    try:
+        if version == 2:
+            fields = dict(line.split()[:2] for line in (group / "memory.events").read_text().splitlines() if line)
+            return int(fields["max"])
+        return int((group / "memory.failcnt").read_text())
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def run_confined(
     cmd: Sequence[str], limit_mib: float, env: dict[str, str] | None = None, timeout: float | None = None
 ) -> Confined:
@@ -196,4 +217,5 @@ def run_confined(
             oom_killed=_oom(group, version, proc.returncode),
             version=version,
             peak_polled=polled,
+            limit_hits=_limit_hits(group, version),
         )

@@ -90,18 +90,18 @@ def quantized_gates(
     return gates
 
 
-def memory_gate(runtime: str, model_peak_mib: float, kv_rest_mib: float, library_mib: float, budget_mib: float) -> Gate:
-    """The run's measured peak, plus the KV cache it did not hold and the device's runtime library,
-    against the budget."""
-    projected = model_peak_mib + kv_rest_mib + library_mib
+def memory_gate(runtime: str, peak_at_context_mib: float, library_mib: float, budget_mib: float, how: str) -> Gate:
+    """The run's peak at the profile's full context (``how``: measured by filling it, or
+    extrapolated from a partial fill), plus the device's runtime library, against the budget."""
+    total = peak_at_context_mib + library_mib
     return Gate(
         f"memory[{runtime}]",
-        projected <= budget_mib,
-        projected,
+        total <= budget_mib,
+        total,
         budget_mib,
-        f"measured run peak {model_peak_mib:.1f} MiB + KV cache not held by the run "
-        f"{kv_rest_mib:.1f} + runtime library {library_mib:.1f} = {projected:.1f} MiB vs budget {budget_mib:.0f} MiB "
-        f"({'under' if projected <= budget_mib else 'over'} by {abs(budget_mib - projected):.1f} MiB)",
+        f"peak at full context {peak_at_context_mib:.1f} MiB ({how}) + runtime library {library_mib:.1f} = "
+        f"{total:.1f} MiB vs budget {budget_mib:.0f} MiB "
+        f"({'under' if total <= budget_mib else 'over'} by {abs(budget_mib - total):.1f} MiB)",
     )
 
 

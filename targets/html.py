@@ -74,8 +74,10 @@ def plots(out_dir: Path, report: dict[str, Any]) -> dict[str, bytes]:
     measured = {r["runtime"]: r for r in val.get("runtimes", [])}
     if per_rt:
         names = list(per_rt)
-        terms = [("weights_mib", "weights"), ("kv_cache_mib", "KV cache"), ("activations_mib", "activations"),
-                 ("overhead_mib", "overhead")]  # fmt: skip
+        terms = [("weights_mib", "weights"), ("overhead_mib", "overhead"), ("kv_cache_mib", "KV cache"),
+                 ("activations_mib", "activations"), ("load_extra", "load transients beyond the run")]  # fmt: skip
+        for e in per_rt.values():  # the peak is the larger phase: loading's excess over the run's terms
+            e["load_extra"] = max(0.0, e.get("load_transient_mib", 0.0) - e["kv_cache_mib"] - e["activations_mib"])
         fig, ax = plt.subplots(figsize=(6, 3.5))
         bottom = [0.0] * len(names)
         for key, label in terms:
@@ -86,7 +88,7 @@ def plots(out_dir: Path, report: dict[str, Any]) -> dict[str, bytes]:
         ax.axhline(budget, color="black", linestyle="--", label=f"budget {budget:.0f} MiB")
         meas = [measured[n]["projected_peak_mib"] if n in measured else None for n in names]
         ax.scatter([n for n, m in zip(names, meas, strict=True) if m is not None], [m for m in meas if m is not None],
-                   color="black", marker="D", zorder=3, label="measured (projected) peak")  # fmt: skip
+                   color="black", marker="D", zorder=3, label="measured at full context")  # fmt: skip
         ax.set_ylabel("MiB")
         ax.set_title("Predicted memory by term vs budget")
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
@@ -97,19 +99,56 @@ def plots(out_dir: Path, report: dict[str, Any]) -> dict[str, bytes]:
         fig, ax = plt.subplots(figsize=(6, 3))
         xs = range(len(names))
         ax.bar([x - 0.2 for x in xs], [measured[n]["predicted_model_peak_mib"] for n in names], 0.4, label="predicted")
-        ax.bar([x + 0.2 for x in xs], [measured[n]["measured"]["model_peak_mib"] for n in names], 0.4, label="measured")
-        for x, n in zip(xs, names, strict=True):
-            ax.text(x, measured[n]["measured"]["model_peak_mib"], f"{measured[n]['prediction_error']:+.1%}", ha="left")
+        at_context = [_peak_at_context(measured[n]) for n in names]
+        ax.bar([x + 0.2 for x in xs], at_context, 0.4, label="measured")
+        for x, n, m in zip(xs, names, at_context, strict=True):
+            ax.text(x, m, f"{measured[n]['prediction_error']:+.1%}", ha="left")
         ax.set_xticks(list(xs), names)
-        ax.set_ylabel("run peak (MiB)")
+        ax.set_ylabel("peak at full context (MiB)")
         ax.set_title("Memory model: predicted vs measured run peak")
         ax.legend(fontsize=7)
         images["prediction"] = _png(fig)
         plt.close(fig)
+    fills = {n: r["fill"] for n, r in measured.items() if r.get("fill")}
+    fills |= {k["runtime"]: k["fill"] for k in val.get("killed", []) if k.get("fill")}
+    if fills:
+        images["fill"] = _fill_plot(plt, fills, report["profile"])
     fit = report.get("fit")
     if fit:
         images["frontier"] = _frontier_plot(plt, fit, float(report["profile"]["memory_budget_mib"]))
     return images
+
+
+def _fill_plot(plt: Any, fills: dict[str, dict[str, Any]], profile: dict[str, Any]) -> bytes:
+    """Each runtime's resident peak per call of the context fill against the positions filled, the
+    memory model's prediction, the extrapolation where the fill stopped short, and the model's share
+    of the budget (the budget less the device's runtime library)."""
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    budget = float(profile["memory_budget_mib"])
+    for i, (rt, fill) in enumerate(fills.items()):
+        color = f"C{i}"
+        pts = fill["trace"]
+        killed = f" (killed at {fill['killed_at']})" if fill.get("killed_at") else ""
+        ax.plot([p["positions"] for p in pts], [p["peak_mib"] for p in pts], ".", color=color, ms=3,
+                label=f"{rt}: measured{killed}")  # fmt: skip
+        if fill.get("predicted"):
+            xs, ys = zip(*fill["predicted"], strict=True)
+            ax.plot(xs, ys, "--", color=color, linewidth=0.8, label=f"{rt}: predicted")
+        if fill["positions_filled"] < fill["context"] and fill["points_fitted"] >= 2:
+            ends = [fill["positions_filled"], fill["context"]]
+            ax.plot(ends, [fill["intercept_mib"] + fill["slope_mib_per_1k"] * x / 1000 for x in ends], ":",
+                    color=color, label=f"{rt}: extrapolated")  # fmt: skip
+        share = budget - float(fill.get("library_mib", 0.0))
+        ax.axhline(share, color=color, linestyle="-", linewidth=0.6, alpha=0.6)
+    ax.axhline(budget, color="black", linestyle="--", label=f"budget {budget:.0f} MiB (thin lines: less the library)")
+    ax.axvline(float(profile["context_length"]), color="grey", linestyle=":", linewidth=0.8)
+    ax.set_xlabel("KV cache positions filled")
+    ax.set_ylabel("model's resident peak (MiB)")
+    ax.set_title("Memory as the context fills")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    png = _png(fig)
+    plt.close(fig)
+    return png
 
 
 def _frontier_plot(plt: Any, fit: dict[str, Any], budget: float) -> bytes:
@@ -147,6 +186,11 @@ def _table(headers: list[str], rows: list[list[Any]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def _peak_at_context(r: dict[str, Any]) -> float:
+    """A measured runtime's peak at full context (a report without a fill: its run peak)."""
+    return float((r.get("fill") or {}).get("peak_at_context_mib", r["measured"]["model_peak_mib"]))
+
+
 def _runtime_row(r: dict[str, Any]) -> list[Any]:
     m = r["measured"]
     return [
@@ -155,7 +199,7 @@ def _runtime_row(r: dict[str, Any]) -> list[Any]:
         f"{m['load_s']:.2f}",
         f"{m.get('prefill_s', float('nan')) * 1000:.0f}",
         f"{m.get('decode_tokens_per_s', float('nan')):.1f}",
-        f"{m['model_peak_mib']:.1f}",
+        f"{_peak_at_context(r):.1f}",
         f"{r['predicted_model_peak_mib']:.1f}",
         f"{r['prediction_error']:+.1%}",
         f"{r['max_abs_logit_diff']:.2e}",
@@ -195,14 +239,14 @@ def render_html(out_dir: Path, typed: Report) -> str:
         parts.append(_table(FRONTIER_HEADERS, rows))
     titles = {
         "widths": "What was pruned", "budget": "Budget", "prediction": "Predicted vs measured",
-        "frontier": "Precision candidates",
+        "frontier": "Precision candidates", "fill": "Memory as the context fills",
     }  # fmt: skip
     for name, data in images.items():
         parts.append(f"<h2>{titles[name]}</h2><img alt='{name}' src='data:image/png;base64,"
                      f"{base64.b64encode(data).decode()}'>")  # fmt: skip
     parts.append("<h2>Runtimes, measured</h2>")
-    headers = ["runtime", "size MiB", "load s", "prefill ms", "decode tok/s", "run peak MiB", "predicted MiB"]
-    headers += ["error", "max |logit diff|", "tokens equal"]
+    headers = ["runtime", "size MiB", "load s", "prefill ms", "decode tok/s", "peak at full context MiB"]
+    headers += ["predicted MiB", "error", "max |logit diff|", "tokens equal"]
     parts.append(_table(headers, [_runtime_row(r) for r in val.get("runtimes", [])]))
     if val.get("perplexity"):
         parts.append("<h2>Perplexity</h2>")

@@ -44,44 +44,53 @@ def render_markdown(typed: Report) -> str:
         "",
         "## Memory model (predicted, MiB)",
         "",
-        "| runtime | when | weights | KV cache | activations | overhead | total | budget | fits |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---|",
+        "Weights and overhead, plus the larger of loading's transients and the run at full context "
+        "(KV cache as the runtime holds it + one prefill chunk's activations): the phase column says which.",
+        "",
+        "| runtime | when | weights | overhead | load transients | KV cache (copies) | activations | phase "
+        "| total | budget | fits |",
+        "|---|---|---:|---:|---:|---:|---:|---|---:|---:|---|",
     ]
     for when in ("before", "after"):
         for e in plan[when]["per_runtime"]:
             lines.append(
-                f"| {e['runtime']} | {when} | {_f(e['weights_mib'])} | {_f(e['kv_cache_mib'])} | "
-                f"{_f(e['activations_mib'])} | {_f(e['overhead_mib'])} | {_f(e['total_mib'])} | "
+                f"| {e['runtime']} | {when} | {_f(e['weights_mib'])} | {_f(e['overhead_mib'])} | "
+                f"{_f(e.get('load_transient_mib', 0.0))} | "
+                f"{_f(e['kv_cache_mib'])} ({_f(e.get('kv_copies', 1.0), 2)}) | "
+                f"{_f(e['activations_mib'])} | {e.get('phase', '-')} | {_f(e['total_mib'])} | "
                 f"{_f(e['budget_mib'], 0)} | {'yes' if e['fits'] else 'no'} |"
             )
     lines += [
         "",
         "## Exported artifacts, measured",
         "",
-        "Each artifact prefilled the prompt, then greedy-decoded with its own KV cache, in a child process "
-        "held to the model's share of the budget."
-        + (f" Threads: {val['threads_note']}." if val.get("threads_note") else ""),
+        "Each artifact prefilled the prompt, then greedy-decoded with its own KV cache (parity, timing), "
+        "then filled its cache to the profile's context (the prompt tiled, in prefill chunks, then decode "
+        "steps), in a child process held to the model's share of the budget. The peak is the worst over "
+        "all of it." + (f" Threads: {val['threads_note']}." if val.get("threads_note") else ""),
         "",
-        "| runtime | file | size (MiB) | load (s) | prefill (ms) | decode (tok/s) | measured run peak (MiB) "
-        "| predicted (MiB) | error | projected peak incl. rest of KV + library (MiB) | max abs logit diff "
-        "| tokens equal |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| runtime | file | size (MiB) | load (s) | prefill (ms) | decode (tok/s) | peak at full context (MiB) "
+        "| how | predicted (MiB) | error | incl. library (MiB) | max abs logit diff | tokens equal |",
+        "|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---|",
     ]
     for r in val["runtimes"]:
-        m, g = r["measured"], r.get("generation", {})
+        m, g, fill = r["measured"], r.get("generation", {}), r.get("fill") or {}
         lines.append(
             f"| {r['runtime']} | {r['artifact']} | {_f(r['size_mib'])} | {_f(m['load_s'], 2)} | "
             f"{_f(m.get('prefill_s', m.get('forward_s', float('nan'))) * 1000)} | "
-            f"{_f(m.get('decode_tokens_per_s', '-'))} | {_f(m['model_peak_mib'])} | "
-            f"{_f(r['predicted_model_peak_mib'])} | {r['prediction_error']:+.1%} | {_f(r['projected_peak_mib'])} | "
-            f"{r['max_abs_logit_diff']:.2e} | {_tokens(g)} |"
+            f"{_f(m.get('decode_tokens_per_s', '-'))} | {_f(fill.get('peak_at_context_mib', m['model_peak_mib']))} | "
+            f"{_fill_how(fill)} | {_f(r['predicted_model_peak_mib'])} | {r['prediction_error']:+.1%} | "
+            f"{_f(r['projected_peak_mib'])} | {r['max_abs_logit_diff']:.2e} | {_tokens(g)} |"
         )
     for k in val.get("killed", []):  # a run the kernel killed at its limit: a row saying so, not silence
+        fill = k.get("fill") or {}
+        at = f" at {fill['killed_at']} positions" if fill.get("killed_at") is not None else " before the fill"
         lines.append(
-            f"| {k['runtime']} | {k['artifact']} | {_f(k['size_mib'])} | killed | | | more than its "
-            f"{_f(k['model_share_mib'])} share (cgroup limit {_f(k['cgroup_limit_mib'])}) | "
+            f"| {k['runtime']} | {k['artifact']} | {_f(k['size_mib'])} | killed{at} | | | more than its "
+            f"{_f(k['model_share_mib'])} share (cgroup limit {_f(k['cgroup_limit_mib'])}) | killed | "
             f"{_f(k['predicted_model_peak_mib'])} | | | | not checked |"
         )
+    lines += _at_limit(val["runtimes"])
     lines += _as_exported(report["stages"])
     lines += _device_runs(report.get("device_runs", []))
     ppl = val.get("perplexity", {})
@@ -152,6 +161,37 @@ def candidate_precision(c: dict[str, Any], sep: str = ", ") -> str:
     (reports written before embeddings were a component have no ``embedding``)."""
     emb = c.get("embedding") or {}
     return sep.join(f"{rt} {precision_text(s, emb.get(rt))}" for rt, s in c["precision"].items())
+
+
+def _at_limit(runtimes: list[dict[str, Any]]) -> list[str]:
+    """A run that reached its cgroup limit without being killed (issue 21.6: its cgroup peak read
+    exactly the limit): the kernel reclaimed to hold it there, so say so, with the resident peak
+    the gate compares."""
+    out = []
+    for r in runtimes:
+        m = r["measured"]
+        hits = m.get("cgroup_limit_hits")
+        if m.get("cgroup_at_limit") or hits:
+            times = f", reached {hits} times" if hits else ""
+            out.append(
+                f"- {r['runtime']}: held at its cgroup limit ({_f(m['cgroup_limit_mib'])} MiB{times}): the kernel "
+                "reclaimed page cache (the model file's pages) to keep the run under it, "
+                f"so the cgroup's peak reads the limit. Not killed; its resident peak was {_f(m['model_peak_mib'])} "
+                "MiB, and that is what the memory gate compares. Expect slower loads at this budget on a device."
+            )
+    return ["", *out] if out else []
+
+
+def _fill_how(fill: dict[str, Any]) -> str:
+    """How the peak at full context was reached, in a table cell."""
+    if not fill:
+        return "not filled"
+    if fill["mode"] == "filled":
+        return f"filled {fill['positions_filled']} in {fill['seconds']:.0f} s"
+    return (
+        f"extrapolated from {fill['positions_filled']} of {fill['context']} "
+        f"({fill['slope_mib_per_1k']:.1f} MiB per 1k positions, {fill['points_fitted']} chunks)"
+    )
 
 
 def frontier_rows(fit: dict[str, Any]) -> list[list[str]]:

@@ -30,6 +30,17 @@ class ProbeResult(_Result):
     baseline_rss_mib: float
 
 
+class FillPoint(_Result):
+    """One call of the runner's context fill: positions filled after it, its own resident peak and
+    the RSS after it (model's share: above the baseline, less host code), seconds since the fill began."""
+
+    positions: int
+    kind: Literal["prefill", "decode"]
+    peak_mib: float
+    rss_mib: float
+    s: float
+
+
 class RunMeasurement(_Result):
     """One measured run: load, prefill of the prompt, greedy decoding with the artifact's KV cache.
 
@@ -49,6 +60,11 @@ class RunMeasurement(_Result):
     peak_rss_mib: float
     host_code_growth_mib: float
     model_peak_mib: float
+    # the peak of load and the parity runs alone (prompt + new_tokens positions), before the fill
+    short_run_peak_mib: float
+    fill_positions: int  # positions the fill reached (0: no fill)
+    fill_s: float
+    fill: list[FillPoint]  # one per call of the fill, in order
     peak_reset: bool
     load_s: float
     first_prefill_s: float

@@ -92,6 +92,10 @@ class DeviceProfile(_Strict):
     prefill_tokens: int = Field(gt=0)
     # Tokens greedy-decoded with the artifact's KV cache during validation (timing + token check).
     decode_tokens: int = Field(32, ge=1, le=4096)
+    # Validation fills the KV cache to context_length, the worst case the profile claims. A longer
+    # context is filled this far, and the peak at context_length extrapolated from the measured slope
+    # (a CPU host fills SmolLM2's 4096 positions in ~20 s; 32k would take tens of minutes).
+    fill_max_positions: int = Field(8192, ge=64)
     batch_size: int = Field(1, ge=1, le=64)
     runtimes: list[Runtime] = Field(min_length=1)
     # "fp32": weights fp32 except where ``quantize:`` names a scheme. "auto": the fitting stage
@@ -162,6 +166,11 @@ class DeviceProfile(_Strict):
             raise ValueError(
                 f"prefill_tokens + decode_tokens ({self.prefill_tokens} + {self.decode_tokens}) cannot exceed "
                 f"context_length ({self.context_length})"
+            )
+        if self.fill_max_positions < min(self.context_length, 4 * self.prefill_tokens):
+            raise ValueError(
+                f"fill_max_positions ({self.fill_max_positions}) must cover 4 prefill chunks "
+                f"({4 * self.prefill_tokens} positions) or the whole context: fewer points cannot give a slope"
             )
         if len(set(self.runtimes)) != len(self.runtimes):
             raise ValueError(f"runtimes lists a runtime twice: {list(self.runtimes)}")

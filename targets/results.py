@@ -10,9 +10,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, computed_field, model_validator
 
 from core.errors import GateError
+from targets.fill import FillSummary
 from targets.gates import Gate
 
-SCHEMA_VERSION = 2  # 2: typed (this module); killed runs; gates that were not checked have no threshold
+# 2: typed (this module); killed runs; gates that were not checked have no threshold.
+# 3: the memory gate at the full context (``fill``), no projection of a KV cache the run did not hold.
+SCHEMA_VERSION = 3
 
 
 class _Section(BaseModel):
@@ -27,12 +30,12 @@ class RuntimeResult(_Section):
     size_mib: float
     measured: dict[str, Any]  # targets.measurement.RunMeasurement's fields + how it was confined
     predicted: dict[str, Any]  # targets.budget.MemoryEstimate.to_dict()
-    projected_peak_mib: float
-    predicted_model_peak_mib: float  # the part of the prediction the child process measures
-    prediction_error: float  # measured / predicted - 1
+    projected_peak_mib: float  # the peak at full context + the device's runtime library: the memory gate's value
+    predicted_model_peak_mib: float  # the part of the prediction the child process measures (full context)
+    prediction_error: float  # peak at full context / predicted - 1
     max_abs_logit_diff: float
     argmax_agreement: float
-    kv_cache_not_held_mib: float = 0.0  # KV cache up to the context that the run did not hold
+    fill: FillSummary | None = None  # the context fill: peak at full context, how it was reached, the trace
     generation: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -47,6 +50,7 @@ class KilledRun(_Section):
     model_share_mib: float
     cgroup_limit_mib: float
     predicted_model_peak_mib: float
+    fill: FillSummary | None = None  # how far the fill got before the kill (``killed_at``), its trace
 
 
 class ValidationResult(_Section):
@@ -95,7 +99,7 @@ class DeviceRun(BaseModel):
 
 
 class Report(_Section):
-    schema_version: Literal[2] = 2  # SCHEMA_VERSION
+    schema_version: Literal[3] = 3  # SCHEMA_VERSION
     model: str
     eval_source: str
     calib_source: str

@@ -25,9 +25,10 @@ from core.cpus import local_threads
 from core.errors import GateError
 from exporters.base import artifact_files, artifact_size_bytes
 from targets import confine
-from targets.budget import MemoryEstimate, estimate, kv_cache_not_held_mib, library_mib, model_shape
+from targets.budget import MemoryEstimate, estimate, library_mib, model_shape
+from targets.fill import checkpoints, fill_plan, read_trace, summarize
 from targets.gates import fp32_gates, killed_gates, memory_gate, perplexity_gate, quantized_gates
-from targets.measurement import EvalResult, ProbeResult, RunMeasurement, read_result
+from targets.measurement import EvalResult, FillPoint, ProbeResult, RunMeasurement, read_result
 from targets.profile import DeviceProfile, Runtime
 from targets.results import KilledRun, RuntimeResult, ValidationResult
 
@@ -42,12 +43,12 @@ CGROUP_SLACK_MIB = 32.0
 
 
 def _runner_cmd(
-    runtime: Runtime, artifact: Path, ids: Path, logits: Path, threads: int, new_tokens: int, chunk: int, *extra: str
+    runtime: Runtime, artifact: Path, ids: Path, logits: Path, threads: int, new_tokens: int, chunk: int
 ) -> list[str]:
     return [
         sys.executable, "-m", "targets.runner", "--runtime", runtime, "--artifact", str(artifact),
         "--inputs", str(ids), "--logits-out", str(logits), "--threads", str(threads),
-        "--new-tokens", str(new_tokens), "--chunk", str(chunk), *extra,
+        "--new-tokens", str(new_tokens), "--chunk", str(chunk),
     ]  # fmt: skip
 
 
@@ -151,12 +152,15 @@ def run_artifact(
     new_tokens: int = 8,
     chunk: int = 0,
     eval_windows: np.ndarray | None = None,
+    fill_positions: int = 0,
 ) -> tuple[dict[str, Any], Generation | None]:
     """Run one artifact in a child process (``python -m targets.runner``): prefill ``inputs``, then
     greedy-decode ``new_tokens`` with the artifact's KV cache; return (measurements, generation).
     Prompts go in chunks of at most ``chunk`` tokens (the profile's prefill chunk). With
-    ``eval_windows`` a second, unconfined run of the artifact reports its own perplexity on them
-    (scoring text is not the measured workload).
+    ``fill_positions`` the same process then fills the cache that far (``targets.fill``); its
+    trace is in the measurements, and in them too when the run is killed (``fill``: how far it got).
+    With ``eval_windows`` a second, unconfined run of the artifact reports its own perplexity on
+    them (scoring text is not the measured workload).
 
     With ``model_limit_mib`` the child runs in a memory cgroup limited to its host baseline (the
     interpreter and runtime library, measured by a probe run) plus that many MiB for the model: a
@@ -167,8 +171,12 @@ def run_artifact(
     ids_path, logits_path = work_dir / f"{runtime}_inputs.npy", work_dir / f"{runtime}_generation.npz"
     np.save(ids_path, inputs.astype(np.int64), allow_pickle=False)
     cmd = _runner_cmd(runtime, artifact, ids_path, logits_path, threads, new_tokens, chunk)
-    result_path = work_dir / f"{runtime}_result.json"
+    result_path, trace_path = work_dir / f"{runtime}_result.json", work_dir / f"{runtime}_fill.jsonl"
     result_path.unlink(missing_ok=True)  # never read a previous run's result
+    trace_path.unlink(missing_ok=True)
+    run_cmd = [*cmd, "--result-out", str(result_path)]
+    if fill_positions:
+        run_cmd += ["--fill", str(fill_positions), "--trace-out", str(trace_path)]
     confined = model_limit_mib is not None and confine.available()[0]
     if confined:
         assert model_limit_mib is not None
@@ -184,14 +192,16 @@ def run_artifact(
             probe = confine.run_confined([*cmd, "--probe", "--result-out", str(probe_path)], HOST_PROBE_LIMIT_MIB)
             read_result(probe_path, ProbeResult, runtime, probe.returncode, probe.stderr or probe.stdout)
         limit = probe.peak_mib + model_limit_mib + CGROUP_SLACK_MIB
-        run = confine.run_confined([*cmd, "--result-out", str(result_path)], limit)
+        run = confine.run_confined(run_cmd, limit)
         returncode, stdout, stderr = run.returncode, run.stdout, run.stderr
         extra = {"confined": True, "cgroup_limit_mib": limit, "cgroup_peak_mib": run.peak_mib,
-                 "cgroup_peak_polled": run.peak_polled}  # fmt: skip
+                 "cgroup_peak_polled": run.peak_polled, "cgroup_limit_hits": run.limit_hits,
+                 "cgroup_at_limit": run.at_limit}  # fmt: skip
         if run.oom_killed:
-            return {**extra, "oom_killed": True, "model_limit_mib": model_limit_mib}, None
+            trace = [p.model_dump() for p in read_trace(trace_path)]
+            return {**extra, "oom_killed": True, "model_limit_mib": model_limit_mib, "fill": trace}, None
     else:
-        proc = subprocess.run([*cmd, "--result-out", str(result_path)], capture_output=True, text=True, check=False)
+        proc = subprocess.run(run_cmd, capture_output=True, text=True, check=False)
         returncode, stdout, stderr = proc.returncode, proc.stdout, proc.stderr
         extra = {"confined": False}
     measurement = read_result(result_path, RunMeasurement, runtime, returncode, stderr or stdout)
@@ -243,17 +253,26 @@ def validate(
     reference = reference_generation(model, inputs, new_tokens)
     shape = model_shape(model)
     ref_top1: np.ndarray | None = None
+    plan = fill_plan(profile)
+    how = (
+        f"measured: {plan.context} positions filled"
+        if plan.mode == "filled"
+        else f"extrapolated from {plan.positions} of {plan.context} positions filled (fill_max_positions)"
+    )
     for runtime, path in tqdm(artifacts.items(), desc="validate", unit="runtime", disable=None):
-        log.info("validating %s in %s (threads=%d)", path.name, runtime, threads.used)
+        log.info("validating %s in %s (threads=%d, filling %d positions)", path.name, runtime, threads.used,
+                 plan.positions)  # fmt: skip
         pred: MemoryEstimate = estimate(shape, profile, runtime)
-        # The run holds the KV cache it used: all of it for a preallocated static cache, only the
-        # prompt + decoded tokens for a growing one; the rest, up to the profile's context, is
-        # added from the model's shapes. The runtime library's own resident size is in the measured
-        # baseline (with the Python host), so the device's figure for it is added from the profile.
-        # What is left of the budget is what the run may use.
-        kv_rest = kv_cache_not_held_mib(shape, profile, runtime, inputs.shape[1] + new_tokens)
+        # The run fills the cache to the profile's context (or fill_max_positions: what the memory
+        # model predicts for the rest is kept out of its share). The runtime library's own resident
+        # size is in the measured baseline (with the Python host), so the device's figure for it is
+        # added from the profile. What is left of the budget is what the run may use.
+        rest = pred.total_mib - estimate(shape, profile, runtime, plan.positions).total_mib
         lib = library_mib(profile, runtime)
-        model_share = float(profile.memory_budget_mib) - kv_rest - lib
+        model_share = float(profile.memory_budget_mib) - rest - lib
+        predicted_run = pred.total_mib - lib
+        curve = [(n, estimate(shape, profile, runtime, n).total_mib - lib)
+                 for n in checkpoints(plan, profile.prefill_tokens)]  # fmt: skip
         windows = None if eval_windows is None else eval_windows[:, : profile.context_length].numpy()
         measured, got = run_artifact(
             runtime,
@@ -265,10 +284,24 @@ def validate(
             new_tokens,
             profile.prefill_tokens,
             windows,
+            plan.positions,
         )
         if "perplexity" in measured:
             report.perplexity[f"exported[{runtime}]"] = measured["perplexity"]
         if got is None:  # killed by the kernel at the budget: gates say so; the report a row
+            trace = [FillPoint.model_validate(p) for p in measured.get("fill", [])]
+            peak = max((p.peak_mib for p in trace), default=0.0)
+            fill = summarize(plan, trace, peak, curve, lib, killed=True) if trace else None
+            where = (
+                f"at {fill.positions_filled} of {plan.context} positions filled, after a measured {peak:.1f} MiB"
+                if fill
+                else "before the context fill began (loading or the parity run)"
+            )
+            # at least: its share and the slack were not enough (the budget, + the slack); more where
+            # the fill's slope says so
+            needed = model_share + CGROUP_SLACK_MIB + rest + lib
+            if fill is not None and fill.points_fitted >= 2:
+                needed = max(needed, fill.peak_at_context_mib + lib)
             report.killed.append(
                 KilledRun(
                     runtime=runtime,
@@ -276,19 +309,21 @@ def validate(
                     size_mib=artifact_size_bytes(path) / 2**20,
                     model_share_mib=model_share,
                     cgroup_limit_mib=float(measured["cgroup_limit_mib"]),
-                    predicted_model_peak_mib=pred.total_mib - kv_rest - lib,
+                    predicted_model_peak_mib=predicted_run,
+                    fill=fill,
                 )
             )  # fmt: skip
             report.gates += killed_gates(
                 profile,
                 runtime,
-                f"killed by the kernel: the run needed more than its {model_share:.1f} MiB share (+"
-                f"{CGROUP_SLACK_MIB:.0f} MiB slack for kernel-side charges) of the "
-                f"{profile.memory_budget_mib} MiB budget (KV cache not held by the run {kv_rest:.1f} + runtime "
-                f"library {lib:.1f} take the rest); predicted {pred.total_mib:.1f} MiB in all. Raise "
-                "pruning.headroom_mib (prune further under the budget) or memory_budget_mib.",
-                # at least: its share and the slack were not enough (the budget, + the slack)
-                needed_mib=model_share + CGROUP_SLACK_MIB + kv_rest + lib,
+                f"killed by the kernel {where}: the run needed more than its {model_share:.1f} MiB share (+"
+                f"{CGROUP_SLACK_MIB:.0f} MiB slack for kernel-side charges) of the {profile.memory_budget_mib} MiB "
+                f"budget (runtime library {lib:.1f}"
+                + (f", predicted rest of the context {rest:.1f}" if rest else "")
+                + f"); needed about {needed:.1f} MiB in all, predicted {pred.total_mib:.1f}. Raise "
+                "pruning.headroom_mib (prune further under the budget), lower context_length, or raise "
+                "memory_budget_mib.",
+                needed_mib=needed,
             )
             continue
         cmp = compare_generation(got, reference)
@@ -297,20 +332,20 @@ def validate(
                 ref_top1 = reference_top1(model, windows)
             cmp["top1_agreement"], cmp["top1_positions"] = top1_agreement(got, reference, ref_top1)
             cmp["eval_top1_agreement"] = float((got.eval_top1 == ref_top1).mean())
-        predicted_run = pred.total_mib - kv_rest - lib
-        projected = measured["model_peak_mib"] + kv_rest + lib
+        trace = [FillPoint.model_validate(p) for p in measured.pop("fill")]
+        fill = summarize(plan, trace, float(measured["model_peak_mib"]), curve, lib)
         rr = RuntimeResult(
             runtime=runtime,
             artifact=path.name,
             size_mib=artifact_size_bytes(path) / 2**20,
             measured=measured,
             predicted=pred.to_dict(),
-            projected_peak_mib=projected,
+            projected_peak_mib=fill.peak_at_context_mib + lib,
             predicted_model_peak_mib=predicted_run,
-            prediction_error=measured["model_peak_mib"] / predicted_run - 1.0,
+            prediction_error=fill.peak_at_context_mib / predicted_run - 1.0,
             max_abs_logit_diff=cmp["max_abs_logit_diff"],
             argmax_agreement=cmp["argmax_agreement"],
-            kv_cache_not_held_mib=kv_rest,
+            fill=fill,
             generation=cmp,
         )
         report.runtimes.append(rr)
@@ -319,9 +354,7 @@ def validate(
             report.gates += quantized_gates(profile, runtime, scheme, cmp, report.perplexity)
         else:
             report.gates += fp32_gates(profile, runtime, cmp, new_tokens)
-        report.gates.append(
-            memory_gate(runtime, measured["model_peak_mib"], kv_rest, lib, float(profile.memory_budget_mib))
-        )
+        report.gates.append(memory_gate(runtime, fill.peak_at_context_mib, lib, float(profile.memory_budget_mib), how))
     ppl_gate = perplexity_gate(profile, perplexity)
     if ppl_gate is not None:
         report.gates.append(ppl_gate)

@@ -15,10 +15,29 @@ from targets.results import Report, ValidationResult
 
 
 def _report() -> Report:
-    plan = {"method": "depth", "steps": [], "removed_layers": [], "kept_layers": [0], "params_before": 1,
-            "params_after": 1, "wall_s": 0.0, "before": {"per_runtime": []}, "after": {"per_runtime": []}}
-    prof = {"name": "t", "device": "t", "cpu": {"arch": "x86_64", "features": []}, "ram_mib": 1, "memory_budget_mib": 4,
-            "context_length": 64, "prefill_tokens": 16, "batch_size": 1, "threads": 1, "precision": "fp32"}
+    plan = {
+        "method": "depth",
+        "steps": [],
+        "removed_layers": [],
+        "kept_layers": [0],
+        "params_before": 1,
+        "params_after": 1,
+        "wall_s": 0.0,
+        "before": {"per_runtime": []},
+        "after": {"per_runtime": []},
+    }
+    prof = {
+        "name": "t",
+        "device": "t",
+        "cpu": {"arch": "x86_64", "features": []},
+        "ram_mib": 1,
+        "memory_budget_mib": 4,
+        "context_length": 64,
+        "prefill_tokens": 16,
+        "batch_size": 1,
+        "threads": 1,
+        "precision": "fp32",
+    }
     val = ValidationResult(profile="t", gates=[Gate("memory[onnxruntime]", True, 3.0, 4.0, "fits")])
     return Report(profile=prof, prune=plan, validation=val, model="tiny", eval_source="-", calib_source="-",
                   stages={}, versions={}, artifacts={})  # fmt: skip
@@ -27,7 +46,7 @@ def _report() -> Report:
 def test_report_round_trips_and_rerenders(tmp_path: Path) -> None:
     write_report(tmp_path, _report())
     data = json.loads((tmp_path / "report.json").read_text())
-    assert data["schema_version"] == 2 and data["validation"]["passed"] is True
+    assert data["schema_version"] == 3 and data["validation"]["passed"] is True
     assert load_report(tmp_path) == _report()
     assert "| memory[onnxruntime] | pass | fits |" in rerender(tmp_path).read_text()
 
