@@ -3,17 +3,21 @@
 The model's peak is weights + overhead + the larger of two phases (``targets/budget.py``):
 
     load:  session_mib + gemm_transient_ratio x block weights + head_transient_ratio x lm_head weight
-    run:   session_mib + kv_copies x KV cache (at the positions filled) + one prefill chunk's activations
+           (+ the KV cache, where the runtime preallocates it: ExecuTorch)
+    run:   session_mib + gemm_resident_ratio x block weights + head_resident_ratio x lm_head
+           + kv_copies x KV cache (at the positions filled) + one prefill chunk's activations
 
 Each validated artifact gives one point per phase: the runner's load peak (``load_peak_mib``, less
 host code paged in), and the largest per-call peak of its context fill (``fill``: the run at full
 context, where the parity run and the load are not in it). Least squares through the points, per
 runtime (and per scheme where the scheme table gives it its own constants), each residual relative
-to its point, gives the four constants.
+to its point, gives the six constants.
 
 Sources:
 - ``--reports artifacts/*/report.json``: earlier ``prunefit export`` runs (the default model on the
   shipped profiles);
+- ``--run-dirs OUT ...``: earlier outputs whose artifacts are filled again now, terms from their
+  saved config (Gemma 3 270M: its weights need not be loaded again);
 - ``--tiny``: fresh pipeline runs of tiny models at several widths (vocab 512: the small end);
 - ``--full-context``: the default model exported at contexts 1024, 2048 and 4096 and filled to each
   (issue 20's goal: every point within +-10% at full context, fitted on some contexts, tested on
@@ -80,10 +84,11 @@ def points_from_report(path: Path) -> list[dict[str, Any]]:
             "head_weights_mib": pred["head_weights_mib"],
         }
         ctx = int(report["profile"]["context_length"])
-        load = m["load_peak_mib"] - m["host_code_growth_mib"]
-        out.append(_point(path.parent.name, model, r["runtime"], scheme, ctx, "load", **common, measured_mib=load))
+        kv = pred["kv_cache_mib"] / pred.get("kv_copies", 1.0)  # one copy
+        load = m["load_peak_mib"] - m.get("load_host_code_growth_mib", m["host_code_growth_mib"])
+        out.append(_point(path.parent.name, model, r["runtime"], scheme, ctx, "load", **common, kv_mib=kv,
+                          kv_at_load=float(pred.get("kv_at_load", False)), measured_mib=load))  # fmt: skip
         if fill and fill["mode"] == "filled" and fill["trace"]:
-            kv = pred["kv_cache_mib"] / pred.get("kv_copies", 1.0)  # one copy
             run = max(p["peak_mib"] for p in fill["trace"])
             out.append(_point(path.parent.name, model, r["runtime"], scheme, ctx, "run", **common, kv_mib=kv,
                               activations_mib=pred["activations_mib"], measured_mib=run))  # fmt: skip
@@ -96,12 +101,15 @@ def points_from_report(path: Path) -> list[dict[str, Any]]:
 FULL_CONTEXT: list[tuple[Runtime, str | None, tuple[int, ...]]] = [
     ("onnxruntime", None, (1024, 2048, 4096)),
     ("onnxruntime", "int8w", (1024, 2048, 4096)),
+    ("onnxruntime", "int4w", (1024, 2048, 4096)),
     ("executorch", None, (1024, 2048, 4096)),
     ("executorch", "8da8w", (2048,)),
 ]
 
 
-def full_context_points(work: Path, threads: int = 2, chunk: int = 128) -> list[dict[str, Any]]:
+def full_context_points(
+    work: Path, threads: int = 2, chunk: int = 128, only: list[str] | None = None
+) -> list[dict[str, Any]]:
     """Export the default model per (runtime, scheme, context), fill each to its context in the
     runner, and read one load point and one run point per context. Artifacts are kept in ``work``
     (a rerun reuses them)."""
@@ -110,6 +118,7 @@ def full_context_points(work: Path, threads: int = 2, chunk: int = 128) -> list[
 
     import torch
 
+    from core.runtimes import RUNTIME_TABLE
     from exporters import get_exporter
     from exporters.base import ExportConfig
     from pipeline.model import load_model
@@ -124,6 +133,8 @@ def full_context_points(work: Path, threads: int = 2, chunk: int = 128) -> list[
     np.save(prompt, ids.astype(np.int64), allow_pickle=False)
     points = []
     for runtime, scheme, contexts in FULL_CONTEXT:
+        if only and f"{runtime}/{scheme or 'fp32'}" not in only:
+            continue
         exports = [max(contexts)] if runtime == "onnxruntime" else list(contexts)
         for export_ctx in exports:
             out = work / f"{runtime}-{scheme or 'fp32'}-{export_ctx}"
@@ -146,17 +157,67 @@ def full_context_points(work: Path, threads: int = 2, chunk: int = 128) -> list[
             terms = weight_terms(shape, runtime, "fp32", scheme)
             common = {"weights_mib": terms.resident / MIB, "block_weights_mib": terms.blocks / MIB,
                       "head_weights_mib": terms.head_read / MIB}  # fmt: skip
-            name, sch = "SmolLM2-135M", scheme or "fp32"
-            load = m["load_peak_mib"] - m["host_code_growth_mib"]
-            points.append(_point("full-context", name, runtime, sch, export_ctx, "load", **common, measured_mib=load))
-            windowed = runtime == "onnxruntime"
+            name, sch, spec = "SmolLM2-135M", scheme or "fp32", RUNTIME_TABLE[runtime]
+            load = m["load_peak_mib"] - m.get("load_host_code_growth_mib", m["host_code_growth_mib"])
+            kv_load = kv_cache_bytes(shape, export_ctx, 1, "fp32", spec.kv_windowed) / MIB
+            points.append(_point("full-context", name, runtime, sch, export_ctx, "load", **common, kv_mib=kv_load,
+                                 kv_at_load=float(spec.kv_preallocated), measured_mib=load))  # fmt: skip
             for ctx in contexts if runtime == "onnxruntime" else [export_ctx]:
                 # the run at ``ctx``: the largest call peak up to it (the chunk that reaches it, its decode steps)
                 run = max(p.peak_mib for p in fill if p.positions <= ctx)
-                kv = kv_cache_bytes(shape, ctx, 1, "fp32", windowed) / MIB
-                act = activation_bytes(shape, chunk, ctx, 1, windowed) / MIB
+                kv = kv_cache_bytes(shape, ctx, 1, "fp32", spec.kv_windowed) / MIB
+                act = activation_bytes(shape, chunk, ctx, 1, spec.kv_windowed, spec.materializes_scores) / MIB
                 points.append(_point("full-context", name, runtime, sch, ctx, "run", **common, kv_mib=kv,
                                      activations_mib=act, measured_mib=run))  # fmt: skip
+    return points
+
+
+def points_from_run_dir(out: Path, threads: int = 2) -> list[dict[str, Any]]:
+    """Fill an earlier ``prunefit export`` output's artifacts to their profile's context in the
+    runner, as validation does now, and read one load and one run point per runtime; the terms
+    come from the saved config alone (no weights read: a large model's artifacts are measured
+    without loading it again). Only unpruned or uniformly pruned models (a stock config)."""
+    import subprocess
+
+    from core.runtimes import RUNTIME_TABLE
+    from pipeline.model import load_config, skeleton
+    from targets.budget import MIB, activation_bytes, kv_cache_bytes, model_shape, weight_terms
+    from targets.measurement import FillPoint
+    from targets.profile import load_profile
+
+    profile = load_profile(out / "profile.yaml", check_stem=False)
+    config = load_config(out / "pruned_model")
+    if (getattr(config, "prunefit", None) or {}).get("layers") and not config.prunefit.get("uniform"):
+        raise SystemExit(f"{out}: per-layer widths need the weights (load_pruned); not supported here")
+    shape = model_shape(skeleton(config))
+    name = Path(json.loads((out / "report.json").read_text()).get("model", out.name)).name
+    points = []
+    for runtime in profile.runtimes:
+        artifact = out / ("model.onnx" if runtime == "onnxruntime" else "model.pte")
+        inputs = out / "validation" / f"{runtime}_inputs.npy"
+        work = out / "calibration-fill"
+        work.mkdir(exist_ok=True)
+        result = work / f"{runtime}.json"
+        cmd = [sys.executable, "-m", "targets.runner", "--runtime", runtime, "--artifact", str(artifact),
+               "--inputs", str(inputs), "--logits-out", str(work / f"{runtime}.npz"), "--threads", str(threads),
+               "--new-tokens", "8", "--chunk", str(profile.prefill_tokens), "--repeats", "1",
+               "--fill", str(profile.context_length), "--result-out", str(result)]  # fmt: skip
+        log.info("filling %s %s to %d", out.name, runtime, profile.context_length)
+        subprocess.run(cmd, check=True, capture_output=True, cwd=ROOT.parent)
+        m = json.loads(result.read_text())
+        scheme = profile.quantize.get(runtime)
+        terms = weight_terms(shape, runtime, "fp32", scheme, profile.quantize_embedding.get(runtime))
+        common = {"weights_mib": terms.resident / MIB, "block_weights_mib": terms.blocks / MIB,
+                  "head_weights_mib": terms.head_read / MIB}  # fmt: skip
+        ctx, spec = profile.context_length, RUNTIME_TABLE[runtime]
+        kv = kv_cache_bytes(shape, ctx, 1, "fp32", spec.kv_windowed) / MIB
+        load = m["load_peak_mib"] - m.get("load_host_code_growth_mib", m["host_code_growth_mib"])
+        points.append(_point(out.name, name, runtime, scheme or "fp32", ctx, "load", **common, kv_mib=kv,
+                             kv_at_load=float(spec.kv_preallocated), measured_mib=load))  # fmt: skip
+        run = max(FillPoint.model_validate(p).peak_mib for p in m["fill"])
+        act = activation_bytes(shape, profile.prefill_tokens, ctx, 1, spec.kv_windowed, spec.materializes_scores) / MIB
+        points.append(_point(out.name, name, runtime, scheme or "fp32", ctx, "run", **common, kv_mib=kv,
+                             activations_mib=act, measured_mib=run))  # fmt: skip
     return points
 
 
@@ -209,14 +270,18 @@ def tiny_points(work: Path) -> list[dict[str, Any]]:
     return points
 
 
-TERMS = ("session_mib", "gemm_transient_ratio", "head_transient_ratio", "kv_copies")
+TERMS = ("session_mib", "gemm_transient_ratio", "head_transient_ratio", "gemm_resident_ratio", "head_resident_ratio",
+         "kv_copies")  # fmt: skip
+LOAD_TERMS, RUN_TERMS = (1, 2), (3, 4, 5)  # indices into TERMS each phase alone determines
 
 
 def _row(p: dict[str, Any]) -> tuple[list[float], float]:
-    """The point as one least-squares row: (coefficients of the four constants, what they must sum to)."""
-    if p["phase"] == "load":
-        return [1.0, p["block_weights_mib"], p["head_weights_mib"], 0.0], p["measured_mib"] - p["weights_mib"]
-    return [1.0, 0.0, 0.0, p["kv_mib"]], p["measured_mib"] - p["weights_mib"] - p["activations_mib"]
+    """The point as one least-squares row: (coefficients of the constants, what they must sum to)."""
+    if p["phase"] == "load":  # a preallocated cache is resident at load too, one copy
+        offset = p["weights_mib"] + p.get("kv_at_load", 0.0) * p.get("kv_mib", 0.0)
+        return [1.0, p["block_weights_mib"], p["head_weights_mib"], 0.0, 0.0, 0.0], p["measured_mib"] - offset
+    row = [1.0, 0.0, 0.0, p["block_weights_mib"], p["head_weights_mib"], p["kv_mib"]]
+    return row, p["measured_mib"] - p["weights_mib"] - p["activations_mib"]
 
 
 def group(p: dict[str, Any]) -> str:
@@ -228,6 +293,17 @@ def group(p: dict[str, Any]) -> str:
     return f"{p['runtime']}/{p['scheme']}" if spec is not None and spec.cost is not None else p["runtime"]
 
 
+# Terms held, not fitted, where the data cannot separate them or physics fixes them: a static cache
+# is one copy; onnxruntime's fp32 head is the mapped embedding, kept once; XNNPACK packs an 8da8w
+# program's block weights as the fp32 ones (only two 8da8w models: block and head terms are collinear).
+PINNED: dict[str, dict[str, float]] = {
+    "executorch": {"kv_copies": 1.0},
+    "executorch/8da8w": {"kv_copies": 1.0, "gemm_resident_ratio": 0.0, "gemm_transient_ratio": 0.09},
+    "onnxruntime": {"head_resident_ratio": 0.0},
+    "onnxruntime/int4w": {"head_resident_ratio": 0.0},
+}
+
+
 def fit(points: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     """Least squares of each point's phase terms, per group, in relative terms (each residual
     divided by the point's measured peak): the goal is a relative error per point, and plain least
@@ -237,16 +313,19 @@ def fit(points: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     for g in sorted({group(p) for p in points}):
         pts = [p for p in points if group(p) == g]
         committed = committed_cost(g)
-        free = [0] + ([1, 2] if any(p["phase"] == "load" for p in pts) else []) + (
-            [3] if any(p["phase"] == "run" for p in pts) else [])  # fmt: skip
+        pinned = PINNED.get(g, {})
+        free = [0] + (list(LOAD_TERMS) if any(p["phase"] == "load" for p in pts) else []) + (
+            list(RUN_TERMS) if any(p["phase"] == "run" for p in pts) else [])  # fmt: skip
+        free = [i for i in free if TERMS[i] not in pinned]
         rows = [_row(p) for p in pts]
         a = np.array([r[0] for r in rows])
         y = np.array([r[1] for r in rows])
-        fixed = [i for i in range(4) if i not in free]
-        y = y - a[:, fixed] @ np.array([getattr(committed, TERMS[i]) for i in fixed]) if fixed else y
+        fixed = [i for i in range(len(TERMS)) if i not in free]
+        held = {TERMS[i]: pinned.get(TERMS[i], float(getattr(committed, TERMS[i]))) for i in fixed}
+        y = y - a[:, fixed] @ np.array([held[TERMS[i]] for i in fixed]) if fixed else y
         w = 1.0 / np.array([p["measured_mib"] for p in pts])
         coef, *_ = np.linalg.lstsq(a[:, free] * w[:, None], y * w, rcond=None)
-        values = {TERMS[i]: float(getattr(committed, TERMS[i])) for i in fixed}
+        values = dict(held)
         values |= {TERMS[i]: float(c) for i, c in zip(free, coef, strict=True)}
         out[g] = {**{t: values[t] for t in TERMS}, "points": len(pts)}
     return out
@@ -264,9 +343,11 @@ def predicted(p: dict[str, Any], constants: dict[str, float] | None = None) -> f
     constants, or with ``constants`` (a fit)."""
     c = constants or {t: getattr(committed_cost(group(p)), t) for t in TERMS}
     if p["phase"] == "load":
-        return p["weights_mib"] + c["session_mib"] + c["gemm_transient_ratio"] * p["block_weights_mib"] + c[
+        kv = p.get("kv_at_load", 0.0) * p.get("kv_mib", 0.0)
+        return p["weights_mib"] + kv + c["session_mib"] + c["gemm_transient_ratio"] * p["block_weights_mib"] + c[
             "head_transient_ratio"] * p["head_weights_mib"]  # fmt: skip
-    return p["weights_mib"] + c["session_mib"] + c["kv_copies"] * p["kv_mib"] + p["activations_mib"]
+    packed = c["gemm_resident_ratio"] * p["block_weights_mib"] + c["head_resident_ratio"] * p["head_weights_mib"]
+    return p["weights_mib"] + c["session_mib"] + packed + c["kv_copies"] * p["kv_mib"] + p["activations_mib"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -274,6 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reports", nargs="*", type=Path, default=[], help="report.json files of earlier exports")
     ap.add_argument("--tiny", action="store_true", help="also run tiny models through the pipeline")
     ap.add_argument("--full-context", action="store_true", help="also fill the default model to 1024-4096 positions")
+    ap.add_argument("--run-dirs", nargs="*", type=Path, default=[],
+                    help="earlier export outputs: fill their artifacts to the context (no weights loaded)")  # fmt: skip
+    ap.add_argument("--only", nargs="*", help="--full-context: only these runtime/scheme pairs (onnxruntime/int4w)")
     ap.add_argument("--work", type=Path, help="--full-context: keep (and reuse) its artifacts here")
     ap.add_argument("--holdout", nargs="*", type=int, default=[],
                     help="contexts whose full-context points are left out of the fit and predicted by it")  # fmt: skip
@@ -285,13 +369,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.keep.is_file():
         points = [p for p in json.loads(args.keep.read_text())["points"] if "phase" in p]  # older: one sum per run
     new = [p for r in args.reports for p in points_from_report(r)]
+    new += [p for d in args.run_dirs for p in points_from_run_dir(d)]
     if args.tiny:
         with tempfile.TemporaryDirectory(prefix="prunefit-calib-") as tmp:
             new += tiny_points(Path(tmp))
     if args.full_context:
         work = args.work or Path(tempfile.mkdtemp(prefix="prunefit-calib-full-"))
         work.mkdir(parents=True, exist_ok=True)
-        new += full_context_points(work)
+        new += full_context_points(work, only=args.only)
 
     def key(p: dict[str, Any]) -> tuple[Any, ...]:
         return (p["source"], p["model"], p["runtime"], p["scheme"], p["context"], p["phase"])
@@ -340,8 +425,8 @@ def main(argv: list[str] | None = None) -> int:
         + " |"
         for p in points
     ]
-    lines += ["", "| constants | | session MiB | x block weights | x lm_head | KV copies |"]
-    lines += ["|---|---|---:|---:|---:|---:|"]
+    lines += ["", "| constants | | session MiB | load: x block weights | load: x lm_head | run: x block weights "
+              "| run: x lm_head | run: KV copies |", "|---|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for rt, f in in_sample.items():
         rows = [("fitted", f), ("committed", result["committed"][rt])]
         if rt in out_of_sample:

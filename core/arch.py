@@ -50,8 +50,7 @@ UNSUPPORTED: dict[str, str] = {
     # A tiny Gemma 2 (sliding window 16) exported with torch.onnx's dynamo exporter fails in
     # onnxruntime as soon as a decode step passes the window (GatherND "invalid index found"):
     # the graph is wrong for any context longer than the model's sliding window.
-    "gemma2": "its ONNX export fails once decoding passes the sliding window (GatherND invalid index in "
-    "onnxruntime)",
+    "gemma2": "its ONNX export fails once decoding passes the sliding window (GatherND invalid index in onnxruntime)",
 }
 
 

@@ -34,9 +34,9 @@ class RuntimeCost:
       could not fit both the default model and the tiny test models (three points off by 9-13%).
 
     The peak is the larger of two phases that never overlap: loading (weights + session + the
-    transients) and running at full context (weights + session + ``kv_copies`` caches +
-    activations). ExecuTorch's planned KV cache is allocated at load but only becomes resident as
-    positions are written, so it too belongs to the run phase.
+    transients, + the KV cache where it is preallocated: ExecuTorch's planned cache is resident from
+    load on, measured growing the load peak by exactly its size from 1024 to 4096 positions) and
+    running at full context (weights + session + ``kv_copies`` caches + activations).
 
     Fitted by least squares (``benchmarks/memory_calibration.py``) on the model-attributable peaks
     of every point in ``benchmarks/results/memory_calibration.json``, each residual relative to its
@@ -52,6 +52,16 @@ class RuntimeCost:
     # are both whole caches, and its arena keeps the blocks of earlier, shorter presents that the
     # next, longer one cannot reuse. Fitted on full-context runs (benchmarks/memory_calibration.py).
     kv_copies: float = 1.0
+    # Weights kept resident beside the stored ones while running, as a share of them: kernels that
+    # keep their packed layout as well as the (mapped) source (MatMulNBits: ~0.4 of the blocks), and
+    # the same for the vocabulary projection (a quantized XNNPACK head on ExecuTorch).
+    gemm_resident_ratio: float = 0.0
+    head_resident_ratio: float = 0.0
+
+    def run_resident_mib(self, gemm_mib: float, head_mib: float) -> float:
+        """Packed weight copies the run keeps beside the stored ``gemm_mib`` of block weights and
+        the ``head_mib`` vocabulary projection."""
+        return self.gemm_resident_ratio * gemm_mib + self.head_resident_ratio * head_mib
 
     def load_transient_mib(self, gemm_mib: float, head_mib: float) -> float:
         """What loading holds beyond the loaded weights while it repacks them (freed once loaded),
@@ -78,11 +88,16 @@ class RuntimeSpec:
     # Whether the KV cache is allocated whole at load (ExecuTorch's static cache is planned memory of
     # the program) or grows with the tokens seen (ONNX past/present tensors).
     kv_preallocated: bool
-    # Whether a sliding-window layer's cache holds only its window. onnxruntime's past/present come
-    # from transformers' sliding cache layer, which drops what falls out of the window; ExecuTorch's
-    # static cache is full length for every layer (the window's roll is data-dependent control flow
-    # that does not export; the mask applies the window).
+    # Whether a sliding-window layer's cache holds only its window. Neither exporter's does: the
+    # window's roll is data-dependent control flow that does not export (an ONNX graph that dropped
+    # old positions failed past Gemma 3's window), so every layer keeps every position and the mask
+    # applies the window. A runtime whose cache rolls would set it.
     kv_windowed: bool
+    # Whether one prefill chunk's attention materializes its scores against every cached position
+    # (chunk x context per head): onnxruntime's exported softmax(QK^T)V does; ExecuTorch's
+    # llama::custom_sdpa tiles them (measured: its run peak grew by the KV cache alone from 1024 to
+    # 4096 positions). Gemma 3 on ExecuTorch keeps the generic attention; its scores are small.
+    materializes_scores: bool = True
 
 
 RUNTIME_TABLE: dict[Runtime, RuntimeSpec] = {
@@ -91,22 +106,38 @@ RUNTIME_TABLE: dict[Runtime, RuntimeSpec] = {
         exporter="exporters.onnx:OnnxExporter",
         requires=("onnx", "onnxscript", "onnxruntime"),
         # libonnxruntime.so for arm64 Android/Linux maps ~20 MiB; ORT Mobile minimal builds are smaller.
-        cost=RuntimeCost(20.0, session_mib=4.3, gemm_transient_ratio=0.067, head_transient_ratio=0.47),
+        cost=RuntimeCost(
+            20.0,
+            session_mib=4.273,
+            gemm_transient_ratio=0.023,
+            head_transient_ratio=0.916,
+            gemm_resident_ratio=0.027,
+            kv_copies=2.58,
+        ),
         maps_weights=True,
         stores_tied_once=True,
         kv_preallocated=False,
-        kv_windowed=True,
+        kv_windowed=False,
     ),
     "executorch": RuntimeSpec(
         name="executorch",
         exporter="exporters.executorch:ExecuTorchExporter",
         requires=("executorch.exir", "executorch.runtime"),
         # The ExecuTorch runtime core + XNNPACK delegate is a few MiB of code.
-        cost=RuntimeCost(4.0, session_mib=0.0, gemm_transient_ratio=0.033, head_transient_ratio=0.765),
+        cost=RuntimeCost(
+            4.0,
+            session_mib=0.488,
+            gemm_transient_ratio=0.093,
+            head_transient_ratio=0.686,
+            gemm_resident_ratio=0.02,
+            head_resident_ratio=0.698,
+            kv_copies=1.0,
+        ),
         maps_weights=False,
         stores_tied_once=False,
         kv_preallocated=True,
         kv_windowed=False,
+        materializes_scores=False,
     ),
 }
 RUNTIMES: tuple[Runtime, ...] = tuple(RUNTIME_TABLE)

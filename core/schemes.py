@@ -47,11 +47,21 @@ class SchemeSpec:
 
 
 # MatMulNBits with int8 compute packs every weight into its own layout at load while the mapped source
-# pages are resident too: 0.41 of the block weights, 0.55 of the lm_head (fitted on SmolLM2 int8w for
-# android-go and three tiny models; fp32's ratios under-predict them by 26-28%).
+# pages are resident too, and keeps the packed copy while running: 0.27 / 1.29 of the block weights /
+# lm_head at load, 0.34 / 0.72 kept (fitted on SmolLM2 filled to 1024-4096, Gemma 3 270M and three
+# tiny models: benchmarks/results/memory_calibration.md).
 MATMULNBITS_COST = replace(
-    RUNTIME_TABLE["onnxruntime"].cost, session_mib=5.66, gemm_transient_ratio=0.406, head_transient_ratio=0.552
-)
+    RUNTIME_TABLE["onnxruntime"].cost, session_mib=4.275, gemm_transient_ratio=0.271, head_transient_ratio=1.289,
+    gemm_resident_ratio=0.338, head_resident_ratio=0.723, kv_copies=2.321,
+)  # fmt: skip
+
+# XNNPACK's qd8 GEMMs (8da8w, 8da4w) pack the quantized weights at load and keep packed copies beside
+# the program's: the lm_head most (Gemma 3 270M's 262144 x 640 head). Fitted on 8da8w (SmolLM2 at 2048
+# positions, Gemma 3 270M at 1024); 8da4w is assumed to pack alike (no full-context point yet).
+QD8_COST = replace(
+    RUNTIME_TABLE["executorch"].cost, session_mib=7.481, gemm_transient_ratio=0.09, head_transient_ratio=1.921,
+    gemm_resident_ratio=0.0, head_resident_ratio=1.192, kv_copies=1.0,
+)  # fmt: skip
 
 SCHEME_TABLE: dict[Scheme, SchemeSpec] = {
     "int8": SchemeSpec(
@@ -67,18 +77,19 @@ SCHEME_TABLE: dict[Scheme, SchemeSpec] = {
         "int4w", "onnxruntime", weight_bytes=0.5 + 4 / GROUP_SIZE, group_size=GROUP_SIZE, bits=4, unties_head=True,
         # MatMulNBits' 4-bit blocks (onnxruntime-genai's default precision). With int8 compute MLAS packs
         # them into a layout (codes, scales, block sums) that is not smaller than int8w's, so per stored
-        # byte the load transients are larger: int8w's ratios x 2.28, the factor that makes the one
-        # measured point exact (SmolLM2 on android, benchmarks/results/fitting.md: 206.9 MiB measured,
-        # 162.2 predicted with int8w's ratios). One point: refit with more (memory_calibration.py).
-        cost=replace(MATMULNBITS_COST, gemm_transient_ratio=0.406 * 2.28, head_transient_ratio=0.552 * 2.28),
+        # byte the packed copy is larger: fitted on SmolLM2 alone (load and 1024-4096 positions; block
+        # and head terms cannot be told apart on one model, the head's is held at 0 while running).
+        cost=replace(MATMULNBITS_COST, session_mib=0.029, gemm_transient_ratio=1.005, head_transient_ratio=0.268,
+                     gemm_resident_ratio=0.851, head_resident_ratio=0.0, kv_copies=2.436),
         summary="onnxruntime MatMulNBits: int4 weights in blocks of 32, int8 activations per block",
     ),
     "8da4w": SchemeSpec(
         "8da4w", "executorch", weight_bytes=0.5 + 4 / GROUP_SIZE, group_size=GROUP_SIZE, bits=4, whole_groups=True,
+        cost=QD8_COST,
         summary="torchao 8-bit dynamic activations, int4 weights in groups of 32 (XNNPACK)",
     ),
     "8da8w": SchemeSpec(
-        "8da8w", "executorch", weight_bytes=1.0, group_size=0,
+        "8da8w", "executorch", weight_bytes=1.0, group_size=0, cost=QD8_COST,
         summary="torchao 8-bit dynamic activations, int8 weights per channel (XNNPACK)",
     ),
 }  # fmt: skip

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel, StaticCache
-from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer, StaticLayer, StaticSlidingWindowLayer
 
 from core.arch import attention_heads, decoder_layers, head_dim
 
@@ -53,7 +53,13 @@ def kv_layout(model: PreTrainedModel) -> KvLayout:
 
 
 class PastKeyValuesDecoder(nn.Module):
-    """One decoder call with the cache as flat tensors in and out (ONNX)."""
+    """One decoder call with the cache as flat tensors in and out (ONNX).
+
+    Sliding-window layers keep every position, like full ones; the mask applies the window.
+    transformers' sliding cache layer drops what falls out of the window with a branch on the
+    cache's length, and export bakes in the branch of its example: Gemma 3 270M's graph failed in
+    onnxruntime (Expand: invalid shape) at the first call past its 512-position window, which a
+    validation run of ~140 positions never reached and the context fill (issue 20) did."""
 
     def __init__(self, model: PreTrainedModel) -> None:
         super().__init__()
@@ -67,6 +73,9 @@ class PastKeyValuesDecoder(nn.Module):
         *past: torch.Tensor,
     ) -> tuple[torch.Tensor, ...]:
         cache = DynamicCache(config=self.model.config)
+        for i, layer in enumerate(cache.layers):
+            if isinstance(layer, DynamicSlidingWindowLayer):
+                cache.layers[i] = DynamicLayer()  # see the class docstring: full length, the mask windows
         for i in range(len(past) // 2):
             cache.update(past[2 * i], past[2 * i + 1], i)
         out = self.model(

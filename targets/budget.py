@@ -3,7 +3,8 @@
 peak = weights (export precision, as the runtime stores them)
      + runtime overhead (the runtime's own code, arenas and bookkeeping)
      + the larger of
-         loading: the transients of repacking weights into the kernels' layout, and
+         loading: the transients of repacking weights into the kernels' layout (+ a KV cache the
+         runtime preallocates), and
          running at full context: the KV cache as the runtime holds it (every layer, every KV head,
          at the profile's context length and batch; copies where the runtime keeps more than one)
          + the activation working set (one prefill chunk attending over the whole context)
@@ -141,24 +142,31 @@ class MemoryEstimate:
     load_transient_mib: float = 0.0  # repacking while loading, freed once loaded
     positions: int = 0  # the context the run terms are counted at
     kv_copies: float = 1.0
+    kv_at_load: bool = False  # a preallocated cache (ExecuTorch's planned memory) is resident from load on
+    packed_mib: float = 0.0  # packed weight copies the run keeps beside the stored weights
     # what the overhead's load transients are proportional to (part of weights_mib, not added again)
     block_weights_mib: float = 0.0
     head_weights_mib: float = 0.0
     weights_mapped_mib: float = 0.0  # stored, memory-mapped and never read whole: not in weights_mib
 
     @property
+    def load_mib(self) -> float:
+        """The load phase's own terms: the transients, and a preallocated KV cache."""
+        return self.load_transient_mib + (self.kv_cache_mib if self.kv_at_load else 0.0)
+
+    @property
     def run_mib(self) -> float:
-        """The run phase's own terms: KV cache as held and one prefill chunk's activations."""
-        return self.kv_cache_mib + self.activations_mib
+        """The run phase's own terms: KV cache as held, one prefill chunk's activations, packed copies."""
+        return self.kv_cache_mib + self.activations_mib + self.packed_mib
 
     @property
     def phase(self) -> str:
         """Which phase sets the peak: ``load`` (repacking weights) or ``run`` (full context)."""
-        return "load" if self.load_transient_mib > self.run_mib else "run"
+        return "load" if self.load_mib > self.run_mib else "run"
 
     @property
     def total_mib(self) -> float:
-        return self.weights_mib + self.overhead_mib + max(self.load_transient_mib, self.run_mib)
+        return self.weights_mib + self.overhead_mib + max(self.load_mib, self.run_mib)
 
     @property
     def fits(self) -> bool:
@@ -243,8 +251,12 @@ def kv_cache_bytes(shape: ModelShape, context: int, batch: int, precision: str, 
     return per_batch * batch * BYTES_PER_ELEMENT[precision]
 
 
-def activation_bytes(shape: ModelShape, tokens: int, context: int, batch: int, windowed: bool = False) -> int:
-    """Working set of one prefill chunk of ``tokens`` attending over up to ``context`` positions.
+def activation_bytes(
+    shape: ModelShape, tokens: int, context: int, batch: int, windowed: bool = False, scores: bool = True
+) -> int:
+    """Working set of one prefill chunk of ``tokens`` attending over up to ``context`` positions
+    (``scores``: the attention scores against every position are materialized, see
+    ``RuntimeSpec.materializes_scores``).
 
     Activations stay fp32 on CPU runtimes. Layers run one after another, so the peak is the
     residual stream plus the widest single layer's transients plus the logits of the chunk.
@@ -254,9 +266,9 @@ def activation_bytes(shape: ModelShape, tokens: int, context: int, batch: int, w
     widest = 0
     for layer in shape.layers:
         qkv = bt * (layer.num_heads + 2 * layer.num_kv_heads) * layer.head_dim
-        scores = 2 * batch * layer.num_heads * tokens * layer.positions(context, windowed)  # scores + softmax
+        attn = 2 * batch * layer.num_heads * tokens * layer.positions(context, windowed) if scores else 0  # + softmax
         mlp = 3 * bt * layer.intermediate_size  # gate, up, act*up
-        widest = max(widest, qkv + scores, mlp)
+        widest = max(widest, qkv + attn, mlp)
     logits = bt * shape.vocab_size
     return 4 * (residual + widest + logits)
 
@@ -280,12 +292,17 @@ def estimate(
         runtime=runtime,
         weights_mib=terms.resident / MIB,
         kv_cache_mib=cost.kv_copies * kv,
-        activations_mib=activation_bytes(shape, chunk, context, profile.batch_size, spec.kv_windowed) / MIB,
+        activations_mib=activation_bytes(
+            shape, chunk, context, profile.batch_size, spec.kv_windowed, spec.materializes_scores
+        )
+        / MIB,
         overhead_mib=library_mib(profile, runtime) + cost.session_mib,
         budget_mib=float(profile.memory_budget_mib),
         load_transient_mib=cost.load_transient_mib(gemm_mib, head_mib),
         positions=context,
         kv_copies=cost.kv_copies,
+        kv_at_load=spec.kv_preallocated,
+        packed_mib=cost.run_resident_mib(gemm_mib, head_mib),
         block_weights_mib=gemm_mib,
         head_weights_mib=head_mib,
         weights_mapped_mib=(terms.total - terms.resident) / MIB,

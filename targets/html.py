@@ -75,9 +75,12 @@ def plots(out_dir: Path, report: dict[str, Any]) -> dict[str, bytes]:
     if per_rt:
         names = list(per_rt)
         terms = [("weights_mib", "weights"), ("overhead_mib", "overhead"), ("kv_cache_mib", "KV cache"),
-                 ("activations_mib", "activations"), ("load_extra", "load transients beyond the run")]  # fmt: skip
+                 ("activations_mib", "activations"), ("packed_mib", "packed weights kept"),
+                 ("load_extra", "load beyond the run")]  # fmt: skip
         for e in per_rt.values():  # the peak is the larger phase: loading's excess over the run's terms
-            e["load_extra"] = max(0.0, e.get("load_transient_mib", 0.0) - e["kv_cache_mib"] - e["activations_mib"])
+            e.setdefault("packed_mib", 0.0)
+            load = e.get("load_transient_mib", 0.0) + (e["kv_cache_mib"] if e.get("kv_at_load") else 0.0)
+            e["load_extra"] = max(0.0, load - e["kv_cache_mib"] - e["activations_mib"] - e["packed_mib"])
         fig, ax = plt.subplots(figsize=(6, 3.5))
         bottom = [0.0] * len(names)
         for key, label in terms:
@@ -112,17 +115,19 @@ def plots(out_dir: Path, report: dict[str, Any]) -> dict[str, bytes]:
     fills = {n: r["fill"] for n, r in measured.items() if r.get("fill")}
     fills |= {k["runtime"]: k["fill"] for k in val.get("killed", []) if k.get("fill")}
     if fills:
-        images["fill"] = _fill_plot(plt, fills, report["profile"])
+        loads = {n: r["measured"]["load_peak_mib"] - r["measured"].get("load_host_code_growth_mib", 0.0)
+                 for n, r in measured.items() if "load_peak_mib" in r["measured"]}  # fmt: skip
+        images["fill"] = _fill_plot(plt, fills, loads, report["profile"])
     fit = report.get("fit")
     if fit:
         images["frontier"] = _frontier_plot(plt, fit, float(report["profile"]["memory_budget_mib"]))
     return images
 
 
-def _fill_plot(plt: Any, fills: dict[str, dict[str, Any]], profile: dict[str, Any]) -> bytes:
-    """Each runtime's resident peak per call of the context fill against the positions filled, the
-    memory model's prediction, the extrapolation where the fill stopped short, and the model's share
-    of the budget (the budget less the device's runtime library)."""
+def _fill_plot(plt: Any, fills: dict[str, dict[str, Any]], loads: dict[str, float], profile: dict[str, Any]) -> bytes:
+    """Each runtime's resident peak per call of the context fill against the positions filled, its
+    load peak (at 0 positions), the memory model's prediction, the extrapolation where the fill
+    stopped short, and the model's share of the budget (the budget less the device's runtime library)."""
     fig, ax = plt.subplots(figsize=(7, 3.5))
     budget = float(profile["memory_budget_mib"])
     for i, (rt, fill) in enumerate(fills.items()):
@@ -131,6 +136,8 @@ def _fill_plot(plt: Any, fills: dict[str, dict[str, Any]], profile: dict[str, An
         killed = f" (killed at {fill['killed_at']})" if fill.get("killed_at") else ""
         ax.plot([p["positions"] for p in pts], [p["peak_mib"] for p in pts], ".", color=color, ms=3,
                 label=f"{rt}: measured{killed}")  # fmt: skip
+        if rt in loads:
+            ax.plot([0], [loads[rt]], "x", color=color, label=f"{rt}: load peak")
         if fill.get("predicted"):
             xs, ys = zip(*fill["predicted"], strict=True)
             ax.plot(xs, ys, "--", color=color, linewidth=0.8, label=f"{rt}: predicted")

@@ -44,12 +44,13 @@ def render_markdown(typed: Report) -> str:
         "",
         "## Memory model (predicted, MiB)",
         "",
-        "Weights and overhead, plus the larger of loading's transients and the run at full context "
-        "(KV cache as the runtime holds it + one prefill chunk's activations): the phase column says which.",
+        "Weights and overhead, plus the larger of loading (transients, and a preallocated KV cache) and the "
+        "run at full context (KV cache as the runtime holds it + one prefill chunk's activations + packed "
+        "weight copies kept): the phase column says which.",
         "",
-        "| runtime | when | weights | overhead | load transients | KV cache (copies) | activations | phase "
-        "| total | budget | fits |",
-        "|---|---|---:|---:|---:|---:|---:|---|---:|---:|---|",
+        "| runtime | when | weights | overhead | load transients | KV cache (copies) | activations "
+        "| packed weights kept | phase | total | budget | fits |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---|",
     ]
     for when in ("before", "after"):
         for e in plan[when]["per_runtime"]:
@@ -57,7 +58,8 @@ def render_markdown(typed: Report) -> str:
                 f"| {e['runtime']} | {when} | {_f(e['weights_mib'])} | {_f(e['overhead_mib'])} | "
                 f"{_f(e.get('load_transient_mib', 0.0))} | "
                 f"{_f(e['kv_cache_mib'])} ({_f(e.get('kv_copies', 1.0), 2)}) | "
-                f"{_f(e['activations_mib'])} | {e.get('phase', '-')} | {_f(e['total_mib'])} | "
+                f"{_f(e['activations_mib'])} | {_f(e.get('packed_mib', 0.0))} | {e.get('phase', '-')} | "
+                f"{_f(e['total_mib'])} | "
                 f"{_f(e['budget_mib'], 0)} | {'yes' if e['fits'] else 'no'} |"
             )
     lines += [

@@ -45,8 +45,10 @@ class RunMeasurement(_Result):
     """One measured run: load, prefill of the prompt, greedy decoding with the artifact's KV cache.
 
     ``model_peak_mib`` is the model's own peak: the resident high-water mark over loading and
-    running, less the baseline after the runtime was imported and less the host code paged in
-    meanwhile (``host_code_growth_mib``; see the runner's docstring)."""
+    running (with a context fill: loading and the fill, the workload a device runs; the parity
+    run's own copy of every prompt position's logits is the harness's, ``short_run_peak_mib``
+    includes it), less the baseline after the runtime was imported and less the host code paged
+    in meanwhile (``host_code_growth_mib``; see the runner's docstring)."""
 
     runtime: str
     artifact: str
@@ -59,6 +61,7 @@ class RunMeasurement(_Result):
     load_peak_mib: float
     peak_rss_mib: float
     host_code_growth_mib: float
+    load_host_code_growth_mib: float  # the part paged in while loading: the load peak's own correction
     model_peak_mib: float
     # the peak of load and the parity runs alone (prompt + new_tokens positions), before the fill
     short_run_peak_mib: float

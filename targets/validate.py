@@ -259,6 +259,13 @@ def validate(
         if plan.mode == "filled"
         else f"extrapolated from {plan.positions} of {plan.context} positions filled (fill_max_positions)"
     )
+    if plan.mode == "extrapolated":
+        log.warning(
+            "context_length %d is past fill_max_positions %d: each artifact's cache is filled to %d positions and "
+            "its peak at %d extrapolated from the measured slope (the report says so); raise fill_max_positions "
+            "to measure it",
+            plan.context, plan.positions, plan.positions, plan.context,
+        )  # fmt: skip
     for runtime, path in tqdm(artifacts.items(), desc="validate", unit="runtime", disable=None):
         log.info("validating %s in %s (threads=%d, filling %d positions)", path.name, runtime, threads.used,
                  plan.positions)  # fmt: skip

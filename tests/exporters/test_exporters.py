@@ -131,9 +131,10 @@ def test_ort_format_for_ort_mobile(tmp_path: Path) -> None:
     assert "MatMul" in (tmp_path / "model.required_operators.config").read_text()
 
 
-def test_onnx_sliding_layers_present_only_their_window(tmp_path: Path) -> None:
-    """What the memory model counts for onnxruntime (targets.budget, windowed KV cache) is what the
-    graph holds: after a 40-token prompt, a sliding layer's present is its window, a full one 40."""
+def test_onnx_sliding_layers_present_every_position(tmp_path: Path) -> None:
+    """What the memory model counts for onnxruntime (targets.budget: no windowed KV cache) is what
+    the graph holds: after a 40-token prompt, every layer's present has 40 positions, sliding ones
+    too (the mask applies their window of 16; see test_sliding_window_model_decodes_past_its_window)."""
     import numpy as np
     import onnxruntime as ort
 
@@ -153,4 +154,26 @@ def test_onnx_sliding_layers_present_only_their_window(tmp_path: Path) -> None:
     names = [o.name for o in sess.get_outputs()]
     out = dict(zip(names, sess.run(None, feeds), strict=True))
     lengths = [out[f"present.{i}.key"].shape[2] for i in range(4)]
-    assert lengths[1] == n and all(length < 16 for k, length in enumerate(lengths) if k != 1), lengths
+    assert lengths == [n] * 4, lengths
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "executorch"])
+def test_sliding_window_model_decodes_past_its_window(runtime: str, tmp_path: Path) -> None:
+    """Gemma 3's sliding layers, filled well past the window (16) in prefill chunks and decode steps as
+    the context fill does, give PyTorch's logits at every position. Before the ONNX cache kept sliding
+    layers whole, Gemma 3 270M's graph failed at its window (512 positions) in onnxruntime."""
+    import numpy as np
+
+    from targets.runner import RUNTIMES, prefill
+
+    types = ["sliding_attention", "full_attention", "sliding_attention", "sliding_attention"]
+    model = tiny_model("gemma3_text", layer_types=types)
+    art = get_exporter(runtime).export(model, ExportConfig(seq_len=8, max_cache_len=48), tmp_path)
+    ids = torch.randint(0, 512, (1, 48), generator=torch.Generator().manual_seed(5))
+    decoder = RUNTIMES[runtime](art.path, 1, 8)()
+    got = [prefill(decoder, ids[:, :32].numpy())[0]]  # 4 chunks of 8: twice the window
+    got += [decoder.forward(ids[:, i : i + 1].numpy())[0] for i in range(32, 48)]  # 16 decode steps past it
+    with torch.no_grad():
+        ref = model(ids, use_cache=False).logits[0].numpy()
+    diff = float(np.abs(np.concatenate(got) - ref).max())
+    assert diff <= 1e-4, diff

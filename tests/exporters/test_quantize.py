@@ -87,9 +87,7 @@ def test_schemes_are_checked_per_runtime() -> None:
 
 # (linear scheme, embedding scheme) on ExecuTorch: the table alone, and with the linear weights
 @pytest.mark.parametrize(("linear", "table"), [(None, "int4"), ("8da8w", "int8")])
-def test_quantized_embedding_export_runs_what_was_simulated(
-    linear: str | None, table: str, tmp_path: Path
-) -> None:
+def test_quantized_embedding_export_runs_what_was_simulated(linear: str | None, table: str, tmp_path: Path) -> None:
     """The .pte gathers from its quantized table with ExecuTorch's quantized embedding kernels: it
     stores what the memory model counts, and its logits are the PyTorch model's with the simulated
     table (exactly so with fp32 linear weights; with 8da8w, as close as 8da8w alone is)."""

@@ -31,9 +31,13 @@ def _points() -> list[dict]:
 
 def _predicted(p: dict) -> float:
     c = runtime_cost(p["runtime"], None if p["scheme"] == "fp32" else p["scheme"])
-    if p["phase"] == "load":
-        return p["weights_mib"] + c.session_mib + c.load_transient_mib(p["block_weights_mib"], p["head_weights_mib"])
-    return p["weights_mib"] + c.session_mib + c.kv_copies * p["kv_mib"] + p["activations_mib"]
+    if p["phase"] == "load":  # a preallocated KV cache (ExecuTorch) is resident from load on
+        kv = p.get("kv_at_load", 0.0) * p.get("kv_mib", 0.0)
+        transients = c.load_transient_mib(p["block_weights_mib"], p["head_weights_mib"])
+        return p["weights_mib"] + kv + c.session_mib + transients
+    packed = c.run_resident_mib(p["block_weights_mib"], p["head_weights_mib"])
+    run = packed + c.kv_copies * p["kv_mib"] + p["activations_mib"]
+    return p["weights_mib"] + c.session_mib + run
 
 
 def test_calibration_data_cover_both_runtimes_both_phases_and_three_contexts() -> None:
@@ -50,10 +54,15 @@ def test_calibration_data_cover_both_runtimes_both_phases_and_three_contexts() -
 
 @pytest.mark.parametrize("runtime", sorted(RUNTIMES))
 def test_every_point_within_10_percent(runtime: str) -> None:
-    """Issue 20's goal, at full context for the default model; the tiny models' too."""
+    """Issue 20's goal, at full context: the default model and Gemma 3 270M within +-5%, every point
+    within +-10% or, for a model of a few MiB (the 0.8-MiB tiny Llama), within 1.5 MiB."""
     for p in (p for p in _points() if p["runtime"] == runtime):
-        err = p["measured_mib"] / _predicted(p) - 1.0
-        assert abs(err) <= 0.10, f"{p['source']}/{p['model']}/{p['scheme']}/{p['context']}/{p['phase']}: {err:+.1%}"
+        predicted = _predicted(p)
+        err = p["measured_mib"] / predicted - 1.0
+        where = f"{p['source']}/{p['model']}/{p['scheme']}/{p['context']}/{p['phase']}: {err:+.1%}"
+        assert abs(err) <= 0.10 or abs(p["measured_mib"] - predicted) <= 1.5, where
+        if p["source"] != "tiny":
+            assert abs(err) <= 0.05, where
 
 
 def test_held_out_contexts_are_predicted_within_10_percent() -> None:

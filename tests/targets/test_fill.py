@@ -70,11 +70,16 @@ def _validate(kv_heavy, tmp_path: Path, budget: int, enforce: bool, **kw: object
     return validate(prof, model, {"onnxruntime": path}, ids, tmp_path, {}, enforce=enforce)
 
 
-def test_extrapolated_peak_matches_the_filled_one(kv_heavy, tmp_path: Path) -> None:
+def test_extrapolated_peak_matches_the_filled_one(kv_heavy, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """The same artifact filled to 4096 and filled to 1024 then extrapolated: the extrapolation is
-    within 10% of the measurement, and the report says which was done."""
+    within 10% of the measurement, and the run and the report say which was done."""
     filled = _validate(kv_heavy, tmp_path / "full", 4000, enforce=False).runtimes[0]
-    part = _validate(kv_heavy, tmp_path / "part", 4000, enforce=False, fill_max_positions=1024).runtimes[0]
+    with caplog.at_level("WARNING", logger="targets.validate"):
+        part_report = _validate(kv_heavy, tmp_path / "part", 4000, enforce=False, fill_max_positions=1024)
+    assert "extrapolated from the measured slope" in caplog.text
+    part = part_report.runtimes[0]
+    gate = next(g for g in part_report.gates if g.name == "memory[onnxruntime]")
+    assert "extrapolated from 1024 of 4096 positions" in gate.detail
     assert filled.fill is not None and part.fill is not None
     assert filled.fill.mode == "filled" and filled.fill.positions_filled == 4096
     assert part.fill.mode == "extrapolated" and part.fill.positions_filled == 1024 and part.fill.points_fitted >= 3
