@@ -41,9 +41,9 @@ def test_make_export_android_on_default_model(tmp_path: Path, wiki_valid: Path, 
     assert code == 0
     report = json.loads((out / "report.json").read_text())
     fit, plan, val = report["fit"], report["prune"], report["validation"]
-    # precision: auto (the shipped default): fp32 ExecuTorch needs ~800 MiB of the 768; its embedding
-    # table in int8 rows ~720, int8 linear weights (8da8w) ~344; fp32 onnxruntime fits as it is. The
-    # int8 table costs ~0.05% calibration perplexity, 8da8w ~3%, pruning fp32 to fit 31% (comp):
+    # precision: auto (the shipped default): fp32 ExecuTorch needs ~782 MiB of the 768 (its load, at
+    # full context); its embedding table in int8 rows ~701; fp32 onnxruntime (~699) fits as it is. The
+    # int8 table costs ~0.05% calibration perplexity, 8da8w ~3%, pruning fp32 to fit ~4.5% (estimated):
     # the table is quantized, the linear weights stay fp32, nothing is pruned.
     assert fit["quantize"] == {} and fit["quantize_embedding"] == {"executorch": "int8"}
     assert plan["steps"] == [] and plan["params_after"] == plan["params_before"]
@@ -57,7 +57,8 @@ def test_make_export_android_on_default_model(tmp_path: Path, wiki_valid: Path, 
     fp32 = by_precision[("fp32", "fp32", "fp32")]  # the old default: fp32 everywhere, pruned to fit
     chosen = by_precision[("fp32", "int8", "fp32")]
     assert chosen["chosen"] and chosen["prune_share"] == 0 and chosen["worst_ratio"] < 1.01
-    assert fp32["prune_share"] > 0 and fp32["worst_ratio"] > 1.1
+    # fp32 must prune to fit (its ExecuTorch load peak: ~782 MiB of 752), at an estimated 1.045x
+    assert fp32["prune_share"] > 0 and fp32["worst_ratio"] > chosen["worst_ratio"] + 0.02
     assert by_precision[("8da8w", "fp32", "fp32")]["worst_ratio"] > 1.01  # int8 linear weights: the next lever
     assert by_precision[("8da4w", "fp32", "fp32")]["worst_ratio"] > 1.3  # int4 groups of 32: too coarse for 135M
     assert by_precision[("fp32", "int4", "fp32")]["quant_ppl"]["executorch"] > chosen["quant_ppl"]["executorch"]
