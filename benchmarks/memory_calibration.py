@@ -95,6 +95,47 @@ def points_from_report(path: Path) -> list[dict[str, Any]]:
     return out
 
 
+def _fill_points(
+    source: str, name: str, shape: Any, runtime: Runtime, scheme: str | None, embedding: str | None,
+    artifact: Path, inputs: Path, work: Path, chunk: int, fill: int, contexts: list[int], threads: int,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """Run ``artifact`` in the runner (as validation does: ``targets.validate._runner_cmd``) filling its
+    cache to ``fill`` positions; return its load point (at ``fill``) and one run point per context in
+    ``contexts`` (the largest call peak up to it: the chunk that reaches it and its decode steps)."""
+    import subprocess
+
+    from core.runtimes import RUNTIME_TABLE
+    from targets.budget import MIB, activation_bytes, kv_cache_bytes, weight_terms
+    from targets.measurement import FillPoint
+    from targets.validate import _runner_cmd
+
+    work.mkdir(parents=True, exist_ok=True)
+    result = work / f"{runtime}-result.json"
+    cmd = _runner_cmd(runtime, artifact, inputs, work / f"{runtime}-logits.npz", threads, 8, chunk)
+    cmd += ["--repeats", "1", "--fill", str(fill), "--result-out", str(result)]
+    log.info("filling %s %s to %d", source, artifact.parent.name, fill)
+    subprocess.run(cmd, check=True, capture_output=True, cwd=ROOT.parent)
+    m = json.loads(result.read_text())
+    trace = [FillPoint.model_validate(p) for p in m["fill"]]
+    terms = weight_terms(shape, runtime, "fp32", scheme, embedding)
+    spec, sch = RUNTIME_TABLE[runtime], scheme or "fp32"
+    common = {"weights_mib": terms.resident / MIB, "block_weights_mib": terms.blocks / MIB,
+              "head_weights_mib": terms.head_read / MIB}  # fmt: skip
+
+    def kv(ctx: int) -> float:
+        return kv_cache_bytes(shape, ctx, 1, "fp32", spec.kv_windowed) / MIB
+
+    load = m["load_peak_mib"] - m.get("load_host_code_growth_mib", m["host_code_growth_mib"])
+    points = [_point(source, name, runtime, sch, fill, "load", **common, kv_mib=kv(fill),
+                     kv_at_load=float(spec.kv_preallocated), measured_mib=load)]  # fmt: skip
+    for ctx in contexts:
+        run = max(p.peak_mib for p in trace if p.positions <= ctx)
+        act = activation_bytes(shape, chunk, ctx, 1, spec.kv_windowed, spec.materializes_scores) / MIB
+        points.append(_point(source, name, runtime, sch, ctx, "run", **common, kv_mib=kv(ctx),
+                             activations_mib=act, measured_mib=run))  # fmt: skip
+    return points
+
+
 # The default model at full context: (runtime, linear scheme, contexts). onnxruntime's cache is
 # dynamic, so one export fills to the longest context and each context is read off its trace;
 # ExecuTorch's static cache is sized at export, so each context is its own .pte.
@@ -114,16 +155,11 @@ def full_context_points(
     runner, and read one load point and one run point per context. Artifacts are kept in ``work``
     (a rerun reuses them)."""
     import copy
-    import subprocess
 
-    import torch
-
-    from core.runtimes import RUNTIME_TABLE
     from exporters import get_exporter
     from exporters.base import ExportConfig
     from pipeline.model import load_model
-    from targets.budget import MIB, activation_bytes, kv_cache_bytes, model_shape, weight_terms
-    from targets.measurement import FillPoint
+    from targets.budget import model_shape
 
     loaded = load_model()
     model, tok = loaded.model, loaded.tokenizer
@@ -144,31 +180,10 @@ def full_context_points(
             if not artifact.is_file():
                 log.info("exporting %s", out.name)
                 exporter.export(copy.deepcopy(model), cfg, out)
-                torch.manual_seed(0)
-            result, trace = out / "result.json", out / "fill.jsonl"
-            cmd = [sys.executable, "-m", "targets.runner", "--runtime", runtime, "--artifact", str(artifact),
-                   "--inputs", str(prompt), "--logits-out", str(out / "logits.npz"), "--threads", str(threads),
-                   "--new-tokens", "8", "--chunk", str(chunk), "--repeats", "1", "--fill", str(export_ctx),
-                   "--trace-out", str(trace), "--result-out", str(result)]  # fmt: skip
-            log.info("filling %s to %d", out.name, export_ctx)
-            subprocess.run(cmd, check=True, capture_output=True, cwd=ROOT.parent)
-            m = json.loads(result.read_text())
-            fill = [FillPoint.model_validate(p) for p in m["fill"]]
-            terms = weight_terms(shape, runtime, "fp32", scheme)
-            common = {"weights_mib": terms.resident / MIB, "block_weights_mib": terms.blocks / MIB,
-                      "head_weights_mib": terms.head_read / MIB}  # fmt: skip
-            name, sch, spec = "SmolLM2-135M", scheme or "fp32", RUNTIME_TABLE[runtime]
-            load = m["load_peak_mib"] - m.get("load_host_code_growth_mib", m["host_code_growth_mib"])
-            kv_load = kv_cache_bytes(shape, export_ctx, 1, "fp32", spec.kv_windowed) / MIB
-            points.append(_point("full-context", name, runtime, sch, export_ctx, "load", **common, kv_mib=kv_load,
-                                 kv_at_load=float(spec.kv_preallocated), measured_mib=load))  # fmt: skip
-            for ctx in contexts if runtime == "onnxruntime" else [export_ctx]:
-                # the run at ``ctx``: the largest call peak up to it (the chunk that reaches it, its decode steps)
-                run = max(p.peak_mib for p in fill if p.positions <= ctx)
-                kv = kv_cache_bytes(shape, ctx, 1, "fp32", spec.kv_windowed) / MIB
-                act = activation_bytes(shape, chunk, ctx, 1, spec.kv_windowed, spec.materializes_scores) / MIB
-                points.append(_point("full-context", name, runtime, sch, ctx, "run", **common, kv_mib=kv,
-                                     activations_mib=act, measured_mib=run))  # fmt: skip
+            points += _fill_points(
+                "full-context", "SmolLM2-135M", shape, runtime, scheme, None, artifact, prompt, out, chunk,
+                export_ctx, list(contexts) if runtime == "onnxruntime" else [export_ctx], threads,
+            )  # fmt: skip
     return points
 
 
@@ -177,12 +192,8 @@ def points_from_run_dir(out: Path, threads: int = 2) -> list[dict[str, Any]]:
     runner, as validation does now, and read one load and one run point per runtime; the terms
     come from the saved config alone (no weights read: a large model's artifacts are measured
     without loading it again). Only unpruned or uniformly pruned models (a stock config)."""
-    import subprocess
-
-    from core.runtimes import RUNTIME_TABLE
     from pipeline.model import load_config, skeleton
-    from targets.budget import MIB, activation_bytes, kv_cache_bytes, model_shape, weight_terms
-    from targets.measurement import FillPoint
+    from targets.budget import model_shape
     from targets.profile import load_profile
 
     profile = load_profile(out / "profile.yaml", check_stem=False)
@@ -194,30 +205,11 @@ def points_from_run_dir(out: Path, threads: int = 2) -> list[dict[str, Any]]:
     points = []
     for runtime in profile.runtimes:
         artifact = out / ("model.onnx" if runtime == "onnxruntime" else "model.pte")
-        inputs = out / "validation" / f"{runtime}_inputs.npy"
-        work = out / "calibration-fill"
-        work.mkdir(exist_ok=True)
-        result = work / f"{runtime}.json"
-        cmd = [sys.executable, "-m", "targets.runner", "--runtime", runtime, "--artifact", str(artifact),
-               "--inputs", str(inputs), "--logits-out", str(work / f"{runtime}.npz"), "--threads", str(threads),
-               "--new-tokens", "8", "--chunk", str(profile.prefill_tokens), "--repeats", "1",
-               "--fill", str(profile.context_length), "--result-out", str(result)]  # fmt: skip
-        log.info("filling %s %s to %d", out.name, runtime, profile.context_length)
-        subprocess.run(cmd, check=True, capture_output=True, cwd=ROOT.parent)
-        m = json.loads(result.read_text())
-        scheme = profile.quantize.get(runtime)
-        terms = weight_terms(shape, runtime, "fp32", scheme, profile.quantize_embedding.get(runtime))
-        common = {"weights_mib": terms.resident / MIB, "block_weights_mib": terms.blocks / MIB,
-                  "head_weights_mib": terms.head_read / MIB}  # fmt: skip
-        ctx, spec = profile.context_length, RUNTIME_TABLE[runtime]
-        kv = kv_cache_bytes(shape, ctx, 1, "fp32", spec.kv_windowed) / MIB
-        load = m["load_peak_mib"] - m.get("load_host_code_growth_mib", m["host_code_growth_mib"])
-        points.append(_point(out.name, name, runtime, scheme or "fp32", ctx, "load", **common, kv_mib=kv,
-                             kv_at_load=float(spec.kv_preallocated), measured_mib=load))  # fmt: skip
-        run = max(FillPoint.model_validate(p).peak_mib for p in m["fill"])
-        act = activation_bytes(shape, profile.prefill_tokens, ctx, 1, spec.kv_windowed, spec.materializes_scores) / MIB
-        points.append(_point(out.name, name, runtime, scheme or "fp32", ctx, "run", **common, kv_mib=kv,
-                             activations_mib=act, measured_mib=run))  # fmt: skip
+        points += _fill_points(
+            out.name, name, shape, runtime, profile.quantize.get(runtime), profile.quantize_embedding.get(runtime),
+            artifact, out / "validation" / f"{runtime}_inputs.npy", out / "calibration-fill", profile.prefill_tokens,
+            profile.context_length, [profile.context_length], threads,
+        )  # fmt: skip
     return points
 
 

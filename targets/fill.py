@@ -59,6 +59,15 @@ class FillSummary(BaseModel):
     predicted: list[tuple[int, float]] = []
     library_mib: float = 0.0  # the device's runtime library, added to the peak for the budget
 
+    def how(self) -> str:
+        """How the peak at the full context was reached, in words (the memory gate, the report)."""
+        if self.mode == "filled":
+            return f"measured: {self.positions_filled} positions filled in {self.seconds:.0f} s"
+        return (
+            f"extrapolated from {self.positions_filled} of {self.context} positions filled (fill_max_positions; "
+            f"{self.slope_mib_per_1k:.1f} MiB per 1k positions over {self.points_fitted} chunks)"
+        )
+
 
 def line(points: list[FillPoint]) -> tuple[float, float, int]:
     """(intercept, slope per position, points used): least squares of each prefill chunk's peak

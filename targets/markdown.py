@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from core.schemes import precision_text
+from targets.fill import FillSummary
 from targets.results import Report
 
 
@@ -81,7 +82,8 @@ def render_markdown(typed: Report) -> str:
             f"| {r['runtime']} | {r['artifact']} | {_f(r['size_mib'])} | {_f(m['load_s'], 2)} | "
             f"{_f(m.get('prefill_s', m.get('forward_s', float('nan'))) * 1000)} | "
             f"{_f(m.get('decode_tokens_per_s', '-'))} | {_f(fill.get('peak_at_context_mib', m['model_peak_mib']))} | "
-            f"{_fill_how(fill)} | {_f(r['predicted_model_peak_mib'])} | {r['prediction_error']:+.1%} | "
+            f"{FillSummary.model_validate(fill).how() if fill else 'not filled'} | "
+            f"{_f(r['predicted_model_peak_mib'])} | {r['prediction_error']:+.1%} | "
             f"{_f(r['projected_peak_mib'])} | {r['max_abs_logit_diff']:.2e} | {_tokens(g)} |"
         )
     for k in val.get("killed", []):  # a run the kernel killed at its limit: a row saying so, not silence
@@ -182,18 +184,6 @@ def _at_limit(runtimes: list[dict[str, Any]]) -> list[str]:
                 "MiB, and that is what the memory gate compares. Expect slower loads at this budget on a device."
             )
     return ["", *out] if out else []
-
-
-def _fill_how(fill: dict[str, Any]) -> str:
-    """How the peak at full context was reached, in a table cell."""
-    if not fill:
-        return "not filled"
-    if fill["mode"] == "filled":
-        return f"filled {fill['positions_filled']} in {fill['seconds']:.0f} s"
-    return (
-        f"extrapolated from {fill['positions_filled']} of {fill['context']} "
-        f"({fill['slope_mib_per_1k']:.1f} MiB per 1k positions, {fill['points_fitted']} chunks)"
-    )
 
 
 def frontier_rows(fit: dict[str, Any]) -> list[list[str]]:

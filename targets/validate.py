@@ -254,11 +254,6 @@ def validate(
     shape = model_shape(model)
     ref_top1: np.ndarray | None = None
     plan = fill_plan(profile)
-    how = (
-        f"measured: {plan.context} positions filled"
-        if plan.mode == "filled"
-        else f"extrapolated from {plan.positions} of {plan.context} positions filled (fill_max_positions)"
-    )
     if plan.mode == "extrapolated":
         log.warning(
             "context_length %d is past fill_max_positions %d: each artifact's cache is filled to %d positions and "
@@ -361,7 +356,9 @@ def validate(
             report.gates += quantized_gates(profile, runtime, scheme, cmp, report.perplexity)
         else:
             report.gates += fp32_gates(profile, runtime, cmp, new_tokens)
-        report.gates.append(memory_gate(runtime, fill.peak_at_context_mib, lib, float(profile.memory_budget_mib), how))
+        report.gates.append(
+            memory_gate(runtime, fill.peak_at_context_mib, lib, float(profile.memory_budget_mib), fill.how())
+        )
     ppl_gate = perplexity_gate(profile, perplexity)
     if ppl_gate is not None:
         report.gates.append(ppl_gate)

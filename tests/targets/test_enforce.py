@@ -55,8 +55,9 @@ def test_over_budget_run_is_killed_and_reported(exported, tmp_path: Path) -> Non
         if g.name != "memory[onnxruntime]":
             assert g.threshold is None and "not checked" in g.detail
     from targets.markdown import render_markdown
+    from tests.targets.test_report import minimal_report
 
-    row = next(line for line in render_markdown(_minimal_report(report)).splitlines() if "killed" in line)
+    row = next(line for line in render_markdown(minimal_report(report)).splitlines() if "killed" in line)
     assert "onnxruntime" in row and "cgroup limit" in row
 
 
@@ -69,37 +70,6 @@ def test_within_budget_run_is_confined_and_passes(exported, tmp_path: Path) -> N
     assert rt.measured["confined"] and not rt.measured["oom_killed"]
     assert rt.measured["cgroup_peak_mib"] <= rt.measured["cgroup_limit_mib"]
     assert report.passed, [g.detail for g in report.gates if not g.passed]
-
-
-def _minimal_report(report):
-    """The report.json content markdown renders, around a validation report."""
-    plan = {
-        "method": "depth",
-        "steps": [],
-        "removed_layers": [],
-        "kept_layers": [0],
-        "params_before": 1,
-        "params_after": 1,
-        "wall_s": 0.0,
-        "before": {"per_runtime": []},
-        "after": {"per_runtime": []},
-    }
-    prof = {
-        "name": "t",
-        "device": "t",
-        "cpu": {"arch": "x86_64", "features": []},
-        "ram_mib": 1,
-        "memory_budget_mib": 4,
-        "context_length": 64,
-        "prefill_tokens": 16,
-        "batch_size": 1,
-        "threads": 1,
-        "precision": "fp32",
-    }
-    from targets.results import Report
-
-    return Report(profile=prof, prune=plan, validation=report, model="tiny", eval_source="-", calib_source="-",
-                  stages={}, versions={}, artifacts={})  # fmt: skip
 
 
 def test_page_cache_at_the_limit_is_reclaimed_and_reported_not_killed(tmp_path: Path) -> None:

@@ -14,7 +14,8 @@ from targets.report import load_report, rerender, write_report
 from targets.results import Report, ValidationResult
 
 
-def _report() -> Report:
+def minimal_report(validation: ValidationResult | None = None) -> Report:
+    """The smallest report that renders, around ``validation`` (default: one passing memory gate)."""
     plan = {
         "method": "depth",
         "steps": [],
@@ -38,16 +39,16 @@ def _report() -> Report:
         "threads": 1,
         "precision": "fp32",
     }
-    val = ValidationResult(profile="t", gates=[Gate("memory[onnxruntime]", True, 3.0, 4.0, "fits")])
+    val = validation or ValidationResult(profile="t", gates=[Gate("memory[onnxruntime]", True, 3.0, 4.0, "fits")])
     return Report(profile=prof, prune=plan, validation=val, model="tiny", eval_source="-", calib_source="-",
                   stages={}, versions={}, artifacts={})  # fmt: skip
 
 
 def test_report_round_trips_and_rerenders(tmp_path: Path) -> None:
-    write_report(tmp_path, _report())
+    write_report(tmp_path, minimal_report())
     data = json.loads((tmp_path / "report.json").read_text())
     assert data["schema_version"] == 3 and data["validation"]["passed"] is True
-    assert load_report(tmp_path) == _report()
+    assert load_report(tmp_path) == minimal_report()
     assert "| memory[onnxruntime] | pass | fits |" in rerender(tmp_path).read_text()
 
 
@@ -57,7 +58,7 @@ def test_other_schema_or_shape_is_refused_with_what_to_run(tmp_path: Path) -> No
     (tmp_path / "report.json").write_text(json.dumps({"schema_version": 1, "validation": {}}))
     with pytest.raises(ConfigError, match=r"schema 1.*prunefit validate"):
         load_report(tmp_path)
-    data = _report().model_dump()
+    data = minimal_report().model_dump()
     data["validation"]["typo"] = 1
     (tmp_path / "report.json").write_text(json.dumps(data))
     with pytest.raises(ConfigError, match="does not match the report schema"):
