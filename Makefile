@@ -84,11 +84,16 @@ lint: $(STAMP) ## ruff + mypy
 	$(VENV)/bin/ruff check core pipeline exporters targets tests $(wildcard benchmarks/*.py scripts/*.py)
 	$(VENV)/bin/mypy
 
+# Two workers (pytest-xdist): the exporters' passes are single-threaded Python, so two tests at once
+# use both cores. More would contend for them and for memory. TEST_JOBS=0 runs in this process.
+TEST_JOBS ?= 2
+PYTEST = $(PY) -m pytest -q -n $(TEST_JOBS) --dist load --maxschedchunk 1 --durations=25
+
 test: $(STAMP) lint ## lint, then every test (slow end-to-end ones included)
-	$(PY) -m pytest -q tests
+	$(PYTEST) tests
 
 test-fast: $(STAMP) ## unit tests only (skips the slow real-model tests)
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PYTEST) -m "not slow" tests
 
 clean: ## remove artifacts and caches (keeps .venv)
 	rm -rf artifacts .pytest_cache .mypy_cache .ruff_cache

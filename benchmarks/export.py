@@ -95,16 +95,27 @@ def prepare(work: Path, ratio: float, methods: list[str]) -> dict[str, Any]:
     return meta
 
 
-def export_child(variant: str, runtime: str, work: Path, quantize: str | None, llm_ops: bool) -> dict[str, Any]:
-    """Export one model for one runtime (own process: its memory and time are its own)."""
+def export_child(
+    variant: str, runtime: str, work: Path, quantize: str | None, llm_ops: bool, onnx_format: str = "onnx"
+) -> dict[str, Any]:
+    """Export one model for one runtime (own process: its memory and time are its own); a GenAI folder
+    ships the tokenizer saved with the variant."""
     from exporters import get_exporter
     from exporters.base import ExportConfig
     from pipeline.rewrite import load_pruned
 
     model = load_pruned(work / variant)
-    out = work / f"{variant}-{runtime}{'-' + quantize if quantize else ''}{'' if llm_ops else '-generic'}"
+    fmt = "" if onnx_format == "onnx" else f"-{onnx_format}"
+    out = work / f"{variant}-{runtime}{fmt}{'-' + quantize if quantize else ''}{'' if llm_ops else '-generic'}"
     out.mkdir(exist_ok=True)
-    cfg = ExportConfig(seq_len=PROMPT, max_cache_len=CONTEXT, quantize=quantize, llm_ops=llm_ops)
+    cfg = ExportConfig(
+        seq_len=PROMPT,
+        max_cache_len=CONTEXT,
+        quantize=quantize,
+        llm_ops=llm_ops,
+        onnx_format=onnx_format,  # type: ignore[arg-type]
+        tokenizer_dir=work / variant if onnx_format == "genai" else None,
+    )
     art = get_exporter(runtime).export(model, cfg, out)
     return {"path": str(art.path), "size_mib": art.size_bytes / 2**20, "export_s": art.export_s}
 
@@ -189,11 +200,13 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="interleaved measurement rounds over all artifacts")
     ap.add_argument("--paired", type=int, default=4, help="paired in-process runs per compared pair (0: none)")
     ap.add_argument("--out", type=Path, default=ROOT / "results")
-    ap.add_argument("--child", nargs=5, metavar=("VARIANT", "RUNTIME", "WORK", "QUANT", "OPS"), help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--child", nargs=6, metavar=("VARIANT", "RUNTIME", "WORK", "QUANT", "OPS", "FORMAT"), help=argparse.SUPPRESS
+    )
     args = ap.parse_args()
     if args.child:
-        variant, runtime, work, quant, ops = args.child
-        row = export_child(variant, runtime, Path(work), None if quant == "-" else quant, ops == "1")
+        variant, runtime, work, quant, ops, fmt = args.child
+        row = export_child(variant, runtime, Path(work), None if quant == "-" else quant, ops == "1", fmt)
         print("ROW " + json.dumps(row))
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -217,7 +230,7 @@ def main() -> None:
             tag = f"{variant}-{runtime}{'-' + quant if quant else ''}{'' if ops else '-generic'}"
             log.info("exporting %s", tag)
             try:
-                exp = _child([variant, runtime, str(work), quant or "-", "1" if ops else "0"])
+                exp = _child([variant, runtime, str(work), quant or "-", "1" if ops else "0", "onnx"])
                 precision = (quant or "fp32") + ("" if ops else ", generic attention")
                 exported[tag] = (variant, runtime, precision, {**exp, "exporter": "prunefit"})
             except RuntimeError as exc:

@@ -33,6 +33,10 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from core.schemes import precision_text  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results"
 log = logging.getLogger("bench.first_run")
 
@@ -94,7 +98,8 @@ def main() -> None:
             rows.append({
                 "target": target, "run": kind, "wall_s": round(wall, 1), "goal_s": GOALS_S[kind],
                 "met": wall <= GOALS_S[kind], "passed": report["validation"]["passed"],
-                "precision": report.get("fit", {}) and report["fit"]["quantize"],
+                "precision": (report.get("fit") or {}).get("quantize") or {},
+                "embedding": (report.get("fit") or {}).get("quantize_embedding") or {},
                 "stages": {k: round(v, 1) for k, v in _stages(report).items()},
             })  # fmt: skip
             log.info("%s: %.0f s (goal %.0f s)", target, wall, GOALS_S[kind])
@@ -114,11 +119,12 @@ def main() -> None:
     print(_markdown(result))
 
 
-def _precision(quantize: dict[str, str] | None) -> str:
+def _precision(quantize: dict[str, str], embedding: dict[str, str]) -> str:
     """What precision: auto chose, in words (runtimes not named stayed fp32)."""
-    if not quantize:
+    chosen = {rt: precision_text(quantize.get(rt), embedding.get(rt)) for rt in {**quantize, **embedding}}
+    if not chosen:
         return "fp32"
-    return ", ".join(f"{rt} {scheme}" for rt, scheme in quantize.items()) + ", rest fp32"
+    return ", ".join(f"{rt} {text}" for rt, text in sorted(chosen.items())) + ", rest fp32"
 
 
 def _markdown(result: dict[str, Any]) -> str:
@@ -135,10 +141,11 @@ def _markdown(result: dict[str, Any]) -> str:
     for r in result["runs"]:
         lines.append(
             f"| {r['target']} | {r['run']} | {r['wall_s']:.0f} | {r['goal_s']:.0f} | {'yes' if r['met'] else 'no'} | "
-            f"{'pass' if r['passed'] else 'FAIL'} | {_precision(r['precision'])} |"
+            f"{'pass' if r['passed'] else 'FAIL'} | {_precision(r['precision'], r.get('embedding', {}))} |"
         )
     names = list(dict.fromkeys(k for r in result["runs"] for k in r["stages"]))
-    lines += ["", "Stages (s):", "", "| stage | " + " | ".join(r["target"] for r in result["runs"]) + " |"]
+    header = "| stage | " + " | ".join(r["target"] for r in result["runs"]) + " |"
+    lines += ["", "Stages (s; the two exports overlap where the host has two CPUs, so they do not add up):", "", header]
     lines.append("|---|" + "---:|" * len(result["runs"]))
     for name in names:
         cells = [f"{r['stages'][name]:.0f}" if name in r["stages"] else "-" for r in result["runs"]]

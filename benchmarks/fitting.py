@@ -41,8 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from core.fsio import atomic_write_json, atomic_write_text  # noqa: E402
-from core.schemes import precision_text  # noqa: E402
-from pipeline.fit.plan import most_compressed  # noqa: E402
+from core.schemes import precision_text, smallest_embedding_scheme, smallest_scheme  # noqa: E402
 from targets.profile import load_profile  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -54,7 +53,11 @@ log = logging.getLogger("bench.fitting")
 def quant_only_profile(target: str, work: Path) -> Path:
     """``target``'s profile with every free component at its smallest scheme and nothing left for
     ``auto`` to choose (written under ``work``, named as the profile so its stem check passes)."""
-    profile = most_compressed(load_profile(target).model_copy(update={"precision": "auto"}))
+    profile = load_profile(target)
+    tables = {rt: smallest_embedding_scheme(rt) for rt in profile.runtimes}
+    profile = profile.with_quantize(
+        {rt: smallest_scheme(rt) for rt in profile.runtimes}, {rt: s for rt, s in tables.items() if s is not None}
+    )
     data = profile.model_copy(update={"precision": "fp32"}).model_dump(mode="json")
     path = work / "profiles" / f"{profile.name}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -123,7 +123,7 @@ def _fill_points(
               "head_weights_mib": terms.head_read / MIB}  # fmt: skip
 
     def kv(ctx: int) -> float:
-        return kv_cache_bytes(shape, ctx, 1, "fp32", spec.kv_windowed) / MIB
+        return kv_cache_bytes(shape, ctx, 1, "fp32", chunk if spec.kv_windowed else None) / MIB
 
     load = m["load_peak_mib"] - m.get("load_host_code_growth_mib", m["host_code_growth_mib"])
     points = [_point(source, name, runtime, sch, fill, "load", **common, kv_mib=kv(fill),

@@ -101,3 +101,13 @@ def mlp_width(mlp: Any) -> int:
     """Intermediate channels of one MLP, from its live shapes (Phi-3: fused gate_up_proj)."""
     fused = getattr(mlp, "gate_up_proj", None)
     return _rows(fused) // 2 if fused is not None else _rows(mlp.up_proj)
+
+
+def layer_windows(config: Any, num_layers: int) -> list[int | None]:
+    """Each block's attention window from the config's per-layer types (Gemma 2/3: most layers
+    ``sliding_attention`` over ``sliding_window`` positions); None for full attention."""
+    types = getattr(config, "layer_types", None)
+    window = getattr(config, "sliding_window", None)
+    if not types or not window:
+        return [None] * num_layers
+    return [int(window) if t == "sliding_attention" else None for t in types[:num_layers]]

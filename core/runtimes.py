@@ -8,7 +8,7 @@ module and one loader in ``targets/runner.py``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from core.errors import ConfigError
@@ -88,15 +88,14 @@ class RuntimeSpec:
     # Whether the KV cache is allocated whole at load (ExecuTorch's static cache is planned memory of
     # the program) or grows with the tokens seen (ONNX past/present tensors).
     kv_preallocated: bool
-    # Whether a sliding-window layer's cache holds only its window. Neither exporter's does: the
-    # window's roll is data-dependent control flow that does not export (an ONNX graph that dropped
-    # old positions failed past Gemma 3's window), so every layer keeps every position and the mask
-    # applies the window. A runtime whose cache rolls would set it.
+    # Whether a sliding-window layer's cache rolls (holds its window and one call's tokens, not the
+    # context): both exporters' do, without data-dependent branches (exporters.kv_cache: a fixed
+    # window - 1 ONNX past; exporters.llm_ops: an ExecuTorch ring). A runtime fed full caches would not.
     kv_windowed: bool
     # Whether one prefill chunk's attention materializes its scores against every cached position
     # (chunk x context per head): onnxruntime's exported softmax(QK^T)V does; ExecuTorch's
     # llama::custom_sdpa tiles them (measured: its run peak grew by the KV cache alone from 1024 to
-    # 4096 positions). Gemma 3 on ExecuTorch keeps the generic attention; its scores are small.
+    # 4096 positions), sliding-window rings included.
     materializes_scores: bool = True
 
 
@@ -117,7 +116,7 @@ RUNTIME_TABLE: dict[Runtime, RuntimeSpec] = {
         maps_weights=True,
         stores_tied_once=True,
         kv_preallocated=False,
-        kv_windowed=False,
+        kv_windowed=True,
     ),
     "executorch": RuntimeSpec(
         name="executorch",
@@ -136,11 +135,41 @@ RUNTIME_TABLE: dict[Runtime, RuntimeSpec] = {
         maps_weights=False,
         stores_tied_once=False,
         kv_preallocated=True,
-        kv_windowed=False,
+        kv_windowed=True,
         materializes_scores=False,
     ),
 }
 RUNTIMES: tuple[Runtime, ...] = tuple(RUNTIME_TABLE)
+
+
+def runner_backend(runtime: Runtime, onnx_format: str = "onnx") -> str:
+    """The targets/runner.py backend that runs ``runtime``'s artifact as the device's app would:
+    a GenAI folder through onnxruntime-genai's Generator, everything else in its own runtime."""
+    return "onnxruntime-genai" if runtime == "onnxruntime" and onnx_format == "genai" else runtime
+
+
+# A GenAI folder's quantized lm_head (one int4/int8 table shared with the embedding's
+# GatherBlockQuantized) keeps a packed copy ~4.3x its stored size while running: SmolLM2 int4w filled to
+# 1024 positions peaked 285.7 MiB where the MatMulNBits constants alone predict 213.4 (load: 201.7 vs
+# 193.3). Provisional: one model, one point (benchmarks/results/genai.md), until the calibration has more.
+GENAI_QUANTIZED_HEAD_RESIDENT = 4.28
+
+
+def format_spec(
+    runtime: Runtime, onnx_format: str = "onnx", cost: RuntimeCost | None = None, quantized: bool = False
+) -> RuntimeSpec:
+    """``runtime``'s row as its artifact format holds the KV cache, with ``cost`` (a scheme's
+    constants, default the row's). onnxruntime-genai's Generator shares one past/present buffer per
+    layer, allocated whole at ``max_length`` when the generator is created, so the cache is one
+    copy, resident from load on, where a plain session holds 2.3-2.6; and it loads the weights
+    instead of mapping them (targets.budget.genai_weight_terms). Measured on SmolLM2 fp32 filled to
+    1024 positions: 780.2 MiB, predicted 778.7 with onnxruntime's other constants."""
+    spec = RUNTIME_TABLE[runtime]
+    cost = cost or spec.cost
+    if runner_backend(runtime, onnx_format) != "onnxruntime-genai":
+        return replace(spec, cost=cost)
+    held = {"head_resident_ratio": GENAI_QUANTIZED_HEAD_RESIDENT} if quantized else {}
+    return replace(spec, kv_preallocated=True, maps_weights=False, cost=replace(cost, kv_copies=1.0, **held))
 
 
 def runtime_spec(name: str) -> RuntimeSpec:

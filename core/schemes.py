@@ -51,16 +51,17 @@ class SchemeSpec:
 # lm_head at load, 0.34 / 0.72 kept (fitted on SmolLM2 filled to 1024-4096, Gemma 3 270M and three
 # tiny models: benchmarks/results/memory_calibration.md).
 MATMULNBITS_COST = replace(
-    RUNTIME_TABLE["onnxruntime"].cost, session_mib=4.275, gemm_transient_ratio=0.271, head_transient_ratio=1.289,
-    gemm_resident_ratio=0.338, head_resident_ratio=0.723, kv_copies=2.321,
+    RUNTIME_TABLE["onnxruntime"].cost, session_mib=4.29, gemm_transient_ratio=0.27, head_transient_ratio=1.292,
+    gemm_resident_ratio=0.339, head_resident_ratio=0.983, kv_copies=2.246,
 )  # fmt: skip
 
 # XNNPACK's qd8 GEMMs (8da8w, 8da4w) pack the quantized weights at load and keep packed copies beside
 # the program's: the lm_head most (Gemma 3 270M's 262144 x 640 head). Fitted on 8da8w (SmolLM2 at 2048
-# positions, Gemma 3 270M at 1024); 8da4w is assumed to pack alike (no full-context point yet).
+# positions, Gemma 3 270M at 1024 on the LLM kernels with its sliding layers' rings); 8da4w is assumed
+# to pack alike (no full-context point yet).
 QD8_COST = replace(
-    RUNTIME_TABLE["executorch"].cost, session_mib=7.481, gemm_transient_ratio=0.09, head_transient_ratio=1.921,
-    gemm_resident_ratio=0.0, head_resident_ratio=1.192, kv_copies=1.0,
+    RUNTIME_TABLE["executorch"].cost, session_mib=13.31, gemm_transient_ratio=0.09, head_transient_ratio=1.675,
+    gemm_resident_ratio=0.0, head_resident_ratio=1.011, kv_copies=1.0,
 )  # fmt: skip
 
 SCHEME_TABLE: dict[Scheme, SchemeSpec] = {

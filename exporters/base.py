@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from transformers import PreTrainedModel
 
@@ -24,9 +24,16 @@ class ExportConfig:
     batch_size: int = 1
     quantize: str | None = None  # a scheme of exporters.quantize (per runtime), None: fp32
     quantize_embedding: str | None = None  # an embedding scheme of core.schemes (per runtime), None: fp32
-    ort_format: bool = False  # onnxruntime: also write model.ort (ORT Mobile), optimized offline
+    # onnxruntime: "onnx" (torch.onnx's graph, Optimum's input names), "ort" (+ model.ort for ORT
+    # Mobile, optimized offline), "genai" (onnxruntime-genai's builder: exporters.genai)
+    onnx_format: Literal["onnx", "ort", "genai"] = "onnx"
+    tokenizer_dir: Path | None = None  # genai: the tokenizer files shipped beside the graph
     target_arch: str = "aarch64"  # the device's CPU: offline optimizations must not assume this host's
     llm_ops: bool = True  # executorch: ExecuTorch's LLM kernels (custom_sdpa, update_cache) where they apply
+
+    @property
+    def ort_format(self) -> bool:
+        return self.onnx_format == "ort"
 
     @property
     def cache_len(self) -> int:

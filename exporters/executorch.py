@@ -82,7 +82,7 @@ class ExecuTorchExporter:
         use_ops = why_not is None
         decoder: torch.nn.Module
         if use_ops:
-            decoder = LlmOpsCacheDecoder(source, cfg.cache_len, cfg.batch_size).eval()
+            decoder = LlmOpsCacheDecoder(source, cfg.cache_len, cfg.seq_len, cfg.batch_size).eval()
         else:
             decoder = StaticCacheDecoder(source, cfg.cache_len, cfg.batch_size).eval()
             log.info("ExecuTorch program with generic attention over the cache (LLM kernels: %s)", why_not)
@@ -117,7 +117,8 @@ class ExecuTorchExporter:
         path = atomic_write_bytes(out_dir / self.filename, buffer)
         log.info("wrote %s (%.1f MiB, %d XNNPACK delegate calls)", path, len(buffer) / 2**20, details["delegate_calls"])
         details |= {
-            "kv_cache": f"static, {cfg.cache_len} positions",
+            "kv_cache": f"static, {cfg.cache_len} positions"
+            + (f"; sliding-window layers a ring of {decoder.slots} slots" if use_ops and decoder.slots else ""),
             "attention": "llama::custom_sdpa + llama::update_cache (needs the LLM custom-ops kernels)"
             if use_ops
             else f"generic SDPA over the cache ({why_not})",

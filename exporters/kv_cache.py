@@ -6,7 +6,9 @@ which both wrappers take from the live modules, never from the global config:
 - :class:`PastKeyValuesDecoder` (ONNX): the cache is explicit graph I/O. Inputs
   ``input_ids, attention_mask, position_ids, past_key_values.{i}.key/value``, outputs ``logits,
   present.{i}.key/value`` (Optimum's names, so ORT-GenAI-style loops drive it unchanged). A past
-  length of 0 is valid, so one graph serves prefill and decode.
+  length of 0 is valid, so one graph serves prefill and decode. A sliding-window layer whose
+  window is shorter than the context has a fixed ``window - 1`` past (its axis is a number, not a
+  name: start it with zeros), so its cache stops growing at the window.
 - :class:`StaticCacheDecoder` (ExecuTorch): the cache is mutable state inside the program, one
   ``[batch, kv_heads_i, max_cache_len, head_dim]`` buffer pair per layer, updated in place at
   ``cache_position``: the ``forward(tokens, input_pos)`` signature of ExecuTorch's LLM runner.
@@ -21,7 +23,7 @@ from torch import nn
 from transformers import DynamicCache, PreTrainedModel, StaticCache
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer, StaticLayer, StaticSlidingWindowLayer
 
-from core.arch import attention_heads, decoder_layers, head_dim
+from core.arch import attention_heads, decoder_layers, head_dim, layer_windows
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,14 @@ class KvLayout:
 
     kv_heads: tuple[int, ...]
     head_dim: int
+    # per layer, the window of a sliding-window layer whose cache rolls (a window shorter than the
+    # context the export serves), else None: that layer keeps every position
+    windows: tuple[int | None, ...] = ()
+
+    @property
+    def window(self) -> int | None:
+        """The rolling window (one per model: the config's ``sliding_window``), or None."""
+        return next((w for w in self.windows if w), None)
 
     @property
     def num_layers(self) -> int:
@@ -45,25 +55,54 @@ class KvLayout:
         return 2 * sum(self.kv_heads) * self.head_dim * element_bytes
 
 
-def kv_layout(model: PreTrainedModel) -> KvLayout:
-    """Read each layer's KV head count from its projection shapes (Phi-3: the fused qkv_proj)."""
+def kv_layout(model: PreTrainedModel, context: int | None = None) -> KvLayout:
+    """Read each layer's KV head count from its projection shapes (Phi-3: the fused qkv_proj); with
+    ``context``, which layers' caches roll: sliding-window layers (per the config's ``layer_types``)
+    whose window is shorter than it."""
     hd = head_dim(model.config)
-    heads = [attention_heads(layer.self_attn, hd)[1] for layer in decoder_layers(model)]
-    return KvLayout(tuple(heads), hd)
+    layers = decoder_layers(model)
+    heads = [attention_heads(layer.self_attn, hd)[1] for layer in layers]
+    windows = [w if w and context and w < context else None for w in layer_windows(model.config, len(layers))]
+    return KvLayout(tuple(heads), hd, tuple(windows))
+
+
+def window_masks(attention_mask: torch.Tensor, seq: int, window: int) -> dict[str, torch.Tensor]:
+    """Boolean ``[batch, 1, seq, keys]`` masks, by layer type, for a call whose sliding layers hold
+    the ``window - 1`` positions before the call's ``seq`` new ones (zeros where fewer were seen).
+
+    In the positions of ``attention_mask`` (past + new, padding 0): a new token at ``q`` sees keys
+    ``k <= q`` (full layers: every position) and ``q - k < window`` (sliding layers: transformers'
+    window, the token itself and ``window - 1`` before it), never padding."""
+    total = attention_mask.shape[1]
+    past = total - seq
+    seen = attention_mask.bool()
+    q = past + torch.arange(seq)
+    k = torch.arange(total)
+    full = (k[None, :] <= q[:, None])[None, None] & seen[:, None, None, :]
+    keep = window - 1
+    ks = past - keep + torch.arange(keep + seq)  # each slot's position; negative: not seen yet
+    rel = q[:, None] - ks[None, :]
+    inside = (ks >= 0)[None, :] & (rel >= 0) & (rel < window)
+    padded = seen.gather(1, ks.clamp(min=0).expand(seen.shape[0], keep + seq))
+    return {"full_attention": full, "sliding_attention": inside[None, None] & padded[:, None, None, :]}
 
 
 class PastKeyValuesDecoder(nn.Module):
     """One decoder call with the cache as flat tensors in and out (ONNX).
 
-    Sliding-window layers keep every position, like full ones; the mask applies the window.
-    transformers' sliding cache layer drops what falls out of the window with a branch on the
-    cache's length, and export bakes in the branch of its example: Gemma 3 270M's graph failed in
-    onnxruntime (Expand: invalid shape) at the first call past its 512-position window, which a
-    validation run of ~140 positions never reached and the context fill (issue 20) did."""
+    A sliding-window layer whose window is shorter than ``context`` rolls without a branch: its past
+    is always ``window - 1`` slots (zeros until that many positions were seen), the call attends over
+    past + new under :func:`window_masks`, and the present is the last ``window - 1`` of them. So
+    Gemma 3's 15 sliding layers hold 511 positions at any context. transformers' own sliding cache
+    layer drops old positions with a branch on the cache's length that export bakes in for its
+    example: Gemma 3 270M's graph failed in onnxruntime (Expand: invalid shape) at the first call past
+    its 512-position window. Without ``context`` (or a window at least as long) every layer keeps
+    every position and transformers' masks apply the window."""
 
-    def __init__(self, model: PreTrainedModel) -> None:
+    def __init__(self, model: PreTrainedModel, context: int | None = None) -> None:
         super().__init__()
         self.model = model
+        self.layout = kv_layout(model, context)
 
     def forward(
         self,
@@ -78,16 +117,21 @@ class PastKeyValuesDecoder(nn.Module):
                 cache.layers[i] = DynamicLayer()  # see the class docstring: full length, the mask windows
         for i in range(len(past) // 2):
             cache.update(past[2 * i], past[2 * i + 1], i)
+        seq = input_ids.shape[1]
+        window = self.layout.window
         out = self.model(
             input_ids=input_ids,
-            attention_mask=attention_mask,
+            attention_mask=window_masks(attention_mask, seq, window) if window else attention_mask,
             position_ids=position_ids,
             cache=cache,
             use_cache=True,
         )
         present: list[torch.Tensor] = []
-        for layer in out.cache.layers:
-            present += [layer.keys, layer.values]
+        for layer, rolls in zip(out.cache.layers, self.layout.windows, strict=True):
+            keys, values = layer.keys, layer.values
+            if rolls:  # past (window - 1) + new: keep the last window - 1
+                keys, values = keys[:, :, seq:], values[:, :, seq:]
+            present += [keys, values]
         return (out.logits, *present)
 
 

@@ -19,6 +19,7 @@ from transformers import PreTrainedModel
 
 from core.errors import ExportError
 from exporters.base import ExportArtifact, ExportConfig, artifact_size_bytes, export_error
+from exporters.genai import GenAIExporter
 from exporters.kv_cache import KvLayout, PastKeyValuesDecoder, kv_layout
 from exporters.quantize import check_embedding_scheme, check_scheme, quantize_onnx
 
@@ -30,14 +31,17 @@ INPUT_NAMES = ["input_ids", "attention_mask", "position_ids"]
 def example_inputs(layout: KvLayout, vocab_size: int) -> tuple[torch.Tensor, ...]:
     """Batch 2, 3 new tokens after 2 past ones: torch.export specialises any dimension whose example
     size is 0 or 1, so every dynamic axis is traced at >= 2; the graph then accepts any size,
-    past length 0 (prefill) included."""
+    past length 0 (prefill) included. A rolling sliding-window layer's past is its fixed
+    ``window - 1`` slots."""
     batch, seq, past = 2, 3, 2
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab_size, (batch, seq), generator=g)
     mask = torch.ones(batch, past + seq, dtype=torch.long)
     pos = torch.arange(past, past + seq).expand(batch, seq).contiguous()
     cache = [
-        torch.randn(batch, h, past, layout.head_dim, generator=g) for h in layout.kv_heads for _ in ("key", "value")
+        torch.randn(batch, h, w - 1 if w else past, layout.head_dim, generator=g)
+        for h, w in zip(layout.kv_heads, layout.windows, strict=True)
+        for _ in ("key", "value")
     ]
     return (ids, mask, pos, *cache)
 
@@ -49,7 +53,7 @@ def dynamic_shapes(layout: KvLayout) -> tuple[Any, ...]:
     # The mask spans past + new tokens; Dim arithmetic (past + seq) is not exportable, so it gets
     # its own axis.
     total = torch.export.Dim("total_sequence_length", min=1, max=(1 << 17) + (1 << 16))
-    cache = tuple({0: batch, 2: past} for _ in range(2 * layout.num_layers))
+    cache = tuple({0: batch} if w else {0: batch, 2: past} for w in layout.windows for _ in ("key", "value"))
     return ({0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq}, cache)
 
 
@@ -83,24 +87,29 @@ class OnnxExporter:
     ort_config_filename = "model.required_operators.config"
 
     def artifact_name(self, cfg: ExportConfig) -> str:
+        if cfg.onnx_format == "genai":
+            return GenAIExporter().artifact_name(cfg)
         return self.ort_filename if cfg.ort_format else self.filename
 
     def export(self, model: PreTrainedModel, cfg: ExportConfig, out_dir: Path) -> ExportArtifact:
         import onnx
         import onnx_ir
 
+        if cfg.onnx_format == "genai":
+            return GenAIExporter().export(model, cfg, out_dir)
+
         t0 = time.perf_counter()
         if cfg.quantize:
             check_scheme(self.name, cfg.quantize)
         if cfg.quantize_embedding:
             check_embedding_scheme(self.name, cfg.quantize_embedding)
-        layout = kv_layout(model)
+        layout = kv_layout(model, cfg.cache_len)
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / self.filename
         try:
             with torch.no_grad():
                 program = torch.onnx.export(
-                    PastKeyValuesDecoder(model).eval(),
+                    PastKeyValuesDecoder(model, cfg.cache_len).eval(),
                     example_inputs(layout, model.config.vocab_size),
                     dynamo=True,
                     input_names=INPUT_NAMES + layout.input_names(),
@@ -143,7 +152,8 @@ class OnnxExporter:
         log.info("wrote %s (%.1f MiB)", path, size / 2**20)
         details = {
             "opset": 20,
-            "kv_cache": "past_key_values inputs",
+            "kv_cache": "past_key_values inputs"
+            + (f"; sliding-window layers hold {layout.window - 1} positions" if layout.window else ""),
             "kv_heads": list(layout.kv_heads),
             "quantization": cfg.quantize or "none",
             "format": "ort (offline-optimized, fixed)" if cfg.ort_format else "onnx",

@@ -25,7 +25,12 @@ log = logging.getLogger("prunefit")
 
 
 def _setup_logging(verbosity: int, log_file: Path | None = None) -> None:
-    level = {-1: logging.WARNING, 0: logging.INFO}.get(verbosity, logging.DEBUG)
+    configure_logging({-1: logging.WARNING, 0: logging.INFO}.get(verbosity, logging.DEBUG), log_file)
+
+
+def configure_logging(level: int, log_file: Path | None = None) -> None:
+    """Log to stderr and ``log_file`` at ``level``, third-party noise silenced. The CLI calls it, and
+    so does a child process working for the run (pipeline/exporting.py), with the parent's settings."""
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if log_file is not None:
         try:

@@ -22,9 +22,14 @@ from targets.profile import DeviceProfile
 MOST_BLOCK_REMOVAL = 0.9  # the lever "remove more blocks", evaluated at this max_removed_layer_ratio
 
 
+def floor_shape(model: Any, cfg: MethodConfig, shape: ModelShape | None = None) -> ModelShape:
+    """The smallest model ``cfg``'s method may produce from ``model`` (of ``shape``), as shapes."""
+    return build_pruner(cfg).most_pruned_shape(model, shape or model_shape(model))
+
+
 def floor_estimate(model: Any, shape: ModelShape, profile: DeviceProfile, cfg: MethodConfig) -> MemoryEstimate:
     """The worst runtime's prediction for the smallest model ``cfg``'s method may produce."""
-    return worst(estimate_all(build_pruner(cfg).most_pruned_shape(model, shape), profile))
+    return worst(estimate_all(floor_shape(model, cfg, shape), profile))
 
 
 def check_feasible(model: Any, profile: DeviceProfile, cfg: MethodConfig, shape: ModelShape | None = None) -> None:
@@ -101,6 +106,13 @@ def _levers(
         change = ", ".join(f"{rt}: {s}" for rt, s in tables.items())
         saved = floor.total_mib - floor_with(quantize_embedding={**profile.quantize_embedding, **tables})
         out.append((f"quantize_embedding: {{{change}}}", saved))
+    # both at once, as precision: auto would choose them (either alone may fall short where together
+    # they reach: a tiny model's quantized ExecuTorch program needs its table quantized too)
+    if fp32 and tables and profile.precision != "auto":
+        both = floor_with(
+            quantize={**profile.quantize, **smallest}, quantize_embedding={**profile.quantize_embedding, **tables}
+        )
+        out.append(("precision: auto", floor.total_mib - both))
     # more whole blocks removed, where the method removes blocks at all
     if cfg.removes_blocks:
         more = cfg.model_copy(update={"max_removed_layer_ratio": MOST_BLOCK_REMOVAL})

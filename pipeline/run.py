@@ -4,7 +4,8 @@
 2. Prune stage (cached): load the model, cut calibration windows, measure dense perplexity,
    prune until the memory model says the profile's budget is met, save the pruned model
    (safetensors + config.json) and check it reloads to identical logits.
-3. Export stage per runtime (cached): ONNX and/or .pte.
+3. Export stage per runtime (cached): ONNX and/or .pte, side by side where the host allows
+   (pipeline/exporting.py).
 4. Validate: run each artifact in its runtime in a child process; gates; report.json/report.md.
 """
 
@@ -19,7 +20,6 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from core.cpus import available_cpus, local_threads
@@ -37,10 +37,11 @@ from core.perplexity import perplexity
 from core.runtimes import RUNTIME_TABLE
 from core.schemes import EMBEDDING_TABLE, SCHEME_TABLE
 from exporters import check_runtime_available, get_exporter
-from exporters.base import ExportConfig, artifact_files
+from exporters.base import ExportArtifact, ExportConfig, artifact_files
 from pipeline.calib_cache import content_digest
 from pipeline.data import DataConfig, first_windows, generated_windows, load_windows, read_text
-from pipeline.feasibility import check_feasible
+from pipeline.exporting import run_exports
+from pipeline.feasibility import check_feasible, floor_shape
 from pipeline.fit import choose_precision, fitted_profile, most_compressed
 from pipeline.manifest import fingerprint_path, is_fresh, package_versions, source_digest, stage_key, write_manifest
 from pipeline.model import DEFAULT_MODEL, load_config, load_model, resolve_model_path, skeleton
@@ -188,10 +189,9 @@ def run_pipeline(cfg: RunConfig, profile: DeviceProfile | None = None) -> dict[s
         check_runtime_available(runtime)
     model_path = resolve_model_path(cfg.model)
     # the budget's floor, from the config alone: an impossible budget fails before any weight is read
-    # (precision: auto at its most compressed: the smallest scheme of every runtime it may choose)
-    check_feasible(
-        skeleton(load_config(model_path, trust_remote_code=cfg.trust_remote_code)), most_compressed(profile), prune_cfg
-    )
+    # (precision: auto at its most compressed: what each runtime it may choose holds the least in)
+    skel = skeleton(load_config(model_path, trust_remote_code=cfg.trust_remote_code))
+    check_feasible(skel, most_compressed(profile, floor_shape(skel, prune_cfg)), prune_cfg)
     if cfg.calib.source is not None:
         read_text(cfg.calib.source)  # fail on a bad calibration file before loading the model
     if cfg.eval.source is not None:
@@ -255,37 +255,42 @@ def _run_stages(cfg: RunConfig, profile: DeviceProfile, out: Path, model_path: P
     export_cfg = _export_config(profile)
     model = _load_pruned(out)
     export_code = source_digest("core", "exporters")
-    for runtime in tqdm(profile.runtimes, desc="export", unit="runtime", disable=None):
+    jobs: list[tuple[str, ExportConfig]] = []
+    keys: dict[str, str] = {}
+    for runtime in profile.runtimes:
         exporter = get_exporter(runtime)
-        rt_cfg = runtime_export_config(export_cfg, profile, runtime)
-        key = stage_key(
+        rt_cfg = runtime_export_config(export_cfg, profile, runtime, out)
+        keys[runtime] = stage_key(
             prune=prune_key,
             export=asdict(rt_cfg),
             runtime=runtime,
             versions=package_versions(),
             code=export_code,
         )
-        stage = f"export-{runtime}"
-        t0 = time.perf_counter()
-        fresh = None if cfg.force else is_fresh(out, stage, key)
-        path = out / exporter.artifact_name(rt_cfg)
+        artifacts[runtime] = out / exporter.artifact_name(rt_cfg)
+        fresh = None if cfg.force else is_fresh(out, f"export-{runtime}", keys[runtime])
         if fresh:
-            log.info("%s up to date; reusing %s", stage, path)
-            details = fresh["metrics"]
+            log.info("export-%s up to date; reusing %s", runtime, artifacts[runtime])
+            stages[f"export-{runtime}"] = {"wall_s": fresh["wall_s"], "cached": True, "details": fresh["metrics"]}
         else:
-            log.info("exporting %s for %s", path.name, runtime)
-            art = exporter.export(model, rt_cfg, out)
-            details = {**art.details, "export_s": art.export_s, "size_bytes": art.size_bytes}
-            files = artifact_files(art.path)
-            if art.path.name != exporter.filename:  # model.ort: the .onnx it came from ships too
-                files += artifact_files(out / exporter.filename)
-            write_manifest(out, stage, key, files, time.perf_counter() - t0, details)
-        stages[stage] = {
-            "wall_s": fresh["wall_s"] if fresh else time.perf_counter() - t0,
-            "cached": bool(fresh),
-            "details": details,
-        }
-        artifacts[runtime] = path
+            jobs.append((runtime, rt_cfg))
+
+    formats = {runtime: rt_cfg.onnx_format for runtime, rt_cfg in jobs}
+
+    def exported(runtime: str, art: ExportArtifact, wall: float) -> None:
+        """One export finished: its manifest (what makes a rerun reuse it) and its stage entry."""
+        details = {**art.details, "export_s": art.export_s, "size_bytes": art.size_bytes}
+        files = artifact_files(art.path)
+        filename = get_exporter(runtime).filename
+        if formats[runtime] == "genai":  # the folder an app loads: graph, genai_config, tokenizer
+            files = sorted(f for f in art.path.parent.iterdir() if f.is_file())
+        elif art.path.name != filename:  # model.ort: the .onnx it came from ships too
+            files += artifact_files(out / filename)
+        write_manifest(out, f"export-{runtime}", keys[runtime], files, wall, details)
+        stages[f"export-{runtime}"] = {"wall_s": wall, "cached": False, "details": details}
+
+    run_exports(model, jobs, out, exported)
+    stages = {name: stages[name] for name in ["prune", *(f"export-{rt}" for rt in profile.runtimes)]}
     return validate_and_report(out, profile, model, artifacts, result, stages, cfg, model_path)
 
 
@@ -298,13 +303,18 @@ def _export_config(profile: DeviceProfile) -> ExportConfig:
     )
 
 
-def runtime_export_config(base: ExportConfig, profile: DeviceProfile, runtime: Runtime) -> ExportConfig:
-    """The profile's per-runtime choices: quantization schemes (linear, embedding), ORT format."""
+def runtime_export_config(
+    base: ExportConfig, profile: DeviceProfile, runtime: Runtime, out: Path | None = None
+) -> ExportConfig:
+    """The profile's per-runtime choices: quantization schemes (linear, embedding), the ONNX format
+    (GenAI ships the tokenizer saved with the pruned model in ``out``)."""
+    onnx_format = profile.onnx_format if runtime == "onnxruntime" else "onnx"
     return replace(
         base,
         quantize=profile.quantize.get(runtime),
         quantize_embedding=profile.quantize_embedding.get(runtime),
-        ort_format=runtime == "onnxruntime" and profile.onnx_format == "ort",
+        onnx_format=onnx_format,
+        tokenizer_dir=out / "pruned_model" if onnx_format == "genai" and out is not None else None,
     )
 
 
@@ -346,7 +356,7 @@ def validate_and_report(
         validation=report_obj,
         stages=stages,
         versions=package_versions(),
-        artifacts={rt: p.name for rt, p in artifacts.items()} | {"pruned_model": "pruned_model"},
+        artifacts={rt: str(p.relative_to(out)) for rt, p in artifacts.items()} | {"pruned_model": "pruned_model"},
     )
     missing = [name for name in report.artifacts.values() if not (out / name).exists()]
     if missing:  # never publish a report that claims files which are not there
@@ -369,7 +379,7 @@ def validate_existing(out: Path, target: str | None = None) -> dict[str, Any]:
     artifacts: dict[Runtime, Path] = {}
     for runtime in profile.runtimes:
         path = out / get_exporter(runtime).artifact_name(
-            runtime_export_config(_export_config(profile), profile, runtime)
+            runtime_export_config(_export_config(profile), profile, runtime, out)
         )
         if not path.is_file():
             raise ExportError(f"{path} is missing; run `prunefit export --target {profile.name}` to create it.")

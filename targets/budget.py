@@ -21,8 +21,8 @@ from typing import Any
 
 from torch import nn
 
-from core.arch import attention_heads, decoder_layers, head_dim, mlp_width
-from core.runtimes import RUNTIME_TABLE, Runtime
+from core.arch import attention_heads, decoder_layers, head_dim, layer_windows, mlp_width
+from core.runtimes import RUNTIME_TABLE, Runtime, format_spec
 from core.schemes import EMBEDDING_TABLE, SCHEME_TABLE, runtime_cost
 from targets.profile import DeviceProfile
 
@@ -47,10 +47,14 @@ class LayerShape:
     # positions a sliding-window layer attends to (None: every position, a full-attention layer)
     window: int | None = None
 
-    def positions(self, context: int, windowed: bool) -> int:
-        """Positions of the KV cache this layer holds at ``context``: a sliding-window layer holds
-        its window where the runtime's cache drops what falls out of it (``windowed``)."""
-        return min(context, self.window) if windowed and self.window else context
+    def positions(self, context: int, rolling_chunk: int | None = None) -> int:
+        """Positions of the KV cache this layer holds at ``context``. Where the runtime's cache rolls
+        (``rolling_chunk``: the longest call's tokens), a sliding-window layer holds the
+        ``window - 1`` positions before a call's first token and the call's own: ExecuTorch's ring
+        has that many slots; onnxruntime's past is ``window - 1``, its past + new that many."""
+        if rolling_chunk is None or not self.window or self.window >= context:
+            return context
+        return min(context, self.window - 1 + rolling_chunk)
 
 
 @dataclass(frozen=True)
@@ -94,16 +98,6 @@ def _n(module: nn.Module) -> int:
 def layer_shape(layer: Any, hd: int, window: int | None = None) -> LayerShape:
     n_q, n_kv = attention_heads(layer.self_attn, hd)
     return LayerShape(_n(layer), n_q, n_kv, hd, mlp_width(layer.mlp), window)
-
-
-def layer_windows(config: Any, num_layers: int) -> list[int | None]:
-    """Each block's attention window from the config's per-layer types (Gemma 2/3: most layers
-    ``sliding_attention`` over ``sliding_window`` positions); None for full attention."""
-    types = getattr(config, "layer_types", None)
-    window = getattr(config, "sliding_window", None)
-    if not types or not window:
-        return [None] * num_layers
-    return [int(window) if t == "sliding_attention" else None for t in types[:num_layers]]
 
 
 def model_shape(model: Any) -> ModelShape:
@@ -198,7 +192,12 @@ class WeightTerms:
 
 
 def weight_terms(
-    shape: ModelShape, runtime: Runtime, precision: str, scheme: str | None = None, embedding: str | None = None
+    shape: ModelShape,
+    runtime: Runtime,
+    precision: str,
+    scheme: str | None = None,
+    embedding: str | None = None,
+    onnx_format: str = "onnx",
 ) -> WeightTerms:
     """Weights as the runtime stores them. Quantized (``scheme``): every block's linear weights and
     a separately stored lm_head take the scheme's bytes; norms and a lm_head shared with the
@@ -206,7 +205,10 @@ def weight_terms(
     whose (pruned) intermediate size is not a multiple of the group stays in fp32. Schemes with
     ``unties_head`` (``core.schemes``) store a tied lm_head as its own quantized weight. The
     embedding table takes its own ``embedding`` scheme's bytes (codes and per-group scales), else
-    ``precision``'s."""
+    ``precision``'s. A GenAI folder (``onnx_format: genai``) is laid out by onnxruntime-genai's
+    builder instead (:func:`genai_weight_terms`)."""
+    if runtime == "onnxruntime" and onnx_format == "genai":
+        return genai_weight_terms(shape, precision, scheme)
     fp = BYTES_PER_ELEMENT[precision]
     embed_bytes = float(shape.embed_params * fp)
     if embedding is not None:
@@ -234,6 +236,22 @@ def weight_terms(
     )
 
 
+def genai_weight_terms(shape: ModelShape, precision: str, scheme: str | None) -> WeightTerms:
+    """Weights as onnxruntime-genai's builder lays them out and its Generator holds them (nothing
+    memory-mapped: the session loads its external data). A tied table is stored once, as the
+    lm_head's MatMul weight: fp32, the embedding gathers from a transposed copy of it that the
+    session folds at load (both resident: SmolLM2 measured 695 MiB after load for 515 stored);
+    quantized, one int4/int8 table serves both (GatherBlockQuantized and MatMulNBits). An untied
+    model keeps its fp32 table beside the (quantized) head."""
+    fp = BYTES_PER_ELEMENT[precision]
+    spec = SCHEME_TABLE[scheme] if scheme is not None else None  # type: ignore[index]
+    q: float = spec.weight_bytes if spec else fp
+    blocks = sum(layer.params for layer in shape.layers) * q
+    head = shape.lm_head_params * q
+    embedding = float(shape.embed_params * fp) if not shape.tied or spec is None else 0.0
+    return WeightTerms(embedding=embedding, head=head, blocks=blocks, other=shape.other_params * fp, head_read=head)
+
+
 def weights_bytes(
     shape: ModelShape, runtime: Runtime, precision: str, scheme: str | None = None, embedding: str | None = None
 ) -> int:
@@ -241,18 +259,19 @@ def weights_bytes(
     return weight_terms(shape, runtime, precision, scheme, embedding).total
 
 
-def kv_cache_bytes(shape: ModelShape, context: int, batch: int, precision: str, windowed: bool = False) -> int:
-    """Keys and values of every layer at ``context`` positions; with ``windowed`` a sliding-window
-    layer holds only its window (onnxruntime's past/present: transformers' sliding cache layer
-    drops what falls out of the window)."""
+def kv_cache_bytes(
+    shape: ModelShape, context: int, batch: int, precision: str, rolling_chunk: int | None = None
+) -> int:
+    """Keys and values of every layer at ``context`` positions; with ``rolling_chunk`` a
+    sliding-window layer holds its window and one call's tokens (:meth:`LayerShape.positions`)."""
     per_batch = sum(
-        2 * layer.num_kv_heads * layer.head_dim * layer.positions(context, windowed) for layer in shape.layers
+        2 * layer.num_kv_heads * layer.head_dim * layer.positions(context, rolling_chunk) for layer in shape.layers
     )
     return per_batch * batch * BYTES_PER_ELEMENT[precision]
 
 
 def activation_bytes(
-    shape: ModelShape, tokens: int, context: int, batch: int, windowed: bool = False, scores: bool = True
+    shape: ModelShape, tokens: int, context: int, batch: int, rolling: bool = False, scores: bool = True
 ) -> int:
     """Working set of one prefill chunk of ``tokens`` attending over up to ``context`` positions
     (``scores``: the attention scores against every position are materialized, see
@@ -266,7 +285,8 @@ def activation_bytes(
     widest = 0
     for layer in shape.layers:
         qkv = bt * (layer.num_heads + 2 * layer.num_kv_heads) * layer.head_dim
-        attn = 2 * batch * layer.num_heads * tokens * layer.positions(context, windowed) if scores else 0  # + softmax
+        keys = layer.positions(context, tokens if rolling else None)
+        attn = 2 * batch * layer.num_heads * tokens * keys if scores else 0  # + softmax
         mlp = 3 * bt * layer.intermediate_size  # gate, up, act*up
         widest = max(widest, qkv + attn, mlp)
     logits = bt * shape.vocab_size
@@ -281,13 +301,16 @@ def estimate(
     (a memory-mapped embedding that is only gathered from is not; ``weights_mapped_mib`` says how
     much that left on disk)."""
     scheme = profile.quantize.get(runtime)
-    cost = runtime_cost(runtime, scheme)
-    spec = RUNTIME_TABLE[runtime]
+    spec = format_spec(runtime, profile.onnx_format, runtime_cost(runtime, scheme), quantized=scheme is not None)
+    cost = spec.cost
     context = profile.context_length if positions is None else positions
-    terms = weight_terms(shape, runtime, profile.float_dtype, scheme, profile.quantize_embedding.get(runtime))
+    terms = weight_terms(
+        shape, runtime, profile.float_dtype, scheme, profile.quantize_embedding.get(runtime), profile.onnx_format
+    )
     gemm_mib, head_mib = terms.blocks / MIB, terms.head_read / MIB
-    kv = kv_cache_bytes(shape, context, profile.batch_size, profile.float_dtype, spec.kv_windowed) / MIB
     chunk = min(profile.prefill_tokens, context)
+    rolling = chunk if spec.kv_windowed else None
+    kv = kv_cache_bytes(shape, context, profile.batch_size, profile.float_dtype, rolling) / MIB
     return MemoryEstimate(
         runtime=runtime,
         weights_mib=terms.resident / MIB,

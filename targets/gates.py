@@ -90,6 +90,26 @@ def quantized_gates(
     return gates
 
 
+def session_gate(profile: DeviceProfile, cmp: dict[str, Any] | None, why_not: str | None = None) -> Gate:
+    """A GenAI folder's graph run the second way (issue 18): in a plain onnxruntime session, against
+    what the Generator produced from the same graph. The same kernels on the same inputs: the logits
+    within the parity tolerance, the same greedy tokens. ``why_not``: the graph cannot run that way
+    (a sliding-window cache only the Generator manages), which the gate says instead of passing."""
+    name = "session[onnxruntime]"
+    if cmp is None:
+        return Gate(name, True, 0.0, None, f"not run: {why_not}")
+    atol = profile.gates.parity_atol
+    diff = cmp["max_abs_logit_diff"]
+    return Gate(
+        name,
+        diff <= atol and cmp["tokens_equal"],
+        diff,
+        atol,
+        f"the GenAI graph in an onnxruntime session vs onnxruntime-genai's Generator: max |logit diff| "
+        f"{diff:.2e} (limit {atol:.0e}), greedy tokens {'equal' if cmp['tokens_equal'] else 'differ'}",
+    )
+
+
 def memory_gate(runtime: str, peak_at_context_mib: float, library_mib: float, budget_mib: float, how: str) -> Gate:
     """The run's peak at the profile's full context (``how``: measured by filling it, or
     extrapolated from a partial fill), plus the device's runtime library, against the budget."""

@@ -112,9 +112,11 @@ class DeviceProfile(_Strict):
     # one of core.schemes.embedding_schemes_for(runtime). A component of its own: the linear scheme
     # above decides the lm_head, this one only the lookup table.
     quantize_embedding: dict[Runtime, EmbeddingScheme] = Field(default_factory=dict)
-    # onnxruntime artifact format: "ort" = ORT format for ORT Mobile / minimal builds, optimized
-    # offline for the device's CPU (model.onnx is still written beside it).
-    onnx_format: Literal["onnx", "ort"] = "onnx"
+    # onnxruntime artifact format: "onnx" = torch.onnx's graph with Optimum's input names; "ort" =
+    # ORT format for ORT Mobile / minimal builds, optimized offline for the device's CPU (model.onnx
+    # is still written beside it); "genai" = the folder onnxruntime-genai's Generator loads, built by
+    # its own builder (exporters/genai.py): fused ops, a shared past/present buffer, genai_config.json.
+    onnx_format: Literal["onnx", "ort", "genai"] = "onnx"
     pruning: PruningLimits = PruningLimits()
     gates: Gates = Gates()
 

@@ -54,11 +54,18 @@ class StaleArtifactError(RuntimeError):
     """The artifact predates KV-cache export (a bare logits graph)."""
 
 
+def _fixed(axis: int | str | None) -> int:
+    """A past axis's starting length: its number where the graph fixes one (a rolling window), else 0."""
+    return axis if isinstance(axis, int) else 0
+
+
 class _OrtDecoder:
     """Explicit cache: ``present.*`` outputs are fed back as ``past_key_values.*`` inputs."""
 
-    def __init__(self, sess: Any, chunk: int) -> None:
+    def __init__(self, sess: Any, chunk: int, head_size: int | None = None) -> None:
         self.sess, self.chunk = sess, chunk
+        self.head_size = head_size  # a GenAI graph leaves the last cache axis symbolic (kv_cache_dim)
+        self.takes = {i.name for i in sess.get_inputs()}  # a GenAI graph takes no position_ids
         self.past_inputs = [i for i in sess.get_inputs() if i.name.startswith("past_key_values.")]
         if not self.past_inputs:
             raise StaleArtifactError(
@@ -72,20 +79,52 @@ class _OrtDecoder:
     def reset(self) -> None:
         self.past, self.length = {}, 0
 
+    def _past_shape(self, shape: list[Any], batch: int) -> tuple[int, int, int, int]:
+        """[batch, kv_heads_i, past, head_dim]: heads fixed, past from 0 (or a rolling window's
+        fixed slots), head_dim from the graph or, where it is symbolic (GenAI), the config."""
+        head = _fixed(shape[3]) or self.head_size
+        assert head, "a symbolic head axis needs the genai_config.json head_size"
+        return batch, int(shape[1]), _fixed(shape[2]), head
+
     def forward(self, ids: np.ndarray) -> np.ndarray:
         batch, seq = ids.shape
-        if not self.past:  # shape is [batch, kv_heads_i, past, head_dim]: heads and head_dim are fixed
-            self.past = {i.name: np.zeros((batch, i.shape[1], 0, i.shape[3]), np.float32) for i in self.past_inputs}
+        if not self.past:  # [batch, kv_heads_i, past, head_dim]: a past axis that is a number is a
+            # rolling sliding-window layer's fixed slots (zeros, masked until written), else it grows from 0
+            self.past = {i.name: np.zeros(self._past_shape(i.shape, batch), np.float32) for i in self.past_inputs}
         feed = {
             "input_ids": ids,
             "attention_mask": np.ones((batch, self.length + seq), np.int64),
             "position_ids": np.broadcast_to(np.arange(self.length, self.length + seq, dtype=np.int64), (batch, seq)),
             **self.past,
         }
+        feed = {k: v for k, v in feed.items() if k in self.takes}
         logits, *present = self.sess.run(self.outputs, feed)
         self.past = {i.name: p for i, p in zip(self.past_inputs, present, strict=True)}
         self.length += seq
         return np.asarray(logits)
+
+
+class _GenaiDecoder:
+    """onnxruntime-genai's Generator, as an app drives it: the past/present buffer is shared and
+    allocated at the model's ``max_length`` (genai_config.json's search); prompt chunks and decode
+    steps are appended tokens, and each call's logits are every appended position's."""
+
+    def __init__(self, model: Any, og: Any, chunk: int) -> None:
+        params = og.GeneratorParams(model)
+        params.set_search_options(do_sample=False)
+        self.gen, self.chunk = og.Generator(model, params), chunk
+        self.length = 0
+
+    def reset(self) -> None:
+        self.gen.rewind_to(0)
+        self.length = 0
+
+    def forward(self, ids: np.ndarray) -> np.ndarray:
+        if ids.shape[0] != 1:
+            raise ValueError("the GenAI runner drives batch 1 (the Generator's own batching is not measured)")
+        self.gen.append_tokens(np.ascontiguousarray(ids, dtype=np.int64))
+        self.length += ids.shape[1]
+        return np.array(self.gen.get_output("logits"), dtype=np.float32)
 
 
 class _EtDecoder:
@@ -168,8 +207,25 @@ def _onnxruntime(
     opts.inter_op_num_threads = 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
 
+    genai = path.parent / "genai_config.json"
+    head_size = json.loads(genai.read_text())["model"]["decoder"]["head_size"] if genai.is_file() else None
+
     def load() -> Decoder:
-        return _OrtDecoder(ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"]), chunk)
+        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        return _OrtDecoder(sess, chunk, head_size)
+
+    return load
+
+
+def _genai(path: Path, threads: int, chunk: int) -> Callable[[], Decoder]:
+    """The GenAI folder ``path`` is in, run by onnxruntime-genai's Generator (exporters/genai.py)."""
+    import onnxruntime_genai as og
+
+    def load() -> Decoder:
+        config = og.Config(str(path.parent))
+        threading = {"intra_op_num_threads": threads, "inter_op_num_threads": 1}
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": threading}}}))
+        return _GenaiDecoder(og.Model(config), og, chunk)
 
     return load
 
@@ -196,7 +252,8 @@ def _executorch(path: Path, threads: int, chunk: int) -> Callable[[], Decoder]:
     return load
 
 
-RUNTIMES = {"onnxruntime": _onnxruntime, "executorch": _executorch}
+# runner backends: the profile's runtimes, and onnxruntime's GenAI folder through its Generator
+RUNTIMES = {"onnxruntime": _onnxruntime, "executorch": _executorch, "onnxruntime-genai": _genai}
 
 
 def generate(

@@ -8,6 +8,7 @@ them; the caller raises :class:`GateError` naming each failed gate and by how mu
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -23,11 +24,12 @@ from transformers import PreTrainedModel
 
 from core.cpus import local_threads
 from core.errors import GateError
+from core.runtimes import runner_backend
 from exporters.base import artifact_files, artifact_size_bytes
 from targets import confine
 from targets.budget import MemoryEstimate, estimate, library_mib, model_shape
 from targets.fill import checkpoints, fill_plan, read_trace, summarize
-from targets.gates import fp32_gates, killed_gates, memory_gate, perplexity_gate, quantized_gates
+from targets.gates import Gate, fp32_gates, killed_gates, memory_gate, perplexity_gate, quantized_gates, session_gate
 from targets.measurement import EvalResult, FillPoint, ProbeResult, RunMeasurement, read_result
 from targets.profile import DeviceProfile, Runtime
 from targets.results import KilledRun, RuntimeResult, ValidationResult
@@ -43,7 +45,7 @@ CGROUP_SLACK_MIB = 32.0
 
 
 def _runner_cmd(
-    runtime: Runtime, artifact: Path, ids: Path, logits: Path, threads: int, new_tokens: int, chunk: int
+    runtime: str, artifact: Path, ids: Path, logits: Path, threads: int, new_tokens: int, chunk: int
 ) -> list[str]:
     return [
         sys.executable, "-m", "targets.runner", "--runtime", runtime, "--artifact", str(artifact),
@@ -143,7 +145,7 @@ def _evict_from_page_cache(artifact: Path) -> None:
 
 
 def run_artifact(
-    runtime: Runtime,
+    runtime: str,
     artifact: Path,
     inputs: np.ndarray,
     work_dir: Path,
@@ -153,6 +155,7 @@ def run_artifact(
     chunk: int = 0,
     eval_windows: np.ndarray | None = None,
     fill_positions: int = 0,
+    harness_mib: float = 0.0,
 ) -> tuple[dict[str, Any], Generation | None]:
     """Run one artifact in a child process (``python -m targets.runner``): prefill ``inputs``, then
     greedy-decode ``new_tokens`` with the artifact's KV cache; return (measurements, generation).
@@ -166,6 +169,9 @@ def run_artifact(
     interpreter and runtime library, measured by a probe run) plus that many MiB for the model: a
     model over budget is killed by the kernel instead of borrowing memory, and comes back as
     ``oom_killed`` with no logits. Without cgroups here, the run is unconfined (``confined: false``).
+    ``harness_mib`` is added to the limit for what the runner itself holds and no device runner
+    does (the parity run's logits for every prompt position, :func:`parity_logits_mib`); the measured
+    model peak leaves it out, so the memory gate still compares the model's own peak.
     """
     work_dir.mkdir(parents=True, exist_ok=True)
     ids_path, logits_path = work_dir / f"{runtime}_inputs.npy", work_dir / f"{runtime}_generation.npz"
@@ -191,10 +197,11 @@ def run_artifact(
             probe_path.unlink(missing_ok=True)
             probe = confine.run_confined([*cmd, "--probe", "--result-out", str(probe_path)], HOST_PROBE_LIMIT_MIB)
             read_result(probe_path, ProbeResult, runtime, probe.returncode, probe.stderr or probe.stdout)
-        limit = probe.peak_mib + model_limit_mib + CGROUP_SLACK_MIB
+        limit = probe.peak_mib + model_limit_mib + CGROUP_SLACK_MIB + harness_mib
         run = confine.run_confined(run_cmd, limit)
         returncode, stdout, stderr = run.returncode, run.stdout, run.stderr
-        extra = {"confined": True, "cgroup_limit_mib": limit, "cgroup_peak_mib": run.peak_mib,
+        extra = {"confined": True, "cgroup_limit_mib": limit, "cgroup_harness_mib": harness_mib,
+                 "cgroup_peak_mib": run.peak_mib,
                  "cgroup_peak_polled": run.peak_polled, "cgroup_limit_hits": run.limit_hits,
                  "cgroup_at_limit": run.at_limit}  # fmt: skip
         if run.oom_killed:
@@ -228,6 +235,31 @@ def run_artifact(
         result |= scored.model_dump()
         generation.eval_top1 = np.load(top1_path, allow_pickle=False)
     return {**result, **extra, "oom_killed": False}, generation
+
+
+def parity_logits_mib(batch: int, prompt: int, new_tokens: int, vocab: int) -> float:
+    """What the runner's parity run holds beyond the model: every prompt position's logits and each
+    decode step's, fp32, and one more copy while the prompt's chunks are joined. At Gemma 3's 262144
+    vocabulary a 128-token prompt's are 128 MiB: without this in the cgroup limit, Gemma 3 270M's
+    android artifacts were killed in the parity run, before the fill the gate measures."""
+    return 2.0 * batch * (prompt + new_tokens) * vocab * 4 / 2**20
+
+
+def _session_check(
+    profile: DeviceProfile, path: Path, inputs: torch.Tensor, work_dir: Path, threads: int, generator: Generation
+) -> Gate:
+    """Run a GenAI folder's graph in a plain onnxruntime session (unconfined, no fill: a parity run)
+    and hold it to what the Generator produced. A graph whose sliding-window layers keep the
+    builder's windowed cache runs only under the Generator, which manages that cache."""
+    config = json.loads((path.parent / "genai_config.json").read_text())
+    if config["model"]["decoder"].get("sliding_window"):
+        return session_gate(
+            profile, None, "its sliding-window layers use the windowed cache only the Generator manages"
+        )
+    _, got = run_artifact("onnxruntime", path, inputs.numpy(), work_dir, threads, None,
+                          generator.steps.shape[1], profile.prefill_tokens)  # fmt: skip
+    assert got is not None
+    return session_gate(profile, compare_generation(got, generator))
 
 
 def validate(
@@ -277,7 +309,7 @@ def validate(
                  for n in checkpoints(plan, profile.prefill_tokens)]  # fmt: skip
         windows = None if eval_windows is None else eval_windows[:, : profile.context_length].numpy()
         measured, got = run_artifact(
-            runtime,
+            runner_backend(runtime, profile.onnx_format),
             path,
             inputs.numpy(),
             work_dir,
@@ -287,6 +319,7 @@ def validate(
             profile.prefill_tokens,
             windows,
             plan.positions,
+            parity_logits_mib(inputs.shape[0], inputs.shape[1], new_tokens, int(model.config.vocab_size)),
         )
         if "perplexity" in measured:
             report.perplexity[f"exported[{runtime}]"] = measured["perplexity"]
@@ -359,6 +392,8 @@ def validate(
         report.gates.append(
             memory_gate(runtime, fill.peak_at_context_mib, lib, float(profile.memory_budget_mib), fill.how())
         )
+        if runner_backend(runtime, profile.onnx_format) != runtime:  # GenAI: the second way, a plain session
+            report.gates.append(_session_check(profile, path, inputs, work_dir / "session", threads.used, got))
     ppl_gate = perplexity_gate(profile, perplexity)
     if ppl_gate is not None:
         report.gates.append(ppl_gate)

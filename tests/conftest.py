@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -20,7 +21,32 @@ logging.getLogger("torchao").setLevel(logging.ERROR)
 
 # Generated calibration text is cached per user (pipeline/calib_cache.py): tests keep theirs in a
 # directory of their own, never in the user's cache (set PRUNEFIT_CACHE_DIR to share one on purpose).
-os.environ.setdefault("PRUNEFIT_CACHE_DIR", tempfile.mkdtemp(prefix="prunefit-test-cache-"))
+if "PRUNEFIT_CACHE_DIR" not in os.environ:
+    _OWN_CACHE = tempfile.mkdtemp(prefix="prunefit-test-cache-")
+    os.environ["PRUNEFIT_CACHE_DIR"] = _OWN_CACHE
+else:
+    _OWN_CACHE = None
+
+
+# Under `make test` both cores already run a test each (pytest-xdist): a pipeline's second export
+# in a child process would only contend with the other worker. tests/pipeline/test_pipeline.py's
+# test_prunes_exports_and_fits and tests/pipeline/test_exporting.py run the exports side by side.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("PRUNEFIT_SERIAL_EXPORT", "1")
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """The session's own calibration cache goes with it (each xdist worker has one)."""
+    if _OWN_CACHE is not None:
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The slow end-to-end tests first. `make test` runs on two xdist workers, each handed the next
+    test as it finishes one: started first, the longest tests (the default model end to end, ~15
+    minutes on CI) overlap the many short ones instead of running alone at the end."""
+    items.sort(key=lambda item: (item.get_closest_marker("slow") is None, "test_e2e" not in item.nodeid))
+
 
 # Tiny configs per architecture: GQA everywhere (4 query heads / 2 KV heads).
 _COMMON = dict(
@@ -56,6 +82,20 @@ ENFORCE_WIDE = dict(
 QUANT_WIDE = dict(
     hidden_size=256, intermediate_size=1024, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2
 )
+
+
+def default_model_shape():  # -> targets.budget.ModelShape
+    """SmolLM2-135M's shape (the default model) on the meta device: no weights needed."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from targets.budget import model_shape
+
+    cfg = LlamaConfig(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+        num_key_value_heads=3, tie_word_embeddings=True,
+    )  # fmt: skip
+    with torch.device("meta"):
+        return model_shape(LlamaForCausalLM(cfg))
 
 
 def tiny_model(arch: str = "llama", seed: int = 0, **overrides: object) -> torch.nn.Module:

@@ -33,6 +33,7 @@ def _bench() -> ModuleType:
     return module
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("runtime, processes", [("onnxruntime", 2), ("executorch", 1)])
 def test_paired_decode_runs_both_artifacts_greedily(runtime: str, processes: int, tmp_path: Path) -> None:
     dense = tiny_model("mistral")

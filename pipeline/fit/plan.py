@@ -45,14 +45,12 @@ from core.schemes import (
     embedding_schemes_for,
     precision_text,
     schemes_for,
-    smallest_embedding_scheme,
-    smallest_scheme,
 )
 from pipeline.feasibility import floor_estimate
 from pipeline.fit.proxy import PruningProxy, smallest_share
 from pipeline.fit.simulate import simulated, simulated_embedding
 from pipeline.methods.base import PPL_WINDOWS
-from targets.budget import ModelShape, estimate_all, model_shape, worst
+from targets.budget import ModelShape, estimate, estimate_all, model_shape, worst
 from targets.profile import DeviceProfile
 
 log = logging.getLogger(__name__)
@@ -79,16 +77,32 @@ def embedding_options(profile: DeviceProfile, runtime: Runtime) -> list[str]:
     return _choices(profile, profile.quantize_embedding.get(runtime), embedding_schemes_for(runtime))
 
 
-def most_compressed(profile: DeviceProfile) -> DeviceProfile:
-    """``profile`` with every free component at its smallest scheme: the floor ``precision: auto``
-    may reach, for the feasibility check before any weight is read (pins kept; ``fp32``: unchanged)."""
+def most_compressed(profile: DeviceProfile, floor: ModelShape) -> DeviceProfile:
+    """``profile`` with each runtime's free components at the precisions that make ``floor`` (the
+    most pruned shape) smallest on it: the floor ``precision: auto`` may reach, for the feasibility
+    check before any weight is read (pins kept; ``fp32``: unchanged).
+
+    The fewest weight bits are not always the smallest peak: a quantized program's fixed session
+    cost can outweigh what it saves on a small model (XNNPACK's 8da8w/8da4w on a tiny one), so
+    every combination is priced, fp32 included."""
     if profile.precision != "auto":
         return profile
-    tables = {rt: smallest_embedding_scheme(rt) for rt in profile.runtimes}
-    return profile.with_quantize(
-        {**{rt: smallest_scheme(rt) for rt in profile.runtimes}, **profile.quantize},
-        {**{rt: s for rt, s in tables.items() if s is not None}, **profile.quantize_embedding},
-    )
+    quantize: dict[Any, str] = dict(profile.quantize)
+    tables: dict[Any, str] = dict(profile.quantize_embedding)
+    for rt in profile.runtimes:
+        priced = []
+        for lin, emb in itertools.product(options(profile, rt), embedding_options(profile, rt)):
+            trial = profile.with_quantize(_with(quantize, rt, lin), _with(tables, rt, emb))  # type: ignore[arg-type]
+            priced.append((estimate(floor, trial, rt).total_mib, lin, emb))
+        _, lin, emb = min(priced)
+        quantize, tables = _with(quantize, rt, lin), _with(tables, rt, emb)
+    return profile.with_quantize(quantize, tables)  # type: ignore[arg-type]
+
+
+def _with(chosen: dict[Any, str], runtime: Runtime, precision: str) -> dict[Any, str]:
+    """``chosen`` with ``runtime`` at ``precision`` (fp32: absent, as profiles spell it)."""
+    out = {rt: s for rt, s in chosen.items() if rt != runtime}
+    return out if precision == FP32 else {**out, runtime: precision}
 
 
 @dataclass
@@ -174,6 +188,7 @@ def choose_precision(model: Any, calib: torch.Tensor, profile: DeviceProfile, cf
     per_runtime = [
         [(rt, s, e) for s in options(profile, rt) for e in embedding_options(profile, rt)] for rt in profile.runtimes
     ]
+
     def measured(key: tuple[str, str, str]) -> float:
         if key not in quant_ppl:
             quant_ppl[key] = _simulated_ppl(model, windows, cfg, key, base)
@@ -203,9 +218,9 @@ def choose_precision(model: Any, calib: torch.Tensor, profile: DeviceProfile, cf
         candidates.append(cand)
     ranked = sorted((c for c in candidates if c.reachable), key=_rank)
     if not ranked:  # pragma: no cover - the run checks the most compressed floor before loading
-        from pipeline.feasibility import check_feasible
+        from pipeline.feasibility import check_feasible, floor_shape
 
-        check_feasible(model, most_compressed(profile), cfg, shape)
+        check_feasible(model, most_compressed(profile, floor_shape(model, cfg, shape)), cfg, shape)
     best = ranked[0]
     best.chosen = True
     reason = _reason(best, ranked[1:])

@@ -23,10 +23,10 @@ def test_registry_fails_loudly() -> None:
         get_exporter("tflite")
 
 
-def heterogeneous(arch: str) -> torch.nn.Module:
+def heterogeneous(arch: str, **overrides: object) -> torch.nn.Module:
     """A pruned shape with per-layer widths: a block removed, one layer with a KV group fewer
     (where the architecture allows per-layer heads), one with a narrower MLP."""
-    model = tiny_model(arch)
+    model = tiny_model(arch, **overrides)
     remove_layers(model, [2])
     layers = decoder_layers(model)
     if arch_for(arch).per_layer_heads:
@@ -62,21 +62,21 @@ def test_onnx_decode_with_kv_cache_matches_generate(arch: str, tmp_path: Path) -
 @pytest.mark.parametrize(
     ("arch", "llm_ops"), [("llama", True), ("qwen3", True), ("gemma3_text", True), ("mistral", False)]
 )
+@pytest.mark.slow
 def test_executorch_static_cache_matches_generate(arch: str, llm_ops: bool, tmp_path: Path) -> None:
     """The .pte's in-place static cache (per-layer heads) decodes like PyTorch; a prompt longer than
-    the program's chunk is prefilled in chunks; the cache is sized by max_cache_len. Llama and Qwen3
-    run on ExecuTorch's LLM kernels (custom_sdpa + update_cache); Gemma 3's sliding-window layers,
-    and any model with llm_ops off, on the generic attention over the cache."""
+    the program's chunk is prefilled in chunks; the cache is sized by max_cache_len. Llama, Qwen3 and
+    Gemma 3 run on ExecuTorch's LLM kernels (custom_sdpa + update_cache; Gemma 3's sliding-window
+    layers as rings of window - 1 + chunk slots), a model with llm_ops off on the generic attention."""
     model = heterogeneous(arch)
     ids = torch.randint(0, 512, (1, 20), generator=torch.Generator().manual_seed(3))
     cfg = ExportConfig(seq_len=8, max_cache_len=40, llm_ops=llm_ops)  # prompt of 20 -> chunks 8 + 8 + 4
     out = _generate("executorch", model, cfg, ids, tmp_path)
     details = out["artifact"].details
-    uses_ops = llm_ops and arch != "gemma3_text"
-    assert details["attention"].startswith("llama::custom_sdpa") == uses_ops, details["attention"]
-    assert ("llama.custom_sdpa.default" in details["undelegated_ops"]) == uses_ops
-    if arch == "gemma3_text":
-        assert "sliding-window" in details["attention"]
+    assert details["attention"].startswith("llama::custom_sdpa") == llm_ops, details["attention"]
+    assert ("llama.custom_sdpa.default" in details["undelegated_ops"]) == llm_ops
+    if arch == "gemma3_text":  # sliding_window 16 < 40: a ring of 15 + 8 slots
+        assert "a ring of 23 slots" in details["kv_cache"], details["kv_cache"]
     assert out["artifact"].static_shape == (1, 8)
     assert details["delegate_calls"] > 0
     assert details["metadata"]["get_max_context_len"] == 40 and details["metadata"]["get_max_seq_len"] == 8
@@ -124,44 +124,53 @@ def test_ort_format_for_ort_mobile(tmp_path: Path) -> None:
     model = heterogeneous("qwen3")
     ids = torch.randint(0, 512, (1, 12), generator=torch.Generator().manual_seed(6))
     out = _generate(
-        "onnxruntime", model, ExportConfig(seq_len=8, ort_format=True, target_arch="aarch64"), ids, tmp_path
+        "onnxruntime", model, ExportConfig(seq_len=8, onnx_format="ort", target_arch="aarch64"), ids, tmp_path
     )
     assert out["artifact"].path.name == "model.ort"
     assert (tmp_path / "model.onnx").is_file() and (tmp_path / "model.required_operators.config").is_file()
     assert "MatMul" in (tmp_path / "model.required_operators.config").read_text()
 
 
-def test_onnx_sliding_layers_present_every_position(tmp_path: Path) -> None:
-    """What the memory model counts for onnxruntime (targets.budget: no windowed KV cache) is what
-    the graph holds: after a 40-token prompt, every layer's present has 40 positions, sliding ones
-    too (the mask applies their window of 16; see test_sliding_window_model_decodes_past_its_window)."""
+@pytest.mark.slow
+def test_onnx_sliding_layers_hold_their_window(tmp_path: Path) -> None:
+    """Issue 21.4: a sliding-window layer's past is a fixed ``window - 1`` slots (a number in the
+    graph, so runners start it with zeros), the full layer's grows: after a 40-token prompt the
+    sliding presents hold 15 positions, the full one 40. What the memory model counts
+    (targets.budget: ``LayerShape.positions``) is what the graph holds."""
     import numpy as np
     import onnxruntime as ort
 
     types = ["sliding_attention", "full_attention", "sliding_attention", "sliding_attention"]
     model = tiny_model("gemma3_text", layer_types=types)  # sliding_window 16
-    art = get_exporter("onnxruntime").export(model, ExportConfig(seq_len=8), tmp_path)
+    art = get_exporter("onnxruntime").export(model, ExportConfig(seq_len=8, max_cache_len=64), tmp_path)
     sess = ort.InferenceSession(str(art.path), providers=["CPUExecutionProvider"])
+    pasts = {i.name: i.shape[2] for i in sess.get_inputs() if i.name.startswith("past_key_values.")}
+    assert [pasts[f"past_key_values.{i}.key"] for i in (0, 2, 3)] == [15] * 3
+    assert isinstance(pasts["past_key_values.1.key"], str)  # a named, growing axis
     n = 40
     feeds: dict[str, np.ndarray] = {
         "input_ids": np.random.default_rng(0).integers(0, 512, (1, n)).astype(np.int64),
         "attention_mask": np.ones((1, n), dtype=np.int64),
         "position_ids": np.arange(n, dtype=np.int64)[None],
     }
-    for i in range(4):
-        for kv in ("key", "value"):
-            feeds[f"past_key_values.{i}.{kv}"] = np.zeros((1, 2, 0, 16), dtype=np.float32)
+    for name, slots in pasts.items():
+        feeds[name] = np.zeros((1, 2, slots if isinstance(slots, int) else 0, 16), dtype=np.float32)
     names = [o.name for o in sess.get_outputs()]
     out = dict(zip(names, sess.run(None, feeds), strict=True))
     lengths = [out[f"present.{i}.key"].shape[2] for i in range(4)]
-    assert lengths == [n] * 4, lengths
+    assert lengths == [15, n, 15, 15], lengths
+    with torch.no_grad():
+        ref = model(torch.from_numpy(feeds["input_ids"]), use_cache=False).logits[0].numpy()
+    assert float(np.abs(out["logits"][0] - ref).max()) <= 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("runtime", ["onnxruntime", "executorch"])
 def test_sliding_window_model_decodes_past_its_window(runtime: str, tmp_path: Path) -> None:
     """Gemma 3's sliding layers, filled well past the window (16) in prefill chunks and decode steps as
-    the context fill does, give PyTorch's logits at every position. Before the ONNX cache kept sliding
-    layers whole, Gemma 3 270M's graph failed at its window (512 positions) in onnxruntime."""
+    the context fill does, give PyTorch's logits at every position: both runtimes' caches roll (ONNX:
+    a fixed window - 1 past; ExecuTorch: a ring of window - 1 + chunk slots). Before, Gemma 3 270M's
+    ONNX graph failed at its window (512 positions) in onnxruntime."""
     import numpy as np
 
     from targets.runner import RUNTIMES, prefill

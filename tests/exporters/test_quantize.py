@@ -40,6 +40,7 @@ SCHEME_CASES: dict[str, tuple[str, float]] = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scheme", sorted(SCHEME_CASES))
 def test_quantized_export_shrinks_runs_and_stays_close(scheme: str, wide: torch.nn.Module, tmp_path: Path) -> None:
     runtime, max_rel = SCHEME_CASES[scheme]
@@ -86,6 +87,7 @@ def test_schemes_are_checked_per_runtime() -> None:
 
 
 # (linear scheme, embedding scheme) on ExecuTorch: the table alone, and with the linear weights
+@pytest.mark.slow
 @pytest.mark.parametrize(("linear", "table"), [(None, "int4"), ("8da8w", "int8")])
 def test_quantized_embedding_export_runs_what_was_simulated(linear: str | None, table: str, tmp_path: Path) -> None:
     """The .pte gathers from its quantized table with ExecuTorch's quantized embedding kernels: it

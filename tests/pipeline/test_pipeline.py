@@ -4,12 +4,14 @@ a rerun with unchanged inputs redoes nothing; a changed profile redoes pruning."
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
 import yaml
 from transformers import AutoModelForCausalLM
 
+from core.cpus import Cpus
 from core.errors import GateError
 from pipeline.data import DataConfig
 from pipeline.run import EvalConfig, RunConfig, run_pipeline
@@ -56,8 +58,15 @@ def run_cfg(tmp_path: Path, make_model_dir, wiki_valid: Path, wiki_test: Path) -
     )
 
 
-def test_prunes_exports_and_fits(run_cfg: RunConfig) -> None:
-    report = run_pipeline(run_cfg)
+@pytest.mark.slow
+def test_prunes_exports_and_fits(
+    run_cfg: RunConfig, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.delenv("PRUNEFIT_SERIAL_EXPORT", raising=False)  # the exports side by side, as users run them
+    monkeypatch.setattr("pipeline.exporting.available_cpus", lambda: Cpus(2, "the test"))
+    with caplog.at_level(logging.INFO, logger="pipeline.exporting"):
+        report = run_pipeline(run_cfg)
+    assert "exporting for executorch in a child process while onnxruntime export here" in caplog.text
     out = run_cfg.out_dir
     assert out is not None
     for name in (
@@ -150,6 +159,7 @@ def test_prunes_exports_and_fits(run_cfg: RunConfig) -> None:
     assert again["prune"]["removed_layers"] == plan["removed_layers"]
 
 
+@pytest.mark.slow
 def test_tight_profile_measured_over_budget_fails_gate(run_cfg: RunConfig, tmp_path: Path) -> None:
     """A profile whose library term eats the budget after pruning: the measured gate fails, with
     the report written and the failure named."""
@@ -178,6 +188,7 @@ def test_tight_profile_measured_over_budget_fails_gate(run_cfg: RunConfig, tmp_p
     assert report["validation"]["passed"] is False
 
 
+@pytest.mark.slow
 def test_auto_precision_quantizes_instead_of_pruning(
     run_cfg: RunConfig, tmp_path: Path, make_model_dir, monkeypatch
 ) -> None:
@@ -192,11 +203,12 @@ def test_auto_precision_quantizes_instead_of_pruning(
             return super().perplexity(0.0) * (1 + 5 * share)
 
     monkeypatch.setattr(plan, "PruningProxy", Proxy)
-    # 3 blocks (quantized ExecuTorch exports take ~30 s a block): fp32 predicts 14.3 (executorch) and
-    # 18.3 MiB (onnxruntime) against 26 - 12 headroom; every scheme 3.7-11.6 MiB
+    # 3 blocks (quantized ExecuTorch exports take ~30 s a block): fp32 predicts 14.9 (executorch) and
+    # 18.8 MiB (onnxruntime) against 26 - 11.3 headroom; ExecuTorch's int8 table 14.5 (its 8da8w/8da4w
+    # sessions cost more than they save on so small a model: 18.2/17.0), onnxruntime's schemes 5.7-11.0
     prof = write_profile(
         tmp_path, name="auto", precision="auto", memory_budget_mib=26,
-        pruning={"max_removed_layer_ratio": 0.75, "headroom_mib": 12.0, "method": "depth"},
+        pruning={"max_removed_layer_ratio": 0.75, "headroom_mib": 11.3, "method": "depth"},
         gates={"parity_atol": 1e-4, "max_ppl_ratio": 50.0, "quantized_max_ppl_ratio": 1.1, "quantized_min_top1": 0.5},
     )  # fmt: skip
     cfg = RunConfig(**{**run_cfg.__dict__, "target": str(prof), "model": str(make_model_dir("llama", **QUANT_WIDE))})
@@ -227,3 +239,32 @@ def test_auto_precision_quantizes_instead_of_pruning(
     assert saved["quantize_embedding"] == fit["quantize_embedding"]
     again = validate_existing(out)  # finds the quantized artifacts the fitting chose
     assert again["validation"]["passed"] and again["fit"] == fit
+
+
+@pytest.mark.slow
+def test_genai_format_through_the_pipeline(run_cfg: RunConfig, tmp_path: Path) -> None:
+    """onnx_format: genai (issue 18): the pruned model goes out as the folder onnxruntime-genai loads
+    (graph, genai_config.json, tokenizer), validated through its Generator (memory under the budget
+    at full context, parity with PyTorch) and a second way, in a plain session; a rerun reuses it."""
+    prof = write_profile(tmp_path, name="genai", runtimes=["onnxruntime"], onnx_format="genai")
+    cfg = RunConfig(**{**run_cfg.__dict__, "target": str(prof)})
+    report = run_pipeline(cfg)
+    out = cfg.out_dir
+    assert out is not None
+    for name in ("genai_config.json", "model.onnx", "model.onnx.data", "tokenizer.json"):
+        assert (out / "genai" / name).is_file(), name
+    assert not (out / "model.onnx").exists()
+    genai = json.loads((out / "genai" / "genai_config.json").read_text())
+    assert genai["search"]["max_length"] == 256  # the profile's context: the shared buffer's size
+    val = report["validation"]
+    gates = {g["name"]: g for g in val["gates"]}
+    assert val["passed"] and all(g["passed"] for g in val["gates"]), gates
+    assert gates["session[onnxruntime]"]["threshold"] is not None  # run, not skipped
+    assert gates["session[onnxruntime]"]["value"] <= 1e-4
+    (rt,) = val["runtimes"]
+    assert rt["max_abs_logit_diff"] <= 1e-4 and rt["projected_peak_mib"] <= 36
+    assert rt["fill"]["positions_filled"] == 256
+    manifest = json.loads((out / "manifests" / "export-onnxruntime.json").read_text())
+    assert any("genai_config.json" in str(f) for f in json.dumps(manifest).split('"'))
+    again = run_pipeline(cfg)
+    assert again["stages"]["export-onnxruntime"]["cached"]

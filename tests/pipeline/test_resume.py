@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.conftest import tiny_model
 from tests.pipeline.test_pipeline import WIDE, write_profile
 
 
@@ -40,14 +41,26 @@ def _kill_when(cmd: list[str], ready: callable, timeout: float = 300) -> None:  
         proc.wait()
 
 
+@pytest.fixture(scope="module")
+def clean_run(tmp_path_factory, tokenizer, wiki_valid: Path, wiki_test: Path) -> tuple[Path, Path, Path]:
+    """(profile, model, out) of one uninterrupted run, the reference both kill points compare with."""
+    base = tmp_path_factory.mktemp("resume")
+    profile = write_profile(base)
+    model = base / "tiny-llama"
+    tiny_model("llama", **WIDE).save_pretrained(model, safe_serialization=True)
+    tokenizer.save_pretrained(model)
+    clean = base / "clean"
+    subprocess.run(_cmd(profile, model, clean, wiki_valid, wiki_test), check=True, capture_output=True)
+    return profile, model, clean
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["prune", "export"])
 def test_kill9_then_rerun_equals_uninterrupted(
-    stage: str, tmp_path: Path, make_model_dir, wiki_valid: Path, wiki_test: Path
+    stage: str, tmp_path: Path, clean_run: tuple[Path, Path, Path], wiki_valid: Path, wiki_test: Path
 ) -> None:
-    profile = write_profile(tmp_path)
-    model = make_model_dir("llama", **WIDE)
-    clean, resumed = tmp_path / "clean", tmp_path / "resumed"
-    subprocess.run(_cmd(profile, model, clean, wiki_valid, wiki_test), check=True, capture_output=True)
+    profile, model, clean = clean_run
+    resumed = tmp_path / "resumed"
 
     if stage == "prune":  # killed after calibration was written, while pruning
         ready = lambda: (resumed / "calibration.safetensors").exists()  # noqa: E731

@@ -11,6 +11,7 @@ from targets.budget import (
     estimate,
     kv_cache_bytes,
     model_shape,
+    weight_terms,
     weights_bytes,
 )
 from targets.profile import load_profile
@@ -111,21 +112,26 @@ def test_mapped_embedding_that_is_only_gathered_is_not_resident() -> None:
 
 
 def test_sliding_window_layers_are_counted_as_the_exported_caches_hold_them() -> None:
-    """Issue 21.4: the memory model counts each layer's cache as the runtime holds it. A cache that
-    drops what falls out of a sliding layer's window (``windowed``) would hold the window only; both
-    exporters keep every position (the window's roll does not export; the mask applies the window),
-    so both runtimes are charged the full context on every layer."""
+    """Issue 21.4: the memory model counts each layer's cache as the runtime holds it. Both exporters'
+    sliding-window caches roll (tests/exporters: the ONNX past is window - 1, the ExecuTorch ring
+    window - 1 + chunk slots, both exact against PyTorch past the window), so a sliding layer is
+    charged window - 1 + one call's tokens, a full layer the context; a window at least as long as
+    the context rolls nothing."""
     types = ["sliding_attention", "full_attention", "sliding_attention", "sliding_attention"]
     s = model_shape(tiny_model("gemma3_text", layer_types=types))  # sliding_window 16
     assert [layer.window for layer in s.layers] == [16, None, 16, 16]
     per_position = 2 * 2 * 16 * 4  # K and V x 2 KV heads x head_dim 16 x 4 bytes
-    assert kv_cache_bytes(s, 256, 1, "fp32", windowed=True) == per_position * (3 * 16 + 256)
+    assert kv_cache_bytes(s, 256, 1, "fp32", rolling_chunk=8) == per_position * (3 * (15 + 8) + 256)
     assert kv_cache_bytes(s, 256, 1, "fp32") == per_position * 4 * 256
-    assert not any(spec.kv_windowed for spec in RUNTIME_TABLE.values())
+    assert kv_cache_bytes(s, 16, 1, "fp32", rolling_chunk=8) == per_position * 4 * 16  # window = context
+    assert kv_cache_bytes(s, 20, 1, "fp32", rolling_chunk=8) == per_position * 4 * 20  # 15 + 8 > 20
+    assert all(spec.kv_windowed for spec in RUNTIME_TABLE.values())
     p = load_profile("android")  # context 1024
+    chunk = p.prefill_tokens
     for rt in ("onnxruntime", "executorch"):
         copies = RUNTIME_TABLE[rt].cost.kv_copies
-        assert estimate(s, p, rt).kv_cache_mib == pytest.approx(copies * per_position * 4 * 1024 / MIB)
+        positions = 3 * (15 + chunk) + 1024
+        assert estimate(s, p, rt).kv_cache_mib == pytest.approx(copies * per_position * positions / MIB)
     # a llama has no sliding layers: nothing changes
     assert all(layer.window is None for layer in model_shape(tiny_model("llama")).layers)
 
@@ -150,3 +156,27 @@ def test_peak_is_the_larger_phase_load_or_full_context_run() -> None:
     # onnxruntime holds its past/present cache more than once at full context; ExecuTorch's static one once
     assert RUNTIME_TABLE["onnxruntime"].cost.kv_copies > 2.0
     assert RUNTIME_TABLE["executorch"].cost.kv_copies == pytest.approx(1.0, abs=0.15)
+
+
+def test_genai_folder_is_counted_as_onnxruntime_genai_holds_it() -> None:
+    """Issue 18: a GenAI folder's Generator holds one shared past/present buffer per layer, allocated
+    at max_length when it is created (one copy, from load on, where a plain session holds 2.3-2.6),
+    and loads its weights: a tied fp32 table twice (the lm_head's MatMul weight and the transposed
+    copy the embedding gathers from), a quantized one once (shared by both ops)."""
+    s = model_shape(tiny_model("llama"))  # tied, vocab 512 x hidden 64
+    p = load_profile("android").model_copy(
+        update={"runtimes": ["onnxruntime"], "quantize": {}, "quantize_embedding": {}}
+    )
+    genai = p.model_copy(update={"onnx_format": "genai"})
+    plain, shared = estimate(s, p, "onnxruntime"), estimate(s, genai, "onnxruntime")
+    assert plain.kv_copies == RUNTIME_TABLE["onnxruntime"].cost.kv_copies and not plain.kv_at_load
+    assert shared.kv_copies == 1.0 and shared.kv_at_load
+    assert shared.kv_cache_mib == pytest.approx(plain.kv_cache_mib / plain.kv_copies)
+    table = 512 * 64 * 4 / MIB
+    assert shared.weights_mib - plain.weights_mib == pytest.approx(table, rel=1e-3)  # + the transposed copy
+    q = genai.model_copy(update={"quantize": {"onnxruntime": "int4w"}})
+    terms = weight_terms(s, "onnxruntime", "fp32", "int4w", None, "genai")
+    assert terms.embedding == 0 and terms.head == terms.head_read == 512 * 64 * (0.5 + 4 / 32)
+    plain_q = p.model_copy(update={"quantize": {"onnxruntime": "int4w"}})
+    # the shared quantized head's packed copy (core.runtimes.GENAI_QUANTIZED_HEAD_RESIDENT)
+    assert estimate(s, q, "onnxruntime").packed_mib > estimate(s, plain_q, "onnxruntime").packed_mib

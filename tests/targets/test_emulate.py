@@ -87,6 +87,7 @@ def _qemu_ready() -> str | None:
 needs_qemu = pytest.mark.skipif(_qemu_ready() is not None, reason=str(_qemu_ready()))
 
 
+@pytest.mark.slow
 @needs_qemu
 def test_fp32_onnx_gives_the_same_tokens_on_aarch64(
     tmp_path: Path, tokenizer, wiki_valid: Path, wiki_test: Path
@@ -108,6 +109,7 @@ def test_fp32_onnx_gives_the_same_tokens_on_aarch64(
     assert "emulated" in (out / "report.md").read_text()
 
 
+@pytest.mark.slow
 @needs_qemu
 def test_quantized_onnx_on_a_dotprod_core(tmp_path: Path, tokenizer, wiki_valid: Path, wiki_test: Path) -> None:
     """int8 on a Cortex-A76 (dotprod kernels): held to top-1 agreement with the local int8 run."""
