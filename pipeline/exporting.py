@@ -27,6 +27,7 @@ import torch
 from transformers import PreTrainedModel
 
 from core.cpus import available_cpus
+from core.logs import configure_logging
 from exporters import get_exporter
 from exporters.base import ExportArtifact, ExportConfig
 
@@ -39,6 +40,7 @@ EXPORT_COPIES = 6
 
 Job = tuple[str, ExportConfig]  # (runtime, its export config)
 Done = Callable[[str, ExportArtifact, float], None]  # (runtime, artifact, wall seconds)
+Idle = Callable[[set[str]], None]  # called with the runtimes still exporting in the child
 
 
 def _mem_available() -> int | None:
@@ -73,7 +75,6 @@ def _child_export(
 ) -> ExportArtifact:
     """In the child process: load the pruned model and export it (one thread: the parent has the rest),
     logging as the parent does, to its stderr and its log file."""
-    from pipeline.cli import configure_logging
     from pipeline.rewrite import load_pruned
 
     configure_logging(level, Path(log_file) if log_file else None)
@@ -81,9 +82,10 @@ def _child_export(
     return get_exporter(runtime).export(load_pruned(Path(pruned_dir)), cfg, Path(out))
 
 
-def run_exports(model: PreTrainedModel, jobs: list[Job], out: Path, done: Done) -> None:
+def run_exports(model: PreTrainedModel, jobs: list[Job], out: Path, done: Done, idle: Idle | None = None) -> None:
     """Export ``model`` (saved in ``out/pruned_model``) for every job, calling ``done`` as each
-    finishes; ExecuTorch's in a child process when :func:`overlap_reason` allows."""
+    finishes; ExecuTorch's in a child process when :func:`overlap_reason` allows. Then, while the
+    child still exports, ``idle`` does other work here (the pipeline validates what is written)."""
     why_not = overlap_reason(jobs, model)
     if why_not is not None:
         if len(jobs) > 1:
@@ -105,6 +107,10 @@ def run_exports(model: PreTrainedModel, jobs: list[Job], out: Path, done: Done) 
         )  # fmt: skip
         torch.set_num_threads(max(1, available_cpus().count - 1))
         _serial(model, here, out, done)
+        if idle is not None:
+            if future.done():  # nothing to overlap with any more: this process's threads back
+                torch.set_num_threads(threads)
+            idle({CHILD_RUNTIME})
         try:
             art = future.result()
         except BrokenProcessPool:

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from core.cpus import available_cpus, local_threads
@@ -50,7 +51,7 @@ from pipeline.rewrite import check_round_trip, load_pruned, save_model
 from targets.profile import DeviceProfile, Runtime, load_profile
 from targets.report import write_report
 from targets.results import Report
-from targets.validate import validate
+from targets.validate import Validator
 
 log = logging.getLogger(__name__)
 
@@ -289,9 +290,26 @@ def _run_stages(cfg: RunConfig, profile: DeviceProfile, out: Path, model_path: P
         write_manifest(out, f"export-{runtime}", keys[runtime], files, wall, details)
         stages[f"export-{runtime}"] = {"wall_s": wall, "cached": False, "details": details}
 
-    run_exports(model, jobs, out, exported)
+    validator = _validator(out, profile, model, result)
+    overlapped = 0.0
+
+    def idle(exporting: set[str]) -> None:
+        """While a child process still exports: validate the artifacts already written."""
+        nonlocal overlapped
+        t0 = time.perf_counter()
+        for runtime, path in artifacts.items():
+            if runtime not in exporting:
+                beside = f"the {', '.join(sorted(exporting))} export"
+                log.info("validating %s while %s runs", runtime, beside)
+                validator.run(runtime, path, beside)
+        validator.prepare([rt for rt in artifacts if rt in exporting])  # the references the rest are held to
+        overlapped = time.perf_counter() - t0
+
+    run_exports(model, jobs, out, exported, idle)
     stages = {name: stages[name] for name in ["prune", *(f"export-{rt}" for rt in profile.runtimes)]}
-    return validate_and_report(out, profile, model, artifacts, result, stages, cfg, model_path)
+    return validate_and_report(
+        out, profile, model, artifacts, result, stages, cfg, model_path, validator, overlapped
+    )  # fmt: skip
 
 
 def _export_config(profile: DeviceProfile) -> ExportConfig:
@@ -331,21 +349,22 @@ def validate_and_report(
     stages: dict[str, dict[str, Any]],
     cfg: RunConfig,
     model_path: Path | str,
+    validator: Validator | None = None,
+    overlapped_s: float = 0.0,
 ) -> dict[str, Any]:
-    """Run the artifacts on the profile, write report.json/report.md, then raise if a gate failed."""
-    tensors = load_file(str(out / "calibration.safetensors"))
-    inputs = _validation_inputs(tensors["evaluation"], profile)
+    """Run the artifacts on the profile (those ``validator`` has not run yet, e.g. while another
+    exported), write report.json/report.md, then raise if a gate failed."""
+    validator = validator or _validator(out, profile, model, result)
     t0 = time.perf_counter()
-    report_obj = validate(
-        profile,
-        model,
-        artifacts,
-        inputs,
-        out / "validation",
-        dict(result["perplexity"]),
-        eval_windows=tensors["evaluation"],
-    )
-    stages["validate"] = {"wall_s": time.perf_counter() - t0, "cached": False}
+    todo = [(rt, path) for rt, path in artifacts.items() if rt not in validator.done()]
+    for runtime, path in tqdm(todo, desc="validate", unit="runtime", disable=None):
+        validator.run(runtime, path)
+    report_obj = validator.result(list(artifacts))
+    stages["validate"] = {
+        "wall_s": time.perf_counter() - t0 + overlapped_s,
+        "cached": False,
+        "details": {"overlapped_with_export_s": round(overlapped_s, 1)} if overlapped_s else {},
+    }
     report = Report(
         model=str(model_path),
         eval_source=cfg.eval.source or "model-generated text (held-out seed)",
@@ -391,6 +410,20 @@ def validate_existing(out: Path, target: str | None = None) -> dict[str, Any]:
         calib=DataConfig(**saved["calib"]),
     )
     return validate_and_report(out, profile, _load_pruned(out), artifacts, result, {}, cfg, saved["model_path"])
+
+
+def _validator(out: Path, profile: DeviceProfile, model: PreTrainedModel, result: dict[str, Any]) -> Validator:
+    """The run's validation: the held-out evaluation windows saved by the prune stage, the
+    PyTorch perplexities the gates compare with."""
+    tensors = load_file(str(out / "calibration.safetensors"))
+    return Validator(
+        profile,
+        model,
+        _validation_inputs(tensors["evaluation"], profile),
+        out / "validation",
+        dict(result["perplexity"]),
+        eval_windows=tensors["evaluation"],
+    )
 
 
 def _validation_inputs(evals: torch.Tensor, profile: DeviceProfile) -> torch.Tensor:

@@ -205,7 +205,7 @@ def _runtime_row(r: dict[str, Any]) -> list[Any]:
         f"{r['size_mib']:.1f}",
         f"{m['load_s']:.2f}",
         f"{m.get('prefill_s', float('nan')) * 1000:.0f}",
-        f"{m.get('decode_tokens_per_s', float('nan')):.1f}",
+        f"{m.get('decode_tokens_per_s', float('nan')):.1f}" + ("*" if r.get("shared_host_with") else ""),
         f"{_peak_at_context(r):.1f}",
         f"{r['predicted_model_peak_mib']:.1f}",
         f"{r['prediction_error']:+.1%}",

@@ -81,7 +81,8 @@ def render_markdown(typed: Report) -> str:
         lines.append(
             f"| {r['runtime']} | {r['artifact']} | {_f(r['size_mib'])} | {_f(m['load_s'], 2)} | "
             f"{_f(m.get('prefill_s', m.get('forward_s', float('nan'))) * 1000)} | "
-            f"{_f(m.get('decode_tokens_per_s', '-'))} | {_f(fill.get('peak_at_context_mib', m['model_peak_mib']))} | "
+            f"{_f(m.get('decode_tokens_per_s', '-'))}{'*' if r.get('shared_host_with') else ''} | "
+            f"{_f(fill.get('peak_at_context_mib', m['model_peak_mib']))} | "
             f"{FillSummary.model_validate(fill).how() if fill else 'not filled'} | "
             f"{_f(r['predicted_model_peak_mib'])} | {r['prediction_error']:+.1%} | "
             f"{_f(r['projected_peak_mib'])} | {r['max_abs_logit_diff']:.2e} | {_tokens(g)} |"
@@ -94,6 +95,13 @@ def render_markdown(typed: Report) -> str:
             f"{_f(k['model_share_mib'])} share (cgroup limit {_f(k['cgroup_limit_mib'])}) | killed | "
             f"{_f(k['predicted_model_peak_mib'])} | | | | not checked |"
         )
+    shared = [r for r in val["runtimes"] if r.get("shared_host_with")]
+    if shared:
+        lines += [""] + [
+            f"\\* {r['runtime']} was measured while {r['shared_host_with']} ran on this host: its load, prefill "
+            "and decode times are lower than an idle host's (its memory is its own process's, unaffected)."
+            for r in shared
+        ]
     lines += _at_limit(val["runtimes"])
     lines += _as_exported(report["stages"])
     lines += _device_runs(report.get("device_runs", []))

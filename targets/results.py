@@ -37,6 +37,9 @@ class RuntimeResult(_Section):
     argmax_agreement: float
     fill: FillSummary | None = None  # the context fill: peak at full context, how it was reached, the trace
     generation: dict[str, Any] = Field(default_factory=dict)
+    # what ran beside this measurement on the host (another runtime's export): its load, prefill and
+    # decode times are then lower than an idle host's; memory is per process and unaffected
+    shared_host_with: str = ""
 
 
 class KilledRun(_Section):

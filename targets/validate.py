@@ -262,38 +262,75 @@ def _session_check(
     return session_gate(profile, compare_generation(got, generator))
 
 
-def validate(
-    profile: DeviceProfile,
-    model: PreTrainedModel,
-    artifacts: dict[Runtime, Path],
-    inputs: torch.Tensor,
-    work_dir: Path,
-    perplexity: dict[str, float],
-    enforce: bool = True,
-    eval_windows: torch.Tensor | None = None,
-) -> ValidationResult:
-    """Run every artifact, compare with PyTorch, and evaluate all gates.
+class Validator:
+    """Validation of one run's artifacts, one runtime at a time.
+
+    Why a class: the pipeline validates an artifact as soon as it is written, while another
+    runtime's export still runs in a child process (:mod:`pipeline.exporting`), so the runs come
+    one by one and not in the profile's order; :meth:`result` gathers them in that order.
 
     With ``enforce`` (the default) each run is confined to the model's share of the budget in a
     memory cgroup where this machine allows it (see :func:`run_artifact`). With ``eval_windows``
     each artifact's own perplexity is measured too (``perplexity["exported[<runtime>]"]``)."""
-    threads = local_threads(profile.threads)
-    report = ValidationResult(profile=profile.name, perplexity=perplexity, threads_note=threads.note)
-    if threads.capped:
-        log.warning("%s", threads.note)
-    new_tokens = profile.decode_tokens
-    reference = reference_generation(model, inputs, new_tokens)
-    shape = model_shape(model)
-    ref_top1: np.ndarray | None = None
-    plan = fill_plan(profile)
-    if plan.mode == "extrapolated":
-        log.warning(
-            "context_length %d is past fill_max_positions %d: each artifact's cache is filled to %d positions and "
-            "its peak at %d extrapolated from the measured slope (the report says so); raise fill_max_positions "
-            "to measure it",
-            plan.context, plan.positions, plan.positions, plan.context,
-        )  # fmt: skip
-    for runtime, path in tqdm(artifacts.items(), desc="validate", unit="runtime", disable=None):
+
+    def __init__(
+        self,
+        profile: DeviceProfile,
+        model: PreTrainedModel,
+        inputs: torch.Tensor,
+        work_dir: Path,
+        perplexity: dict[str, float],
+        enforce: bool = True,
+        eval_windows: torch.Tensor | None = None,
+    ) -> None:
+        self.profile, self.model, self.inputs, self.work_dir = profile, model, inputs, work_dir
+        self.enforce, self.eval_windows = enforce, eval_windows
+        self.threads = local_threads(profile.threads)
+        self.report = ValidationResult(profile=profile.name, perplexity=perplexity, threads_note=self.threads.note)
+        self.perplexity = perplexity  # the PyTorch figures the perplexity gate holds (not the runtimes' own)
+        if self.threads.capped:
+            log.warning("%s", self.threads.note)
+        self.shape = model_shape(model)
+        self.plan = fill_plan(profile)
+        if self.plan.mode == "extrapolated":
+            log.warning(
+                "context_length %d is past fill_max_positions %d: each artifact's cache is filled to %d positions and "
+                "its peak at %d extrapolated from the measured slope (the report says so); raise fill_max_positions "
+                "to measure it",
+                self.plan.context, self.plan.positions, self.plan.positions, self.plan.context,
+            )  # fmt: skip
+        self._reference: Generation | None = None
+        self._ref_top1: np.ndarray | None = None
+        self._gates: dict[str, list[Gate]] = {}  # per runtime, in the order they were run
+
+    @property
+    def reference(self) -> Generation:
+        """PyTorch's greedy generation on the validation prompt (computed once, on first use)."""
+        if self._reference is None:
+            self._reference = reference_generation(self.model, self.inputs, self.profile.decode_tokens)
+        return self._reference
+
+    def reference_top1(self, windows: np.ndarray) -> np.ndarray:
+        """PyTorch's top-1 on the eval windows (computed once, on first use)."""
+        if self._ref_top1 is None:
+            self._ref_top1 = reference_top1(self.model, windows)
+        return self._ref_top1
+
+    def prepare(self, runtimes: list[Runtime]) -> None:
+        """Compute now the PyTorch references ``runtimes``' runs will be compared with (the
+        pipeline does it while an export still runs, off the critical path)."""
+        _ = self.reference
+        if self.eval_windows is not None and any(self.profile.quantized(rt) for rt in runtimes):
+            self.reference_top1(self.eval_windows[:, : self.profile.context_length].numpy())
+
+    def done(self) -> set[str]:
+        """The runtimes validated so far."""
+        return set(self._gates)
+
+    def run(self, runtime: Runtime, path: Path, beside: str = "") -> None:
+        """Run ``path`` in ``runtime`` under its share of the budget and evaluate its gates.
+        ``beside`` names what else runs on the host meanwhile (the report says its times are shared)."""
+        profile, plan, shape, threads = self.profile, self.plan, self.shape, self.threads
         log.info("validating %s in %s (threads=%d, filling %d positions)", path.name, runtime, threads.used,
                  plan.positions)  # fmt: skip
         pred: MemoryEstimate = estimate(shape, profile, runtime)
@@ -307,20 +344,24 @@ def validate(
         predicted_run = pred.total_mib - lib
         curve = [(n, estimate(shape, profile, runtime, n).total_mib - lib)
                  for n in checkpoints(plan, profile.prefill_tokens)]  # fmt: skip
-        windows = None if eval_windows is None else eval_windows[:, : profile.context_length].numpy()
+        windows = None if self.eval_windows is None else self.eval_windows[:, : profile.context_length].numpy()
+        new_tokens = profile.decode_tokens
         measured, got = run_artifact(
             runner_backend(runtime, profile.onnx_format),
             path,
-            inputs.numpy(),
-            work_dir,
+            self.inputs.numpy(),
+            self.work_dir,
             threads.used,
-            model_share if enforce else None,
+            model_share if self.enforce else None,
             new_tokens,
             profile.prefill_tokens,
             windows,
             plan.positions,
-            parity_logits_mib(inputs.shape[0], inputs.shape[1], new_tokens, int(model.config.vocab_size)),
-        )
+            parity_logits_mib(self.inputs.shape[0], self.inputs.shape[1], new_tokens,
+                              int(self.model.config.vocab_size)),
+        )  # fmt: skip
+        report = self.report
+        gates: list[Gate] = []
         if "perplexity" in measured:
             report.perplexity[f"exported[{runtime}]"] = measured["perplexity"]
         if got is None:  # killed by the kernel at the budget: gates say so; the report a row
@@ -348,7 +389,7 @@ def validate(
                     fill=fill,
                 )
             )  # fmt: skip
-            report.gates += killed_gates(
+            gates += killed_gates(
                 profile,
                 runtime,
                 f"killed by the kernel {where}: the run needed more than its {model_share:.1f} MiB share (+"
@@ -360,41 +401,73 @@ def validate(
                 "memory_budget_mib.",
                 needed_mib=needed,
             )
-            continue
+            self._gates[runtime] = gates
+            return
+        reference = self.reference
         cmp = compare_generation(got, reference)
         if profile.quantized(runtime) and windows is not None and got.eval_top1 is not None:
-            if ref_top1 is None:
-                ref_top1 = reference_top1(model, windows)
+            ref_top1 = self.reference_top1(windows)
             cmp["top1_agreement"], cmp["top1_positions"] = top1_agreement(got, reference, ref_top1)
             cmp["eval_top1_agreement"] = float((got.eval_top1 == ref_top1).mean())
         trace = [FillPoint.model_validate(p) for p in measured.pop("fill")]
         fill = summarize(plan, trace, float(measured["model_peak_mib"]), curve, lib)
-        rr = RuntimeResult(
-            runtime=runtime,
-            artifact=path.name,
-            size_mib=artifact_size_bytes(path) / 2**20,
-            measured=measured,
-            predicted=pred.to_dict(),
-            projected_peak_mib=fill.peak_at_context_mib + lib,
-            predicted_model_peak_mib=predicted_run,
-            prediction_error=fill.peak_at_context_mib / predicted_run - 1.0,
-            max_abs_logit_diff=cmp["max_abs_logit_diff"],
-            argmax_agreement=cmp["argmax_agreement"],
-            fill=fill,
-            generation=cmp,
+        report.runtimes.append(
+            RuntimeResult(
+                runtime=runtime,
+                artifact=path.name,
+                size_mib=artifact_size_bytes(path) / 2**20,
+                measured=measured,
+                predicted=pred.to_dict(),
+                projected_peak_mib=fill.peak_at_context_mib + lib,
+                predicted_model_peak_mib=predicted_run,
+                prediction_error=fill.peak_at_context_mib / predicted_run - 1.0,
+                max_abs_logit_diff=cmp["max_abs_logit_diff"],
+                argmax_agreement=cmp["argmax_agreement"],
+                fill=fill,
+                generation=cmp,
+                shared_host_with=beside,
+            )
         )
-        report.runtimes.append(rr)
         scheme = profile.quantized(runtime)
         if scheme:
-            report.gates += quantized_gates(profile, runtime, scheme, cmp, report.perplexity)
+            gates += quantized_gates(profile, runtime, scheme, cmp, report.perplexity)
         else:
-            report.gates += fp32_gates(profile, runtime, cmp, new_tokens)
-        report.gates.append(
-            memory_gate(runtime, fill.peak_at_context_mib, lib, float(profile.memory_budget_mib), fill.how())
-        )
+            gates += fp32_gates(profile, runtime, cmp, new_tokens)
+        gates.append(memory_gate(runtime, fill.peak_at_context_mib, lib, float(profile.memory_budget_mib), fill.how()))
         if runner_backend(runtime, profile.onnx_format) != runtime:  # GenAI: the second way, a plain session
-            report.gates.append(_session_check(profile, path, inputs, work_dir / "session", threads.used, got))
-    ppl_gate = perplexity_gate(profile, perplexity)
-    if ppl_gate is not None:
-        report.gates.append(ppl_gate)
-    return report
+            gates.append(_session_check(profile, path, self.inputs, self.work_dir / "session", threads.used, got))
+        self._gates[runtime] = gates
+
+    def result(self, order: list[Runtime]) -> ValidationResult:
+        """Every validated runtime's rows and gates in ``order`` (the profile's), then the
+        perplexity gate."""
+        report = self.report
+        rank: dict[str, int] = {rt: i for i, rt in enumerate(order)}
+
+        def key(runtime: str) -> int:
+            return rank.get(runtime, len(rank))
+
+        report.runtimes.sort(key=lambda r: key(r.runtime))
+        report.killed.sort(key=lambda r: key(r.runtime))
+        report.gates = [g for rt in sorted(self._gates, key=key) for g in self._gates[rt]]
+        ppl_gate = perplexity_gate(self.profile, self.perplexity)
+        if ppl_gate is not None:
+            report.gates.append(ppl_gate)
+        return report
+
+
+def validate(
+    profile: DeviceProfile,
+    model: PreTrainedModel,
+    artifacts: dict[Runtime, Path],
+    inputs: torch.Tensor,
+    work_dir: Path,
+    perplexity: dict[str, float],
+    enforce: bool = True,
+    eval_windows: torch.Tensor | None = None,
+) -> ValidationResult:
+    """Run every artifact, compare with PyTorch, and evaluate all gates (see :class:`Validator`)."""
+    validator = Validator(profile, model, inputs, work_dir, perplexity, enforce, eval_windows)
+    for runtime, path in tqdm(artifacts.items(), desc="validate", unit="runtime", disable=None):
+        validator.run(runtime, path)
+    return validator.result(list(artifacts))

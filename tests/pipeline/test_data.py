@@ -145,3 +145,16 @@ def test_generated_text_is_cached_per_model_content(tmp_path: Path, tokenizer, m
         load_windows(cfg, model, tokenizer, "digest-a")
     assert caplog.text.count("cannot write the calibration cache") == 1 and len(calls) == 7
     assert calib_cache.content_digest(tmp_path / "cache") != calib_cache.content_digest(blocked)
+
+
+def test_generation_batch_is_wide_unless_its_cache_is_large() -> None:
+    from transformers import LlamaConfig
+
+    from pipeline.data import GENERATION_BATCH, GENERATION_KV_BYTES, generation_batch
+
+    smollm2 = LlamaConfig(num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, hidden_size=576)
+    assert generation_batch(smollm2, 128) == GENERATION_BATCH == 128  # 46 KiB a token: 0.8 GiB at 128 rows
+    # a 7B-class cache (32 layers x 32 KV heads x 128): 1 MiB a token, 144 MiB a row at 128 + 16 tokens
+    big = LlamaConfig(num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, hidden_size=4096)
+    rows = generation_batch(big, 128)
+    assert rows == 14 and rows * 2**20 * 144 <= GENERATION_KV_BYTES < (rows + 1) * 2**20 * 144

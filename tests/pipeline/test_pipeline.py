@@ -64,9 +64,21 @@ def test_prunes_exports_and_fits(
 ) -> None:
     monkeypatch.delenv("PRUNEFIT_SERIAL_EXPORT", raising=False)  # the exports side by side, as users run them
     monkeypatch.setattr("pipeline.exporting.available_cpus", lambda: Cpus(2, "the test"))
-    with caplog.at_level(logging.INFO, logger="pipeline.exporting"):
+    with (
+        caplog.at_level(logging.INFO, logger="pipeline.exporting"),
+        caplog.at_level(logging.INFO, logger="pipeline.run"),
+    ):
         report = run_pipeline(run_cfg)
     assert "exporting for executorch in a child process while onnxruntime export here" in caplog.text
+    # onnxruntime's artifact is validated while ExecuTorch's export runs; the report keeps the profile's order
+    assert "validating onnxruntime while the executorch export runs" in caplog.text
+    assert report["stages"]["validate"]["details"]["overlapped_with_export_s"] > 0
+    assert [rt["runtime"] for rt in report["validation"]["runtimes"]] == ["executorch", "onnxruntime"]
+    # its timings were taken beside that export: the report says so, not an idle host's figures
+    assert [rt["shared_host_with"] for rt in report["validation"]["runtimes"]] == ["", "the executorch export"]
+    md = (run_cfg.out_dir / "report.md").read_text()  # type: ignore[operator]
+    assert "onnxruntime was measured while the executorch export ran on this host" in md
+    assert report["validation"]["gates"][-1]["name"] == "quality[perplexity]"
     out = run_cfg.out_dir
     assert out is not None
     for name in (
