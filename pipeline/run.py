@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from core.cpus import available_cpus, local_threads
@@ -356,10 +355,7 @@ def validate_and_report(
     exported), write report.json/report.md, then raise if a gate failed."""
     validator = validator or _validator(out, profile, model, result)
     t0 = time.perf_counter()
-    todo = [(rt, path) for rt, path in artifacts.items() if rt not in validator.done()]
-    for runtime, path in tqdm(todo, desc="validate", unit="runtime", disable=None):
-        validator.run(runtime, path)
-    report_obj = validator.result(list(artifacts))
+    report_obj = validator.run_all(artifacts)
     stages["validate"] = {
         "wall_s": time.perf_counter() - t0 + overlapped_s,
         "cached": False,

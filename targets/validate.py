@@ -438,6 +438,14 @@ class Validator:
             gates.append(_session_check(profile, path, self.inputs, self.work_dir / "session", threads.used, got))
         self._gates[runtime] = gates
 
+    def run_all(self, artifacts: dict[Runtime, Path]) -> ValidationResult:
+        """Run every artifact not validated yet (a progress bar over them), then :meth:`result` in
+        ``artifacts``' order."""
+        todo = [(rt, path) for rt, path in artifacts.items() if rt not in self.done()]
+        for runtime, path in tqdm(todo, desc="validate", unit="runtime", disable=None):
+            self.run(runtime, path)
+        return self.result(list(artifacts))
+
     def result(self, order: list[Runtime]) -> ValidationResult:
         """Every validated runtime's rows and gates in ``order`` (the profile's), then the
         perplexity gate."""
@@ -454,20 +462,3 @@ class Validator:
         if ppl_gate is not None:
             report.gates.append(ppl_gate)
         return report
-
-
-def validate(
-    profile: DeviceProfile,
-    model: PreTrainedModel,
-    artifacts: dict[Runtime, Path],
-    inputs: torch.Tensor,
-    work_dir: Path,
-    perplexity: dict[str, float],
-    enforce: bool = True,
-    eval_windows: torch.Tensor | None = None,
-) -> ValidationResult:
-    """Run every artifact, compare with PyTorch, and evaluate all gates (see :class:`Validator`)."""
-    validator = Validator(profile, model, inputs, work_dir, perplexity, enforce, eval_windows)
-    for runtime, path in tqdm(artifacts.items(), desc="validate", unit="runtime", disable=None):
-        validator.run(runtime, path)
-    return validator.result(list(artifacts))

@@ -11,7 +11,7 @@ import torch
 from exporters import get_exporter
 from exporters.base import ExportConfig
 from targets import confine
-from targets.validate import validate
+from targets.validate import Validator
 from tests.conftest import ENFORCE_WIDE, tiny_model
 from tests.pipeline.test_prune import profile
 
@@ -31,7 +31,7 @@ def _run(exported, budget: int, tmp_path: Path):
     model, path = exported
     ids = torch.randint(0, 512, (1, 16), generator=torch.Generator().manual_seed(0))
     prof = profile(budget, runtimes=["onnxruntime"], context_length=64, prefill_tokens=16)
-    return validate(prof, model, {"onnxruntime": path}, ids, tmp_path, {}, enforce=True)
+    return Validator(prof, model, ids, tmp_path, {}, enforce=True).run_all({"onnxruntime": path})
 
 
 def test_over_budget_run_is_killed_and_reported(exported, tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from exporters.base import ExportConfig
 from targets import confine
 from targets.fill import FillPlan, fill_plan, line, summarize
 from targets.measurement import FillPoint
-from targets.validate import validate
+from targets.validate import Validator
 from tests.conftest import tiny_model
 from tests.pipeline.test_prune import profile
 
@@ -67,7 +67,7 @@ def _validate(kv_heavy, tmp_path: Path, budget: int, enforce: bool, **kw: object
     model, path = kv_heavy
     ids = torch.randint(0, 512, (1, 16), generator=torch.Generator().manual_seed(0))
     prof = profile(budget, runtimes=["onnxruntime"], context_length=4096, prefill_tokens=64, decode_tokens=4, **kw)
-    return validate(prof, model, {"onnxruntime": path}, ids, tmp_path, {}, enforce=enforce)
+    return Validator(prof, model, ids, tmp_path, {}, enforce=enforce).run_all({"onnxruntime": path})
 
 
 def test_extrapolated_peak_matches_the_filled_one(kv_heavy, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
