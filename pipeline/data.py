@@ -246,7 +246,7 @@ def generation_batch(config: Any, seq_len: int) -> int:
 
 @torch.no_grad()
 def generate_samples(
-    model: Any, tokenizer: PreTrainedTokenizerBase, num_samples: int, seq_len: int, seed: int
+    model: Any, tokenizer: PreTrainedTokenizerBase, num_samples: int, seq_len: int, seed: int, batch: int = 0
 ) -> torch.Tensor:
     """Seeded text sampled from the model itself (no download needed).
 
@@ -258,7 +258,7 @@ def generate_samples(
     torch.manual_seed(seed)
     prompts = [_GENERATION_PROMPTS[i % len(_GENERATION_PROMPTS)] for i in range(num_samples)]
     rows: list[torch.Tensor] = []
-    batch = generation_batch(model.config, seq_len)
+    batch = batch or generation_batch(model.config, seq_len)  # the rows change the text: a cache key names them
     with GenerationProgress(num_samples * seq_len) as progress:
         for start in range(0, num_samples, batch):
             chunk = prompts[start : start + batch]
@@ -294,9 +294,11 @@ def generated_windows(
     """Model-generated windows, from the user cache when ``model_digest`` (the model's content hash)
     is given and an entry for these settings exists (``pipeline/calib_cache.py``)."""
 
+    batch = generation_batch(model.config, seq_len)
+
     def generate() -> torch.Tensor:
         log.info("Generating %d seeded %s samples of %d tokens from the model", num_samples, what, seq_len)
-        return generate_samples(model, tokenizer, num_samples, seq_len, seed)
+        return generate_samples(model, tokenizer, num_samples, seq_len, seed, batch)
 
     if model_digest is None:
         return generate()
@@ -304,8 +306,7 @@ def generated_windows(
 
     key = cache_key(
         model_digest, num_samples=num_samples, seq_len=seq_len, seed=seed, prompts=_GENERATION_PROMPTS,
-        sampling={"temperature": 1.0, "top_p": 0.95, "batch": generation_batch(model.config, seq_len)},
-        bos=bos_token_id(tokenizer),
+        sampling={"temperature": 1.0, "top_p": 0.95, "batch": batch}, bos=bos_token_id(tokenizer),
     )  # fmt: skip
     vocab = int(getattr(model.config, "vocab_size", 0)) or len(tokenizer)
     return cached_windows(generate, key, (num_samples, seq_len), vocab, force=force, what=what)

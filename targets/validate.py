@@ -284,7 +284,9 @@ class Validator:
         eval_windows: torch.Tensor | None = None,
     ) -> None:
         self.profile, self.model, self.inputs, self.work_dir = profile, model, inputs, work_dir
-        self.enforce, self.eval_windows = enforce, eval_windows
+        self.enforce = enforce
+        # the eval text each artifact scores (its own perplexity, top-1), cut to the profile's context
+        self.windows = None if eval_windows is None else eval_windows[:, : profile.context_length].numpy()
         self.threads = local_threads(profile.threads)
         self.report = ValidationResult(profile=profile.name, perplexity=perplexity, threads_note=self.threads.note)
         self.perplexity = perplexity  # the PyTorch figures the perplexity gate holds (not the runtimes' own)
@@ -311,7 +313,7 @@ class Validator:
         return self._reference
 
     def reference_top1(self, windows: np.ndarray) -> np.ndarray:
-        """PyTorch's top-1 on the eval windows (computed once, on first use)."""
+        """PyTorch's top-1 on ``windows`` (:attr:`windows`; computed once, on first use)."""
         if self._ref_top1 is None:
             self._ref_top1 = reference_top1(self.model, windows)
         return self._ref_top1
@@ -320,8 +322,8 @@ class Validator:
         """Compute now the PyTorch references ``runtimes``' runs will be compared with (the
         pipeline does it while an export still runs, off the critical path)."""
         _ = self.reference
-        if self.eval_windows is not None and any(self.profile.quantized(rt) for rt in runtimes):
-            self.reference_top1(self.eval_windows[:, : self.profile.context_length].numpy())
+        if self.windows is not None and any(self.profile.quantized(rt) for rt in runtimes):
+            self.reference_top1(self.windows)
 
     def done(self) -> set[str]:
         """The runtimes validated so far."""
@@ -344,7 +346,7 @@ class Validator:
         predicted_run = pred.total_mib - lib
         curve = [(n, estimate(shape, profile, runtime, n).total_mib - lib)
                  for n in checkpoints(plan, profile.prefill_tokens)]  # fmt: skip
-        windows = None if self.eval_windows is None else self.eval_windows[:, : profile.context_length].numpy()
+        windows = self.windows
         new_tokens = profile.decode_tokens
         measured, got = run_artifact(
             runner_backend(runtime, profile.onnx_format),
@@ -444,9 +446,9 @@ class Validator:
         todo = [(rt, path) for rt, path in artifacts.items() if rt not in self.done()]
         for runtime, path in tqdm(todo, desc="validate", unit="runtime", disable=None):
             self.run(runtime, path)
-        return self.result(list(artifacts))
+        return self._result(list(artifacts))
 
-    def result(self, order: list[Runtime]) -> ValidationResult:
+    def _result(self, order: list[Runtime]) -> ValidationResult:
         """Every validated runtime's rows and gates in ``order`` (the profile's), then the
         perplexity gate."""
         report = self.report
