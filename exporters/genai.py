@@ -83,12 +83,21 @@ def unsupported_reason(model: PreTrainedModel, cfg: ExportConfig) -> str | None:
     return None
 
 
-def _hooked(base: type, model: PreTrainedModel) -> type:
+def _hooked(base: type, model: PreTrainedModel, positions: int) -> type:
     """The builder class ``base`` with prunefit's hooks (module docstring)."""
     shapes = layer_shapes(model)
     hd = head_dim(model.config)
 
     class Pruned(base):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            # The rotary cos/sin tables are built for the model's whole context (Gemma 3 270M: four
+            # 32768 x 128 fp32 tables, 64 MiB); the Generator never reads past search.max_length (the
+            # profile's context, _finish_config), so they are built that long. Phi-3's long-RoPE pair
+            # of tables switches at its original context and is left as the builder makes it.
+            if "multi_cache" not in self.rope_attrs:
+                self.rope_attrs["cache_length"] = min(int(self.rope_attrs["cache_length"]), positions)
+
         def load_weights(self, input_path: str) -> Any:
             return model
 
@@ -168,7 +177,7 @@ class GenAIExporter:
                     opts.pop("_effective_builder_config", None)
                     hf = opts.pop("hf_details")
                     config = _flat_rope(hf["hf_config"])
-                    builder = _hooked(getattr(builders, class_name), model)(
+                    builder = _hooked(getattr(builders, class_name), model, cfg.cache_len)(
                         config, set_io_dtype(precision, "cpu", opts), set_onnx_dtype(precision, opts), "cpu",
                         str(Path(tmp) / "cache"), opts,
                     )  # fmt: skip

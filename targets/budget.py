@@ -236,19 +236,26 @@ def weight_terms(
     )
 
 
+def genai_shares_quantized_table(scheme: str | None) -> bool:
+    """Whether onnxruntime-genai's builder gathers the embedding from the quantized lm_head's codes
+    (GatherBlockQuantized: 4-bit only), i.e. a tied table is stored once and quantized."""
+    return scheme is not None and SCHEME_TABLE[scheme].bits == 4  # type: ignore[index]
+
+
 def genai_weight_terms(shape: ModelShape, precision: str, scheme: str | None) -> WeightTerms:
     """Weights as onnxruntime-genai's builder lays them out and its Generator holds them (nothing
     memory-mapped: the session loads its external data). A tied table is stored once, as the
     lm_head's MatMul weight: fp32, the embedding gathers from a transposed copy of it that the
     session folds at load (both resident: SmolLM2 measured 695 MiB after load for 515 stored);
-    quantized, one int4/int8 table serves both (GatherBlockQuantized and MatMulNBits). An untied
-    model keeps its fp32 table beside the (quantized) head."""
+    int4 (``int4w``), one table serves both (GatherBlockQuantized on the lm_head's MatMulNBits
+    codes). The builder's Gather takes 4-bit codes only, so with int8 weights (``int8w``) the
+    embedding stays an fp32 table of its own beside the int8 head, as it does for an untied model."""
     fp = BYTES_PER_ELEMENT[precision]
     spec = SCHEME_TABLE[scheme] if scheme is not None else None  # type: ignore[index]
     q: float = spec.weight_bytes if spec else fp
     blocks = sum(layer.params for layer in shape.layers) * q
     head = shape.lm_head_params * q
-    embedding = float(shape.embed_params * fp) if not shape.tied or spec is None else 0.0
+    embedding = 0.0 if shape.tied and spec is not None and genai_shares_quantized_table(scheme) else shape.embed_params * fp
     return WeightTerms(embedding=embedding, head=head, blocks=blocks, other=shape.other_params * fp, head_read=head)
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.arch import arch_for
+from core.arch import arch_for, head_dim
 from core.errors import ExportError
 from exporters import get_exporter
 from exporters.base import ExportConfig
@@ -78,3 +78,37 @@ def test_genai_refuses_what_it_cannot_represent(tokenizer_dir: Path, tmp_path: P
     with pytest.raises(ExportError, match="tokenizer"):
         get_exporter("onnxruntime").export(model, ExportConfig(seq_len=8, onnx_format="genai"), tmp_path / "b")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("scheme", [None, "int8w", "int4w"])
+def test_memory_model_counts_the_tables_the_builder_writes(
+    scheme: str | None, tokenizer_dir: Path, tmp_path: Path
+) -> None:
+    """The memory model's GenAI weight terms against the initializers the builder writes for a tied
+    model: int4 gathers from the head's codes (one table, GatherBlockQuantized); int8 keeps an fp32
+    table beside the int8 head (the builder's Gather takes 4-bit codes only); fp32 stores the head's
+    table once and the session folds a transposed copy for the gather (counted resident). The rotary
+    tables are built for the profile's context, not the model's (64 of 512 positions here)."""
+    import onnx
+    from onnx import numpy_helper
+
+    from targets.budget import genai_weight_terms, model_shape
+
+    model = tiny_model("llama").eval()
+    assert model.config.tie_word_embeddings and model.config.max_position_embeddings > 64
+    art = get_exporter("onnxruntime").export(model, _cfg(tokenizer_dir, quantize=scheme), tmp_path / "out")
+    graph = onnx.load(str(art.path)).graph
+    stored = {i.name: numpy_helper.to_array(i).nbytes for i in graph.initializer}
+    rotary = {k: v for k, v in stored.items() if "cos_cache" in k or "sin_cache" in k}
+    half = head_dim(model.config) // 2
+    assert rotary and all(v == 64 * half * 4 for v in rotary.values()), rotary
+    weights = sum(v for k, v in stored.items() if k not in rotary)
+    terms = genai_weight_terms(model_shape(model), "fp32", scheme)
+    table = model.config.vocab_size * model.config.hidden_size * 4
+    ops = {n.op_type for n in graph.node}
+    if scheme == "int4w":
+        assert "GatherBlockQuantized" in ops and terms.embedding == 0
+    else:
+        assert "GatherBlockQuantized" not in ops and terms.embedding == table
+    folded = table if scheme is None else 0  # resident at run time, not stored
+    assert abs(terms.total - folded - weights) <= 0.02 * weights, (terms, weights)
