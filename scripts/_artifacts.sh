@@ -1,19 +1,26 @@
 # Sourced by validate_ssh.sh and validate_android.sh: pick the artifact for $runtime in $out, check
 # that the run's files are there, and read threads / prefill chunk / decode tokens / positions to fill
 # from its profile. Needs: die, $runtime, $out, $local_py.
-# Sets: files, artifact, inputs, threads, chunk, new_tokens, fill.
+# Sets: files, artifact, model_ref, backend, merge_backend, inputs, threads, chunk, new_tokens, fill.
+#   artifact:  the file runner.py is given (a GenAI folder's model.onnx: it loads the folder around it)
+#   model_ref: what a native runner is given ({model}): the file, or the GenAI folder apps load
+#   backend:   runner.py's --runtime (onnxruntime-genai for a GenAI folder: the Generator, as locally)
 load_artifacts() {  # $1: the target named in the "run make export" hint
   case "$runtime" in
-    onnxruntime)  # the ORT-format file when the profile asked for one (onnx_format: ort)
+    onnxruntime)  # the ORT-format file (onnx_format: ort), the GenAI folder (onnx_format: genai), or the .onnx
       if [ -f "$out/model.ort" ]; then files=("$out/model.ort"); artifact=model.ort
+      elif [ -f "$out/genai/genai_config.json" ]; then files=("$out/genai"); artifact=genai/model.onnx; backend=onnxruntime-genai
       else files=("$out/model.onnx" "$out/model.onnx.data"); artifact=model.onnx; fi ;;
     executorch) files=("$out/model.pte"); artifact=model.pte ;;
     *) die "--runtime must be onnxruntime or executorch, not '$runtime'" ;;
   esac
+  backend=${backend:-$runtime}
+  model_ref=$artifact merge_backend=()
+  if [ "$backend" = onnxruntime-genai ]; then model_ref=genai merge_backend=(--backend "$backend"); fi
   for f in "${files[@]}" "$out/profile.yaml" "$out/report.json"; do
-    [ -f "$f" ] || die "$f is missing: run \`make export TARGET=$1\` first (ARTIFACTS_DIR is its output directory)"
+    [ -e "$f" ] || die "$f is missing: run \`make export TARGET=$1\` first (ARTIFACTS_DIR is its output directory)"
   done
-  inputs="$out/validation/${runtime}_inputs.npy"
+  inputs="$out/validation/${backend}_inputs.npy"
   [ -f "$inputs" ] || die "$inputs is missing: run \`make validate\` for $out first"
   [ -x "$local_py" ] || die "local Python $local_py not found: run \`make setup\` (or set PRUNEFIT_PYTHON)"
   # threads, prefill chunk, decode tokens and the context to fill (the worst case the profile claims,

@@ -11,7 +11,9 @@
 #                   tokens are compared with the local run.
 #   --runner BIN    a native runner built for arm64-v8a (ExecuTorch's executor_runner / llama_main,
 #                   onnxruntime_perf_test, ...), pushed and run with the arguments after `--`
-#                   ({model} is replaced by the artifact's path on the phone); a constant sh loop
+#                   ({model} is replaced by the artifact's path on the phone: the .pte / .onnx, or
+#                   the folder with onnx_format: genai, which onnxruntime-genai's apps load and
+#                   runner.py runs with the Generator (pip install onnxruntime-genai)); a constant sh loop
 #                   samples its VmHWM from /proc until it exits, so the peak RSS and wall time
 #                   are reported.
 # Either way the result is merged into ARTIFACTS_DIR/report.json + report.md ("On devices").
@@ -83,7 +85,7 @@ run "${adb[@]}" push "${files[@]}" "$inputs" "$here/targets/runner.py" "$here/co
 if [ -n "$runner" ]; then
   run "${adb[@]}" push "$runner" "$remote_dir/runner-bin" >&2 || die "adb push of $runner failed" 4
   args=()
-  for a in "${runner_args[@]}"; do args+=("${a//\{model\}/$remote_dir/$artifact}"); done
+  for a in "${runner_args[@]}"; do args+=("${a//\{model\}/$remote_dir/$model_ref}"); done
   # A constant snippet: the binary and its arguments are positional parameters ("$@"), never code.
   # shellcheck disable=SC2016
   snippet='chmod 755 "$1"; start=$(date +%s%N); "$@" >/dev/null & pid=$!; peak=0;'
@@ -98,24 +100,24 @@ if [ -n "$runner" ]; then
     exit 0
   fi
   shell sh -c "$snippet" sh "$remote_dir/runner-bin" "${args[@]}" >"$result" || die "the native runner failed on $label" 4
-  (cd "$here" && "$local_py" -m targets.device merge "$out" --runtime "$runtime" --label "$label" --result "$result")
+  (cd "$here" && "$local_py" -m targets.device merge "$out" --runtime "$runtime" ${merge_backend[@]+"${merge_backend[@]}"} --label "$label" --result "$result")
   echo "validate_android: merged into $out/report.md" >&2
   exit 0
 fi
 
-cmd=("$python" "$remote_dir/runner.py" --runtime "$runtime" --artifact "$remote_dir/$artifact"
-  --inputs "$remote_dir/${runtime}_inputs.npy" --logits-out "$remote_dir/generation.npz"
+cmd=("$python" "$remote_dir/runner.py" --runtime "$backend" --artifact "$remote_dir/$artifact"
+  --inputs "$remote_dir/${backend}_inputs.npy" --logits-out "$remote_dir/generation.npz"
   --threads "$threads" --chunk "$chunk" --new-tokens "$new_tokens" --fill "$fill")
 if [ "$dry" = 1 ]; then
   shell "${cmd[@]}"
   run "${adb[@]}" pull "$remote_dir/generation.npz" "$generation"
-  show "$local_py" -m targets.device merge "$out" --runtime "$runtime" --label "$label" --result "$result" \
+  show "$local_py" -m targets.device merge "$out" --runtime "$runtime" ${merge_backend[@]+"${merge_backend[@]}"} --label "$label" --result "$result" \
     --generation "$generation"
   exit 0
 fi
 shell "${cmd[@]}" >"$result" || die "the runner failed on $label; its output is in $result (is $python there, with numpy and $runtime?)" 4
-grep -q '"error": "runtime_missing"' "$result" && die "the runtime is missing on $label: install $runtime for $python" 8
+grep -q '"error": "runtime_missing"' "$result" && die "the runtime is missing on $label: install $backend for $python" 8
 "${adb[@]}" pull "$remote_dir/generation.npz" "$generation" >&2 || die "adb pull of the results failed" 4
-(cd "$here" && "$local_py" -m targets.device merge "$out" --runtime "$runtime" --label "$label" \
+(cd "$here" && "$local_py" -m targets.device merge "$out" --runtime "$runtime" ${merge_backend[@]+"${merge_backend[@]}"} --label "$label" \
   --result "$result" --generation "$generation")
 echo "validate_android: merged into $out/report.md" >&2

@@ -10,9 +10,10 @@
 # ARTIFACTS_DIR/report.json + report.md (section "On devices"), compared with the local run.
 #
 # Options:
-#   --runtime onnxruntime|executorch   which artifact (default: onnxruntime)
+#   --runtime onnxruntime|executorch   which artifact (default: onnxruntime); a GenAI folder
+#                      (onnx_format: genai) is copied whole and run by onnxruntime-genai's Generator
 #   --python PATH      Python on the device (default: python3); needs numpy and the runtime
-#                      (pip install numpy onnxruntime  /  executorch)
+#                      (pip install numpy onnxruntime  /  onnxruntime-genai  /  executorch)
 #   --port N           SSH port            --identity FILE   SSH key
 #   --remote-dir DIR   working directory on the device (default: /tmp/prunefit-validate)
 #   --dry-run          print every command (quoted) instead of running it
@@ -22,7 +23,7 @@
 # with printf %q, so no value (paths, host names) is ever interpreted by a shell.
 set -euo pipefail
 
-usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+usage() { sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 die() { echo "validate_ssh: $*" >&2; exit "${2:-2}"; }
 
 runtime=onnxruntime python=python3 port="" identity="" remote_dir=/tmp/prunefit-validate dry=0
@@ -73,26 +74,26 @@ result="$work/${label}-${runtime}.json" generation="$work/${label}-${runtime}.np
 
 echo "validate_ssh: $runtime artifact from $out on $host (threads $threads, chunk $chunk, $new_tokens tokens)" >&2
 remote mkdir -p "$remote_dir" || die "cannot reach $host over ssh (check the host, key and port)" 4
-run "$scp_bin" "${scp_opts[@]}" -- "${files[@]}" "$inputs" "$here/targets/runner.py" "$here/core/measure.py" "$host:$remote_dir/" \
+run "$scp_bin" "${scp_opts[@]}" -r -- "${files[@]}" "$inputs" "$here/targets/runner.py" "$here/core/measure.py" "$host:$remote_dir/" \
   || die "copying the artifacts to $host failed" 4
 if [ "$dry" = 1 ]; then
-  remote "$python" "$remote_dir/runner.py" --runtime "$runtime" --artifact "$remote_dir/$artifact" \
-    --inputs "$remote_dir/${runtime}_inputs.npy" --logits-out "$remote_dir/generation.npz" \
+  remote "$python" "$remote_dir/runner.py" --runtime "$backend" --artifact "$remote_dir/$artifact" \
+    --inputs "$remote_dir/${backend}_inputs.npy" --logits-out "$remote_dir/generation.npz" \
     --threads "$threads" --chunk "$chunk" --new-tokens "$new_tokens" --fill "$fill"
-  show "$local_py" -m targets.device merge "$out" --runtime "$runtime" --label "$label" --result "$result" \
+  show "$local_py" -m targets.device merge "$out" --runtime "$runtime" ${merge_backend[@]+"${merge_backend[@]}"} --label "$label" --result "$result" \
     --generation "$generation"
   exit 0
 fi
 status=0
-remote "$python" "$remote_dir/runner.py" --runtime "$runtime" --artifact "$remote_dir/$artifact" \
-  --inputs "$remote_dir/${runtime}_inputs.npy" --logits-out "$remote_dir/generation.npz" \
+remote "$python" "$remote_dir/runner.py" --runtime "$backend" --artifact "$remote_dir/$artifact" \
+  --inputs "$remote_dir/${backend}_inputs.npy" --logits-out "$remote_dir/generation.npz" \
   --threads "$threads" --chunk "$chunk" --new-tokens "$new_tokens" --fill "$fill" >"$result" || status=$?
 if [ "$status" = 3 ]; then
-  die "the runtime is missing on $host: install it there ($python -m pip install numpy $runtime)" 8
+  die "the runtime is missing on $host: install it there ($python -m pip install numpy $backend)" 8
 elif [ "$status" != 0 ]; then
   die "the runner failed on $host (exit $status); its output is in $result" 4
 fi
 "$scp_bin" "${scp_opts[@]}" -- "$host:$remote_dir/generation.npz" "$generation" || die "fetching the results from $host failed" 4
-(cd "$here" && "$local_py" -m targets.device merge "$out" --runtime "$runtime" --label "$label" \
+(cd "$here" && "$local_py" -m targets.device merge "$out" --runtime "$runtime" ${merge_backend[@]+"${merge_backend[@]}"} --label "$label" \
   --result "$result" --generation "$generation")
 echo "validate_ssh: merged into $out/report.md" >&2

@@ -6,8 +6,9 @@ Its JSON (timings, peak RSS on the device) and its generation (logits, tokens) c
 module compares the tokens and logits with the local PyTorch reference the validation stored, adds
 the run to ``report.json`` under ``device_runs`` and re-renders the report.
 
-``python -m targets.device merge OUT_DIR --runtime R --label HOST --result device.json
---generation device.npz``
+``python -m targets.device merge OUT_DIR --runtime R [--backend B] --label HOST --result device.json
+--generation device.npz`` (``--backend onnxruntime-genai``: a GenAI folder, run by onnxruntime-genai's
+Generator on the device as in the local validation)
 """
 
 from __future__ import annotations
@@ -58,8 +59,11 @@ def merge(
     result_path: Path,
     generation_path: Path | None,
     extra: dict[str, Any] | None = None,
+    backend: str | None = None,
 ) -> dict[str, Any]:
-    """Add one device run to ``out_dir/report.json``; returns the entry written."""
+    """Add one device run to ``out_dir/report.json``; returns the entry written. ``backend``: what ran
+    the artifact where that is not the runtime's own session (``onnxruntime-genai``); the local run it
+    is compared with is that backend's."""
     report = load_report(out_dir)
     result = _load_json(result_path)
     if "error" in result:
@@ -67,8 +71,9 @@ def merge(
     entry: dict[str, Any] = {
         "label": label,
         "runtime": runtime,
+        **({"backend": backend} if backend else {}),
         "measured": result,
-        **compare_with_local(out_dir, runtime, generation_path),
+        **compare_with_local(out_dir, backend or runtime, generation_path),
         **(extra or {}),
     }
     runs = [r for r in report.device_runs if not (r.label == label and r.runtime == runtime)]
@@ -82,12 +87,13 @@ def main(argv: list[str] | None = None) -> int:
     m = sub.add_parser("merge", help="merge one device run into OUT_DIR/report.json")
     m.add_argument("out_dir", type=Path)
     m.add_argument("--runtime", required=True, choices=["onnxruntime", "executorch"])
+    m.add_argument("--backend", choices=["onnxruntime-genai"], help="what ran a GenAI folder on the device")
     m.add_argument("--label", required=True, help="which device (host name, adb serial)")
     m.add_argument("--result", type=Path, required=True, help="the device runner's JSON output")
     m.add_argument("--generation", type=Path, help="the device runner's .npz (tokens and logits)")
     args = ap.parse_args(argv)
     try:
-        entry = merge(args.out_dir, args.runtime, args.label, args.result, args.generation)
+        entry = merge(args.out_dir, args.runtime, args.label, args.result, args.generation, backend=args.backend)
     except PrunefitError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -32,8 +32,8 @@ FAKE_SCP = """#!/usr/bin/env bash
 # fake scp: log, skip options up to --, strip host: prefixes, copy locally
 echo "scp $*" >> "$FAKE_LOG"
 while [ "$1" != "--" ]; do shift; done; shift
-args=(); for a in "$@"; do args+=("${a#*:}"); done
-exec cp "${args[@]}"
+args=(); for a in "$@"; do [ "$a" = -r ] || args+=("${a#*:}"); done
+exec cp -r "${args[@]}"
 """
 FAKE_ADB = """#!/usr/bin/env bash
 # fake adb: log; -s SERIAL; push SRC... DST; pull SRC DST; shell CMD (one string, run locally)
@@ -41,7 +41,7 @@ echo "adb $*" >> "$FAKE_LOG"
 [ "$1" = "-s" ] && shift 2
 case "$1" in
   devices) printf 'List of devices attached\\nemulator-5554\\tdevice\\n' ;;
-  push) shift; exec cp "$@" ;;
+  push) shift; exec cp -r "$@" ;;
   pull) shift; exec cp "$@" ;;
   shell) shift; exec sh -c "$*" ;;
 esac
@@ -63,6 +63,15 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory, tokenizer, wiki_valid: P
     """A finished tiny run (onnxruntime only, unpruned: generous budget)."""
     base = tmp_path_factory.mktemp("device")
     profile = write_profile(base, memory_budget_mib=400, runtimes=["onnxruntime"])
+    return run_tiny_pipeline(base, profile, tokenizer, wiki_valid, wiki_test)
+
+
+@pytest.fixture(scope="module")
+def genai_artifacts(tmp_path_factory: pytest.TempPathFactory, tokenizer, wiki_valid: Path, wiki_test: Path) -> Path:
+    """A finished tiny run with onnx_format: genai (the folder onnxruntime-genai's apps load)."""
+    pytest.importorskip("onnxruntime_genai")
+    base = tmp_path_factory.mktemp("device-genai")
+    profile = write_profile(base, memory_budget_mib=400, runtimes=["onnxruntime"], onnx_format="genai")
     return run_tiny_pipeline(base, profile, tokenizer, wiki_valid, wiki_test)
 
 
@@ -162,3 +171,30 @@ def test_android_script_without_device_fails_clearly(artifacts: Path, tmp_path: 
         capture_output=True, text=True, env=env, check=False,
     )  # fmt: skip
     assert r.returncode == 3 and "no-such-adb is not installed" in r.stderr
+
+
+@pytest.mark.parametrize("script", ["ssh", "adb"])
+def test_scripts_push_the_genai_folder_and_run_it_with_the_generator(
+    script: str, genai_artifacts: Path, tmp_path: Path
+) -> None:
+    """onnx_format: genai: the whole folder goes to the device (graph, data, genai_config.json,
+    tokenizer), runner.py runs it through onnxruntime-genai's Generator as the local validation did,
+    and the merge compares it with that local Generator run (same tokens, same logits)."""
+    remote = tmp_path / "remote"
+    if script == "ssh":
+        cmd = ["bash", str(SSH_SCRIPT), "--python", sys.executable, "--remote-dir", str(remote), "pi@board",
+               str(genai_artifacts)]  # fmt: skip
+        label = "board"
+    else:
+        cmd = ["bash", str(ADB_SCRIPT), "--serial", "phone", "--runtime", "onnxruntime", "--python", sys.executable,
+               "--remote-dir", str(remote), str(genai_artifacts)]  # fmt: skip
+        label = "phone"
+    r = subprocess.run(cmd, capture_output=True, text=True, env=_env(tmp_path), cwd=ROOT, check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    pushed = {p.name for p in (remote / "genai").iterdir()}
+    assert {"model.onnx", "model.onnx.data", "genai_config.json", "tokenizer.json"} <= pushed
+    assert (remote / "onnxruntime-genai_inputs.npy").is_file()
+    report = json.loads((genai_artifacts / "report.json").read_text())
+    run = next(d for d in report["device_runs"] if d["label"] == label)
+    assert run["runtime"] == "onnxruntime" and run["backend"] == "onnxruntime-genai"
+    assert run["tokens_equal_to_local_run"] is True and run["max_abs_logit_diff_vs_local_run"] < 1e-5
