@@ -96,6 +96,13 @@ SCHEME_TABLE: dict[Scheme, SchemeSpec] = {
 }  # fmt: skip
 
 
+def genai_shares_quantized_table(scheme: str | None) -> bool:
+    """Whether onnxruntime-genai's builder gathers the embedding from the quantized lm_head's codes
+    (GatherBlockQuantized takes 4-bit codes only), i.e. a tied table is stored once, quantized. With
+    int8 weights it keeps an fp32 Gather table beside the int8 head."""
+    return scheme is not None and SCHEME_TABLE[scheme].bits == 4  # type: ignore[index]
+
+
 EmbeddingScheme = Literal["int8", "int4"]
 
 

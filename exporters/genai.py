@@ -43,6 +43,7 @@ from transformers import PreTrainedModel
 
 from core.arch import attention_heads, decoder_layers, head_dim, mlp_width
 from core.errors import ExportError, RuntimeMissingError
+from core.schemes import genai_shares_quantized_table
 from exporters.base import ExportArtifact, ExportConfig, export_error
 
 log = logging.getLogger(__name__)
@@ -213,6 +214,12 @@ class GenAIExporter:
             "kv_cache": f"past/present shared, allocated at search.max_length {cfg.cache_len}",
             "kv_heads": [kv for _, kv, _ in layer_shapes(model)],
             "quantization": cfg.quantize or "none",
+            # int4: the embedding gathers the tied lm_head's codes (GatherBlockQuantized), one table
+            "embedding_quantization": (
+                "int4, shared with the lm_head (GatherBlockQuantized)"
+                if genai_shares_quantized_table(cfg.quantize) and _tied(model)
+                else "none"
+            ),
             "files": sorted(f.name for f in final.iterdir()),
         }
         return ExportArtifact(self.name, path, size, round(time.perf_counter() - t0, 2), None, details)
@@ -229,6 +236,11 @@ class GenAIExporter:
         for f in Path(cfg.tokenizer_dir).iterdir():
             if f.name.startswith(("tokenizer", "special_tokens", "generation_config")) or f.suffix == ".model":
                 shutil.copy2(f, src / f.name)
+
+
+def _tied(model: PreTrainedModel) -> bool:
+    head = model.get_output_embeddings()
+    return head is not None and head.weight is model.get_input_embeddings().weight
 
 
 def _flat_rope(config: Any) -> Any:

@@ -252,8 +252,11 @@ def _run_stages(cfg: RunConfig, profile: DeviceProfile, out: Path, model_path: P
         atomic_write_text(out / "profile.yaml", _profile_yaml(profile))
 
     artifacts: dict[Runtime, Path] = {}
-    export_cfg = _export_config(profile)
     model = _load_pruned(out)
+    profile, format_note = resolve_onnx_format(profile, model)
+    if format_note:
+        atomic_write_text(out / "profile.yaml", _profile_yaml(profile))
+    export_cfg = _export_config(profile)
     export_code = source_digest("core", "exporters")
     jobs: list[tuple[str, ExportConfig]] = []
     keys: dict[str, str] = {}
@@ -280,6 +283,8 @@ def _run_stages(cfg: RunConfig, profile: DeviceProfile, out: Path, model_path: P
     def exported(runtime: str, art: ExportArtifact, wall: float) -> None:
         """One export finished: its manifest (what makes a rerun reuse it) and its stage entry."""
         details = {**art.details, "export_s": art.export_s, "size_bytes": art.size_bytes}
+        if format_note and runtime == "onnxruntime":
+            details["format_fallback"] = format_note
         files = artifact_files(art.path)
         filename = get_exporter(runtime).filename
         if formats[runtime] == "genai":  # the folder an app loads: graph, genai_config, tokenizer
@@ -333,6 +338,28 @@ def runtime_export_config(
         onnx_format=onnx_format,
         tokenizer_dir=out / "pruned_model" if onnx_format == "genai" and out is not None else None,
     )
+
+
+def resolve_onnx_format(profile: DeviceProfile, model: PreTrainedModel) -> tuple[DeviceProfile, str | None]:
+    """The onnxruntime format this run writes: ``onnx_format: genai`` unless the GenAI format cannot
+    represent the pruned ``model`` or its scheme (``exporters.genai.unsupported_reason``). Then, with
+    ``onnx_fallback``, the profile with the fallback format and a note saying what and why (the report
+    shows it); without, an ExportError before any export starts."""
+    if profile.onnx_format != "genai" or "onnxruntime" not in profile.runtimes:
+        return profile, None
+    from exporters.genai import unsupported_reason
+
+    why = unsupported_reason(model, runtime_export_config(_export_config(profile), profile, "onnxruntime"))
+    if why is None:
+        return profile, None
+    if profile.onnx_fallback is None:
+        raise ExportError(
+            f"Profile '{profile.name}' asks for onnx_format: genai, which cannot represent {why}. Nothing was "
+            "exported. Set onnx_fallback: onnx to write the plain graph instead, or onnx_format: onnx."
+        )
+    note = f"written as onnx_format: {profile.onnx_fallback}, since the GenAI format cannot represent {why}"
+    log.warning("onnxruntime artifact %s (onnx_fallback)", note)
+    return profile.model_copy(update={"onnx_format": profile.onnx_fallback, "onnx_fallback": None}), note
 
 
 def _load_pruned(out: Path) -> PreTrainedModel:
@@ -391,6 +418,8 @@ def validate_existing(out: Path, target: str | None = None) -> dict[str, Any]:
     saved = json.loads(run_cfg_path.read_text())
     result = json.loads((out / "prune_plan.json").read_text())
     profile = fitted_profile(load_profile(target or saved["target"]), result.get("fit"))
+    model = _load_pruned(out)
+    profile, _ = resolve_onnx_format(profile, model)
     artifacts: dict[Runtime, Path] = {}
     for runtime in profile.runtimes:
         path = out / get_exporter(runtime).artifact_name(
@@ -405,7 +434,7 @@ def validate_existing(out: Path, target: str | None = None) -> dict[str, Any]:
         eval=EvalConfig(**saved["eval"]),
         calib=DataConfig(**saved["calib"]),
     )
-    return validate_and_report(out, profile, _load_pruned(out), artifacts, result, {}, cfg, saved["model_path"])
+    return validate_and_report(out, profile, model, artifacts, result, {}, cfg, saved["model_path"])
 
 
 def _validator(out: Path, profile: DeviceProfile, model: PreTrainedModel, result: dict[str, Any]) -> Validator:

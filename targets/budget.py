@@ -23,7 +23,7 @@ from torch import nn
 
 from core.arch import attention_heads, decoder_layers, head_dim, layer_windows, mlp_width
 from core.runtimes import RUNTIME_TABLE, Runtime, format_spec
-from core.schemes import EMBEDDING_TABLE, SCHEME_TABLE, runtime_cost
+from core.schemes import EMBEDDING_TABLE, SCHEME_TABLE, genai_shares_quantized_table, runtime_cost
 from targets.profile import DeviceProfile
 
 MIB = 1024 * 1024
@@ -236,12 +236,6 @@ def weight_terms(
     )
 
 
-def genai_shares_quantized_table(scheme: str | None) -> bool:
-    """Whether onnxruntime-genai's builder gathers the embedding from the quantized lm_head's codes
-    (GatherBlockQuantized: 4-bit only), i.e. a tied table is stored once and quantized."""
-    return scheme is not None and SCHEME_TABLE[scheme].bits == 4  # type: ignore[index]
-
-
 def genai_weight_terms(shape: ModelShape, precision: str, scheme: str | None) -> WeightTerms:
     """Weights as onnxruntime-genai's builder lays them out and its Generator holds them (nothing
     memory-mapped: the session loads its external data). A tied table is stored once, as the
@@ -255,7 +249,9 @@ def genai_weight_terms(shape: ModelShape, precision: str, scheme: str | None) ->
     q: float = spec.weight_bytes if spec else fp
     blocks = sum(layer.params for layer in shape.layers) * q
     head = shape.lm_head_params * q
-    embedding = 0.0 if shape.tied and spec is not None and genai_shares_quantized_table(scheme) else shape.embed_params * fp
+    embedding = (
+        0.0 if shape.tied and spec is not None and genai_shares_quantized_table(scheme) else shape.embed_params * fp
+    )
     return WeightTerms(embedding=embedding, head=head, blocks=blocks, other=shape.other_params * fp, head_read=head)
 
 

@@ -156,14 +156,16 @@ def _as_exported(stages: dict[str, Any]) -> list[str]:
     lines = []
     for name, stage in stages.items():
         d = stage.get("details") or {}
-        if not name.startswith("export-") or "quantization" not in d:
+        if not name.startswith("export-") or ("quantization" not in d and not d.get("format_fallback")):
             continue
-        text = f"- {name.removeprefix('export-')}: linear weights {d['quantization']}"
+        text = f"- {name.removeprefix('export-')}: linear weights {d.get('quantization', 'none')}"
         text += f", embedding table {d.get('embedding_quantization', 'none')}"
         left = d.get("left_fp32") or []
         if left:
             shown = ", ".join(f"`{n}`" for n in left[:6]) + (f" and {len(left) - 6} more" if len(left) > 6 else "")
             text += f"; **{len(left)} Linear module(s) left in fp32** (input width not whole groups): {shown}"
+        if d.get("format_fallback"):
+            text += f"; **{d['format_fallback']}** (onnx_fallback)"
         lines.append(text)
     return ["", "Precision as exported (none: fp32):", "", *lines] if lines else []
 

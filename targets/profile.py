@@ -117,6 +117,12 @@ class DeviceProfile(_Strict):
     # is still written beside it); "genai" = the folder onnxruntime-genai's Generator loads, built by
     # its own builder (exporters/genai.py): fused ops, a shared past/present buffer, genai_config.json.
     onnx_format: Literal["onnx", "ort", "genai"] = "onnx"
+    # With onnx_format: genai, the format written instead where the GenAI format cannot represent the
+    # pruned model or the chosen scheme (exporters.genai.unsupported_reason: an architecture its
+    # builder lacks, dynamic int8, query heads that no longer split into whole KV groups); the report
+    # says what and why, and validation holds the artifact to that format's memory model. Absent: the
+    # GenAI format is required, and such a model is an ExportError before any file is written.
+    onnx_fallback: Literal["onnx", "ort"] | None = None
     pruning: PruningLimits = PruningLimits()
     gates: Gates = Gates()
 
@@ -198,6 +204,11 @@ class DeviceProfile(_Strict):
                 )
             if rt not in self.runtimes:
                 raise ValueError(f"quantize_embedding.{rt} is set but '{rt}' is not in runtimes {list(self.runtimes)}")
+        if self.onnx_fallback is not None and self.onnx_format != "genai":
+            raise ValueError(
+                f"onnx_fallback ({self.onnx_fallback}) only applies to onnx_format: genai (this profile writes "
+                f"{self.onnx_format}); remove it"
+            )
         for rt, mib in self.runtime_overhead_mib.items():
             if mib < 0:
                 raise ValueError(f"runtime_overhead_mib.{rt} must be >= 0, got {mib}")

@@ -12,10 +12,10 @@ import yaml
 from transformers import AutoModelForCausalLM
 
 from core.cpus import Cpus
-from core.errors import GateError
+from core.errors import GateError, ProfileError
 from pipeline.data import DataConfig
 from pipeline.run import EvalConfig, RunConfig, run_pipeline
-from tests.conftest import PRUNE_WIDE, QUANT_WIDE
+from tests.conftest import PRUNE_WIDE, QUANT_WIDE, tiny_model
 
 WIDE = PRUNE_WIDE
 
@@ -280,3 +280,52 @@ def test_genai_format_through_the_pipeline(run_cfg: RunConfig, tmp_path: Path) -
     assert any("genai_config.json" in str(f) for f in json.dumps(manifest).split('"'))
     again = run_pipeline(cfg)
     assert again["stages"]["export-onnxruntime"]["cached"]
+
+
+def test_genai_format_falls_back_only_when_the_profile_allows(tmp_path: Path) -> None:
+    """What the GenAI format cannot represent (here dynamic int8, which its builder lacks): with
+    onnx_fallback the run writes that format and says why; without, an ExportError names the part and
+    both ways out before anything is exported. A model it can represent keeps genai either way."""
+    from core.errors import ExportError
+    from pipeline.run import resolve_onnx_format
+    from targets.profile import load_profile
+
+    model = tiny_model("llama")
+    strict = load_profile(
+        write_profile(tmp_path, name="strict", runtimes=["onnxruntime"], onnx_format="genai",
+                      quantize={"onnxruntime": "int8"})
+    )  # fmt: skip
+    with pytest.raises(ExportError, match=r"weight scheme int8.*onnx_fallback: onnx.*onnx_format: onnx"):
+        resolve_onnx_format(strict, model)
+    loose = strict.model_copy(update={"onnx_fallback": "onnx"})
+    resolved, note = resolve_onnx_format(loose, model)
+    assert resolved.onnx_format == "onnx" and resolved.onnx_fallback is None
+    assert note is not None and "weight scheme int8" in note
+    fine = loose.model_copy(update={"quantize": {"onnxruntime": "int4w"}})
+    assert resolve_onnx_format(fine, model) == (fine, None)
+    with pytest.raises(ProfileError, match="only applies to onnx_format: genai"):
+        load_profile(write_profile(tmp_path, name="plain", onnx_fallback="onnx"))
+
+
+@pytest.mark.slow
+def test_genai_fallback_through_the_pipeline(run_cfg: RunConfig, tmp_path: Path) -> None:
+    """onnx_format: genai with onnx_fallback: onnx and a scheme the GenAI format lacks (dynamic int8):
+    the plain graph is written, validated against its own memory model, and the report says why."""
+    prof = write_profile(
+        tmp_path, name="fallback", runtimes=["onnxruntime"], onnx_format="genai", onnx_fallback="onnx",
+        quantize={"onnxruntime": "int8"}, gates={"parity_atol": 1e-4, "max_ppl_ratio": 50.0,
+                                                 "quantized_max_ppl_ratio": 2.0, "quantized_min_top1": 0.5},
+    )  # fmt: skip
+    cfg = RunConfig(**{**run_cfg.__dict__, "target": str(prof)})
+    report = run_pipeline(cfg)
+    out = cfg.out_dir
+    assert out is not None
+    assert (out / "model.onnx").is_file() and not (out / "genai").exists()
+    assert report["profile"]["onnx_format"] == "onnx"
+    assert "onnx_format: onnx" in (out / "profile.yaml").read_text()
+    details = report["stages"]["export-onnxruntime"]["details"]
+    assert "cannot represent weight scheme int8" in details["format_fallback"]
+    assert "(onnx_fallback)" in (out / "report.md").read_text()
+    gates = {g["name"]: g for g in report["validation"]["gates"]}
+    assert report["validation"]["passed"], gates
+    assert "session[onnxruntime]" not in gates  # the GenAI-only second way does not apply
