@@ -57,6 +57,8 @@ def test_onnx_decode_with_kv_cache_matches_generate(arch: str, tmp_path: Path) -
     ids = torch.randint(0, 512, (1, 20), generator=torch.Generator().manual_seed(3))
     out = _generate("onnxruntime", model, ExportConfig(seq_len=16), ids, tmp_path)
     assert out["artifact"].details["kv_heads"] == kv_layout_heads(model)
+    fused = out["artifact"].details["fused"]  # onnxruntime's norm ops: every block's norms, and rotary
+    assert fused["rms_norm"] >= 2 * len(decoder_layers(model)) and fused["rotary"] > 0, fused
 
 
 @pytest.mark.parametrize(
