@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 from core.cpus import Cpus
 from core.errors import GateError, ProfileError
 from pipeline.data import DataConfig
-from pipeline.run import EvalConfig, RunConfig, run_pipeline
+from pipeline.run import EvalConfig, RunConfig, run_pipeline, validate_existing
 from tests.conftest import PRUNE_WIDE, QUANT_WIDE, tiny_model
 
 WIDE = PRUNE_WIDE
@@ -329,3 +329,5 @@ def test_genai_fallback_through_the_pipeline(run_cfg: RunConfig, tmp_path: Path)
     gates = {g["name"]: g for g in report["validation"]["gates"]}
     assert report["validation"]["passed"], gates
     assert "session[onnxruntime]" not in gates  # the GenAI-only second way does not apply
+    again = validate_existing(out)  # `prunefit validate` resolves the same format and finds model.onnx
+    assert again["validation"]["passed"] and again["profile"]["onnx_format"] == "onnx"
