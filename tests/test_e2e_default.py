@@ -70,7 +70,9 @@ def test_make_export_android_on_default_model(tmp_path: Path, wiki_valid: Path, 
     assert ppl["exported[onnxruntime]"] == pytest.approx(ppl["dense"], rel=0.01)
     for rt in val["runtimes"]:
         assert rt["projected_peak_mib"] <= 768
-        assert abs(rt["prediction_error"]) < 0.10  # memory model within 10% of the measured peak
+        # memory model within 7% of the peak measured at full context (measured: ExecuTorch +3.3%,
+        # onnxruntime -3.4% with the fused graph, -3.7% without; the calibration test holds +-5%)
+        assert abs(rt["prediction_error"]) < 0.07
         assert rt["measured"]["decode_tokens_per_s"] > 0
     ort = next(rt for rt in val["runtimes"] if rt["runtime"] == "onnxruntime")
     # fp32: the artifact decodes with its KV cache like PyTorch generate, and scores text like PyTorch
