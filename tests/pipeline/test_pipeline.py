@@ -109,7 +109,8 @@ def test_prunes_exports_and_fits(
         # (tests/test_e2e_default.py). Library code paged in during the run is not the model's: it
         # made a fresh CI venv miss by +16.8 MiB (ET) before the runner took it out.
         miss = rt["fill"]["peak_at_context_mib"] - rt["predicted_model_peak_mib"]
-        assert abs(miss) <= 15, rt  # seen since: -0.5 (ET) and +0.1 (ORT) here
+        # seen since: -0.5 (ET) / +0.1 (ORT), and -0.05 / +1.2 with the fused ONNX graph (session 17)
+        assert abs(miss) <= 6, rt
         # issue 20: the cache was filled to the profile's whole context, in chunks, then decode steps
         fill, context = rt["fill"], report["profile"]["context_length"]
         assert fill["mode"] == "filled" and fill["positions_filled"] == context, fill
