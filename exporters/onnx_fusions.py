@@ -41,7 +41,10 @@ def register_checker_schemas() -> None:
     floats = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)", "tensor(double)"]
     onnx.defs.register_schema(
         OpSchema(
-            "SimplifiedLayerNormalization", "", 1, "onnxruntime's RMSNorm (contrib op in the default domain)",
+            "SimplifiedLayerNormalization",
+            "",
+            1,
+            "onnxruntime's RMSNorm (contrib op in the default domain)",
             inputs=[param("X", "T"), param("scale", "V")],
             outputs=[param("Y", "V"), param("inv_std_var", "U", param_option=optional)],
             type_constraints=[("T", floats, ""), ("U", ["tensor(float)", "tensor(double)"], ""), ("V", floats, "")],
@@ -50,7 +53,7 @@ def register_checker_schemas() -> None:
                 attr("epsilon", OpSchema.AttrType.FLOAT, "", required=False),
                 attr("stash_type", OpSchema.AttrType.INT, "", required=False),
             ],
-        )  # fmt: skip
+        )
     )
 
 
