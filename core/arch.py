@@ -79,6 +79,13 @@ def decoder_layers(model: Any) -> Any:
     return obj
 
 
+def tied_head(model: Any) -> bool:
+    """Whether the lm_head is the embedding's own weight tensor (the live modules, not the config's
+    ``tie_word_embeddings``: what is stored once is what shares one tensor)."""
+    head = model.get_output_embeddings()
+    return head is not None and head.weight is model.get_input_embeddings().weight
+
+
 def head_dim(config: object) -> int:
     hd = getattr(config, "head_dim", None)
     return int(hd) if hd else int(config.hidden_size // config.num_attention_heads)  # type: ignore[attr-defined]

@@ -41,7 +41,7 @@ from typing import Any
 
 from transformers import PreTrainedModel
 
-from core.arch import attention_heads, decoder_layers, head_dim, mlp_width
+from core.arch import attention_heads, decoder_layers, head_dim, mlp_width, tied_head
 from core.errors import ExportError, RuntimeMissingError
 from core.schemes import genai_shares_quantized_table
 from exporters.base import ExportArtifact, ExportConfig, export_error
@@ -217,7 +217,7 @@ class GenAIExporter:
             # int4: the embedding gathers the tied lm_head's codes (GatherBlockQuantized), one table
             "embedding_quantization": (
                 "int4, shared with the lm_head (GatherBlockQuantized)"
-                if genai_shares_quantized_table(cfg.quantize) and _tied(model)
+                if genai_shares_quantized_table(cfg.quantize) and tied_head(model)
                 else "none"
             ),
             "files": sorted(f.name for f in final.iterdir()),
@@ -236,11 +236,6 @@ class GenAIExporter:
         for f in Path(cfg.tokenizer_dir).iterdir():
             if f.name.startswith(("tokenizer", "special_tokens", "generation_config")) or f.suffix == ".model":
                 shutil.copy2(f, src / f.name)
-
-
-def _tied(model: PreTrainedModel) -> bool:
-    head = model.get_output_embeddings()
-    return head is not None and head.weight is model.get_input_embeddings().weight
 
 
 def _flat_rope(config: Any) -> Any:

@@ -21,7 +21,7 @@ from typing import Any
 
 from torch import nn
 
-from core.arch import attention_heads, decoder_layers, head_dim, layer_windows, mlp_width
+from core.arch import attention_heads, decoder_layers, head_dim, layer_windows, mlp_width, tied_head
 from core.runtimes import RUNTIME_TABLE, Runtime, format_spec
 from core.schemes import EMBEDDING_TABLE, SCHEME_TABLE, genai_shares_quantized_table, runtime_cost
 from targets.profile import DeviceProfile
@@ -108,7 +108,7 @@ def model_shape(model: Any) -> ModelShape:
     layers = tuple(layer_shape(layer, hd, w) for layer, w in zip(blocks, windows, strict=True))
     embed = model.get_input_embeddings()
     head = model.get_output_embeddings()
-    tied = head is not None and head.weight is embed.weight
+    tied = tied_head(model)
     embed_n = _n(embed)
     head_n = int(head.weight.numel()) if head is not None else 0
     counted = {id(p) for layer in decoder_layers(model) for p in layer.parameters()}
@@ -249,9 +249,7 @@ def genai_weight_terms(shape: ModelShape, precision: str, scheme: str | None) ->
     q: float = spec.weight_bytes if spec else fp
     blocks = sum(layer.params for layer in shape.layers) * q
     head = shape.lm_head_params * q
-    embedding = (
-        0.0 if shape.tied and spec is not None and genai_shares_quantized_table(scheme) else shape.embed_params * fp
-    )
+    embedding = 0.0 if shape.tied and genai_shares_quantized_table(scheme) else shape.embed_params * fp
     return WeightTerms(embedding=embedding, head=head, blocks=blocks, other=shape.other_params * fp, head_read=head)
 
 

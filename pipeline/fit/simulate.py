@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from core.arch import decoder_layers
+from core.arch import decoder_layers, tied_head
 from core.schemes import GROUP_SIZE, embedding_spec, scheme_spec
 from exporters.quantized_embedding import dequantized, symmetric_grid
 
@@ -132,10 +132,8 @@ def quantized_linears(model: Any, scheme: str) -> list[nn.Linear]:
     sim = SIMULATIONS[scheme]
     linears = [m for layer in decoder_layers(model) for m in layer.modules() if isinstance(m, nn.Linear)]
     head = model.get_output_embeddings()
-    if isinstance(head, nn.Linear):
-        tied = head.weight is model.get_input_embeddings().weight
-        if sim.quantizes_tied_head or not tied:
-            linears.append(head)
+    if isinstance(head, nn.Linear) and (sim.quantizes_tied_head or not tied_head(model)):
+        linears.append(head)
     return [m for m in linears if not spec.whole_groups or m.in_features % spec.group_size == 0]
 
 
