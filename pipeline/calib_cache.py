@@ -31,13 +31,18 @@ log = logging.getLogger(__name__)
 _warned: set[str] = set()
 
 
-def cache_dir() -> Path:
+def cache_root() -> Path:
+    """prunefit's user cache: ``$PRUNEFIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/prunefit``, else
+    ``~/.cache/prunefit`` (calibration text, converted GGUF models, measurements)."""
     env = os.environ.get("PRUNEFIT_CACHE_DIR")
     if env:
-        return Path(env) / "calibration"
+        return Path(env)
     xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg) if xdg else Path.home() / ".cache"
-    return base / "prunefit" / "calibration"
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "prunefit"
+
+
+def cache_dir() -> Path:
+    return cache_root() / "calibration"
 
 
 def content_digest(path: Path) -> str:
@@ -61,7 +66,8 @@ def cache_key(model_digest: str, **settings: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
-def _warn_once(what: str, message: str) -> None:
+def warn_once(what: str, message: str) -> None:
+    """``message`` the first time ``what`` (a cache directory) fails in this process."""
     if what not in _warned:
         _warned.add(what)
         log.warning(message)
@@ -115,7 +121,7 @@ def cached_windows(
             save_file({"windows": windows.contiguous()}, str(tmp), metadata={"key": key})
         log.info("%s cached in %s", what, path)
     except (OSError, OutputError) as exc:
-        _warn_once(
+        warn_once(
             str(path.parent),
             f"cannot write the calibration cache in {path.parent} ({exc}); going on without caching "
             "(set PRUNEFIT_CACHE_DIR to a writable directory to cache it)",

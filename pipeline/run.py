@@ -44,6 +44,7 @@ from pipeline.exporting import run_exports
 from pipeline.feasibility import check_feasible, floor_shape
 from pipeline.fit import choose_precision, fitted_profile, most_compressed
 from pipeline.manifest import fingerprint_path, is_fresh, package_versions, source_digest, stage_key, write_manifest
+from pipeline.memo import Memo
 from pipeline.model import DEFAULT_MODEL, load_config, load_model, resolve_model_path, skeleton
 from pipeline.prune import prune_to_budget
 from pipeline.rewrite import check_round_trip, load_pruned, save_model
@@ -128,7 +129,7 @@ class _Laps:
 def _prune_stage(cfg: RunConfig, profile: DeviceProfile, out: Path, key: str) -> dict[str, Any]:
     t0 = time.perf_counter()
     laps = _Laps()
-    loaded = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    loaded = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code, force=cfg.force)
     laps.lap("load model")
     model, tok = loaded.model, loaded.tokenizer
     max_pos = getattr(model.config, "max_position_embeddings", None)
@@ -138,21 +139,24 @@ def _prune_stage(cfg: RunConfig, profile: DeviceProfile, out: Path, key: str) ->
             f"supports at most {max_pos} positions. Lower context_length in the profile or pick a model "
             "with a longer context."
         )
-    # generated text is cached per model content (pipeline/calib_cache.py): hash the model only then
-    generated = cfg.calib.source is None or cfg.eval.source is None
-    digest = content_digest(resolve_model_path(cfg.model)) if generated else None
+    # generated text (pipeline/calib_cache.py) and the dense model's measurements (pipeline/memo.py)
+    # are remembered per model content, across targets
+    digest = loaded.digest or content_digest(resolve_model_path(cfg.model))
+    memo = Memo(digest, force=cfg.force)
     calib = load_windows(cfg.calib, model, tok, digest, cfg.force)
     evals = _eval_windows(cfg, model, tok, digest)
     laps.lap("calibration and evaluation text")
     tensors_path = out / "calibration.safetensors"
     with atomic_path(tensors_path) as tmp:
         save_file({"calibration": calib.contiguous(), "evaluation": evals.contiguous()}, str(tmp))
-    ppl_dense = perplexity(model, evals, desc="perplexity (dense)")
+    ppl_dense = memo.value(
+        "perplexity (dense)", evals, lambda: perplexity(model, evals, desc="perplexity (dense)"), batch_size=4
+    )
     log.info("dense perplexity %.2f", ppl_dense)
     laps.lap("dense perplexity")
     fit = None
     if profile.precision == "auto":  # choose each runtime's precision first: prune only for what it cannot reach
-        fit = choose_precision(model, calib, profile, _prune_config(cfg, profile)).to_dict()
+        fit = choose_precision(model, calib, profile, _prune_config(cfg, profile), memo).to_dict()
         profile = fitted_profile(profile, fit)
         laps.lap("precision choice")
     plan = prune_to_budget(model, calib, profile, _prune_config(cfg, profile))

@@ -29,10 +29,12 @@ Every candidate, its predicted MiB and its estimated loss go to the report: the 
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -49,6 +51,7 @@ from core.schemes import (
 from pipeline.feasibility import floor_estimate
 from pipeline.fit.proxy import PruningProxy, smallest_share
 from pipeline.fit.simulate import simulated, simulated_embedding
+from pipeline.memo import Memo
 from pipeline.methods.base import PPL_WINDOWS
 from targets.budget import ModelShape, estimate, estimate_all, model_shape, worst
 from targets.profile import DeviceProfile
@@ -175,14 +178,24 @@ def _rank(c: Candidate) -> tuple[float, float, float]:
 
 
 @torch.no_grad()
-def choose_precision(model: Any, calib: torch.Tensor, profile: DeviceProfile, cfg: MethodConfig) -> FitPlan:
+def choose_precision(
+    model: Any, calib: torch.Tensor, profile: DeviceProfile, cfg: MethodConfig, memo: Memo | None = None
+) -> FitPlan:
     """Price every candidate of ``profile`` on ``model`` (dense, fp32) and choose one (module
-    docstring). The model is left as it was."""
+    docstring). The model is left as it was. ``memo``: where the dense model's simulated perplexities
+    are remembered across targets (they do not depend on the profile)."""
     t0 = time.perf_counter()
     windows = calib[:PPL_WINDOWS]
     shape = model_shape(model)
     target = profile.memory_budget_mib - profile.pruning.headroom_mib
-    base = perplexity(model, windows, batch_size=cfg.batch_size, desc="calibration perplexity (fp32)")
+
+    def remembered(what: str, measure: Callable[[], float]) -> float:
+        return memo.value(what, windows, measure, batch_size=cfg.batch_size) if memo else measure()
+
+    base = remembered(
+        "calibration perplexity (fp32)",
+        lambda: perplexity(model, windows, batch_size=cfg.batch_size, desc="calibration perplexity (fp32)"),
+    )
     quant_ppl: dict[tuple[str, str, str], float] = {}
     proxy = PruningProxy(model, windows, cfg.batch_size)
     per_runtime = [
@@ -191,7 +204,10 @@ def choose_precision(model: Any, calib: torch.Tensor, profile: DeviceProfile, cf
 
     def measured(key: tuple[str, str, str]) -> float:
         if key not in quant_ppl:
-            quant_ppl[key] = _simulated_ppl(model, windows, cfg, key, base)
+            rt, lin, emb = key
+            what = f"simulated {rt} {lin} + {emb} embedding"
+            simulate = functools.partial(_simulated_ppl, model, windows, cfg, key, base)
+            quant_ppl[key] = base if lin == FP32 and emb == FP32 else remembered(what, simulate)
         return quant_ppl[key]
 
     candidates = []

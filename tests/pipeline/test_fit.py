@@ -269,3 +269,24 @@ def test_large_vocabulary_quantizes_its_embedding(tmp_path: Path, ids: torch.Ten
     fitted = fitted_profile(profile, fit.to_dict())
     assert fitted.quantize_embedding == fit.quantize_embedding
     assert worst(estimate_all(shape, fitted)).total_mib <= budget - 10
+
+
+def test_choose_precision_reuses_the_dense_measurements(tmp_path: Path, ids: torch.Tensor, monkeypatch) -> None:
+    """A second target prices its candidates from what the first measured (pipeline/memo.py): no
+    simulated forward runs again, and the numbers are the same; ``--force`` measures again."""
+    import pipeline.fit.plan as plan
+    from pipeline.memo import Memo
+
+    monkeypatch.setenv("PRUNEFIT_CACHE_DIR", str(tmp_path / "cache"))
+    model = tiny_model("llama", **PRUNE_WIDE)
+    profile = _auto_profile(tmp_path)
+    first = choose_precision(model, ids, profile, profile.prune_config(), Memo("tiny"))
+    simulated = []
+    real = plan._simulated_ppl
+    monkeypatch.setattr(plan, "_simulated_ppl", lambda *a: simulated.append(a) or real(*a))
+    second = choose_precision(model, ids, profile, profile.prune_config(), Memo("tiny"))
+    assert simulated == [] and second.base_ppl == first.base_ppl
+    assert [c.quant_ppl for c in second.candidates] == [c.quant_ppl for c in first.candidates]
+    assert sum(bool(c.quant_ppl) for c in first.candidates) > 1
+    choose_precision(model, ids, profile, profile.prune_config(), Memo("tiny", force=True))
+    assert len(simulated) > 1
