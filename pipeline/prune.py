@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -82,14 +83,15 @@ def _estimates(shape: ModelShape, profile: DeviceProfile) -> dict[str, Any]:
 
 def prune_to_budget(
     model: PreTrainedModel,
-    calib: torch.Tensor,
+    calib: torch.Tensor | Callable[[], torch.Tensor],
     profile: DeviceProfile,
     cfg: MethodConfig,
     stream: LayerStream | None = None,
 ) -> PrunePlan:
     """Prune ``model`` in place until the memory model says it fits ``profile``; return the plan
     (with the record of what was removed). ``stream``: the model is streamed block by block from a
-    checkpoint (layer-wise methods only)."""
+    checkpoint (layer-wise methods only). ``calib`` may be a function that makes the windows: it is
+    called only if something has to go (generated text is minutes of CPU, ``data.Calibration``)."""
     t0 = time.perf_counter()
     start_rss = current_rss_bytes()
     reset_peak()
@@ -117,18 +119,20 @@ def prune_to_budget(
     check_feasible(model, profile, cfg, shape)
     plan = PrunePlan(method=cfg.method, budget_mib=float(profile.memory_budget_mib), before=before, after=before)
     ctx = PruneContext(fits=lambda s: not needs_more(s), kept_layers=list(range(original_layers)), stream=stream)
+    windows = torch.empty(0, dtype=torch.long)
     if needs_more(shape):
-        pruner.prepare(model, calib, ctx)
+        windows = calib() if callable(calib) else calib
+        pruner.prepare(model, windows, ctx)
     current_shape = shape
     with tqdm(desc=f"prune ({cfg.method})", unit="step", disable=None) as bar:
         while needs_more(current_shape):
             if not pruner.can_step(model):  # pragma: no cover - guarded by the floor check
                 raise BudgetError(f"Pruning limit reached before the target ({cfg.method}).")
-            what, score = pruner.step(model, calib)
+            what, score = pruner.step(model, windows)
             current_shape = pruner.shape(model)
             current = worst(estimate_all(current_shape, profile))
             ppl = (
-                perplexity(model, calib[:PPL_WINDOWS], batch_size=cfg.batch_size, desc="calibration perplexity")
+                perplexity(model, windows[:PPL_WINDOWS], batch_size=cfg.batch_size, desc="calibration perplexity")
                 if pruner.applied  # planned steps change the model only in finalize
                 else float("nan")
             )

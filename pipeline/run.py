@@ -39,7 +39,7 @@ from core.schemes import EMBEDDING_TABLE, SCHEME_TABLE
 from exporters import check_runtime_available, get_exporter
 from exporters.base import ExportArtifact, ExportConfig, artifact_files
 from pipeline.calib_cache import content_digest
-from pipeline.data import DataConfig, first_windows, generated_windows, load_windows, read_text
+from pipeline.data import DataConfig, first_windows, generated_windows, load_calibration, read_text
 from pipeline.exporting import run_exports
 from pipeline.feasibility import check_feasible, floor_shape
 from pipeline.fit import choose_precision, fitted_profile, most_compressed
@@ -143,12 +143,9 @@ def _prune_stage(cfg: RunConfig, profile: DeviceProfile, out: Path, key: str) ->
     # are remembered per model content, across targets
     digest = loaded.digest or content_digest(resolve_model_path(cfg.model))
     memo = Memo(digest, force=cfg.force)
-    calib = load_windows(cfg.calib, model, tok, digest, cfg.force)
+    calib = load_calibration(cfg.calib, model, tok, digest, cfg.force)
     evals = _eval_windows(cfg, model, tok, digest)
     laps.lap("calibration and evaluation text")
-    tensors_path = out / "calibration.safetensors"
-    with atomic_path(tensors_path) as tmp:
-        save_file({"calibration": calib.contiguous(), "evaluation": evals.contiguous()}, str(tmp))
     ppl_dense = memo.value(
         "perplexity (dense)", evals, lambda: perplexity(model, evals, desc="perplexity (dense)"), batch_size=4
     )
@@ -156,10 +153,10 @@ def _prune_stage(cfg: RunConfig, profile: DeviceProfile, out: Path, key: str) ->
     laps.lap("dense perplexity")
     fit = None
     if profile.precision == "auto":  # choose each runtime's precision first: prune only for what it cannot reach
-        fit = choose_precision(model, calib, profile, _prune_config(cfg, profile), memo).to_dict()
+        fit = choose_precision(model, calib.head, profile, _prune_config(cfg, profile), memo).to_dict()
         profile = fitted_profile(profile, fit)
         laps.lap("precision choice")
-    plan = prune_to_budget(model, calib, profile, _prune_config(cfg, profile))
+    plan = prune_to_budget(model, calib.full, profile, _prune_config(cfg, profile))
     laps.lap("pruning")
     if plan.steps:
         ppl_pruned = perplexity(model, evals, desc="perplexity (pruned)")
@@ -167,7 +164,10 @@ def _prune_stage(cfg: RunConfig, profile: DeviceProfile, out: Path, key: str) ->
     else:  # nothing removed: the model is the dense one (the reload check below still holds it to that)
         ppl_pruned = ppl_dense
     model_dir = save_model(model, tok, out / "pruned_model", plan.record)
-    check_round_trip(model, model_dir, calib[:1, :64])
+    check_round_trip(model, model_dir, calib.head[:1, :64])
+    tensors_path = out / "calibration.safetensors"  # the windows generated (all of them only if it pruned)
+    with atomic_path(tensors_path) as tmp:
+        save_file({"calibration": calib.at_hand.contiguous(), "evaluation": evals.contiguous()}, str(tmp))
     laps.lap("pruned perplexity (if pruned), save, reload check")
     result = {
         "plan": plan.to_dict(),
