@@ -332,3 +332,31 @@ def test_genai_fallback_through_the_pipeline(run_cfg: RunConfig, tmp_path: Path)
     assert "session[onnxruntime]" not in gates  # the GenAI-only second way does not apply
     again = validate_existing(out)  # `prunefit validate` resolves the same format and finds model.onnx
     assert again["validation"]["passed"] and again["profile"]["onnx_format"] == "onnx"
+
+
+@pytest.mark.parametrize(("budget", "rows"), [(36, 6), (4096, 2)])
+def test_generated_calibration_goes_past_its_first_batch_only_to_prune(
+    tmp_path: Path, make_model_dir, wiki_test: Path, monkeypatch: pytest.MonkeyPatch, budget: int, rows: int
+) -> None:
+    """The prune stage on model-generated calibration (generation batches of 2 rows): a budget that
+    needs pruning calibrates on all 6 windows, one that fits as it is generates only the first 2."""
+    from safetensors.torch import load_file
+
+    from pipeline import data
+    from pipeline.run import _prune_stage
+    from targets.profile import load_profile
+
+    monkeypatch.setattr(data, "generation_batch", lambda config, seq_len: 2)
+    monkeypatch.setenv("PRUNEFIT_CACHE_DIR", str(tmp_path / "cache"))  # (once pruned, the whole set is cached)
+    cfg = RunConfig(
+        target=str(write_profile(tmp_path, memory_budget_mib=budget, ram_mib=8192)),
+        model=str(make_model_dir("llama", **WIDE)),
+        out_dir=tmp_path / "out",
+        calib=DataConfig(source=None, num_samples=6, seq_len=16),
+        eval=EvalConfig(source=str(wiki_test), num_samples=2, seq_len=64),
+    )
+    (tmp_path / "out").mkdir()
+    result = _prune_stage(cfg, load_profile(cfg.target), tmp_path / "out", "key")
+    assert bool(result["plan"]["steps"]) == (budget == 36)
+    saved = load_file(str(tmp_path / "out" / "calibration.safetensors"))
+    assert saved["calibration"].shape == (rows, 16) and saved["evaluation"].shape == (2, 64)
