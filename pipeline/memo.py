@@ -67,6 +67,14 @@ class Memo:
         )  # fmt: skip
         return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
+    def known(self, what: str, windows: torch.Tensor, **settings: Any) -> float | None:
+        """What :meth:`value` would return without measuring, or None (``force``: always None)."""
+        key = self.key(what, windows, settings)
+        path = cache_root() / "measurements" / f"{key}.json"
+        if self.force or not path.is_file():
+            return None
+        return _read(path, key)
+
     def value(self, what: str, windows: torch.Tensor, measure: Callable[[], float], **settings: Any) -> float:
         """``measure()`` on ``windows``, or what it returned before for this model, text and code."""
         key = self.key(what, windows, settings)

@@ -81,6 +81,20 @@ def _estimates(shape: ModelShape, profile: DeviceProfile) -> dict[str, Any]:
     }
 
 
+def _needs_more(s: ModelShape, dense: ModelShape, profile: DeviceProfile, cfg: MethodConfig) -> bool:
+    """Whether ``s`` (pruned from ``dense``) must lose more: short of the method's target ratio of
+    decoder parameters when it has one, else over the budget less headroom."""
+    if cfg.target_decoder_ratio is not None:
+        return (dense.layer_params - s.layer_params) / dense.layer_params < cfg.target_decoder_ratio
+    return worst(estimate_all(s, profile)).total_mib > profile.memory_budget_mib - profile.pruning.headroom_mib
+
+
+def will_prune(model: PreTrainedModel, profile: DeviceProfile, cfg: MethodConfig) -> bool:
+    """Whether :func:`prune_to_budget` would remove anything from ``model`` (its first test)."""
+    shape = model_shape(model)
+    return _needs_more(shape, shape, profile, cfg)
+
+
 def prune_to_budget(
     model: PreTrainedModel,
     calib: torch.Tensor | Callable[[], torch.Tensor],
@@ -102,19 +116,15 @@ def prune_to_budget(
     original_layers = len(shape.layers)
     before = _estimates(shape, profile)
     target_mib = profile.memory_budget_mib - profile.pruning.headroom_mib
-    dense_layer_params = shape.layer_params
-    ratio = cfg.target_decoder_ratio
 
     def needs_more(s: ModelShape) -> bool:
-        if ratio is not None:
-            return (dense_layer_params - s.layer_params) / dense_layer_params < ratio
-        return worst(estimate_all(s, profile)).total_mib > target_mib
+        return _needs_more(s, shape, profile, cfg)
 
     most = pruner.most_pruned_shape(model, shape)
-    if ratio is not None and needs_more(most):
+    if cfg.target_decoder_ratio is not None and needs_more(most):
         raise BudgetError(
-            f"Cannot remove {ratio:.0%} of decoder parameters with {cfg.method} under its limits "
-            f"(at most {(dense_layer_params - most.layer_params) / dense_layer_params:.0%})."
+            f"Cannot remove {cfg.target_decoder_ratio:.0%} of decoder parameters with {cfg.method} under its limits "
+            f"(at most {(shape.layer_params - most.layer_params) / shape.layer_params:.0%})."
         )
     check_feasible(model, profile, cfg, shape)
     plan = PrunePlan(method=cfg.method, budget_mib=float(profile.memory_budget_mib), before=before, after=before)

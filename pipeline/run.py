@@ -46,7 +46,7 @@ from pipeline.fit import choose_precision, fitted_profile, most_compressed
 from pipeline.manifest import fingerprint_path, is_fresh, package_versions, source_digest, stage_key, write_manifest
 from pipeline.memo import Memo
 from pipeline.model import DEFAULT_MODEL, load_config, load_model, resolve_model_path, skeleton
-from pipeline.prune import prune_to_budget
+from pipeline.prune import prune_to_budget, will_prune
 from pipeline.rewrite import check_round_trip, load_pruned, save_model
 from targets.profile import DeviceProfile, Runtime, load_profile
 from targets.report import write_report
@@ -126,6 +126,16 @@ class _Laps:
         self._t = now
 
 
+DENSE_PPL = "perplexity (dense)"
+
+
+def _dense_perplexity(memo: Memo, model: PreTrainedModel, evals: torch.Tensor) -> float:
+    """The dense model's perplexity on the evaluation windows (remembered across targets)."""
+    ppl = memo.value(DENSE_PPL, evals, lambda: perplexity(model, evals, desc="perplexity (dense)"), batch_size=4)
+    log.info("dense perplexity %.2f", ppl)
+    return ppl
+
+
 def _prune_stage(cfg: RunConfig, profile: DeviceProfile, out: Path, key: str) -> dict[str, Any]:
     t0 = time.perf_counter()
     laps = _Laps()
@@ -146,19 +156,23 @@ def _prune_stage(cfg: RunConfig, profile: DeviceProfile, out: Path, key: str) ->
     calib = load_calibration(cfg.calib, model, tok, digest, cfg.force)
     evals = _eval_windows(cfg, model, tok, digest)
     laps.lap("calibration and evaluation text")
-    ppl_dense = memo.value(
-        "perplexity (dense)", evals, lambda: perplexity(model, evals, desc="perplexity (dense)"), batch_size=4
-    )
-    log.info("dense perplexity %.2f", ppl_dense)
-    laps.lap("dense perplexity")
     fit = None
     if profile.precision == "auto":  # choose each runtime's precision first: prune only for what it cannot reach
         fit = choose_precision(model, calib.head, profile, _prune_config(cfg, profile), memo).to_dict()
         profile = fitted_profile(profile, fit)
         laps.lap("precision choice")
+    # The dense perplexity is the gates' reference. When nothing is pruned the model stays dense, and
+    # it is measured while ExecuTorch's export runs (``_validator``), off the critical path (~25 s);
+    # when something will be, it is measured now, before pruning changes the model.
+    ppl_dense = memo.known(DENSE_PPL, evals, batch_size=4)
+    if ppl_dense is None and will_prune(model, profile, _prune_config(cfg, profile)):
+        ppl_dense = _dense_perplexity(memo, model, evals)
+    laps.lap("dense perplexity")
     plan = prune_to_budget(model, calib.full, profile, _prune_config(cfg, profile))
     laps.lap("pruning")
+    ppl_pruned: float | None
     if plan.steps:
+        assert ppl_dense is not None  # measured above: will_prune said so
         ppl_pruned = perplexity(model, evals, desc="perplexity (pruned)")
         log.info("pruned perplexity %.2f (%.2fx)", ppl_pruned, ppl_pruned / ppl_dense)
     else:  # nothing removed: the model is the dense one (the reload check below still holds it to that)
@@ -298,19 +312,23 @@ def _run_stages(cfg: RunConfig, profile: DeviceProfile, out: Path, model_path: P
         write_manifest(out, f"export-{runtime}", keys[runtime], files, wall, details)
         stages[f"export-{runtime}"] = {"wall_s": wall, "cached": False, "details": details}
 
-    validator = _validator(out, profile, model, result)
+    validator: Validator | None = None
     overlapped = 0.0
 
     def idle(exporting: set[str]) -> None:
-        """While a child process still exports: validate the artifacts already written."""
-        nonlocal overlapped
+        """While a child process still exports: the PyTorch references (the dense perplexity if the
+        prune stage left it), then validate the artifacts already written."""
+        nonlocal overlapped, validator
         t0 = time.perf_counter()
+        if validator is None:
+            validator = _validator(out, profile, model, result, model_path, cfg.force)
+        checker = validator
         for runtime, path in artifacts.items():
             if runtime not in exporting:
                 beside = f"the {', '.join(sorted(exporting))} export"
                 log.info("validating %s while %s runs", runtime, beside)
-                validator.run(runtime, path, beside)
-        validator.prepare([rt for rt in artifacts if rt in exporting])  # the references the rest are held to
+                checker.run(runtime, path, beside)
+        checker.prepare([rt for rt in artifacts if rt in exporting])  # the references the rest are held to
         overlapped = time.perf_counter() - t0
 
     run_exports(model, jobs, out, exported, idle)
@@ -384,7 +402,7 @@ def validate_and_report(
 ) -> dict[str, Any]:
     """Run the artifacts on the profile (those ``validator`` has not run yet, e.g. while another
     exported), write report.json/report.md, then raise if a gate failed."""
-    validator = validator or _validator(out, profile, model, result)
+    validator = validator or _validator(out, profile, model, result, model_path, cfg.force)
     t0 = time.perf_counter()
     report_obj = validator.run_all(artifacts)
     stages["validate"] = {
@@ -441,10 +459,22 @@ def validate_existing(out: Path, target: str | None = None) -> dict[str, Any]:
     return validate_and_report(out, profile, model, artifacts, result, {}, cfg, saved["model_path"])
 
 
-def _validator(out: Path, profile: DeviceProfile, model: PreTrainedModel, result: dict[str, Any]) -> Validator:
+def _validator(
+    out: Path,
+    profile: DeviceProfile,
+    model: PreTrainedModel,
+    result: dict[str, Any],
+    model_path: Path | str,
+    force: bool = False,
+) -> Validator:
     """The run's validation: the held-out evaluation windows saved by the prune stage, the
-    PyTorch perplexities the gates compare with."""
+    PyTorch perplexities the gates compare with. A prune stage that pruned nothing left the dense
+    perplexity to be measured here, on ``model`` (the dense one), and ``result`` gets it."""
     tensors = load_file(str(out / "calibration.safetensors"))
+    ppl = result["perplexity"]
+    if ppl["dense"] is None:
+        memo = Memo(content_digest(Path(model_path)), force=force)
+        ppl["dense"] = ppl["pruned"] = _dense_perplexity(memo, model, tensors["evaluation"])
     return Validator(
         profile,
         model,

@@ -360,3 +360,19 @@ def test_generated_calibration_goes_past_its_first_batch_only_to_prune(
     assert bool(result["plan"]["steps"]) == (budget == 36)
     saved = load_file(str(tmp_path / "out" / "calibration.safetensors"))
     assert saved["calibration"].shape == (rows, 16) and saved["evaluation"].shape == (2, 64)
+    # the dense perplexity: measured before pruning changes the model, else left to validation,
+    # which measures it on the (dense) model while ExecuTorch's export runs
+    from core.perplexity import perplexity
+    from pipeline.rewrite import load_pruned
+    from pipeline.run import _validator
+
+    ppl = dict(result["perplexity"])
+    assert (ppl["dense"] is None) == (budget == 4096) and (ppl["pruned"] is None) == (budget == 4096)
+    model = load_pruned(tmp_path / "out" / "pruned_model")
+    _validator(tmp_path / "out", load_profile(cfg.target), model, result, cfg.model)
+    if budget == 4096:
+        assert result["perplexity"]["dense"] == result["perplexity"]["pruned"] == pytest.approx(
+            perplexity(model, saved["evaluation"]), rel=1e-6
+        )
+    else:
+        assert result["perplexity"] == ppl  # measured in the prune stage: left as it was
