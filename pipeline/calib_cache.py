@@ -73,15 +73,14 @@ def warn_once(what: str, message: str) -> None:
         log.warning(message)
 
 
-def _load(path: Path, key: str, shape: tuple[int, int], vocab: int) -> dict[str, torch.Tensor] | None:
+def _load(path: Path, key: str, shape: tuple[int, int], vocab: int) -> torch.Tensor | None:
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as fh:
             meta = fh.metadata() or {}
-            tensors = {name: fh.get_tensor(name) for name in fh.keys()}  # noqa: SIM118 - not a dict
-        windows = tensors["windows"]
-    except Exception as exc:  # unreadable, truncated, not safetensors, no windows
+            windows = fh.get_tensor("windows")
+    except Exception as exc:  # unreadable, truncated, not safetensors
         log.warning("cached calibration text %s is unreadable (%s): generating it again", path, exc)
         return None
     problem = None
@@ -94,58 +93,18 @@ def _load(path: Path, key: str, shape: tuple[int, int], vocab: int) -> dict[str,
     if problem:
         log.warning("cached calibration text %s is not valid (%s): generating it again", path, problem)
         return None
-    return tensors
+    return windows
 
 
-def lookup(
-    key: str, shape: tuple[int, int], vocab: int, what: str = "calibration text"
-) -> dict[str, torch.Tensor] | None:
-    """The entry of ``key`` (its ``windows`` and whatever was stored with them), if a valid one is
-    cached; an invalid one is reported and left to be replaced."""
+def lookup(key: str, shape: tuple[int, int], vocab: int, what: str = "calibration text") -> torch.Tensor | None:
+    """The windows of ``key``, if a valid entry is cached (an invalid one is reported, to be replaced)."""
     path = cache_dir() / f"{key}.safetensors"
     if not path.is_file():
         return None
-    tensors = _load(path, key, shape, vocab)
-    if tensors is not None:
+    windows = _load(path, key, shape, vocab)
+    if windows is not None:
         log.info("%s: reusing %s (generated earlier for this model and settings)", what, path)
-    return tensors
-
-
-def store(key: str, tensors: dict[str, torch.Tensor], what: str = "calibration text") -> None:
-    """Keep ``tensors`` (``windows``, and e.g. the generator state after them) under ``key``:
-    atomically; a directory that cannot be written is reported once."""
-    path = cache_dir() / f"{key}.safetensors"
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        from safetensors.torch import save_file
-
-        with atomic_path(path) as tmp:
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"key": key})
-        log.info("%s cached in %s", what, path)
-    except (OSError, OutputError) as exc:
-        warn_once(
-            str(path.parent),
-            f"cannot write the calibration cache in {path.parent} ({exc}); going on without caching "
-            "(set PRUNEFIT_CACHE_DIR to a writable directory to cache it)",
-        )
-
-
-def cached_entry(
-    generate: Callable[[], dict[str, torch.Tensor]],
-    key: str,
-    shape: tuple[int, int],
-    vocab: int,
-    force: bool = False,
-    what: str = "calibration text",
-) -> dict[str, torch.Tensor]:
-    """The entry of ``key`` from the cache, else ``generate()``'d and stored. ``force`` generates
-    again and replaces the entry."""
-    found = None if force else lookup(key, shape, vocab, what)
-    if found is not None:
-        return found
-    tensors = generate()
-    store(key, tensors, what)
-    return tensors
+    return windows
 
 
 def cached_windows(
@@ -156,5 +115,24 @@ def cached_windows(
     force: bool = False,
     what: str = "calibration text",
 ) -> torch.Tensor:
-    """The windows of ``key`` from the cache, else ``generate()``'d and stored."""
-    return cached_entry(lambda: {"windows": generate()}, key, shape, vocab, force, what)["windows"]
+    """The windows of ``key`` from the cache, else ``generate()``'d and stored. ``force`` generates
+    again and replaces the entry."""
+    found = None if force else lookup(key, shape, vocab, what)
+    if found is not None:
+        return found
+    windows = generate()
+    path = cache_dir() / f"{key}.safetensors"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        from safetensors.torch import save_file
+
+        with atomic_path(path) as tmp:
+            save_file({"windows": windows.contiguous()}, str(tmp), metadata={"key": key})
+        log.info("%s cached in %s", what, path)
+    except (OSError, OutputError) as exc:
+        warn_once(
+            str(path.parent),
+            f"cannot write the calibration cache in {path.parent} ({exc}); going on without caching "
+            "(set PRUNEFIT_CACHE_DIR to a writable directory to cache it)",
+        )
+    return windows

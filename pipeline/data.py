@@ -254,38 +254,15 @@ def generate_samples(
     Sampling (temperature 1, nucleus 0.95) rather than greedy keeps the text diverse, so the
     activations it produces cover the model's typical operating range.
     """
-    windows, _ = sample_rows(model, tokenizer, num_samples, seq_len, batch, 0, num_samples, _seeded(seed))
-    return windows
-
-
-def _seeded(seed: int) -> torch.Tensor:
-    torch.manual_seed(seed)
-    return torch.get_rng_state()
-
-
-def sample_rows(
-    model: Any,
-    tokenizer: PreTrainedTokenizerBase,
-    num_samples: int,
-    seq_len: int,
-    batch: int,
-    start: int,
-    stop: int,
-    rng_state: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows ``[start, stop)`` of :func:`generate_samples`'s text, from the generator state it had at
-    ``start`` (a batch boundary); the rows and the state after them. Batches draw from one seeded
-    generator in turn, so the rows after a stop can be generated later, from the state kept then,
-    and are the same as in one uninterrupted generation."""
     from transformers import LogitsProcessorList
 
-    torch.set_rng_state(rng_state)
+    torch.manual_seed(seed)
     prompts = [_GENERATION_PROMPTS[i % len(_GENERATION_PROMPTS)] for i in range(num_samples)]
     rows: list[torch.Tensor] = []
     batch = batch or generation_batch(model.config, seq_len)  # the rows change the text: a cache key names them
-    with GenerationProgress((stop - start) * seq_len) as progress:
-        for first in range(start, stop, batch):
-            chunk = prompts[first : min(first + batch, stop)]
+    with GenerationProgress(num_samples * seq_len) as progress:
+        for start in range(0, num_samples, batch):
+            chunk = prompts[start : start + batch]
             enc = tokenizer(chunk, return_tensors="pt", padding=True, padding_side="left")
             out = model.generate(
                 **enc,
@@ -302,18 +279,17 @@ def sample_rows(
     bos = bos_token_id(tokenizer)
     if bos is not None:  # the tokenizer's convention: each window starts with BOS
         windows = _lead_with(bos, windows[:, 1:])
-    return windows, torch.get_rng_state()
+    return windows
 
 
 def _generation_key(
-    model_digest: str, tokenizer: PreTrainedTokenizerBase, num_samples: int, seq_len: int, seed: int, batch: int,
-    **part: int,
-) -> str:  # fmt: skip
+    model_digest: str, tokenizer: PreTrainedTokenizerBase, num_samples: int, seq_len: int, seed: int, batch: int
+) -> str:
     from pipeline.calib_cache import cache_key
 
     return cache_key(
         model_digest, num_samples=num_samples, seq_len=seq_len, seed=seed, prompts=_GENERATION_PROMPTS,
-        sampling={"temperature": 1.0, "top_p": 0.95, "batch": batch}, bos=bos_token_id(tokenizer), **part,
+        sampling={"temperature": 1.0, "top_p": 0.95, "batch": batch}, bos=bos_token_id(tokenizer),
     )  # fmt: skip
 
 
@@ -345,16 +321,19 @@ def generated_windows(
     return cached_windows(generate, key, (num_samples, seq_len), vocab, force=force, what=what)
 
 
+SCORING_SEED_OFFSET = 2_000  # the scoring windows' own seed (evaluation text: +1_000)
+
+
 @dataclass
 class Calibration:
     """The calibration windows, generated as far as the run needs them.
 
-    ``precision: auto`` scores its candidates on the first ``PPL_WINDOWS`` windows; only pruning
-    reads all of them, and the default android run prunes nothing. Generating all 256 windows was
-    200 of its ~620 s on 2 cores; the first generation batch (128 rows) is half that. ``head``: the
-    windows at hand (all of them when they come from a file or the cache); :meth:`full`: every
-    window, the rest generated on first call from where the head's generation stopped (the same
-    text as one uninterrupted generation, so a run that prunes calibrates on what it did before)."""
+    ``precision: auto`` scores its candidates on a few windows (``PPL_WINDOWS``, 8); only pruning
+    reads all 256, and the default android run prunes nothing. Generating the 256 was 200 of its
+    ~620 s on 2 cores. So with generated text ``head`` is a small generation of its own (8 windows,
+    its own seed, cached like the rest; ~20 s) and :meth:`full` generates the 256 only when called
+    (the same text as before: pruning calibrates on what it always did). With a text file, or
+    nothing to cache by, ``head`` is all the windows and :meth:`full` returns them."""
 
     head: torch.Tensor
     rest: Callable[[], torch.Tensor] | None = None
@@ -369,7 +348,8 @@ class Calibration:
 
     @property
     def at_hand(self) -> torch.Tensor:
-        """Every window generated so far (what the run saves beside its outputs)."""
+        """The calibration windows the run read (what it saves beside its outputs): all of them
+        once :meth:`full` was called, else ``head``."""
         return self.head if self._full is None else self._full
 
 
@@ -379,43 +359,18 @@ def load_calibration(
     tokenizer: PreTrainedTokenizerBase,
     model_digest: str | None = None,
     force: bool = False,
+    scoring: int = 8,
 ) -> Calibration:
-    """:func:`load_windows`, generating past the first batch only when :meth:`Calibration.full` is
-    called. Each part is cached: the head with the generator state after it, the whole set as
-    :func:`load_windows` caches it."""
-    batch = generation_batch(model.config, cfg.seq_len)
-    if cfg.source is not None or model_digest is None or batch >= cfg.num_samples:
+    """:func:`load_windows`, and with generated text first only ``scoring`` windows of their own
+    (:class:`Calibration`: always those, so the choice does not depend on what is cached); the
+    whole set when :meth:`Calibration.full` is called, from the cache if an earlier run made it."""
+    if cfg.source is not None or model_digest is None or cfg.num_samples <= scoring:
         return Calibration(load_windows(cfg, model, tokenizer, model_digest, force))
-    from pipeline.calib_cache import cached_entry, lookup, store
-
-    n, seq_len, seed = cfg.num_samples, cfg.seq_len, cfg.seed
-    vocab = int(getattr(model.config, "vocab_size", 0)) or len(tokenizer)
-    full_key = _generation_key(model_digest, tokenizer, n, seq_len, seed, batch)
-    found = None if force else lookup(full_key, (n, seq_len), vocab)
-    if found is not None:
-        return Calibration(found["windows"])
-
-    def head() -> dict[str, torch.Tensor]:
-        log.info(
-            "Generating the first %d of %d seeded calibration samples of %d tokens from the model (the rest "
-            "only if pruning needs them)", batch, n, seq_len,
-        )  # fmt: skip
-        windows, state = sample_rows(model, tokenizer, n, seq_len, batch, 0, batch, _seeded(seed))
-        return {"windows": windows, "rng_state": state}
-
-    head_key = _generation_key(model_digest, tokenizer, n, seq_len, seed, batch, head_rows=batch)
-    entry = cached_entry(head, head_key, (batch, seq_len), vocab, force, "calibration text (first batch)")
-    if "rng_state" not in entry:  # written without its state: cannot resume from it
-        entry = cached_entry(head, head_key, (batch, seq_len), vocab, True, "calibration text (first batch)")
-
-    def rest() -> torch.Tensor:
-        log.info("Generating the other %d calibration samples (pruning reads all %d)", n - batch, n)
-        rows, _ = sample_rows(model, tokenizer, n, seq_len, batch, batch, n, entry["rng_state"])
-        windows = torch.cat([entry["windows"], rows])
-        store(full_key, {"windows": windows})
-        return windows
-
-    return Calibration(entry["windows"], rest)
+    head = generated_windows(
+        model, tokenizer, scoring, cfg.seq_len, cfg.seed + SCORING_SEED_OFFSET, model_digest, force,
+        "calibration text for scoring precisions",
+    )  # fmt: skip
+    return Calibration(head, lambda: load_windows(cfg, model, tokenizer, model_digest, force))
 
 
 def load_windows(

@@ -45,6 +45,7 @@ from pipeline.feasibility import check_feasible, floor_shape
 from pipeline.fit import choose_precision, fitted_profile, most_compressed
 from pipeline.manifest import fingerprint_path, is_fresh, package_versions, source_digest, stage_key, write_manifest
 from pipeline.memo import Memo
+from pipeline.methods.base import PPL_WINDOWS
 from pipeline.model import DEFAULT_MODEL, load_config, load_model, resolve_model_path, skeleton
 from pipeline.prune import prune_to_budget, will_prune
 from pipeline.rewrite import check_round_trip, load_pruned, save_model
@@ -153,7 +154,7 @@ def _prune_stage(cfg: RunConfig, profile: DeviceProfile, out: Path, key: str) ->
     # are remembered per model content, across targets
     digest = loaded.digest or content_digest(resolve_model_path(cfg.model))
     memo = Memo(digest, force=cfg.force)
-    calib = load_calibration(cfg.calib, model, tok, digest, cfg.force)
+    calib = load_calibration(cfg.calib, model, tok, digest, cfg.force, scoring=PPL_WINDOWS)
     evals = _eval_windows(cfg, model, tok, digest)
     laps.lap("calibration and evaluation text")
     fit = None

@@ -160,32 +160,35 @@ def test_generation_batch_is_wide_unless_its_cache_is_large() -> None:
     assert rows == 14 and rows * 2**20 * 144 <= GENERATION_KV_BYTES < (rows + 1) * 2**20 * 144
 
 
-def test_calibration_past_the_first_batch_is_generated_only_when_pruning_asks(
-    tmp_path: Path, tokenizer, monkeypatch
-) -> None:
-    """The head is the first generation batch; the rest, generated later from the generator state
-    kept with the head (in the cache too), makes the same text as one uninterrupted generation."""
+def test_the_whole_calibration_set_is_generated_only_when_pruning_asks(tmp_path: Path, tokenizer, monkeypatch) -> None:
+    """Generated text: the precision choice scores on a few windows of their own (always those,
+    cached or not); the whole set is generated, or read from the cache, only on ``full()``, and is
+    the same text ``load_windows`` makes."""
     from pipeline import data
-    from pipeline.data import generate_samples, load_calibration
+    from pipeline.data import load_calibration
 
     monkeypatch.setenv("PRUNEFIT_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(data, "generation_batch", lambda config, seq_len: 2)
     model = tiny_model("llama", vocab_size=len(tokenizer))
-    whole = generate_samples(model, tokenizer, 6, 12, seed=3, batch=2)
-    rows: list[tuple[int, int]] = []
-    real = data.sample_rows
-    monkeypatch.setattr(data, "sample_rows", lambda *a: rows.append((a[5], a[6])) or real(*a))
+    made: list[tuple[int, int]] = []
+    real = data.generate_samples
+
+    def counted(m, t, n, s, seed, b=0):
+        made.append((n, seed))
+        return real(m, t, n, s, seed, b)
+
+    monkeypatch.setattr(data, "generate_samples", counted)
     cfg = DataConfig(None, 6, 12, seed=3)
-    calib = load_calibration(cfg, model, tokenizer, "digest-a")
-    assert rows == [(0, 2)] and torch.equal(calib.head, whole[:2]) and torch.equal(calib.at_hand, whole[:2])
-    again = load_calibration(cfg, model, tokenizer, "digest-a")  # another target: the head from the cache
-    assert rows == [(0, 2)] and torch.equal(again.head, whole[:2])
-    assert torch.equal(again.full(), whole) and rows == [(0, 2), (2, 6)]  # resumed from the cached state
-    assert torch.equal(again.full(), whole) and torch.equal(again.at_hand, whole) and len(rows) == 2
-    third = load_calibration(cfg, model, tokenizer, "digest-a")  # the whole set is cached now
-    assert third.rest is None and torch.equal(third.head, whole) and len(rows) == 2
-    assert torch.equal(load_windows(cfg, model, tokenizer, "digest-a"), whole) and len(rows) == 2
-    forced = load_calibration(cfg, model, tokenizer, "digest-a", force=True)
-    assert rows[2:] == [(0, 2)] and torch.equal(forced.full(), whole) and rows[3:] == [(2, 6)]
-    # a file's windows, or no cache key: all of them at once, as before
-    assert load_calibration(cfg, model, tokenizer, None).rest is None and rows[4:] == [(0, 6)]
+    whole = load_windows(cfg, model, tokenizer, None)  # no cache key: generated at once, as before
+    assert made == [(6, 3)]
+    calib = load_calibration(cfg, model, tokenizer, "digest-a", scoring=2)
+    assert made[1:] == [(2, 3 + data.SCORING_SEED_OFFSET)] and calib.head.shape == (2, 12)
+    assert torch.equal(calib.at_hand, calib.head)
+    assert torch.equal(calib.full(), whole) and made[2:] == [(6, 3)] and torch.equal(calib.at_hand, whole)
+    assert torch.equal(calib.full(), whole) and len(made) == 3  # once
+    again = load_calibration(cfg, model, tokenizer, "digest-a", scoring=2)  # another target: all cached
+    assert torch.equal(again.head, calib.head) and torch.equal(again.full(), whole) and len(made) == 3
+    forced = load_calibration(cfg, model, tokenizer, "digest-a", force=True, scoring=2)
+    assert torch.equal(forced.full(), whole) and len(made) == 5
+    # a file's windows, no cache key, or no more windows than the scoring ones: all at once
+    assert load_calibration(cfg, model, tokenizer, None, scoring=2).rest is None and len(made) == 6
+    assert load_calibration(cfg, model, tokenizer, "digest-a", scoring=6).rest is None
