@@ -13,11 +13,12 @@ directory that cannot be written is reported once, and the run goes on without c
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,21 @@ def warn_once(what: str, message: str) -> None:
         log.warning(message)
 
 
+@contextlib.contextmanager
+def writing_cache(directory: Path, what: str) -> Iterator[None]:
+    """Run a block that writes into ``directory`` of the user cache. A cache is an
+    optimization: if it cannot be written the run goes on without it, and says so once per
+    directory."""
+    try:
+        yield
+    except (OSError, OutputError) as exc:
+        warn_once(
+            str(directory),
+            f"cannot write {what} in {directory} ({exc}); going on without caching it "
+            "(set PRUNEFIT_CACHE_DIR to a writable directory to cache it)",
+        )
+
+
 def _load(path: Path, key: str, shape: tuple[int, int], vocab: int) -> torch.Tensor | None:
     from safetensors import safe_open
 
@@ -122,17 +138,11 @@ def cached_windows(
         return found
     windows = generate()
     path = cache_dir() / f"{key}.safetensors"
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+    with writing_cache(path.parent, "the calibration cache"):
         from safetensors.torch import save_file
 
+        path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp:
             save_file({"windows": windows.contiguous()}, str(tmp), metadata={"key": key})
         log.info("%s cached in %s", what, path)
-    except (OSError, OutputError) as exc:
-        warn_once(
-            str(path.parent),
-            f"cannot write the calibration cache in {path.parent} ({exc}); going on without caching "
-            "(set PRUNEFIT_CACHE_DIR to a writable directory to cache it)",
-        )
     return windows

@@ -28,9 +28,8 @@ from typing import Any
 
 import torch
 
-from core.errors import OutputError
 from core.fsio import atomic_write_text
-from pipeline.calib_cache import cache_root, warn_once
+from pipeline.calib_cache import cache_root, writing_cache
 
 log = logging.getLogger(__name__)
 
@@ -85,15 +84,9 @@ class Memo:
                 log.info("%s: %.4f, measured earlier on this model and text (%s)", what, found, path.name)
                 return found
         value = float(measure())
-        try:
+        with writing_cache(path.parent, "measurements"):
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(path, json.dumps({"key": key, "what": what, "value": value}))
-        except (OSError, OutputError) as exc:
-            warn_once(
-                str(path.parent),
-                f"cannot write measurements in {path.parent} ({exc}); going on without remembering them "
-                "(set PRUNEFIT_CACHE_DIR to a writable directory)",
-            )
         return value
 
 

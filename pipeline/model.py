@@ -31,7 +31,7 @@ from transformers import (
 )
 
 from core.arch import arch_for
-from core.errors import ModelLoadError, OutputError
+from core.errors import ModelLoadError
 from core.fsio import atomic_dir
 
 log = logging.getLogger(__name__)
@@ -170,20 +170,14 @@ def _from_cache(
 
 
 def _store(where: Path, lm: PreTrainedModel, tok: PreTrainedTokenizerBase, source: Path) -> None:
-    from pipeline.calib_cache import warn_once
+    from pipeline.calib_cache import writing_cache
 
-    try:
+    with writing_cache(where.parent, "the converted model"):
         with atomic_dir(where) as tmp:
             lm.save_pretrained(tmp, safe_serialization=True)
             tok.save_pretrained(tmp)
             (tmp / CONVERTED_MARKER).write_text(json.dumps({"source": str(source)}))
         log.info("converted model cached in %s", where)
-    except (OSError, OutputError) as exc:
-        warn_once(
-            str(where.parent),
-            f"cannot write the converted model in {where.parent} ({exc}); going on without caching "
-            "(set PRUNEFIT_CACHE_DIR to a writable directory to cache it)",
-        )
 
 
 def load_model(
