@@ -309,7 +309,7 @@ def generated_windows(
     batch = generation_batch(model.config, seq_len)
 
     def generate() -> torch.Tensor:
-        log.info("Generating %d seeded %s samples of %d tokens from the model", num_samples, what, seq_len)
+        log.info("Generating %s: %d seeded samples of %d tokens from the model", what, num_samples, seq_len)
         return generate_samples(model, tokenizer, num_samples, seq_len, seed, batch)
 
     if model_digest is None:
