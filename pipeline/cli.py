@@ -92,7 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
         "the pruning for the least calibration loss that fits; fp32 = fp32 weights (or the profile's quantize "
         "pins) and pruning for the rest",
     )
-    ex.add_argument("--force", action="store_true", help="redo every stage even if its inputs did not change")
+    ex.add_argument(
+        "--force",
+        action="store_true",
+        help="redo every stage even if its inputs did not change, and renew what the user cache keeps for "
+        "this model (generated text, the converted GGUF, the dense model's measurements)",
+    )
     ex.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code to run")
     _add_common(ex)
 
