@@ -156,6 +156,13 @@ def _prune_stage(cfg: RunConfig, profile: DeviceProfile, out: Path, key: str) ->
     memo = Memo(digest, force=cfg.force)
     calib = load_calibration(cfg.calib, model, tok, digest, cfg.force, scoring=PPL_WINDOWS)
     evals = _eval_windows(cfg, model, tok, digest)
+    tensors_path = out / "calibration.safetensors"
+
+    def save_windows() -> None:  # the calibration windows read so far (all of them only once it pruned)
+        with atomic_path(tensors_path) as tmp:
+            save_file({"calibration": calib.at_hand.contiguous(), "evaluation": evals.contiguous()}, str(tmp))
+
+    save_windows()
     laps.lap("calibration and evaluation text")
     fit = None
     if profile.precision == "auto":  # choose each runtime's precision first: prune only for what it cannot reach
@@ -180,9 +187,8 @@ def _prune_stage(cfg: RunConfig, profile: DeviceProfile, out: Path, key: str) ->
         ppl_pruned = ppl_dense
     model_dir = save_model(model, tok, out / "pruned_model", plan.record)
     check_round_trip(model, model_dir, calib.head[:1, :64])
-    tensors_path = out / "calibration.safetensors"  # the windows generated (all of them only if it pruned)
-    with atomic_path(tensors_path) as tmp:
-        save_file({"calibration": calib.at_hand.contiguous(), "evaluation": evals.contiguous()}, str(tmp))
+    if calib.at_hand is not calib.head:  # pruning generated the whole set
+        save_windows()
     laps.lap("pruned perplexity (if pruned), save, reload check")
     result = {
         "plan": plan.to_dict(),
