@@ -60,14 +60,14 @@ def content_digest(path: Path) -> str:
 
 
 def cache_key(model_digest: str, **settings: Any) -> str:
-    """The entry's key: the model's content and every setting of the generation (and the versions
-    of the libraries that sample it)."""
+    """A user-cache entry's key: the model's content, every setting of what was made from it (the
+    generation, a measurement, a conversion) and the torch/transformers versions that made it."""
     versions = {name: metadata.version(name) for name in ("torch", "transformers")}
     blob = json.dumps({"model": model_digest, "settings": settings, "versions": versions}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
-def warn_once(what: str, message: str) -> None:
+def _warn_once(what: str, message: str) -> None:
     """``message`` the first time ``what`` (a cache directory) fails in this process."""
     if what not in _warned:
         _warned.add(what)
@@ -82,7 +82,7 @@ def writing_cache(directory: Path, what: str) -> Iterator[None]:
     try:
         yield
     except (OSError, OutputError) as exc:
-        warn_once(
+        _warn_once(
             str(directory),
             f"cannot write {what} in {directory} ({exc}); going on without caching it "
             "(set PRUNEFIT_CACHE_DIR to a writable directory to cache it)",
@@ -112,17 +112,6 @@ def _load(path: Path, key: str, shape: tuple[int, int], vocab: int) -> torch.Ten
     return windows
 
 
-def lookup(key: str, shape: tuple[int, int], vocab: int, what: str = "calibration text") -> torch.Tensor | None:
-    """The windows of ``key``, if a valid entry is cached (an invalid one is reported, to be replaced)."""
-    path = cache_dir() / f"{key}.safetensors"
-    if not path.is_file():
-        return None
-    windows = _load(path, key, shape, vocab)
-    if windows is not None:
-        log.info("%s: reusing %s (generated earlier for this model and settings)", what, path)
-    return windows
-
-
 def cached_windows(
     generate: Callable[[], torch.Tensor],
     key: str,
@@ -133,11 +122,13 @@ def cached_windows(
 ) -> torch.Tensor:
     """The windows of ``key`` from the cache, else ``generate()``'d and stored. ``force`` generates
     again and replaces the entry."""
-    found = None if force else lookup(key, shape, vocab, what)
-    if found is not None:
-        return found
-    windows = generate()
     path = cache_dir() / f"{key}.safetensors"
+    if not force and path.is_file():
+        windows = _load(path, key, shape, vocab)
+        if windows is not None:
+            log.info("%s: reusing %s (generated earlier for this model and settings)", what, path)
+            return windows
+    windows = generate()
     with writing_cache(path.parent, "the calibration cache"):
         from safetensors.torch import save_file
 

@@ -282,17 +282,6 @@ def generate_samples(
     return windows
 
 
-def _generation_key(
-    model_digest: str, tokenizer: PreTrainedTokenizerBase, num_samples: int, seq_len: int, seed: int, batch: int
-) -> str:
-    from pipeline.calib_cache import cache_key
-
-    return cache_key(
-        model_digest, num_samples=num_samples, seq_len=seq_len, seed=seed, prompts=_GENERATION_PROMPTS,
-        sampling={"temperature": 1.0, "top_p": 0.95, "batch": batch}, bos=bos_token_id(tokenizer),
-    )  # fmt: skip
-
-
 def generated_windows(
     model: Any,
     tokenizer: PreTrainedTokenizerBase,
@@ -314,9 +303,12 @@ def generated_windows(
 
     if model_digest is None:
         return generate()
-    from pipeline.calib_cache import cached_windows
+    from pipeline.calib_cache import cache_key, cached_windows
 
-    key = _generation_key(model_digest, tokenizer, num_samples, seq_len, seed, batch)
+    key = cache_key(
+        model_digest, num_samples=num_samples, seq_len=seq_len, seed=seed, prompts=_GENERATION_PROMPTS,
+        sampling={"temperature": 1.0, "top_p": 0.95, "batch": batch}, bos=bos_token_id(tokenizer),
+    )  # fmt: skip
     vocab = int(getattr(model.config, "vocab_size", 0)) or len(tokenizer)
     return cached_windows(generate, key, (num_samples, seq_len), vocab, force=force, what=what)
 

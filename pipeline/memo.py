@@ -22,14 +22,13 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from core.fsio import atomic_write_text
-from pipeline.calib_cache import cache_root, writing_cache
+from pipeline.calib_cache import cache_key, cache_root, writing_cache
 
 log = logging.getLogger(__name__)
 
@@ -58,36 +57,34 @@ class Memo:
     force: bool = False
 
     def key(self, what: str, windows: torch.Tensor, settings: dict[str, Any]) -> str:
-        versions = {name: metadata.version(name) for name in ("torch", "transformers")}
-        blob = json.dumps(
-            {"model": self.model_digest, "windows": windows_digest(windows), "what": what, "settings": settings,
-             "versions": versions, "code": _code()},
-            sort_keys=True, default=str,
-        )  # fmt: skip
-        return hashlib.sha256(blob.encode()).hexdigest()[:32]
+        """The entry's name: every input of the measurement (module docstring)."""
+        return cache_key(self.model_digest, windows=windows_digest(windows), what=what, settings=settings, code=_code())
 
     def known(self, what: str, windows: torch.Tensor, **settings: Any) -> float | None:
         """What :meth:`value` would return without measuring, or None (``force``: always None)."""
-        key = self.key(what, windows, settings)
-        path = cache_root() / "measurements" / f"{key}.json"
-        if self.force or not path.is_file():
-            return None
-        return _read(path, key)
+        return self._stored(self.key(what, windows, settings))
+
+    def _stored(self, key: str) -> float | None:
+        path = _path(key)
+        return None if self.force or not path.is_file() else _read(path, key)
 
     def value(self, what: str, windows: torch.Tensor, measure: Callable[[], float], **settings: Any) -> float:
         """``measure()`` on ``windows``, or what it returned before for this model, text and code."""
         key = self.key(what, windows, settings)
-        path = cache_root() / "measurements" / f"{key}.json"
-        if not self.force and path.is_file():
-            found = _read(path, key)
-            if found is not None:
-                log.info("%s: %.4f, measured earlier on this model and text (%s)", what, found, path.name)
-                return found
+        found = self._stored(key)
+        if found is not None:
+            log.info("%s: %.4f, measured earlier on this model and text (%s)", what, found, key)
+            return found
+        path = _path(key)
         value = float(measure())
         with writing_cache(path.parent, "measurements"):
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(path, json.dumps({"key": key, "what": what, "value": value}))
         return value
+
+
+def _path(key: str) -> Path:
+    return cache_root() / "measurements" / f"{key}.json"
 
 
 def _read(path: Path, key: str) -> float | None:

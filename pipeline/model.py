@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import hashlib
 import importlib.util
 import json
 import logging
@@ -147,11 +146,9 @@ def _load_dir(path: Path, trust_remote_code: bool) -> tuple[PreTrainedModel, Pre
 def _converted_dir(digest: str) -> Path:
     from importlib import metadata
 
-    from pipeline.calib_cache import cache_root
+    from pipeline.calib_cache import cache_key, cache_root
 
-    versions = "-".join(metadata.version(name) for name in ("torch", "transformers", "gguf"))
-    key = hashlib.sha256(f"{digest}/{versions}".encode()).hexdigest()[:32]
-    return cache_root() / "models" / key
+    return cache_root() / "models" / cache_key(digest, gguf=metadata.version("gguf"))
 
 
 def _from_cache(

@@ -172,11 +172,12 @@ def _prune_stage(cfg: RunConfig, profile: DeviceProfile, out: Path, key: str) ->
     # The dense perplexity is the gates' reference. When nothing is pruned the model stays dense, and
     # it is measured while ExecuTorch's export runs (``_validator``), off the critical path (~25 s);
     # when something will be, it is measured now, before pruning changes the model.
+    prune_cfg = _prune_config(cfg, profile)
     ppl_dense = memo.known(DENSE_PPL, evals, batch_size=4)
-    if ppl_dense is None and will_prune(model, profile, _prune_config(cfg, profile)):
+    if ppl_dense is None and will_prune(model, profile, prune_cfg):
         ppl_dense = _dense_perplexity(memo, model, evals)
     laps.lap("dense perplexity")
-    plan = prune_to_budget(model, calib.full, profile, _prune_config(cfg, profile))
+    plan = prune_to_budget(model, calib.full, profile, prune_cfg)
     laps.lap("pruning")
     ppl_pruned: float | None
     if plan.steps:
@@ -327,9 +328,7 @@ def _run_stages(cfg: RunConfig, profile: DeviceProfile, out: Path, model_path: P
         prune stage left it), then validate the artifacts already written."""
         nonlocal overlapped, validator
         t0 = time.perf_counter()
-        if validator is None:
-            validator = _validator(out, profile, model, result, model_path, cfg.force)
-        checker = validator
+        checker = validator = validator or _validator(out, profile, model, result, model_path, cfg.force)
         for runtime, path in artifacts.items():
             if runtime not in exporting:
                 beside = f"the {', '.join(sorted(exporting))} export"

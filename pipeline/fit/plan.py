@@ -249,10 +249,9 @@ def _simulated_ppl(
     model: Any, windows: torch.Tensor, cfg: MethodConfig, key: tuple[str, str, str], base: float
 ) -> float:
     """Calibration perplexity of ``model`` computing as one runtime's precision would: ``key`` is
-    (runtime, linear scheme, embedding scheme), either of them fp32."""
+    (runtime, linear scheme, embedding scheme), one of them fp32 at most (fp32 alone is ``base``,
+    which the caller takes without simulating)."""
     runtime, linear, table = key
-    if linear == FP32 and table == FP32:
-        return base
     with contextlib.ExitStack() as stack:
         n = stack.enter_context(simulated(model, linear)) if linear != FP32 else 0
         if table != FP32:
