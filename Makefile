@@ -14,6 +14,7 @@ OUT    ?= artifacts/$(TARGET)
 SHARED_DATA := ../shared/data/wikitext-2
 EVAL   ?= $(if $(wildcard $(SHARED_DATA)/wiki.test.tokens),$(SHARED_DATA)/wiki.test.tokens,)
 CALIB  ?=
+RUNTIMES ?=
 EXTRA  ?=
 
 PROFILES := $(basename $(notdir $(wildcard device_profiles/*.yaml)))
@@ -22,7 +23,7 @@ PROFILES := $(basename $(notdir $(wildcard device_profiles/*.yaml)))
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
-	@echo "  variables: TARGET=<$(PROFILES)> MODEL=path/to/hf_dir|file.gguf CALIB=text EVAL=text OUT=dir"
+	@echo "  variables: TARGET=<$(PROFILES)> MODEL=path/to/hf_dir|file.gguf CALIB=text EVAL=text OUT=dir RUNTIMES=onnxruntime,executorch"
 
 $(STAMP): pyproject.toml requirements.lock.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,7 +44,8 @@ check-target:
 
 export: $(STAMP) check-target ## prune -> rewrite -> export -> validate for TARGET (default android)
 	$(VENV)/bin/prunefit export --target $(TARGET) --model "$(MODEL)" --out "$(OUT)" \
-	  $(if $(CALIB),--calib "$(CALIB)") $(if $(EVAL),--eval "$(EVAL)") $(EXTRA)
+	  $(if $(CALIB),--calib "$(CALIB)") $(if $(EVAL),--eval "$(EVAL)") \
+	  $(if $(RUNTIMES),--runtimes "$(RUNTIMES)") $(EXTRA)
 
 validate: $(STAMP) check-target ## re-validate the artifacts in OUT against TARGET
 	$(VENV)/bin/prunefit validate --out "$(OUT)" --target $(TARGET)

@@ -30,6 +30,9 @@ class ExportConfig:
     tokenizer_dir: Path | None = None  # genai: the tokenizer files shipped beside the graph
     target_arch: str = "aarch64"  # the device's CPU: offline optimizations must not assume this host's
     llm_ops: bool = True  # executorch: ExecuTorch's LLM kernels (custom_sdpa, update_cache) where they apply
+    # calibration token windows (a safetensors file, tensor "calibration") for a scheme that rounds by
+    # GPTQ (core.schemes.rounds_by_gptq); None: such a scheme rounds to nearest, with a warning
+    calibration: Path | None = None
 
     @property
     def ort_format(self) -> bool:

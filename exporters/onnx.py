@@ -23,6 +23,7 @@ from exporters.genai import GenAIExporter
 from exporters.kv_cache import KvLayout, PastKeyValuesDecoder, kv_layout
 from exporters.onnx_fusions import fuse_norms_and_rotary
 from exporters.quantize import check_embedding_scheme, check_scheme, quantize_onnx
+from exporters.rounding import rounded_for_export
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +105,8 @@ class OnnxExporter:
             check_scheme(self.name, cfg.quantize)
         if cfg.quantize_embedding:
             check_embedding_scheme(self.name, cfg.quantize_embedding)
+        if cfg.quantize:  # a GPTQ-rounding scheme exports a rounded copy its quantizer maps to the same codes
+            model = rounded_for_export(model, cfg.quantize, cfg.calibration)  # type: ignore[assignment]
         layout = kv_layout(model, cfg.cache_len)
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / self.filename

@@ -93,6 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
         "pins) and pruning for the rest",
     )
     ex.add_argument(
+        "--runtimes",
+        default=None,
+        metavar="RT[,RT]",
+        help="export for these of the profile's runtimes only (comma-separated; e.g. onnxruntime where "
+        "ExecuTorch cannot fit the budget); their pins and overheads are the profile's",
+    )
+    ex.add_argument(
         "--force",
         action="store_true",
         help="redo every stage even if its inputs did not change, and renew what the user cache keeps for "
@@ -194,6 +201,8 @@ def _cmd_export(args: argparse.Namespace, profile: DeviceProfile) -> int:
     )
     if args.precision is not None:
         profile = profile.model_copy(update={"precision": args.precision})
+    if args.runtimes is not None:
+        profile = profile.with_runtimes([rt.strip() for rt in args.runtimes.split(",") if rt.strip()])  # type: ignore[misc]
     report = run_pipeline(cfg, profile)
     v = report["validation"]
     log.info(

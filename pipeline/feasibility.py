@@ -113,6 +113,16 @@ def _levers(
             quantize={**profile.quantize, **smallest}, quantize_embedding={**profile.quantize_embedding, **tables}
         )
         out.append(("precision: auto", floor.total_mib - both))
+    # fewer runtimes: where one runtime's floor is the obstacle and another's fits, exporting for that
+    # one alone is the change (Gemma 3 270M on android-go: onnxruntime's int4 weights beside its mapped
+    # fp32 table fit 320 MiB; ExecuTorch's packed int4 lm_head alone needs ~200)
+    if len(profile.runtimes) > 1:
+        for rt in profile.runtimes:
+            alone = floor_estimate(model, shape, profile.with_runtimes([rt]), cfg).total_mib
+            if alone <= target:
+                out.append(
+                    (f"runtimes: [{rt}] (or --runtimes {rt}; its floor {alone:.1f} MiB)", floor.total_mib - alone)
+                )
     # more whole blocks removed, where the method removes blocks at all
     if cfg.removes_blocks:
         more = cfg.model_copy(update={"max_removed_layer_ratio": MOST_BLOCK_REMOVAL})

@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 def _code() -> str:
     from pipeline.manifest import source_digest
 
-    return source_digest("core", "pipeline")
+    return source_digest("core", "exporters", "pipeline")  # exporters: the rounding a simulation reproduces
 
 
 def windows_digest(windows: torch.Tensor) -> str:

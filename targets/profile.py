@@ -154,6 +154,24 @@ class DeviceProfile(_Strict):
             update["quantize_embedding"] = dict(embedding)
         return self.model_copy(update=update)
 
+    def with_runtimes(self, runtimes: list[Runtime]) -> DeviceProfile:
+        """This profile exporting for ``runtimes`` only (a subset of its own, in its order), their pins
+        and overheads kept: ``--runtimes`` on the command line, or the lever an infeasible budget names
+        when one runtime cannot fit where another can (Gemma 3 270M on android-go: onnxruntime's int4
+        weights with the mapped fp32 table fit, ExecuTorch's packed int4 lm_head cannot)."""
+        unknown = [rt for rt in runtimes if rt not in self.runtimes]
+        if unknown or not runtimes:
+            raise ProfileError(
+                f"--runtimes {','.join(runtimes) or '(none)'}: profile '{self.name}' exports for "
+                f"{', '.join(self.runtimes)}; name one or more of those (edit runtimes: in the profile to add one)"
+            )
+        keep = [rt for rt in self.runtimes if rt in runtimes]
+        data = self.model_dump()
+        data["runtimes"] = keep
+        for key in ("quantize", "quantize_embedding", "runtime_overhead_mib"):
+            data[key] = {rt: v for rt, v in data[key].items() if rt in keep}
+        return DeviceProfile.model_validate(data)
+
     def prune_config(self, method: str | None = None, **overrides: Any) -> MethodConfig:
         """The pruning method's typed config for this profile: its ``pruning:`` knobs (when
         ``method`` is the profile's own), the profile's width multiple, then ``overrides``."""

@@ -203,3 +203,13 @@ def test_infeasible_budget_is_found_from_the_config_alone(tmp_path: Path, make_m
     profile = write_profile(tmp_path, "deep", **common, pruning={"method": "depth", "max_removed_layer_ratio": 0.1})
     r = run_cli("export", "--target", str(profile), "--model", str(d), "--out", str(tmp_path / "o2"))
     assert r.returncode == BudgetError.exit_code and "(max_removed_layer_ratio=0.1)" in r.stderr
+
+
+def test_runtimes_flag_names_the_profiles_runtimes(tmp_path: Path, make_model_dir) -> None:
+    """``--runtimes`` keeps a subset of the profile's runtimes; another name is a ProfileError that
+    lists the profile's, before anything is read or written."""
+    d = make_model_dir("llama")
+    r = run_cli("export", "--target", "android", "--model", str(d), "--out", str(tmp_path / "o"), "--runtimes", "tflite")
+    assert r.returncode == ProfileError.exit_code, r.stderr
+    assert "--runtimes tflite" in r.stderr and "executorch, onnxruntime" in r.stderr
+    assert not list((tmp_path / "o").glob("*.safetensors")) and not (tmp_path / "o" / "profile.yaml").exists()

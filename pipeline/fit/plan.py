@@ -253,7 +253,7 @@ def _simulated_ppl(
     which the caller takes without simulating)."""
     runtime, linear, table = key
     with contextlib.ExitStack() as stack:
-        n = stack.enter_context(simulated(model, linear)) if linear != FP32 else 0
+        n = stack.enter_context(simulated(model, linear, windows)) if linear != FP32 else 0
         if table != FP32:
             stack.enter_context(simulated_embedding(model, table, runtime))
         what = precision_text(linear, table)

@@ -15,7 +15,9 @@ How each runtime quantizes (the exporters in ``exporters/quantize.py``):
 - ``int8w`` / ``int4w`` (``MatMulNBits`` 8- or 4-bit, accuracy level 4): symmetric weights in blocks
   of 32 along the input, scaled as MLAS scales them (the block's signed peak on the most negative
   code); activations symmetric int8 per block of 32 (MLAS's integer GEMM). The head is untied and
-  quantized.
+  quantized. ``int4w``'s weights are GPTQ-rounded first (``exporters/rounding.py``), on the windows
+  given: the pricing takes its Hessians from the windows it scores on, which flatters it (Gemma 3
+  270M: 1.09x scored in-sample, 1.16x on held-out text with Hessians from 32 other windows).
 - ``8da8w`` / ``8da4w`` (torchao on every nn.Linear, head included): int8 per output channel or int4
   in groups of 32, symmetric; activations asymmetric int8 per token. ``8da4w`` leaves a Linear whose
   input width is not a whole number of groups in fp32, as the exporter does.
@@ -36,6 +38,7 @@ from torch import nn
 from core.arch import decoder_layers, tied_head
 from core.schemes import GROUP_SIZE, embedding_spec, scheme_spec
 from exporters.quantized_embedding import dequantized, symmetric_grid
+from exporters.rounding import hessians_of, mlas_gptq
 
 Rounding = Callable[[torch.Tensor], torch.Tensor]
 
@@ -138,13 +141,22 @@ def quantized_linears(model: Any, scheme: str) -> list[nn.Linear]:
 
 
 @contextmanager
-def simulated(model: Any, scheme: str) -> Iterator[int]:
+def simulated(model: Any, scheme: str, windows: torch.Tensor | None = None) -> Iterator[int]:
     """Within the block, ``model`` computes as ``scheme``'s artifact would (weights and activations
-    rounded); yields how many Linear modules were quantized. Restores every weight on exit."""
+    rounded); yields how many Linear modules were quantized. Restores every weight on exit. A scheme
+    that rounds by GPTQ (``core.schemes.rounds_by_gptq``) takes its Hessians from ``windows`` (None:
+    rounded to nearest, as its exporter does without calibration text)."""
     sim = SIMULATIONS[scheme]
     linears = quantized_linears(model, scheme)
     saved: list[tuple[nn.Linear, Any]] = []
     handles = []
+    spec = scheme_spec(scheme)
+    start: dict[nn.Linear, torch.Tensor] = {lin: lin.weight.detach().float() for lin in linears}
+    if spec.rounding == "gptq" and windows is not None:
+        hessians = hessians_of(model, linears, windows)
+        for lin in linears:
+            if lin.in_features % spec.group_size == 0:
+                start[lin] = mlas_gptq(lin.weight, hessians.pop(lin), spec.bits, spec.group_size)
 
     def round_input(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
         return (sim.activation(args[0].float()).to(args[0].dtype), *args[1:])
@@ -152,7 +164,7 @@ def simulated(model: Any, scheme: str) -> Iterator[int]:
     try:
         for lin in linears:
             saved.append((lin, lin.weight))
-            lin.weight = nn.Parameter(sim.weight(lin.weight.detach().float()).to(lin.weight.dtype), requires_grad=False)
+            lin.weight = nn.Parameter(sim.weight(start.pop(lin)).to(lin.weight.dtype), requires_grad=False)
             handles.append(lin.register_forward_pre_hook(round_input))
         yield len(linears)
     finally:

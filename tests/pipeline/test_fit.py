@@ -290,3 +290,33 @@ def test_choose_precision_reuses_the_dense_measurements(tmp_path: Path, ids: tor
     assert sum(bool(c.quant_ppl) for c in first.candidates) > 1
     choose_precision(model, ids, profile, profile.prune_config(), Memo("tiny", force=True))
     assert len(simulated) > 1
+
+
+def test_a_runtime_that_cannot_fit_is_named_with_the_one_that_can(tmp_path: Path) -> None:
+    """Gemma 3 270M on android-go: onnxruntime's int4 weights fit, ExecuTorch's packed int4 head does
+    not. The error offers exporting for the runtime that fits (its floor given), and that profile
+    (``with_runtimes``, what ``--runtimes`` applies) passes the check, its pins kept."""
+    import math
+
+    from core.errors import ProfileError
+
+    model = tiny_model("llama", **PRUNE_WIDE)
+    cfg = method_config("width")
+    probe = _auto_profile(tmp_path, pruning={"method": "width", "headroom_mib": 0})
+    floors = {
+        e.runtime: e.total_mib for e in estimate_all(floor_shape(model, cfg), most_compressed(probe, model_shape(model)))
+    }
+    fits, other = sorted(floors, key=floors.get)  # type: ignore[arg-type]
+    assert floors[other] - floors[fits] > 2, floors  # room for a budget between them
+    budget = math.ceil(floors[fits]) + 1
+    auto = _auto_profile(tmp_path, memory_budget_mib=budget, pruning={"method": "width", "headroom_mib": 0})
+    with pytest.raises(BudgetError, match=rf"runtimes: \[{fits}\] \(or --runtimes {fits}; its floor") as err:
+        check_feasible(model, most_compressed(auto, floor_shape(model, cfg)), cfg)
+    assert f"on {other}" in str(err.value)
+    alone = auto.with_runtimes([fits])
+    assert alone.runtimes == [fits] and other not in alone.runtime_overhead_mib
+    check_feasible(model, most_compressed(alone, floor_shape(model, cfg)), cfg)
+    pinned = auto.with_quantize({other: "8da8w" if other == "executorch" else "int8w"})  # type: ignore[dict-item]
+    assert other not in pinned.with_runtimes([fits]).quantize  # a dropped runtime's pins go with it
+    with pytest.raises(ProfileError, match="name one or more of those"):
+        auto.with_runtimes(["tensorrt"])  # type: ignore[list-item]
