@@ -83,10 +83,12 @@ SCHEME_TABLE: dict[Scheme, SchemeSpec] = {
         "int4w", "onnxruntime", weight_bytes=0.5 + 4 / GROUP_SIZE, group_size=GROUP_SIZE, bits=4, unties_head=True,
         # MatMulNBits' 4-bit blocks (onnxruntime-genai's default precision). With int8 compute MLAS packs
         # them into a layout (codes, scales, block sums) that is not smaller than int8w's, so per stored
-        # byte the packed copy is larger: fitted on SmolLM2 alone (load and 1024-4096 positions; block
-        # and head terms cannot be told apart on one model, the head's is held at 0 while running).
-        cost=replace(MATMULNBITS_COST, session_mib=0.029, gemm_transient_ratio=1.005, head_transient_ratio=0.268,
-                     gemm_resident_ratio=0.851, head_resident_ratio=0.0, kv_copies=2.436),
+        # byte the packed copy is larger. Fitted on SmolLM2 (load and 1024-4096 positions) and Gemma 3
+        # 270M (512 positions), whose 28 and 100 MiB heads tell the block and head terms apart: the head
+        # packs like int8w's (load 1.32, kept 1.04 of its bytes). The session term is held at
+        # SmolLM2's fit (free, four points leave it degenerate).
+        cost=replace(MATMULNBITS_COST, session_mib=0.029, gemm_transient_ratio=0.723, head_transient_ratio=1.324,
+                     gemm_resident_ratio=0.573, head_resident_ratio=1.040, kv_copies=2.436),
         rounding="gptq",
         summary="onnxruntime MatMulNBits: int4 weights in blocks of 32 (GPTQ-rounded), int8 activations per block",
     ),

@@ -39,7 +39,8 @@ def check_feasible(model: Any, profile: DeviceProfile, cfg: MethodConfig, shape:
         return  # a ratio target ignores the budget
     shape = shape or model_shape(model)
     target = profile.memory_budget_mib - profile.pruning.headroom_mib
-    floor = floor_estimate(model, shape, profile, cfg)
+    every = estimate_all(floor_shape(model, cfg, shape), profile)
+    floor = worst(every)
     if floor.total_mib <= target:
         return
     over = floor.total_mib - target
@@ -57,6 +58,8 @@ def check_feasible(model: Any, profile: DeviceProfile, cfg: MethodConfig, shape:
     run = f"KV {floor.kv_cache_mib:.1f} + activations {floor.activations_mib:.1f} at {floor.positions} positions"
     phases = f"max(load transients {floor.load_transient_mib:.1f}, {run})" if floor.load_transient_mib else run
     terms = f"weights {floor.weights_mib:.1f} + overhead {floor.overhead_mib:.1f} + {phases}"
+    if len(every) > 1:  # each runtime's own floor: which one is the obstacle, and by how much
+        terms += "; floors: " + ", ".join(f"{e.runtime} {e.total_mib:.1f} MiB" for e in every)
     raise BudgetError(
         f"Budget infeasible for profile '{profile.name}': even the most pruning {cfg.method} allows "
         f"(max_removed_layer_ratio={cfg.max_removed_layer_ratio}){_weights(profile)} needs "

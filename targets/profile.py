@@ -90,6 +90,11 @@ class DeviceProfile(_Strict):
     memory_budget_mib: int = Field(gt=0)
     context_length: int = Field(gt=0, le=1_048_576)
     prefill_tokens: int = Field(gt=0)
+    # The shortest prefill chunk ``precision: auto`` may shorten ``prefill_tokens`` to before it prunes
+    # (halving it): a shorter chunk costs time to the first token, not quality, and its activations
+    # (a chunk of vocabulary-wide logits: Gemma 3's 262144 x 4 bytes per token) shrink with it.
+    # Absent: the chunk is the profile's.
+    prefill_tokens_min: int | None = Field(None, gt=0)
     # Tokens greedy-decoded with the artifact's KV cache during validation (timing + token check).
     decode_tokens: int = Field(32, ge=1, le=4096)
     # Validation fills the KV cache to context_length, the worst case the profile claims. A longer
@@ -172,6 +177,14 @@ class DeviceProfile(_Strict):
             data[key] = {rt: v for rt, v in data[key].items() if rt in keep}
         return DeviceProfile.model_validate(data)
 
+    def prefill_chunks(self) -> list[int]:
+        """The prefill chunks ``precision: auto`` may export with, longest first: ``prefill_tokens``
+        halved down to ``prefill_tokens_min`` (that one included)."""
+        chunks, low = [self.prefill_tokens], self.prefill_tokens_min or self.prefill_tokens
+        while chunks[-1] // 2 >= low:
+            chunks.append(chunks[-1] // 2)
+        return chunks if chunks[-1] == low else [*chunks, low]
+
     def prune_config(self, method: str | None = None, **overrides: Any) -> MethodConfig:
         """The pruning method's typed config for this profile: its ``pruning:`` knobs (when
         ``method`` is the profile's own), the profile's width multiple, then ``overrides``."""
@@ -192,6 +205,10 @@ class DeviceProfile(_Strict):
             raise ValueError(
                 f"prefill_tokens + decode_tokens ({self.prefill_tokens} + {self.decode_tokens}) cannot exceed "
                 f"context_length ({self.context_length})"
+            )
+        if self.prefill_tokens_min is not None and self.prefill_tokens_min > self.prefill_tokens:
+            raise ValueError(
+                f"prefill_tokens_min ({self.prefill_tokens_min}) cannot exceed prefill_tokens ({self.prefill_tokens})"
             )
         if self.fill_max_positions < min(self.context_length, 4 * self.prefill_tokens):
             raise ValueError(

@@ -209,7 +209,9 @@ def test_runtimes_flag_names_the_profiles_runtimes(tmp_path: Path, make_model_di
     """``--runtimes`` keeps a subset of the profile's runtimes; another name is a ProfileError that
     lists the profile's, before anything is read or written."""
     d = make_model_dir("llama")
-    r = run_cli("export", "--target", "android", "--model", str(d), "--out", str(tmp_path / "o"), "--runtimes", "tflite")
+    r = run_cli(
+        "export", "--target", "android", "--model", str(d), "--out", str(tmp_path / "o"), "--runtimes", "tflite"
+    )
     assert r.returncode == ProfileError.exit_code, r.stderr
     assert "--runtimes tflite" in r.stderr and "executorch, onnxruntime" in r.stderr
     assert not list((tmp_path / "o").glob("*.safetensors")) and not (tmp_path / "o" / "profile.yaml").exists()

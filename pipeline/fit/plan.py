@@ -90,6 +90,7 @@ def most_compressed(profile: DeviceProfile, floor: ModelShape) -> DeviceProfile:
     every combination is priced, fp32 included."""
     if profile.precision != "auto":
         return profile
+    profile = profile.model_copy(update={"prefill_tokens": profile.prefill_chunks()[-1]})
     quantize: dict[Any, str] = dict(profile.quantize)
     tables: dict[Any, str] = dict(profile.quantize_embedding)
     for rt in profile.runtimes:
@@ -121,6 +122,7 @@ class Candidate:
     prune_ppl: float | None  # the proxy's calibration perplexity at prune_share
     est_ratio: dict[str, float] = field(default_factory=dict)  # per runtime, vs dense fp32
     chosen: bool = False
+    prefill_tokens: int | None = None  # the prefill chunk it exports with (None: the profile's)
 
     @property
     def worst_ratio(self) -> float:
@@ -149,7 +151,8 @@ class Candidate:
 
     def label(self) -> str:
         prec = ", ".join(f"{rt} {self.runtime_precision(rt)}" for rt in self.precision)
-        return f"{prec}, {'no pruning' if self.prune_share == 0 else 'pruning ' + self.pruning}"
+        chunk = f", prefill chunk {self.prefill_tokens}" if self.prefill_tokens is not None else ""
+        return f"{prec}{chunk}, {'no pruning' if self.prune_share == 0 else 'pruning ' + self.pruning}"
 
 
 @dataclass
@@ -163,6 +166,7 @@ class FitPlan:
     reason: str
     wall_s: float = 0.0
     quantize_embedding: dict[str, str] = field(default_factory=dict)  # the chosen embedding schemes
+    prefill_tokens: int | None = None  # the chosen prefill chunk where shorter than the profile's
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -218,7 +222,7 @@ def choose_precision(
             {rt: s for rt, s in precision.items() if s != FP32},  # type: ignore[misc]
             {rt: e for rt, e in embedding.items() if e != FP32},  # type: ignore[misc]
         )
-        cand = _price(model, shape, prof, cfg, target, precision, embedding)
+        cand = _price(model, shape, prof, cfg, target, precision, embedding, profile.prefill_chunks())
         if cand.reachable:
             # quantizing one more component cannot make a runtime better: a precision scores at least
             # what each of its components scores alone (else sample noise could pick a smaller table
@@ -242,7 +246,10 @@ def choose_precision(
     reason = _reason(best, ranked[1:])
     log.info("precision: %s", reason)
     wall = round(time.perf_counter() - t0, 2)
-    return FitPlan(base, int(windows.shape[0]), candidates, best.quantize, reason, wall, best.quantize_embedding)
+    return FitPlan(
+        base, int(windows.shape[0]), candidates, best.quantize, reason, wall, best.quantize_embedding,
+        best.prefill_tokens,
+    )  # fmt: skip
 
 
 def _simulated_ppl(
@@ -276,16 +283,27 @@ def _price(
     target: float,
     precision: dict[str, str],
     embedding: dict[str, str],
+    chunks: list[int],
 ) -> Candidate:
-    """The memory side of one candidate: its dense prediction and the pruning it needs."""
-    dense = {e.runtime: round(e.total_mib, 1) for e in estimate_all(shape, prof)}
+    """The memory side of one candidate: its dense prediction and the pruning it needs, at the
+    longest prefill chunk of ``chunks`` that holds the dense model, else at the shortest (a shorter
+    chunk costs no quality, pruning does)."""
+    chunk = next((c for c in chunks if _fits(shape, prof, c, target)), chunks[-1])
+    at = prof.model_copy(update={"prefill_tokens": chunk})
+    dense = {e.runtime: round(e.total_mib, 1) for e in estimate_all(shape, at)}
 
     def fits(s: ModelShape) -> bool:
-        return worst(estimate_all(s, prof)).total_mib <= target
+        return _fits(s, at, chunk, target)
 
-    reachable = fits(shape) or floor_estimate(model, shape, prof, cfg).total_mib <= target
+    reachable = fits(shape) or floor_estimate(model, shape, at, cfg).total_mib <= target
     share = smallest_share(shape, fits) if reachable else None
-    return Candidate(precision, embedding, dense, reachable, share, {}, None)
+    shorter = chunk if chunk != prof.prefill_tokens else None
+    return Candidate(precision, embedding, dense, reachable, share, {}, None, prefill_tokens=shorter)
+
+
+def _fits(shape: ModelShape, prof: DeviceProfile, chunk: int, target: float) -> bool:
+    """Whether ``shape`` fits ``target`` on every runtime of ``prof`` prefilling ``chunk`` tokens at a time."""
+    return worst(estimate_all(shape, prof.model_copy(update={"prefill_tokens": chunk}))).total_mib <= target
 
 
 def _reason(best: Candidate, rest: list[Candidate]) -> str:
@@ -306,6 +324,8 @@ def fitted_profile(profile: DeviceProfile, fit: dict[str, Any] | None) -> Device
     :meth:`FitPlan.to_dict`, as saved in ``prune_plan.json``; None: nothing was chosen)."""
     if fit is None:
         return profile
-    return profile.with_quantize(
+    fitted = profile.with_quantize(
         {**fit["quantize"], **profile.quantize}, {**fit.get("quantize_embedding", {}), **profile.quantize_embedding}
     )
+    chunk = fit.get("prefill_tokens")
+    return fitted.model_copy(update={"prefill_tokens": chunk}) if chunk else fitted

@@ -3,6 +3,7 @@ the choice of each runtime's precision with the pruning (pipeline/fit/)."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -304,7 +305,8 @@ def test_a_runtime_that_cannot_fit_is_named_with_the_one_that_can(tmp_path: Path
     cfg = method_config("width")
     probe = _auto_profile(tmp_path, pruning={"method": "width", "headroom_mib": 0})
     floors = {
-        e.runtime: e.total_mib for e in estimate_all(floor_shape(model, cfg), most_compressed(probe, model_shape(model)))
+        e.runtime: e.total_mib
+        for e in estimate_all(floor_shape(model, cfg), most_compressed(probe, model_shape(model)))
     }
     fits, other = sorted(floors, key=floors.get)  # type: ignore[arg-type]
     assert floors[other] - floors[fits] > 2, floors  # room for a budget between them
@@ -320,3 +322,34 @@ def test_a_runtime_that_cannot_fit_is_named_with_the_one_that_can(tmp_path: Path
     assert other not in pinned.with_runtimes([fits]).quantize  # a dropped runtime's pins go with it
     with pytest.raises(ProfileError, match="name one or more of those"):
         auto.with_runtimes(["tensorrt"])  # type: ignore[list-item]
+
+
+def test_a_shorter_prefill_chunk_comes_before_pruning(tmp_path: Path, ids: torch.Tensor) -> None:
+    """A large vocabulary's prefill logits (chunk x vocab x 4 bytes) are a lever that costs no quality:
+    with ``prefill_tokens_min`` the solver halves the chunk until the dense model fits, and prunes
+    only when even the shortest chunk does not. Without it the chunk is the profile's."""
+    model = tiny_model("gemma3_text", vocab_size=32768, hidden_size=64, intermediate_size=128, num_hidden_layers=2)
+    shape = model_shape(model)
+    common = {"runtimes": ["onnxruntime"], "runtime_overhead_mib": {"onnxruntime": 0.0}, "prefill_tokens": 128}
+    pin = {"quantize": {"onnxruntime": "int8w"}, "pruning": {"headroom_mib": 0}}
+    probe = _auto_profile(tmp_path, **common, **pin)
+
+    def peak(chunk: int) -> float:
+        return worst(estimate_all(shape, probe.model_copy(update={"prefill_tokens": chunk}))).total_mib
+
+    assert peak(128) - peak(32) > 8  # 96 tokens of 32768-wide fp32 logits, and the attention's share
+    budget = math.floor(peak(32)) + 1  # 32 fits, 64 does not
+    assert peak(64) > budget
+    profile = _auto_profile(tmp_path, **common, **pin, memory_budget_mib=budget, prefill_tokens_min=16)
+    assert profile.prefill_chunks() == [128, 64, 32, 16]
+    fit = choose_precision(model, ids, profile, profile.prune_config())
+    (cand,) = fit.candidates
+    assert cand.prune_share == 0 and cand.prefill_tokens == fit.prefill_tokens == 32, fit.reason
+    assert "prefill chunk 32, no pruning" in fit.reason
+    fitted = fitted_profile(profile, fit.to_dict())
+    assert fitted.prefill_tokens == 32 and worst(estimate_all(shape, fitted)).total_mib <= budget
+    # the profile's own chunk when no shorter one is allowed: pruning this model's MLPs cannot make up
+    # 96 tokens of logits, so the same budget is out of reach
+    fixed = _auto_profile(tmp_path, **common, **pin, memory_budget_mib=budget)
+    with pytest.raises(BudgetError, match="at 256 positions"):
+        choose_precision(model, ids, fixed, fixed.prune_config())

@@ -18,7 +18,7 @@ SHIPPED = available_profiles()
 # test_every_profile_is_covered. With precision: auto, none needs pruning (int8 weights fit).
 NEEDS_PRUNING_FOR_DEFAULT = {
     "android": True,
-    "android-go": True,  # 8da8w with an fp32 table: its load (the packed int8 head) predicts 331 of 320 MiB
+    "android-go": True,  # fp32 fits neither runtime (auto quantizes: 8da8w with an int8 table, int8w)
     "android-flagship": False,
     "rpi4": True,
     "rpi4-4gb": False,
