@@ -94,7 +94,7 @@ SCHEME_TABLE: dict[Scheme, SchemeSpec] = {
     ),
     "8da4w": SchemeSpec(
         "8da4w", "executorch", weight_bytes=0.5 + 4 / GROUP_SIZE, group_size=GROUP_SIZE, bits=4, whole_groups=True,
-        cost=QD8_COST,
+        cost=QD8_COST, rounding="gptq",
         summary="torchao 8-bit dynamic activations, int4 weights in groups of 32 (XNNPACK)",
     ),
     "8da8w": SchemeSpec(

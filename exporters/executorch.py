@@ -29,6 +29,7 @@ from exporters.kv_cache import StaticCacheDecoder, kv_layout
 from exporters.llm_ops import LlmOpsCacheDecoder, llm_ops_attention, unsupported_reason
 from exporters.quantize import left_unquantized, quantize_torch
 from exporters.quantized_embedding import quantize_embedding
+from exporters.rounding import rounded_for_export
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,12 @@ class ExecuTorchExporter:
             raise RuntimeMissingError(f"ExecuTorch is not installed ({exc}); run `make setup`.") from exc
         t0 = time.perf_counter()
         # quantized: a copy; the caller's fp32 model stays the parity reference
-        source: Any = quantize_torch(model, cfg.quantize) if cfg.quantize else model
+        # a GPTQ-rounding scheme quantizes a rounded copy torchao maps to the same codes
+        source: Any = (
+            quantize_torch(rounded_for_export(model, cfg.quantize, cfg.calibration), cfg.quantize)
+            if cfg.quantize
+            else model
+        )
         left_fp32 = left_unquantized(model, cfg.quantize) if cfg.quantize else []
         if left_fp32:
             log.warning("%s leaves %d Linear module(s) in fp32 (input width not whole groups): %s",

@@ -8,14 +8,18 @@ rounding error over the columns not yet rounded, weighted by the inverse Hessian
 inputs (``X^T X`` on calibration text), so the layer's *outputs* move least. Measured on Gemma 3 270M
 (Hessians from 32 x 128 WikiText-2 validation tokens, 8 other windows scored): 1.116x for the decoder.
 
-The exporters quantize fp32 weights themselves (``MatMulNBitsQuantizer``), so GPTQ's result is handed
-to them as fp32 values that sit exactly on the grid their round-to-nearest computes:
+The exporters quantize fp32 weights themselves (``MatMulNBitsQuantizer``, torchao's ``quantize_``), so
+GPTQ's result is handed to them as fp32 values their round-to-nearest maps to GPTQ's codes:
 
 - MatMulNBits (``int4w``/``int8w``, MLAS): a block's scale is its value of largest magnitude over the
   most negative code (``peak / -8``). GPTQ fixes each block's scale from its (error-updated) weights
   when it reaches the block and forces the peak's column to that most negative code, so the block's
   largest magnitude is exactly ``-8 * scale`` and the exporter recomputes the same scale and codes
   (checked bit for bit in tests/exporters/test_rounding.py).
+- torchao (``8da4w``): a group's scale is its largest magnitude over 7.5, which does not reproduce
+  itself from dequantized values (codes are integers), so the peak keeps its value as the scale's
+  anchor (torchao rounds it to +7 or -8 codes, and GPTQ spreads that error like any other) and the
+  other codes stay within +-7.
 
 A layer's Hessian is taken from the unrounded model's inputs (all layers in one pass), not from
 the already-rounded layers below it: one forward pass instead of one per block, measured within
@@ -28,6 +32,7 @@ import copy
 import logging
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import nn
@@ -60,10 +65,18 @@ def hessians_of(
     return acc  # type: ignore[return-value]
 
 
-def mlas_gptq(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group: int) -> torch.Tensor:
-    """``weight`` [out, in] rounded by GPTQ onto MatMulNBits' grid (symmetric blocks of ``group`` along
-    the input, scale = block peak / -2^(bits-1)), returned dequantized: fp32 values that MLAS's
-    round-to-nearest maps to the same codes and scales."""
+Grid = Literal["mlas", "torchao"]
+
+
+def gptq(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group: int, grid: Grid = "mlas") -> torch.Tensor:
+    """``weight`` [out, in] rounded by GPTQ in symmetric blocks of ``group`` along the input, returned
+    as fp32 values the runtime's round-to-nearest maps to GPTQ's codes and scales:
+
+    - ``mlas`` (MatMulNBits): scale = the block's signed peak / -2^(bits-1); the peak's column takes
+      the most negative code, so the block's largest magnitude is exactly -2^(bits-1) scales;
+    - ``torchao`` (8da4w): scale = max|block| / ((qmax - qmin) / 2) (7.5 for 4 bits); the peak keeps
+      its value (the scale's anchor, which rounds to +7 or -8 codes as torchao computes it) and every
+      other code stays within +-qmax, so no value outgrows it."""
     w = weight.detach().float().clone()
     rows, cols = w.shape
     if cols % group:
@@ -82,15 +95,28 @@ def mlas_gptq(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group: int
         end = g + group
         block = w[:, g:end]
         peak_col = block.abs().argmax(dim=1)
-        scale = block[rows_idx, peak_col] / qmin
-        scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+        peak = block[rows_idx, peak_col].clone()
+        if grid == "mlas":
+            scale = peak / qmin
+            scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+            low = qmin
+        else:  # torchao's arithmetic, op for op (exporters.quantized_embedding.symmetric_grid)
+            scale = peak.abs().clamp_min(1e-12) / ((qmax - qmin) / 2)
+            low = -qmax
+        inv = 1.0 / scale
         err = torch.empty_like(block)
         for j in range(group):
             c = g + j
-            codes = (w[:, c] / scale).round().clamp(qmin, qmax)
-            codes = torch.where(peak_col == j, torch.full_like(codes, qmin), codes)  # the scale's anchor
-            q = codes * scale
-            out[:, c] = q
+            anchor = peak_col == j
+            codes = (w[:, c] * inv if grid == "torchao" else w[:, c] / scale).round().clamp(low, qmax)
+            if grid == "mlas":
+                codes = torch.where(anchor, torch.full_like(codes, qmin), codes)
+                q = baked = codes * scale
+            else:
+                anchor_code = (peak * inv).round().clamp(qmin, qmax)
+                q = torch.where(anchor, anchor_code, codes) * scale
+                baked = torch.where(anchor, peak, codes * scale)
+            out[:, c] = baked
             e = (w[:, c] - q) / hinv[c, c]
             err[:, j] = e
             w[:, c + 1 : end] -= e[:, None] * hinv[c, c + 1 : end][None, :]
@@ -98,9 +124,11 @@ def mlas_gptq(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group: int
     return out
 
 
-def gptq_rounded(model: nn.Module, linears: Iterable[str], windows: torch.Tensor, bits: int, group: int) -> nn.Module:
-    """A copy of ``model`` whose Linear modules named in ``linears`` hold GPTQ-rounded weights on the
-    MatMulNBits grid (see module docstring); ``model`` is left as it was."""
+def gptq_rounded(
+    model: nn.Module, linears: Iterable[str], windows: torch.Tensor, bits: int, group: int, grid: Grid = "mlas"
+) -> nn.Module:
+    """A copy of ``model`` whose Linear modules named in ``linears`` hold GPTQ-rounded weights on
+    ``grid`` (see :func:`gptq`); ``model`` is left as it was."""
     names = set(linears)
     rounded = copy.deepcopy(model)
     head, table = rounded.get_output_embeddings(), rounded.get_input_embeddings()  # type: ignore[operator]
@@ -120,7 +148,7 @@ def gptq_rounded(model: nn.Module, linears: Iterable[str], windows: torch.Tensor
                     "%s: input width %d is not whole %d-wide blocks; rounded to nearest", name, lin.in_features, group
                 )
                 continue
-            lin.weight.copy_(mlas_gptq(lin.weight, hessians[lin], bits, group).to(lin.weight.dtype))
+            lin.weight.copy_(gptq(lin.weight, hessians[lin], bits, group, grid).to(lin.weight.dtype))
     log.info("GPTQ rounded %d Linear modules on %d calibration windows", len(modules), windows.shape[0])
     return rounded
 
@@ -141,4 +169,9 @@ def rounded_for_export(model: nn.Module, scheme: str, calibration: Path | None) 
 
     windows = load_file(str(calibration))["calibration"][:GPTQ_WINDOWS]
     names = [name for name, mod in model.named_modules() if isinstance(mod, nn.Linear)]
-    return gptq_rounded(model, names, windows, spec.bits, spec.group_size)
+    return gptq_rounded(model, names, windows, spec.bits, spec.group_size, grid_of(scheme))
+
+
+def grid_of(scheme: str) -> Grid:
+    """The grid ``scheme``'s quantizer rounds to: torchao's for ExecuTorch, MLAS's for onnxruntime."""
+    return "torchao" if scheme_spec(scheme).runtime == "executorch" else "mlas"

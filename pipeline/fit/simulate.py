@@ -38,7 +38,7 @@ from torch import nn
 from core.arch import decoder_layers, tied_head
 from core.schemes import GROUP_SIZE, embedding_spec, scheme_spec
 from exporters.quantized_embedding import dequantized, symmetric_grid
-from exporters.rounding import hessians_of, mlas_gptq
+from exporters.rounding import gptq, grid_of, hessians_of
 
 Rounding = Callable[[torch.Tensor], torch.Tensor]
 
@@ -156,7 +156,7 @@ def simulated(model: Any, scheme: str, windows: torch.Tensor | None = None) -> I
         hessians = hessians_of(model, linears, windows)
         for lin in linears:
             if lin.in_features % spec.group_size == 0:
-                start[lin] = mlas_gptq(lin.weight, hessians.pop(lin), spec.bits, spec.group_size)
+                start[lin] = gptq(lin.weight, hessians.pop(lin), spec.bits, spec.group_size, grid_of(scheme))
 
     def round_input(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
         return (sim.activation(args[0].float()).to(args[0].dtype), *args[1:])

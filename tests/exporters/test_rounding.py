@@ -12,10 +12,10 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from core.schemes import GROUP_SIZE, rounds_by_gptq
+from core.schemes import GROUP_SIZE, SCHEME_TABLE, rounds_by_gptq
 from exporters import get_exporter
 from exporters.base import ExportConfig
-from exporters.rounding import gptq_rounded, mlas_gptq
+from exporters.rounding import gptq, gptq_rounded
 from pipeline.fit.simulate import SIMULATIONS, simulated
 from targets.validate import run_artifact
 from tests.conftest import QUANT_WIDE, tiny_model
@@ -34,7 +34,7 @@ def test_gptq_lands_on_the_matmulnbits_grid_and_beats_nearest() -> None:
     g = torch.Generator().manual_seed(1)
     w = torch.randn(48, 4 * GROUP_SIZE, generator=g)
     x = _correlated_inputs(512, w.shape[1])
-    q = mlas_gptq(w, x.T @ x, bits=4, group=GROUP_SIZE)
+    q = gptq(w, x.T @ x, bits=4, group=GROUP_SIZE)
     # the exporter's round-to-nearest (MLAS's scale: block peak / -8) maps it to itself, bit for bit
     assert torch.equal(SIMULATIONS["int4w"].weight(q), q)
     # sixteen levels at most per block, the peak on the most negative code
@@ -47,8 +47,15 @@ def test_gptq_lands_on_the_matmulnbits_grid_and_beats_nearest() -> None:
 
     assert out_err(q) < 0.7 * out_err(nearest), (out_err(q), out_err(nearest))
     # int8 blocks too (the same grid rule)
-    q8 = mlas_gptq(w, x.T @ x, bits=8, group=GROUP_SIZE)
+    q8 = gptq(w, x.T @ x, bits=8, group=GROUP_SIZE)
     assert torch.equal(SIMULATIONS["int8w"].weight(q8), q8)
+    # torchao's grid (8da4w: scale = max|block| / 7.5) does not map its own output to itself, so the
+    # peak keeps its value as the scale's anchor: torchao's rounding of the baked weights is GPTQ's
+    baked = gptq(w, x.T @ x, bits=4, group=GROUP_SIZE, grid="torchao")
+    runtime = SIMULATIONS["8da4w"].weight(baked)  # bit-exact with torchao (tests/pipeline/test_fit.py)
+    assert max(len(torch.unique(b)) for b in runtime.reshape(-1, GROUP_SIZE)) <= 16
+    assert not torch.equal(runtime, baked)  # the anchors: off torchao's grid as stored, on it as run
+    assert out_err(runtime) < 0.7 * out_err(SIMULATIONS["8da4w"].weight(w)), (out_err(runtime),)
 
 
 def test_gptq_copy_leaves_the_model_and_its_tied_table() -> None:
@@ -67,26 +74,28 @@ def test_gptq_copy_leaves_the_model_and_its_tied_table() -> None:
 
 
 @pytest.mark.slow
-def test_int4w_artifact_holds_the_simulated_gptq_rounding(tmp_path: Path) -> None:
-    """The exported MatMulNBits weights are GPTQ's: the artifact's logits sit on the simulation's,
-    and closer to fp32 than the artifact rounded to nearest."""
+@pytest.mark.parametrize("scheme", ["int4w", "8da4w"])
+def test_int4_artifact_holds_the_simulated_gptq_rounding(scheme: str, tmp_path: Path) -> None:
+    """The exported int4 weights are GPTQ's (MatMulNBits', torchao's): the artifact's logits sit on
+    the simulation's, and closer to fp32 than the artifact rounded to nearest."""
+    runtime = SCHEME_TABLE[scheme].runtime
     wide = tiny_model("llama", **QUANT_WIDE)
     gen = torch.Generator().manual_seed(3)
     windows = torch.randint(0, wide.config.vocab_size, (16, 32), generator=gen)
     calib = tmp_path / "calibration.safetensors"
     save_file({"calibration": windows}, str(calib))
-    exporter = get_exporter("onnxruntime")
-    cfg = ExportConfig(seq_len=8, max_cache_len=48, quantize="int4w")
+    exporter = get_exporter(runtime)
+    cfg = ExportConfig(seq_len=8, max_cache_len=48, quantize=scheme)
     gptq = exporter.export(wide, ExportConfig(**{**cfg.__dict__, "calibration": calib}), tmp_path / "gptq")
     nearest = exporter.export(wide, cfg, tmp_path / "nearest")
     ids = windows[:1, :16]
     with torch.no_grad():
         ref = wide(ids, use_cache=False).logits.numpy()
-        with simulated(wide, "int4w", windows):
+        with simulated(wide, scheme, windows):
             sim = wide(ids, use_cache=False).logits.numpy()
 
     def prefill(path: Path, where: str) -> np.ndarray:
-        _, got = run_artifact("onnxruntime", path, ids.numpy(), tmp_path / where, threads=1, new_tokens=1, chunk=8)
+        _, got = run_artifact(runtime, path, ids.numpy(), tmp_path / where, threads=1, new_tokens=1, chunk=8)
         assert got is not None
         return got.prefill
 
