@@ -81,8 +81,9 @@ def run_plan(model: str | None, target: str, plan: str, out: Path, samples: int)
     wall = round(time.perf_counter() - t0, 1)
     report_path = out / "run" / "report.json"
     if not report_path.is_file():  # stopped before validation (an infeasible budget, a failed export)
-        tail = (out / "run.log").read_text(errors="replace").strip().splitlines()[-3:]
-        return {"error": " ".join(tail)[-600:], "exit": proc.returncode, "wall_s": wall}
+        lines = (out / "run.log").read_text(errors="replace").strip().splitlines()
+        error = next((line for line in reversed(lines) if "error (" in line), " ".join(lines[-3:]))  # the whole message
+        return {"error": error, "exit": proc.returncode, "wall_s": wall}
     return summarize(json.loads(report_path.read_text()), wall)
 
 
