@@ -353,3 +353,41 @@ def test_a_shorter_prefill_chunk_comes_before_pruning(tmp_path: Path, ids: torch
     fixed = _auto_profile(tmp_path, **common, **pin, memory_budget_mib=budget)
     with pytest.raises(BudgetError, match="at 256 positions"):
         choose_precision(model, ids, fixed, fixed.prune_config())
+
+
+def test_gptq_is_priced_on_held_out_hessians(tmp_path: Path, monkeypatch) -> None:
+    """GPTQ is priced only where no candidate rounded to nearest fits unpruned (else int4 is priced to
+    nearest, an upper bound, and costs no minutes). Then, with more calibration windows than the 8
+    scored, its Hessians come from the others (its score is not in-sample); with only the 8
+    (generated text's head), from those."""
+    import pipeline.fit.plan as plan
+    from pipeline.methods.base import PPL_WINDOWS
+
+    model = tiny_model("llama", **PRUNE_WIDE)
+    shape = model_shape(model)
+    common = {"runtimes": ["onnxruntime"], "runtime_overhead_mib": {"onnxruntime": 0.0}}
+    probe = _auto_profile(tmp_path, **common, pruning={"headroom_mib": 0})
+
+    def peak(scheme: str | None) -> float:
+        return worst(estimate_all(shape, probe.with_quantize({"onnxruntime": scheme} if scheme else {}))).total_mib  # type: ignore[dict-item]
+
+    nearest = min(peak(s) for s in (None, "int8", "int8w"))
+    assert peak("int4w") + 1 < nearest, (peak("int4w"), nearest)
+    seen: dict[str, torch.Tensor | None] = {}
+    real = plan.simulated
+
+    def spy(m: nn.Module, scheme: str, windows: torch.Tensor | None = None):
+        seen[scheme] = windows
+        return real(m, scheme, windows)
+
+    monkeypatch.setattr(plan, "simulated", spy)
+    calib = torch.randint(0, model.config.vocab_size, (PPL_WINDOWS + 5, 16), generator=torch.Generator().manual_seed(4))
+    roomy = _auto_profile(tmp_path, **common, pruning={"headroom_mib": 0}, memory_budget_mib=math.ceil(nearest) + 1)
+    choose_precision(model, calib, roomy, roomy.prune_config())
+    assert "int4w" in seen and seen["int4w"] is None  # fp32 or int8 fits as is: int4w priced to nearest
+    tight = _auto_profile(tmp_path, **common, pruning={"headroom_mib": 0}, memory_budget_mib=math.ceil(peak("int4w")))
+    fit = choose_precision(model, calib, tight, tight.prune_config())
+    assert fit.quantize == {"onnxruntime": "int4w"}, fit.reason
+    assert seen["int4w"] is not None and torch.equal(seen["int4w"], calib[PPL_WINDOWS:])
+    choose_precision(model, calib[:PPL_WINDOWS], tight, tight.prune_config())
+    assert torch.equal(seen["int4w"], calib[:PPL_WINDOWS])
