@@ -71,12 +71,12 @@ class ExecuTorchExporter:
             raise RuntimeMissingError(f"ExecuTorch is not installed ({exc}); run `make setup`.") from exc
         t0 = time.perf_counter()
         # quantized: a copy; the caller's fp32 model stays the parity reference
-        # a GPTQ-rounding scheme quantizes a rounded copy torchao maps to the same codes
-        source: Any = (
-            quantize_torch(rounded_for_export(model, cfg.quantize, cfg.calibration), cfg.quantize)
-            if cfg.quantize
-            else model
-        )
+        # a GPTQ-rounding scheme quantizes a rounded copy torchao maps to the same codes (in place: one
+        # copy of the model, not two)
+        source: Any = model
+        if cfg.quantize:
+            rounded = rounded_for_export(model, cfg.quantize, cfg.calibration)
+            source = quantize_torch(rounded, cfg.quantize, copy_model=rounded is model)
         left_fp32 = left_unquantized(model, cfg.quantize) if cfg.quantize else []
         if left_fp32:
             log.warning("%s leaves %d Linear module(s) in fp32 (input width not whole groups): %s",

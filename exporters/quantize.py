@@ -107,13 +107,14 @@ def check_embedding_scheme(runtime: str, scheme: str) -> None:
         raise ExportError(str(exc)) from None
 
 
-def quantize_torch(model: nn.Module, scheme: str) -> nn.Module:
-    """A quantized copy of ``model`` (the fp32 model stays as it is, for parity references)."""
+def quantize_torch(model: nn.Module, scheme: str, copy_model: bool = True) -> nn.Module:
+    """A quantized copy of ``model`` (the fp32 model stays as it is, for parity references);
+    ``copy_model=False``: ``model`` itself, quantized in place (a copy the caller made already)."""
     import torch
     from torchao.quantization import Int8DynamicActivationIntxWeightConfig, PerAxis, PerGroup, quantize_
 
     spec = check_scheme("executorch", scheme)
-    q = copy.deepcopy(model)
+    q = copy.deepcopy(model) if copy_model else model
     if scheme == "8da4w":
         config = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(GROUP_SIZE))  # type: ignore[attr-defined]
     else:

@@ -117,8 +117,8 @@ def _levers(
         )
         out.append(("precision: auto", floor.total_mib - both))
     # fewer runtimes: where one runtime's floor is the obstacle and another's fits, exporting for that
-    # one alone is the change (Gemma 3 270M on android-go: onnxruntime's int4 weights beside its mapped
-    # fp32 table fit 320 MiB; ExecuTorch's packed int4 lm_head alone needs ~200)
+    # one alone is the change (Gemma 3 270M: ExecuTorch's packed int4 lm_head alone needs ~270 MiB while
+    # loading, onnxruntime's floor is ~100 MiB lower)
     if len(profile.runtimes) > 1:
         for rt in profile.runtimes:
             alone = floor_estimate(model, shape, profile.with_runtimes([rt]), cfg).total_mib

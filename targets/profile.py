@@ -162,8 +162,8 @@ class DeviceProfile(_Strict):
     def with_runtimes(self, runtimes: list[Runtime]) -> DeviceProfile:
         """This profile exporting for ``runtimes`` only (a subset of its own, in its order), their pins
         and overheads kept: ``--runtimes`` on the command line, or the lever an infeasible budget names
-        when one runtime cannot fit where another can (Gemma 3 270M on android-go: onnxruntime's int4
-        weights with the mapped fp32 table fit, ExecuTorch's packed int4 lm_head cannot)."""
+        when one runtime cannot fit where another can (Gemma 3 270M: ExecuTorch's floor is ~100 MiB above
+        onnxruntime's, its packed int4 lm_head)."""
         unknown = [rt for rt in runtimes if rt not in self.runtimes]
         if unknown or not runtimes:
             raise ProfileError(

@@ -317,7 +317,7 @@ def _price(
     dense = {e.runtime: round(e.total_mib, 1) for e in estimate_all(shape, at)}
 
     def fits(s: ModelShape) -> bool:
-        return _fits(s, at, chunk, target)
+        return worst(estimate_all(s, at)).total_mib <= target
 
     reachable = fits(shape) or floor_estimate(model, shape, at, cfg).total_mib <= target
     share = smallest_share(shape, fits) if reachable else None

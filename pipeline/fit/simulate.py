@@ -15,9 +15,10 @@ How each runtime quantizes (the exporters in ``exporters/quantize.py``):
 - ``int8w`` / ``int4w`` (``MatMulNBits`` 8- or 4-bit, accuracy level 4): symmetric weights in blocks
   of 32 along the input, scaled as MLAS scales them (the block's signed peak on the most negative
   code); activations symmetric int8 per block of 32 (MLAS's integer GEMM). The head is untied and
-  quantized. ``int4w``'s weights are GPTQ-rounded first (``exporters/rounding.py``), on the windows
-  given: the pricing takes its Hessians from the windows it scores on, which flatters it (Gemma 3
-  270M: 1.09x scored in-sample, 1.16x on held-out text with Hessians from 32 other windows).
+  quantized.
+- ``int4w`` and ``8da4w`` are exported GPTQ-rounded (``exporters/rounding.py``); given windows, the
+  simulation rounds so too, with Hessians from them (the fit passes windows held out from its score
+  where it has any: in-sample flatters it, Gemma 3 270M int4w 1.09x vs 1.16x held out).
 - ``8da8w`` / ``8da4w`` (torchao on every nn.Linear, head included): int8 per output channel or int4
   in groups of 32, symmetric; activations asymmetric int8 per token. ``8da4w`` leaves a Linear whose
   input width is not a whole number of groups in fp32, as the exporter does.
