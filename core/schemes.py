@@ -10,6 +10,12 @@ against it, the memory model counts bytes from it, the exporters implement it
 The embedding table is a component of its own (``EMBEDDING_TABLE``): its schemes are chosen apart
 from the linear weights' (``quantize_embedding:``), since the embedding is a gather, not a GEMM, and
 on a large-vocabulary model it is most of the weights (Gemma 3 270M: 63%).
+
+The lm_head is a component of its own too (``quantize_head:``): the vocabulary projection is one
+GEMM as wide as the vocabulary, so its bytes, its load-time packing and its rounding error differ
+from the blocks' (Gemma 3 270M: 168M of its 268M parameters; SmolLM2-135M: 28M of 135M). Its schemes
+are the runtime's linear schemes that store a head of its own (``head_schemes_for``), or fp32;
+absent, the head follows the linear scheme, as it always has.
 """
 
 from __future__ import annotations
@@ -164,10 +170,33 @@ def embedding_spec(name: str, runtime: str) -> EmbeddingSpec:
     return spec
 
 
-def precision_text(linear: str | None, embedding: str | None = None) -> str:
-    """A runtime's precision in words: its linear scheme (left out when None) and, where quantized,
-    its embedding table's: ``8da8w + int8 embedding``. The one wording of the report, gates and logs."""
+HEAD_FP32 = "fp32"  # quantize_head's value for a vocabulary projection kept in the model's precision
+HeadScheme = Literal["int8w", "int4w", "8da4w", "8da8w", "fp32"]
+
+
+def head_schemes_for(runtime: str) -> tuple[Scheme, ...]:
+    """The linear schemes of ``runtime`` the lm_head may take on its own: those whose exporter
+    quantizes a head apart from the blocks (MatMulNBits on its own MatMul, torchao on its own
+    Linear). onnxruntime's dynamic ``int8`` is not one: it quantizes every MatMul with a constant
+    weight or none, and a tied head reads the table through a Transpose."""
+    return tuple(s for s in schemes_for(runtime) if s != "int8")
+
+
+def effective_head(linear: str | None, head: str | None) -> str | None:
+    """The scheme the lm_head is stored in: ``head`` where set (``fp32``: None), else the linear
+    scheme's (the head follows the blocks unless told otherwise)."""
+    if head is None:
+        return linear
+    return None if head == HEAD_FP32 else head
+
+
+def precision_text(linear: str | None, embedding: str | None = None, head: str | None = None) -> str:
+    """A runtime's precision in words: its linear scheme (left out when None), its lm_head's where it
+    differs (``head``: None follows the linear scheme), and, where quantized, its embedding table's:
+    ``8da8w + 8da4w head + int8 embedding``. The one wording of the report, gates and logs."""
     parts = [linear] if linear else []
+    if head is not None and effective_head(linear, head) != linear:
+        parts.append(f"{head} head")
     if embedding and embedding != "fp32":
         parts.append(f"{embedding} embedding")
     return " + ".join(parts)

@@ -9,6 +9,8 @@ from typing import Any, Literal, Protocol
 
 from transformers import PreTrainedModel
 
+from core.schemes import effective_head
+
 
 @dataclass(frozen=True)
 class ExportConfig:
@@ -24,6 +26,9 @@ class ExportConfig:
     batch_size: int = 1
     quantize: str | None = None  # a scheme of exporters.quantize (per runtime), None: fp32
     quantize_embedding: str | None = None  # an embedding scheme of core.schemes (per runtime), None: fp32
+    # the lm_head's scheme where it differs from ``quantize`` (core.schemes.head_schemes_for, or
+    # "fp32"); None: the head follows ``quantize``
+    quantize_head: str | None = None
     # onnxruntime: "onnx" (torch.onnx's graph, Optimum's input names), "ort" (+ model.ort for ORT
     # Mobile, optimized offline), "genai" (onnxruntime-genai's builder: exporters.genai)
     onnx_format: Literal["onnx", "ort", "genai"] = "onnx"
@@ -33,6 +38,16 @@ class ExportConfig:
     # calibration token windows (a safetensors file, tensor "calibration") for a scheme that rounds by
     # GPTQ (core.schemes.rounds_by_gptq); None: such a scheme rounds to nearest, with a warning
     calibration: Path | None = None
+
+    @property
+    def head_scheme(self) -> str | None:
+        """The scheme the lm_head is stored in (None: fp32)."""
+        return effective_head(self.quantize, self.quantize_head)
+
+    @property
+    def quantized_weights(self) -> bool:
+        """Whether any linear weight (the blocks or the lm_head) is quantized."""
+        return self.quantize is not None or self.head_scheme is not None
 
     @property
     def ort_format(self) -> bool:

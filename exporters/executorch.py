@@ -74,10 +74,10 @@ class ExecuTorchExporter:
         # a GPTQ-rounding scheme quantizes a rounded copy torchao maps to the same codes (in place: one
         # copy of the model, not two)
         source: Any = model
-        if cfg.quantize:
-            rounded = rounded_for_export(model, cfg.quantize, cfg.calibration)
-            source = quantize_torch(rounded, cfg.quantize, copy_model=rounded is model)
-        left_fp32 = left_unquantized(model, cfg.quantize) if cfg.quantize else []
+        if cfg.quantized_weights:
+            rounded = rounded_for_export(model, cfg.quantize, cfg.calibration, cfg.quantize_head)
+            source = quantize_torch(rounded, cfg.quantize, copy_model=rounded is model, head=cfg.quantize_head)
+        left_fp32 = left_unquantized(model, cfg.quantize, cfg.quantize_head)
         if left_fp32:
             log.warning("%s leaves %d Linear module(s) in fp32 (input width not whole groups): %s",
                         cfg.quantize, len(left_fp32), ", ".join(left_fp32))  # fmt: skip
@@ -132,6 +132,7 @@ class ExecuTorchExporter:
             "max_seq_len": cfg.seq_len,
             "metadata": metadata,
             "quantization": cfg.quantize or "none",
+            "head_quantization": cfg.head_scheme or "none",
             "embedding_quantization": cfg.quantize_embedding or "none",
             "left_fp32": left_fp32,
         }

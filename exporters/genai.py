@@ -76,6 +76,9 @@ def unsupported_reason(model: PreTrainedModel, cfg: ExportConfig) -> str | None:
         return f"architecture {model_type} (the builder path covers {', '.join(sorted(BUILDERS))})"
     if cfg.quantize not in PRECISIONS:
         return f"weight scheme {cfg.quantize} (GenAI export takes {', '.join(str(k) for k in PRECISIONS if k)})"
+    if cfg.head_scheme != cfg.quantize:
+        blocks = cfg.quantize or "fp32"
+        return f"an lm_head in {cfg.quantize_head} apart from the blocks' {blocks} (the builder takes one scheme)"
     if cfg.quantize_embedding:
         return "a quantized embedding table (not wired to the builder's Gather quantization yet)"
     for i, (q, kv, _) in enumerate(layer_shapes(model)):

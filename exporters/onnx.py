@@ -101,12 +101,12 @@ class OnnxExporter:
             return GenAIExporter().export(model, cfg, out_dir)
 
         t0 = time.perf_counter()
-        if cfg.quantize:
-            check_scheme(self.name, cfg.quantize)
+        for scheme in {cfg.quantize, cfg.head_scheme} - {None}:
+            check_scheme(self.name, scheme)  # type: ignore[arg-type]
         if cfg.quantize_embedding:
             check_embedding_scheme(self.name, cfg.quantize_embedding)
-        if cfg.quantize:  # a GPTQ-rounding scheme exports a rounded copy its quantizer maps to the same codes
-            model = rounded_for_export(model, cfg.quantize, cfg.calibration)  # type: ignore[assignment]
+        if cfg.quantized_weights:  # a GPTQ-rounding scheme exports a rounded copy its quantizer maps to the same codes
+            model = rounded_for_export(model, cfg.quantize, cfg.calibration, cfg.quantize_head)  # type: ignore[assignment]
         layout = kv_layout(model, cfg.cache_len)
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / self.filename
@@ -130,12 +130,12 @@ class OnnxExporter:
             # data first, graph last, so model.onnx never names data that is not complete.
             with tempfile.TemporaryDirectory(dir=out_dir, prefix=".onnx-") as tmp_dir:
                 tmp = Path(tmp_dir) / self.filename
-                if cfg.quantize:
+                if cfg.quantized_weights:
                     fp32 = Path(tmp_dir) / "fp32" / self.filename
                     fp32.parent.mkdir()
                     onnx_ir.save(program.model, str(fp32), external_data=self.data_filename)
                     del program
-                    quantize_onnx(fp32, tmp, cfg.quantize)
+                    quantize_onnx(fp32, tmp, cfg.quantize, cfg.quantize_head)
                 else:
                     onnx_ir.save(program.model, str(tmp), external_data=self.data_filename)
                 onnx.checker.check_model(str(tmp), full_check=False)
@@ -161,6 +161,7 @@ class OnnxExporter:
             + (f"; sliding-window layers hold {layout.window - 1} positions" if layout.window else ""),
             "kv_heads": list(layout.kv_heads),
             "quantization": cfg.quantize or "none",
+            "head_quantization": cfg.head_scheme or "none",
             "format": "ort (offline-optimized, fixed)" if cfg.ort_format else "onnx",
             "fused": fused,  # onnxruntime's RMSNorm / skip-RMSNorm / rotary ops (exporters/onnx_fusions.py)
         }

@@ -43,7 +43,7 @@ import numpy as np
 from torch import nn
 
 from core.errors import ConfigError, ExportError
-from core.schemes import GROUP_SIZE, SchemeSpec, embedding_spec, scheme_spec
+from core.schemes import GROUP_SIZE, SchemeSpec, effective_head, embedding_spec, precision_text, scheme_spec
 
 if TYPE_CHECKING:
     import onnx
@@ -107,23 +107,31 @@ def check_embedding_scheme(runtime: str, scheme: str) -> None:
         raise ExportError(str(exc)) from None
 
 
-def quantize_torch(model: nn.Module, scheme: str, copy_model: bool = True) -> nn.Module:
-    """A quantized copy of ``model`` (the fp32 model stays as it is, for parity references);
-    ``copy_model=False``: ``model`` itself, quantized in place (a copy the caller made already)."""
+def quantize_torch(model: nn.Module, scheme: str | None, copy_model: bool = True, head: str | None = None) -> nn.Module:
+    """A quantized copy of ``model`` (the fp32 model stays as it is, for parity references), the
+    blocks' Linear modules in ``scheme`` (None: fp32) and the lm_head in ``head`` (None: ``scheme``;
+    ``fp32``: left fp32); ``copy_model=False``: ``model`` itself, quantized in place (a copy the
+    caller made already)."""
     import torch
     from torchao.quantization import Int8DynamicActivationIntxWeightConfig, PerAxis, PerGroup, quantize_
 
-    spec = check_scheme("executorch", scheme)
+    def config(name: str) -> Any:
+        if name == "8da4w":
+            int4 = torch.int4  # type: ignore[attr-defined]
+            return Int8DynamicActivationIntxWeightConfig(weight_dtype=int4, weight_granularity=PerGroup(GROUP_SIZE))
+        return Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0))
+
+    head_scheme = effective_head(scheme, head)
+    specs = {s: check_scheme("executorch", s) for s in (scheme, head_scheme) if s is not None}
     q = copy.deepcopy(model) if copy_model else model
-    if scheme == "8da4w":
-        config = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(GROUP_SIZE))  # type: ignore[attr-defined]
-    else:
-        config = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0))
+    lm_head = q.get_output_embeddings()  # type: ignore[operator]
+    for name, spec in specs.items():
 
-    def linear_with_groups(module: nn.Module, fqn: str) -> bool:
-        return isinstance(module, nn.Linear) and _tiles(module, spec)
+        def chosen(module: nn.Module, fqn: str, name: str = name, spec: SchemeSpec = spec) -> bool:
+            wanted = head_scheme if module is lm_head else scheme
+            return isinstance(module, nn.Linear) and wanted == name and _tiles(module, spec)
 
-    quantize_(q, config, filter_fn=linear_with_groups)
+        quantize_(q, config(name), filter_fn=chosen)
     return q
 
 
@@ -132,47 +140,94 @@ def _tiles(linear: nn.Linear, spec: SchemeSpec) -> bool:
     return not spec.whole_groups or linear.in_features % spec.group_size == 0
 
 
-def left_unquantized(model: nn.Module, scheme: str) -> list[str]:
-    """The Linear modules ``scheme`` leaves in fp32 (a pruned input width that is not a whole number
-    of its groups): named in the export's details and the report, never skipped silently."""
-    spec = scheme_spec(scheme)
-    return [fqn for fqn, m in model.named_modules() if isinstance(m, nn.Linear) and not _tiles(m, spec)]
+def left_unquantized(model: nn.Module, scheme: str | None, head: str | None = None) -> list[str]:
+    """The Linear modules the blocks' ``scheme`` and the lm_head's ``head`` (None: ``scheme``) leave in
+    fp32 (a pruned input width that is not a whole number of its groups): named in the export's
+    details and the report, never skipped silently."""
+    lm_head, head_scheme = model.get_output_embeddings(), effective_head(scheme, head)  # type: ignore[operator]
+    out = []
+    for fqn, m in model.named_modules():
+        wanted = head_scheme if m is lm_head else scheme
+        if isinstance(m, nn.Linear) and wanted is not None and not _tiles(m, scheme_spec(wanted)):
+            out.append(fqn)
+    return out
 
 
-def quantize_onnx(src: Path, dst: Path, scheme: str = "int8") -> None:
-    """Quantize ``src`` into ``dst`` (``int8`` dynamic, or ``int8w`` / ``int4w`` MatMulNBits), weights in
-    ``dst``'s ``.data`` sidecar."""
-    spec = check_scheme("onnxruntime", scheme)
+def head_matmul(model: onnx.ModelProto) -> Any | None:
+    """The node that computes the logits (the lm_head's MatMul, or its quantized form): found walking
+    back from the graph's ``logits`` output through the ops after it (a cast, a soft-cap), or None."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    name = next((o.name for o in model.graph.output if o.name == "logits"), model.graph.output[0].name)
+    seen = 0
+    while name in producers and seen < 16:
+        node = producers[name]
+        if node.op_type in ("MatMul", "Gemm", "MatMulNBits", "MatMulInteger"):
+            return node
+        name, seen = node.input[0], seen + 1
+    return None
+
+
+def quantize_onnx(src: Path, dst: Path, scheme: str | None = "int8", head: str | None = None) -> None:
+    """Quantize ``src`` into ``dst``, weights in ``dst``'s ``.data`` sidecar: the blocks' MatMuls in
+    ``scheme`` (``int8`` dynamic, or ``int8w`` / ``int4w`` MatMulNBits; None: fp32) and the lm_head's in
+    ``head`` (None: ``scheme``; ``fp32``: left as it is; else a MatMulNBits scheme). A head quantized
+    apart is its own pass over its one node (``nodes_to_include``); the blocks' pass excludes it."""
+    head_scheme = effective_head(scheme, head)
+    spec = check_scheme("onnxruntime", scheme) if scheme is not None else None
+    head_spec = check_scheme("onnxruntime", head_scheme) if head_scheme is not None else None
+    dynamic = spec is not None and not spec.group_size
     try:
-        if spec.group_size:  # MatMulNBits, blockwise
-            import onnx
-            from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+        from onnxruntime.quantization import QuantType, quantize_dynamic
 
-            logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
-            model = onnx.load(str(src))
-            untied = untie_transposed_weights(model)
-            quantizer = MatMulNBitsQuantizer(
-                model, bits=spec.bits, block_size=spec.group_size, is_symmetric=True,
-                accuracy_level=INT8W_ACCURACY_LEVEL, op_types_to_quantize=("MatMul",),
-            )  # fmt: skip
-            quantizer.process()
-            quantizer.model.save_model_to_file(str(dst), use_external_data_format=True)
-            log.info("%s: untied %s before quantizing", scheme, ", ".join(untied) or "nothing")
+        if dynamic and head_scheme == scheme:  # every MatMul with a constant weight, the head's too
+            _dynamic_int8(quantize_dynamic, QuantType, src, dst, None)
         else:
-            from onnxruntime.quantization import QuantType, quantize_dynamic
+            import onnx
+            from onnxruntime.quantization.onnx_model import ONNXModel
 
-            quantize_dynamic(
-                str(src),
-                str(dst),
-                weight_type=QuantType.QUInt8,
-                per_channel=True,
-                op_types_to_quantize=["MatMul", "Gemm"],
-                use_external_data_format=True,
-                extra_options={"MatMulConstBOnly": True},
-            )
+            model = onnx.load(str(src))
+            node = head_matmul(model)
+            if node is not None and not node.name:
+                node.name = "lm_head_matmul"
+            apart = [node.name] if node is not None and head_scheme != scheme else None
+            if head_spec is not None:  # MatMulNBits reads a constant B: the tied head gets its own
+                untied = untie_transposed_weights(model)
+                log.info("%s head: untied %s before quantizing", head_scheme, ", ".join(untied) or "nothing")
+            if spec is not None and not dynamic:
+                model = _nbits(model, spec.bits, exclude=apart)
+            if apart and head_spec is not None:  # only the head: every other MatMul excluded
+                others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in apart]
+                model = _nbits(model, head_spec.bits, exclude=others)
+            target = dst.with_name("head-" + dst.name) if dynamic else dst
+            ONNXModel(model).save_model_to_file(str(target), use_external_data_format=True)
+            if dynamic:  # the blocks' dynamic int8 after the head's own pass
+                _dynamic_int8(quantize_dynamic, QuantType, target, dst, apart)
     except Exception as exc:
         raise ExportError(
-            f"onnxruntime {scheme} quantization of {src.name} failed: {type(exc).__name__}: {exc}"
+            f"onnxruntime {precision_text(scheme, None, head)} quantization of {src.name} failed: "
+            f"{type(exc).__name__}: {exc}"
         ) from exc
     if not dst.with_name(dst.name + ".data").is_file():
         raise ExportError(f"{scheme} quantization wrote no external data file beside {dst}")
+
+
+def _nbits(model: onnx.ModelProto, bits: int, exclude: list[str] | None = None) -> onnx.ModelProto:
+    """``model`` with its MatMuls (less those named in ``exclude``) in MatMulNBits. (The quantizer's
+    ``nodes_to_include`` adds to its op types, it does not narrow them.)"""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
+    quantizer = MatMulNBitsQuantizer(
+        model, bits=bits, block_size=GROUP_SIZE, is_symmetric=True, accuracy_level=INT8W_ACCURACY_LEVEL,
+        op_types_to_quantize=("MatMul",), nodes_to_exclude=exclude,
+    )  # fmt: skip
+    quantizer.process()
+    return quantizer.model.model
+
+
+def _dynamic_int8(quantize_dynamic: Any, quant_type: Any, src: Path, dst: Path, exclude: list[str] | None) -> None:
+    """onnxruntime's dynamic int8 (uint8 weights per channel, see the module docstring) of ``src``."""
+    quantize_dynamic(
+        str(src), str(dst), weight_type=quant_type.QUInt8, per_channel=True, op_types_to_quantize=["MatMul", "Gemm"],
+        use_external_data_format=True, nodes_to_exclude=exclude, extra_options={"MatMulConstBOnly": True},
+    )  # fmt: skip

@@ -37,7 +37,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from core.schemes import scheme_spec
+from core.schemes import effective_head, scheme_spec
 
 log = logging.getLogger(__name__)
 
@@ -136,20 +136,28 @@ def gptq_rounded(
 ) -> nn.Module:
     """A copy of ``model`` whose Linear modules named in ``linears`` hold GPTQ-rounded weights on
     ``grid`` (see :func:`gptq`); ``model`` is left as it was."""
-    names = set(linears)
+    return gptq_rounded_by(model, dict.fromkeys(linears, (bits, group, grid)), windows)
+
+
+def gptq_rounded_by(model: nn.Module, plan: dict[str, tuple[int, int, Grid]], windows: torch.Tensor) -> nn.Module:
+    """A copy of ``model`` whose Linear modules named in ``plan`` hold GPTQ-rounded weights, each at
+    its own (bits, group, grid): the blocks and the lm_head may be rounded for different schemes.
+    ``model`` is left as it was."""
     rounded = copy.deepcopy(model)
     head, table = rounded.get_output_embeddings(), rounded.get_input_embeddings()  # type: ignore[operator]
-    if head is not None and table is not None and head.weight is table.weight:
+    head_name = next((n for n, m in rounded.named_modules() if m is head), None)
+    if head is not None and table is not None and head.weight is table.weight and head_name in plan:
         # a tied lm_head is rounded on its own (the schemes that round it store it apart: unties_head);
         # the table it shared stays the fp32 one
         head.weight = nn.Parameter(table.weight.detach().clone(), requires_grad=False)
         rounded.config.tie_word_embeddings = False  # type: ignore[union-attr]
-    modules = {name: mod for name, mod in rounded.named_modules() if name in names and isinstance(mod, nn.Linear)}
+    modules = {name: mod for name, mod in rounded.named_modules() if name in plan and isinstance(mod, nn.Linear)}
     if not modules:
         return rounded
     hessians = hessians_of(rounded, list(modules.values()), windows)
     with torch.no_grad():
         for name, lin in modules.items():
+            bits, group, grid = plan[name]
             if lin.in_features % group:
                 log.warning(
                     "%s: input width %d is not whole %d-wide blocks; rounded to nearest", name, lin.in_features, group
@@ -163,20 +171,30 @@ def gptq_rounded(
 GPTQ_WINDOWS = 64  # calibration windows the Hessians take at most (64 x 128 tokens)
 
 
-def rounded_for_export(model: nn.Module, scheme: str, calibration: Path | None) -> nn.Module:
-    """``model`` as ``scheme``'s exporter should quantize it: GPTQ-rounded (a copy) when the scheme
-    rounds by GPTQ and calibration windows were given, else ``model`` itself (to nearest, warned)."""
-    spec = scheme_spec(scheme)
-    if spec.rounding != "gptq":
+def rounded_for_export(
+    model: nn.Module, scheme: str | None, calibration: Path | None, head: str | None = None
+) -> nn.Module:
+    """``model`` as its exporter should quantize it, the blocks in ``scheme`` and the lm_head in
+    ``head`` (None: ``scheme``; ``fp32``: unquantized): GPTQ-rounded (a copy) where a scheme rounds by
+    GPTQ and calibration windows were given, else ``model`` itself (to nearest, warned)."""
+    head_module = model.get_output_embeddings()  # type: ignore[operator]
+    head_scheme = effective_head(scheme, head)
+    plan: dict[str, tuple[int, int, Grid]] = {}
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.Linear):
+            continue
+        s = head_scheme if mod is head_module else scheme
+        if s is not None and scheme_spec(s).rounding == "gptq":
+            plan[name] = (scheme_spec(s).bits, scheme_spec(s).group_size, grid_of(s))
+    if not plan:
         return model
     if calibration is None or not calibration.is_file():
-        log.warning("%s: no calibration windows given; weights rounded to nearest, not by GPTQ", scheme)
+        log.warning("%s: no calibration windows given; weights rounded to nearest, not by GPTQ", scheme or head_scheme)
         return model
     from safetensors.torch import load_file
 
     windows = load_file(str(calibration))["calibration"][:GPTQ_WINDOWS]
-    names = [name for name, mod in model.named_modules() if isinstance(mod, nn.Linear)]
-    return gptq_rounded(model, names, windows, spec.bits, spec.group_size, grid_of(scheme))
+    return gptq_rounded_by(model, plan, windows)
 
 
 def grid_of(scheme: str) -> Grid:

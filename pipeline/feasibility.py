@@ -71,9 +71,10 @@ def check_feasible(model: Any, profile: DeviceProfile, cfg: MethodConfig, shape:
 
 def _weights(profile: DeviceProfile) -> str:
     """How the floor's weights are stored, where any runtime's are quantized."""
-    if not profile.quantize and not profile.quantize_embedding:
+    if not profile.quantize and not profile.quantize_embedding and not profile.quantize_head:
         return ""
     schemes = [f"{rt} {s}" for rt, s in profile.quantize.items()]
+    schemes += [f"{rt} head {s}" for rt, s in profile.quantize_head.items() if s != profile.quantize.get(rt)]
     schemes += [f"{rt} embedding {s}" for rt, s in profile.quantize_embedding.items()]
     auto = "the smallest precision:auto may choose, " if profile.precision == "auto" else ""
     return f" with weights quantized ({auto}{', '.join(schemes)})"

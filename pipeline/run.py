@@ -35,7 +35,7 @@ from core.fsio import (
 from core.methods import MethodConfig
 from core.perplexity import perplexity
 from core.runtimes import RUNTIME_TABLE
-from core.schemes import EMBEDDING_TABLE, SCHEME_TABLE, rounds_by_gptq
+from core.schemes import EMBEDDING_TABLE, SCHEME_TABLE
 from exporters import check_runtime_available, get_exporter
 from exporters.base import ExportArtifact, ExportConfig, artifact_files
 from pipeline.calib_cache import content_digest
@@ -178,7 +178,7 @@ def _prune_stage(cfg: RunConfig, profile: DeviceProfile, out: Path, key: str) ->
         ppl_dense = _dense_perplexity(memo, model, evals)
     laps.lap("dense perplexity")
     plan = prune_to_budget(model, calib.full, profile, prune_cfg)
-    if any(rounds_by_gptq(s) for s in profile.quantize.values()):
+    if any(profile.rounds_by_gptq(rt) for rt in profile.runtimes):
         calib.full()  # GPTQ's Hessians at export read the whole set (saved below), not the 8 scoring windows
     laps.lap("pruning")
     ppl_pruned: float | None
@@ -365,11 +365,10 @@ def runtime_export_config(
         base,
         quantize=profile.quantize.get(runtime),
         quantize_embedding=profile.quantize_embedding.get(runtime),
+        quantize_head=profile.quantize_head.get(runtime),
         onnx_format=onnx_format,
         tokenizer_dir=out / "pruned_model" if onnx_format == "genai" and out is not None else None,
-        calibration=out / "calibration.safetensors"
-        if out is not None and rounds_by_gptq(profile.quantize.get(runtime))
-        else None,
+        calibration=out / "calibration.safetensors" if out is not None and profile.rounds_by_gptq(runtime) else None,
     )
 
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from core.arch import attention_heads, decoder_layers, head_dim, layer_windows, mlp_width, tied_head
 from core.runtimes import RUNTIME_TABLE, Runtime, format_spec
-from core.schemes import EMBEDDING_TABLE, SCHEME_TABLE, genai_shares_quantized_table, runtime_cost
+from core.schemes import EMBEDDING_TABLE, SCHEME_TABLE, effective_head, genai_shares_quantized_table, runtime_cost
 from targets.profile import DeviceProfile
 
 MIB = 1024 * 1024
@@ -198,9 +198,11 @@ def weight_terms(
     scheme: str | None = None,
     embedding: str | None = None,
     onnx_format: str = "onnx",
+    head: str | None = None,
 ) -> WeightTerms:
-    """Weights as the runtime stores them. Quantized (``scheme``): every block's linear weights and
-    a separately stored lm_head take the scheme's bytes; norms and a lm_head shared with the
+    """Weights as the runtime stores them. Quantized (``scheme``): every block's linear weights take
+    the scheme's bytes, a separately stored lm_head its own scheme's (``head``: ``quantize_head``'s
+    value, None: the blocks' scheme, ``fp32``: unquantized); norms and a lm_head shared with the
     embedding stay in ``precision``. int4 groups must tile a weight's input width, so a down_proj
     whose (pruned) intermediate size is not a multiple of the group stays in fp32. Schemes with
     ``unties_head`` (``core.schemes``) store a tied lm_head as its own quantized weight. The
@@ -217,9 +219,11 @@ def weight_terms(
     rt = RUNTIME_TABLE[runtime]
     spec = SCHEME_TABLE[scheme] if scheme is not None else None  # type: ignore[index]
     q: float = spec.weight_bytes if spec else fp
-    unties = bool(spec and spec.unties_head)
+    head_scheme = effective_head(scheme, head)
+    head_spec = SCHEME_TABLE[head_scheme] if head_scheme is not None else None  # type: ignore[index]
+    unties = bool(head_spec and head_spec.unties_head)
     separate_head = not shape.tied or not rt.stores_tied_once or unties
-    head = shape.lm_head_params * q if separate_head else 0.0
+    head_bytes = shape.lm_head_params * (head_spec.weight_bytes if head_spec else fp) if separate_head else 0.0
     blocks = 0.0
     for layer in shape.layers:
         unquantized = 0
@@ -228,10 +232,10 @@ def weight_terms(
         blocks += (layer.params - unquantized) * q + unquantized * fp
     return WeightTerms(
         embedding=embed_bytes,
-        head=head,
+        head=head_bytes,
         blocks=blocks,
         other=shape.other_params * fp,
-        head_read=head if separate_head else shape.lm_head_params * fp,
+        head_read=head_bytes if separate_head else shape.lm_head_params * fp,
         embedding_resident=not (rt.maps_weights and separate_head),
     )
 
@@ -300,14 +304,23 @@ def estimate(
     """Peak memory of ``runtime`` running ``shape`` on ``profile`` with ``positions`` in its cache
     (default: the profile's context, the worst case it claims). ``weights_mib`` is what is resident
     (a memory-mapped embedding that is only gathered from is not; ``weights_mapped_mib`` says how
-    much that left on disk)."""
+    much that left on disk).
+
+    Each component's load-time packing is its own scheme's: the blocks' transient and packed terms
+    come from the linear scheme's constants, the lm_head's from its own (``quantize_head``); the
+    session's fixed cost and the KV copies from the linear scheme's (the head's where the blocks
+    are fp32), since they belong to the attention and the session, not to the vocabulary projection."""
     scheme = profile.quantize.get(runtime)
-    spec = format_spec(runtime, profile.onnx_format, runtime_cost(runtime, scheme), quantized=scheme is not None)
+    head = profile.head_scheme(runtime)
+    fmt = profile.onnx_format
+    spec = format_spec(runtime, fmt, runtime_cost(runtime, scheme or head), quantized=(scheme or head) is not None)
     cost = spec.cost
+    head_cost = format_spec(runtime, fmt, runtime_cost(runtime, head), quantized=(scheme or head) is not None).cost
     context = profile.context_length if positions is None else positions
     terms = weight_terms(
-        shape, runtime, profile.float_dtype, scheme, profile.quantize_embedding.get(runtime), profile.onnx_format
-    )
+        shape, runtime, profile.float_dtype, scheme, profile.quantize_embedding.get(runtime), fmt,
+        profile.quantize_head.get(runtime),
+    )  # fmt: skip
     gemm_mib, head_mib = terms.blocks / MIB, terms.head_read / MIB
     chunk = min(profile.prefill_tokens, context)
     rolling = chunk if spec.kv_windowed else None
@@ -322,11 +335,11 @@ def estimate(
         / MIB,
         overhead_mib=library_mib(profile, runtime) + cost.session_mib,
         budget_mib=float(profile.memory_budget_mib),
-        load_transient_mib=cost.load_transient_mib(gemm_mib, head_mib),
+        load_transient_mib=cost.load_transient_mib(gemm_mib, 0.0) + head_cost.load_transient_mib(0.0, head_mib),
         positions=context,
         kv_copies=cost.kv_copies,
         kv_at_load=spec.kv_preallocated,
-        packed_mib=cost.run_resident_mib(gemm_mib, head_mib),
+        packed_mib=cost.run_resident_mib(gemm_mib, 0.0) + head_cost.run_resident_mib(0.0, head_mib),
         block_weights_mib=gemm_mib,
         head_weights_mib=head_mib,
         weights_mapped_mib=(terms.total - terms.resident) / MIB,

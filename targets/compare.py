@@ -76,7 +76,7 @@ def compare(dirs: list[Path]) -> str:
 def _quantization(report: dict[str, Any]) -> str:
     """A report's schemes per runtime, the embedding's where it has its own."""
     prof = report["profile"]
-    emb = prof.get("quantize_embedding", {})
-    runtimes = list(dict.fromkeys([*prof.get("quantize", {}), *emb]))
-    parts = [f"{rt}: {precision_text(prof.get('quantize', {}).get(rt), emb.get(rt))}" for rt in runtimes]
+    emb, head = prof.get("quantize_embedding", {}), prof.get("quantize_head", {})
+    runtimes = list(dict.fromkeys([*prof.get("quantize", {}), *emb, *head]))
+    parts = [f"{rt}: {precision_text(prof.get('quantize', {}).get(rt), emb.get(rt), head.get(rt))}" for rt in runtimes]
     return ", ".join(parts) or "fp32"

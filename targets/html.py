@@ -17,7 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from core.fsio import atomic_write_bytes, atomic_write_text
-from targets.markdown import DEVICE_HEADERS, FRONTIER_HEADERS, candidate_precision, device_run_rows, frontier_rows
+from targets.markdown import (
+    DEVICE_HEADERS,
+    FRONTIER_HEADERS,
+    candidate_precision,
+    device_run_rows,
+    frontier_of,
+    frontier_rows,
+)
 from targets.results import Report
 
 
@@ -163,14 +170,12 @@ def _frontier_plot(plt: Any, fit: dict[str, Any], budget: float) -> bytes:
     fig, ax = plt.subplots(figsize=(7, 3.5))
     priced = [c for c in fit["candidates"] if c["worst_ratio"] is not None]
     # the frontier: no other candidate is both smaller and loses less; only these (and the choice) are named
-    frontier, best = [], float("inf")
-    for c in sorted(priced, key=lambda c: (max(c["dense_mib"].values()), c["worst_ratio"])):
-        if c["worst_ratio"] < best:
-            frontier.append(c)
-            best = c["worst_ratio"]
-    for c in priced:
+    frontier = frontier_of(fit)
+    for c in priced:  # hollow: the components' bound only (branch and bound never simulated it whole)
         x, y = max(c["dense_mib"].values()), c["worst_ratio"]
-        ax.scatter([x], [y], color="#e45756" if c["chosen"] else "#4c78a8", zorder=3, s=40 if c["chosen"] else 20)
+        color = "#e45756" if c["chosen"] else "#4c78a8"
+        face = "none" if c.get("bound_only") else color
+        ax.scatter([x], [y], edgecolors=color, facecolors=face, zorder=3, s=40 if c["chosen"] else 20)
     ax.step([max(c["dense_mib"].values()) for c in frontier], [c["worst_ratio"] for c in frontier], where="post",
             color="#4c78a8", linewidth=0.8, label="frontier")  # fmt: skip
     for i, c in enumerate(frontier + [c for c in priced if c["chosen"] and c not in frontier]):

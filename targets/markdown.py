@@ -159,6 +159,8 @@ def _as_exported(stages: dict[str, Any]) -> list[str]:
         if not name.startswith("export-") or ("quantization" not in d and not d.get("format_fallback")):
             continue
         text = f"- {name.removeprefix('export-')}: linear weights {d.get('quantization', 'none')}"
+        if d.get("head_quantization", d.get("quantization")) != d.get("quantization"):
+            text += f", lm_head {d['head_quantization']}"
         text += f", embedding table {d.get('embedding_quantization', 'none')}"
         left = d.get("left_fp32") or []
         if left:
@@ -173,8 +175,8 @@ def _as_exported(stages: dict[str, Any]) -> list[str]:
 def candidate_precision(c: dict[str, Any], sep: str = ", ") -> str:
     """A saved candidate's precision per runtime: the linear scheme, and the embedding's if quantized
     (reports written before embeddings were a component have no ``embedding``)."""
-    emb = c.get("embedding") or {}
-    return sep.join(f"{rt} {precision_text(s, emb.get(rt))}" for rt, s in c["precision"].items())
+    emb, head = c.get("embedding") or {}, c.get("head") or {}
+    return sep.join(f"{rt} {precision_text(s, emb.get(rt), head.get(rt))}" for rt, s in c["precision"].items())
 
 
 def _at_limit(runtimes: list[dict[str, Any]]) -> list[str]:
@@ -196,40 +198,63 @@ def _at_limit(runtimes: list[dict[str, Any]]) -> list[str]:
     return ["", *out] if out else []
 
 
-def frontier_rows(fit: dict[str, Any]) -> list[list[str]]:
-    """One row per candidate ``precision: auto`` priced (shared by md and html), best first."""
+def frontier_rows(fit: dict[str, Any], every: bool = False) -> list[list[str]]:
+    """One row per candidate ``precision: auto`` priced (shared by md and html), best first: those it
+    simulated whole and those on the frontier (no other is both smaller and loses less), or
+    ``every`` one. A ratio that is only the components' bound (branch and bound never needed the
+    whole) reads ">=" ."""
 
     def key(c: dict[str, Any]) -> tuple[bool, float]:
         return (not c["reachable"], c["worst_ratio"] if c["worst_ratio"] is not None else float("inf"))
 
+    frontier = {id(c) for c in frontier_of(fit)}
     rows = []
     for c in sorted(fit["candidates"], key=key):
+        if not (every or not c.get("bound_only") or id(c) in frontier or c["chosen"]):
+            continue
         prec = candidate_precision(c)
         ppl = ", ".join(f"{_f(v, 2)}" for v in c["quant_ppl"].values()) or "-"
         if c["prune_ppl"] is not None and c["prune_share"]:
             ppl += f"; pruning proxy {_f(c['prune_ppl'], 2)}"
-        ratio = "-" if c["worst_ratio"] is None else f"{c['worst_ratio']:.3f}x"
+        bound = ">= " if c.get("bound_only") else ""
+        ratio = "-" if c["worst_ratio"] is None else f"{bound}{c['worst_ratio']:.3f}x"
         chosen = "**yes**" if c["chosen"] else ""
         rows.append([prec, _f(max(c["dense_mib"].values())), c["pruning"], ppl, ratio, chosen])
     return rows
 
 
+def frontier_of(fit: dict[str, Any]) -> list[dict[str, Any]]:
+    """The priced candidates no other beats on both predicted MiB (worst runtime) and estimated loss,
+    smallest first."""
+    priced = [c for c in fit["candidates"] if c["worst_ratio"] is not None]
+    frontier, best = [], float("inf")
+    for c in sorted(priced, key=lambda c: (max(c["dense_mib"].values()), c["worst_ratio"])):
+        if c["worst_ratio"] < best:
+            frontier.append(c)
+            best = c["worst_ratio"]
+    return frontier
+
+
 def _fit(fit: dict[str, Any] | None) -> list[str]:
-    """The precision section: what ``precision: auto`` chose, why, and every candidate it priced."""
+    """The precision section: what ``precision: auto`` chose, why, and the candidates it simulated
+    whole or that lie on the frontier (report.json holds every one)."""
     if not fit:
         return []
+    rows = frontier_rows(fit)
+    left = len(fit["candidates"]) - len(rows)
+    more = f" {left} more candidates, bounded by their components and beaten, are in report.json." if left else ""
     lines = [
         "",
         "## Precision (precision: auto)",
         "",
         f"Chosen: {fit['reason']}. Calibration perplexity of the dense fp32 model: {fit['base_ppl']:.2f} "
         f"({fit['windows']} calibration windows; schemes simulated in PyTorch, pruning by an uncompensated "
-        f"MLP-channel proxy that over-states the method's loss; {fit['wall_s']:.0f} s).",
+        f"MLP-channel proxy that over-states the method's loss; {fit['wall_s']:.0f} s).{more}",
         "",
         "| " + " | ".join(FRONTIER_HEADERS) + " |",
         "|---|---:|---|---|---:|---|",
     ]
-    return lines + ["| " + " | ".join(row) + " |" for row in frontier_rows(fit)]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
 def device_run_rows(runs: list[dict[str, Any]]) -> list[list[str]]:

@@ -17,7 +17,19 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from core.errors import ConfigError, ProfileError
 from core.methods import DEFAULT_METHOD, MethodConfig, method_config
 from core.runtimes import RUNTIMES, Runtime
-from core.schemes import SCHEME_TABLE, EmbeddingScheme, Scheme, embedding_schemes_for, precision_text, schemes_for
+from core.schemes import (
+    HEAD_FP32,
+    SCHEME_TABLE,
+    EmbeddingScheme,
+    HeadScheme,
+    Scheme,
+    effective_head,
+    embedding_schemes_for,
+    head_schemes_for,
+    precision_text,
+    rounds_by_gptq,
+    schemes_for,
+)
 
 __all__ = ["RUNTIMES", "DeviceProfile", "Runtime", "Scheme", "load_profile"]
 
@@ -117,6 +129,9 @@ class DeviceProfile(_Strict):
     # one of core.schemes.embedding_schemes_for(runtime). A component of its own: the linear scheme
     # above decides the lm_head, this one only the lookup table.
     quantize_embedding: dict[Runtime, EmbeddingScheme] = Field(default_factory=dict)
+    # The lm_head's quantization per runtime, apart from the blocks' (absent: it follows ``quantize:``,
+    # or is chosen under precision: auto): one of core.schemes.head_schemes_for(runtime), or fp32.
+    quantize_head: dict[Runtime, HeadScheme] = Field(default_factory=dict)
     # onnxruntime artifact format: "onnx" = torch.onnx's graph with Optimum's input names; "ort" =
     # ORT format for ORT Mobile / minimal builds, optimized offline for the device's CPU (model.onnx
     # is still written beside it); "genai" = the folder onnxruntime-genai's Generator loads, built by
@@ -147,16 +162,31 @@ class DeviceProfile(_Strict):
         """``runtime``'s quantization in words (linear scheme, embedding scheme), None when all fp32:
         a quantized artifact is gated on its quality, an fp32 one on parity."""
         linear, table = self.quantize.get(runtime), self.quantize_embedding.get(runtime)  # type: ignore[call-overload]
-        return precision_text(linear, table) or None
+        return precision_text(linear, table, self.quantize_head.get(runtime)) or None  # type: ignore[call-overload]
+
+    def head_scheme(self, runtime: str) -> str | None:
+        """The scheme ``runtime`` stores the lm_head in (None: fp32): ``quantize_head:``, else the
+        linear scheme's."""
+        return effective_head(self.quantize.get(runtime), self.quantize_head.get(runtime))  # type: ignore[call-overload]
+
+    def rounds_by_gptq(self, runtime: str) -> bool:
+        """Whether ``runtime``'s blocks or lm_head are GPTQ-rounded on the calibration text at export."""
+        return rounds_by_gptq(self.quantize.get(runtime)) or rounds_by_gptq(self.head_scheme(runtime))  # type: ignore[call-overload]
 
     def with_quantize(
-        self, quantize: dict[Runtime, Scheme], embedding: dict[Runtime, EmbeddingScheme] | None = None
+        self,
+        quantize: dict[Runtime, Scheme],
+        embedding: dict[Runtime, EmbeddingScheme] | None = None,
+        head: dict[Runtime, HeadScheme] | None = None,
     ) -> DeviceProfile:
-        """This profile with ``quantize`` as its per-runtime linear schemes and ``embedding`` as its
-        embedding schemes (None: the profile's own), as a fitted ``precision: auto`` runs it."""
+        """This profile with ``quantize`` as its per-runtime linear schemes, ``embedding`` as its
+        embedding schemes and ``head`` as its lm_head schemes (None: the profile's own), as a fitted
+        ``precision: auto`` runs it."""
         update: dict[str, Any] = {"quantize": dict(quantize)}
         if embedding is not None:
             update["quantize_embedding"] = dict(embedding)
+        if head is not None:
+            update["quantize_head"] = dict(head)
         return self.model_copy(update=update)
 
     def with_runtimes(self, runtimes: list[Runtime]) -> DeviceProfile:
@@ -173,7 +203,7 @@ class DeviceProfile(_Strict):
         keep = [rt for rt in self.runtimes if rt in runtimes]
         data = self.model_dump()
         data["runtimes"] = keep
-        for key in ("quantize", "quantize_embedding", "runtime_overhead_mib"):
+        for key in ("quantize", "quantize_embedding", "quantize_head", "runtime_overhead_mib"):
             data[key] = {rt: v for rt, v in data[key].items() if rt in keep}
         return DeviceProfile.model_validate(data)
 
@@ -239,6 +269,19 @@ class DeviceProfile(_Strict):
                 )
             if rt not in self.runtimes:
                 raise ValueError(f"quantize_embedding.{rt} is set but '{rt}' is not in runtimes {list(self.runtimes)}")
+        for rt, head in self.quantize_head.items():
+            heads = (*head_schemes_for(rt), HEAD_FP32)
+            if head not in heads:
+                raise ValueError(
+                    f"quantize_head.{rt}: '{head}' is not a lm_head scheme {rt} runs; use one of: {', '.join(heads)}"
+                )
+            if rt not in self.runtimes:
+                raise ValueError(f"quantize_head.{rt} is set but '{rt}' is not in runtimes {list(self.runtimes)}")
+            if rt == "onnxruntime" and self.onnx_format == "genai" and self.head_scheme(rt) != self.quantize.get(rt):
+                raise ValueError(
+                    "quantize_head.onnxruntime: onnxruntime-genai's builder stores the lm_head in the linear "
+                    "weights' scheme; remove the key (or use onnx_format: onnx)"
+                )
         if self.onnx_fallback is not None and self.onnx_format != "genai":
             raise ValueError(
                 f"onnx_fallback ({self.onnx_fallback}) only applies to onnx_format: genai (this profile writes "

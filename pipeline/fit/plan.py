@@ -6,24 +6,29 @@ cost ~1-2% perplexity for a 2-3x smaller model, where pruning the fp32 model int
 budget cost 31%. So the fitting stage prices every candidate before it prunes anything:
 
 1. **Candidates**: each runtime's options are, per component, fp32 and the schemes its exporter
-   implements (``core.schemes``): the linear weights (the lm_head with them) and the embedding
-   table; a component pinned by the profile's ``quantize:`` / ``quantize_embedding:`` has only that
-   one. One candidate per combination (the pruned model is shared by every runtime, its precision
-   is not).
+   implements (``core.schemes``): the blocks' linear weights, the lm_head (``head_schemes_for``) and
+   the embedding table; a component pinned by the profile's ``quantize:`` / ``quantize_head:`` /
+   ``quantize_embedding:`` has only that one (a pinned linear scheme pins the head with it unless
+   ``quantize_head:`` says otherwise). One candidate per combination (the pruned model is shared by
+   every runtime, its precision is not).
 2. **Memory**: the memory model predicts each candidate on the dense shape. One that fits needs no
    pruning; one that does not needs the smallest uniform MLP-channel share that makes it fit
    (``proxy.smallest_share``), and must be reachable by the pruning method at all (its floor).
-3. **Loss, measured** on the calibration windows: each runtime's precision (its linear and
-   embedding schemes together) simulated in PyTorch (``simulate.py``), and the pruning a candidate
-   needs by the uncompensated proxy (``proxy.py``). A runtime's estimated perplexity ratio is its
-   precision's times the pruning's (losses compound).
-4. **Choice**: the candidate whose worst runtime loses least; ties go to the smaller total loss,
-   then to the least compression (a ratio below 1 counts as 1, and a precision scores no better
-   than each of its components alone: both are the sample's noise, so fp32 stays where it fits and
-   a scheme measured as "better" does not displace it). Pruning then runs only for what the chosen
-   precision cannot reach.
+3. **Loss, measured** on the calibration windows: each component's scheme alone (the blocks, the
+   head, the table) simulated in PyTorch (``simulate.py``), and the pruning a candidate needs by the
+   uncompensated proxy (``proxy.py``). A runtime's estimated perplexity ratio is its precision's
+   times the pruning's (losses compound).
+4. **Choice, branch and bound**: a precision scores no better than each of its components alone
+   (a ratio below 1 counts as 1: the sample's noise, so fp32 stays where it fits and a scheme
+   measured as "better" does not displace it), so the components' worst is a lower bound on every
+   candidate. Candidates are visited by that bound, and each one visited is simulated whole (its
+   components together); once the next bound is above the best candidate measured, none left can
+   beat it, and the rest keep their bound (the report marks them). The best: the least worst-runtime
+   loss, ties to the smaller total loss, then to the least compression. Pruning then runs only for
+   what the chosen precision cannot reach. (SmolLM2-135M's two runtimes have ~300 combinations and
+   ~11 component simulations; a handful of whole ones settles the choice.)
 
-Every candidate, its predicted MiB and its estimated loss go to the report: the frontier.
+Every candidate, its predicted MiB and its estimated loss (or bound) go to the report: the frontier.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from core.perplexity import perplexity
 from core.runtimes import Runtime
 from core.schemes import (
     embedding_schemes_for,
+    head_schemes_for,
     precision_text,
     rounds_by_gptq,
     schemes_for,
@@ -82,6 +88,30 @@ def embedding_options(profile: DeviceProfile, runtime: Runtime) -> list[str]:
     return _choices(profile, profile.quantize_embedding.get(runtime), embedding_schemes_for(runtime))
 
 
+def head_options(profile: DeviceProfile, runtime: Runtime, linear: str) -> list[str]:
+    """The lm_head precisions ``runtime`` may take beside blocks in ``linear``: its pin; the linear
+    scheme's where that is pinned (or the GenAI builder, which takes one scheme, writes it);
+    else fp32 and every head scheme of the runtime. Dynamic ``int8`` is no head scheme: its head
+    follows it (a tied one stays fp32), which is what ``fp32`` spells among the choices."""
+    pinned = profile.quantize_head.get(runtime)
+    if pinned is not None:
+        return [pinned]
+    genai = runtime == "onnxruntime" and profile.onnx_format == "genai"
+    if profile.precision != "auto" or runtime in profile.quantize or genai:
+        return [linear]
+    return [FP32, *head_schemes_for(runtime)]
+
+
+def runtime_options(profile: DeviceProfile, runtime: Runtime) -> list[tuple[str, str, str]]:
+    """Every (linear, head, embedding) precision ``runtime`` may take under ``profile``."""
+    return [
+        (lin, head, emb)
+        for lin in options(profile, runtime)
+        for head in head_options(profile, runtime, lin)
+        for emb in embedding_options(profile, runtime)
+    ]
+
+
 def most_compressed(profile: DeviceProfile, floor: ModelShape) -> DeviceProfile:
     """``profile`` with each runtime's free components at the precisions that make ``floor`` (the
     most pruned shape) smallest on it: the floor ``precision: auto`` may reach, for the feasibility
@@ -95,20 +125,29 @@ def most_compressed(profile: DeviceProfile, floor: ModelShape) -> DeviceProfile:
     profile = profile.model_copy(update={"prefill_tokens": profile.prefill_chunks()[-1]})
     quantize: dict[Any, str] = dict(profile.quantize)
     tables: dict[Any, str] = dict(profile.quantize_embedding)
+    heads: dict[Any, str] = dict(profile.quantize_head)
     for rt in profile.runtimes:
         priced = []
-        for lin, emb in itertools.product(options(profile, rt), embedding_options(profile, rt)):
-            trial = profile.with_quantize(_with(quantize, rt, lin), _with(tables, rt, emb))  # type: ignore[arg-type]
-            priced.append((estimate(floor, trial, rt).total_mib, lin, emb))
-        _, lin, emb = min(priced)
-        quantize, tables = _with(quantize, rt, lin), _with(tables, rt, emb)
-    return profile.with_quantize(quantize, tables)  # type: ignore[arg-type]
+        for lin, head, emb in runtime_options(profile, rt):
+            q, h = _with(quantize, rt, lin), _with_head(heads, rt, lin, head)
+            trial = profile.with_quantize(q, _with(tables, rt, emb), h)  # type: ignore[arg-type]
+            priced.append((estimate(floor, trial, rt).total_mib, lin, head, emb))
+        _, lin, head, emb = min(priced)
+        quantize, tables, heads = _with(quantize, rt, lin), _with(tables, rt, emb), _with_head(heads, rt, lin, head)
+    return profile.with_quantize(quantize, tables, heads)  # type: ignore[arg-type]
 
 
 def _with(chosen: dict[Any, str], runtime: Runtime, precision: str) -> dict[Any, str]:
     """``chosen`` with ``runtime`` at ``precision`` (fp32: absent, as profiles spell it)."""
     out = {rt: s for rt, s in chosen.items() if rt != runtime}
     return out if precision == FP32 else {**out, runtime: precision}
+
+
+def _with_head(chosen: dict[Any, str], runtime: Runtime, linear: str, head: str) -> dict[Any, str]:
+    """``chosen`` with ``runtime``'s lm_head at ``head`` beside blocks in ``linear``: absent where it
+    follows them (as profiles spell it), else named, ``fp32`` included."""
+    out = {rt: s for rt, s in chosen.items() if rt != runtime}
+    return out if head == linear else {**out, runtime: head}
 
 
 @dataclass
@@ -125,6 +164,9 @@ class Candidate:
     est_ratio: dict[str, float] = field(default_factory=dict)  # per runtime, vs dense fp32
     chosen: bool = False
     prefill_tokens: int | None = None  # the prefill chunk it exports with (None: the profile's)
+    head: dict[str, str] = field(default_factory=dict)  # runtime -> the lm_head's fp32 or scheme
+    # est_ratio is the components' bound, never simulated whole (branch and bound left it: it cannot win)
+    bound_only: bool = False
 
     @property
     def worst_ratio(self) -> float:
@@ -138,9 +180,15 @@ class Candidate:
     def quantize_embedding(self) -> dict[str, str]:
         return {rt: s for rt, s in self.embedding.items() if s != FP32}
 
+    @property
+    def quantize_head(self) -> dict[str, str]:
+        """The lm_head schemes that differ from their runtime's blocks (``quantize_head:``'s spelling)."""
+        return {rt: h for rt, h in self.head.items() if h != self.precision.get(rt)}
+
     def runtime_precision(self, runtime: str) -> str:
-        """``runtime``'s precision in words: its linear scheme, and its embedding's where quantized."""
-        return precision_text(self.precision[runtime], self.embedding.get(runtime))
+        """``runtime``'s precision in words: its linear scheme, its lm_head's where it differs, and
+        its embedding's where quantized."""
+        return precision_text(self.precision[runtime], self.embedding.get(runtime), self.quantize_head.get(runtime))
 
     @property
     def pruning(self) -> str:
@@ -169,6 +217,8 @@ class FitPlan:
     wall_s: float = 0.0
     quantize_embedding: dict[str, str] = field(default_factory=dict)  # the chosen embedding schemes
     prefill_tokens: int | None = None  # the chosen prefill chunk where shorter than the profile's
+    quantize_head: dict[str, str] = field(default_factory=dict)  # the chosen lm_head schemes, where apart
+    simulations: int = 0  # whole precisions simulated (components alone included)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -178,9 +228,13 @@ class FitPlan:
         return out
 
 
-def _rank(c: Candidate) -> tuple[float, float, float]:
-    """Least worst-runtime loss, then least total loss, then the least compression (fits, no further)."""
-    return (c.worst_ratio, sum(c.est_ratio.values()) if c.est_ratio else math.inf, -sum(c.dense_mib.values()))
+def _rank(c: Candidate) -> tuple[float, float, int, float]:
+    """Least worst-runtime loss, then least total loss, then the least compression (fits, no further):
+    the fewest components quantized, then the most MiB. (Components first: on a tiny model an XNNPACK
+    quantized program's session cost makes it larger than fp32, so MiB alone would pick it.)"""
+    quantized = sum(p != FP32 for p in (*c.precision.values(), *c.head.values(), *c.embedding.values()))
+    total = sum(c.est_ratio.values()) if c.est_ratio else math.inf
+    return (c.worst_ratio, total, quantized, -sum(c.dense_mib.values()))
 
 
 @torch.no_grad()
@@ -208,66 +262,87 @@ def choose_precision(
         "calibration perplexity (fp32)",
         lambda: perplexity(model, windows, batch_size=cfg.batch_size, desc="calibration perplexity (fp32)"),
     )
-    quant_ppl: dict[tuple[str, str, str], float] = {}
+    quant_ppl: dict[tuple[str, str, str, str], float] = {}
     proxy = PruningProxy(model, windows, cfg.batch_size)
-    per_runtime = [
-        [(rt, s, e) for s in options(profile, rt) for e in embedding_options(profile, rt)] for rt in profile.runtimes
-    ]
+    per_runtime = [[(rt, *opt) for opt in runtime_options(profile, rt)] for rt in profile.runtimes]
 
     combos = list(itertools.product(*per_runtime))
     priced = []
     for combo in combos:  # the memory side first: it decides whether GPTQ needs pricing at all
-        precision: dict[str, str] = {rt: s for rt, s, _ in combo}
-        embedding: dict[str, str] = {rt: e for rt, _, e in combo}
+        precision: dict[str, str] = {rt: s for rt, s, _, _ in combo}
+        heads: dict[str, str] = {rt: h for rt, _, h, _ in combo}
+        embedding: dict[str, str] = {rt: e for rt, _, _, e in combo}
         prof = profile.with_quantize(
             {rt: s for rt, s in precision.items() if s != FP32},  # type: ignore[misc]
             {rt: e for rt, e in embedding.items() if e != FP32},  # type: ignore[misc]
+            {rt: h for rt, h in heads.items() if h != precision[rt]},  # type: ignore[misc]
         )
-        priced.append((combo, _price(model, shape, prof, cfg, target, precision, embedding, profile.prefill_chunks())))
+        cand = _price(model, shape, prof, cfg, target, precision, embedding, profile.prefill_chunks())
+        cand.head = heads
+        priced.append((combo, cand))
     # GPTQ is priced (minutes on a 135M model) only where it can matter: when no candidate rounded to
     # nearest fits without pruning. Otherwise int4 is priced rounded to nearest, an upper bound on its
     # loss (GPTQ only lowers it), and the export still rounds by GPTQ.
-    gptq = not any(c.prune_share == 0 and not any(rounds_by_gptq(s) for s in c.precision.values()) for _, c in priced)
+    gptq = not any(
+        c.prune_share == 0 and not any(rounds_by_gptq(s) for s in (*c.precision.values(), *c.head.values()))
+        for _, c in priced
+    )
 
-    def measured(key: tuple[str, str, str]) -> float:
+    def measured(key: tuple[str, str, str, str]) -> float:
+        """Calibration perplexity of one runtime's (linear, head, embedding) precision, simulated."""
         if key not in quant_ppl:
-            rt, lin, emb = key
-            what = f"simulated {rt} {lin} + {emb} embedding"
-            hessians = hessian_windows if gptq and rounds_by_gptq(lin) else None
+            rt, lin, head, emb = key
+            what = f"simulated {rt} {lin} + {head} head + {emb} embedding"
+            hessians = hessian_windows if gptq and (rounds_by_gptq(lin) or rounds_by_gptq(head)) else None
             if hessians is not None:  # the rounding depends on the Hessians' windows too
                 what += f" (GPTQ on {windows_digest(hessians)[:16]})"
             simulate = functools.partial(_simulated_ppl, model, windows, cfg, key, base, hessians)
-            quant_ppl[key] = base if lin == FP32 and emb == FP32 else remembered(what, simulate)
+            quant_ppl[key] = base if lin == head == emb == FP32 else remembered(what, simulate)
         return quant_ppl[key]
 
-    candidates = []
-    for combo, cand in priced:
-        if cand.reachable:
-            # quantizing one more component cannot make a runtime better: a precision scores at least
-            # what each of its components scores alone (else sample noise could pick a smaller table
-            # that "helps", as the ratio floor of 1 keeps fp32 from losing to noise)
-            cand.quant_ppl = {
-                rt: max(measured((rt, lin, emb)), measured((rt, lin, FP32)), measured((rt, FP32, emb)))
-                for rt, lin, emb in combo
-            }
-            if cand.prune_share is not None:
-                cand.prune_ppl = proxy.perplexity(cand.prune_share) if cand.prune_share else base
-                prune = _loss(cand.prune_ppl, base)
-                cand.est_ratio = {rt: _loss(q, base) * prune for rt, q in cand.quant_ppl.items()}
-        candidates.append(cand)
-    ranked = sorted((c for c in candidates if c.reachable), key=_rank)
-    if not ranked:  # pragma: no cover - the run checks the most compressed floor before loading
-        from pipeline.feasibility import check_feasible, floor_shape
+    def components(rt: str, lin: str, head: str, emb: str) -> list[tuple[str, str, str, str]]:
+        return [(rt, lin, FP32, FP32), (rt, FP32, head, FP32), (rt, FP32, FP32, emb)]
 
-        check_feasible(model, most_compressed(profile, floor_shape(model, cfg, shape)), cfg, shape)
-    best = ranked[0]
+    prune_ppl: dict[float, float] = {}
+    ranked_by_bound = []
+    for combo, cand in priced:
+        if cand.reachable and cand.prune_share is not None:
+            share = cand.prune_share
+            if share not in prune_ppl:
+                prune_ppl[share] = proxy.perplexity(share) if share else base
+            cand.prune_ppl = prune_ppl[share]
+            prune = _loss(cand.prune_ppl, base)
+            # a precision scores at least what each of its components scores alone: the bound
+            cand.quant_ppl = {key[0]: max(measured(k) for k in components(*key)) for key in combo}
+            cand.est_ratio = {rt: _loss(q, base) * prune for rt, q in cand.quant_ppl.items()}
+            cand.bound_only = True
+            ranked_by_bound.append((combo, cand))
+    ranked_by_bound.sort(key=lambda pair: _rank(pair[1]))
+    best: Candidate | None = None
+    for combo, cand in ranked_by_bound:  # branch and bound (module docstring)
+        if best is not None and cand.worst_ratio > best.worst_ratio:
+            break
+        cand.quant_ppl = {key[0]: max(measured(key), cand.quant_ppl[key[0]]) for key in combo}
+        prune = _loss(cand.prune_ppl, base)  # type: ignore[arg-type]
+        cand.est_ratio = {rt: _loss(q, base) * prune for rt, q in cand.quant_ppl.items()}
+        cand.bound_only = False
+        if best is None or _rank(cand) < _rank(best):
+            best = cand
+    candidates = [cand for _, cand in priced]
+    ranked = sorted((c for c in candidates if c.reachable), key=lambda c: (c.bound_only, *_rank(c)))
+    if best is None:
+        if not ranked:  # pragma: no cover - the run checks the most compressed floor before loading
+            from pipeline.feasibility import check_feasible, floor_shape
+
+            check_feasible(model, most_compressed(profile, floor_shape(model, cfg, shape)), cfg, shape)
+        best = ranked[0]
     best.chosen = True
-    reason = _reason(best, ranked[1:])
+    reason = _reason(best, [c for c in ranked if c is not best])
     log.info("precision: %s", reason)
     wall = round(time.perf_counter() - t0, 2)
     return FitPlan(
         base, int(windows.shape[0]), candidates, best.quantize, reason, wall, best.quantize_embedding,
-        best.prefill_tokens,
+        best.prefill_tokens, best.quantize_head, sum(1 for k in quant_ppl if k[1:] != (FP32, FP32, FP32)),
     )  # fmt: skip
 
 
@@ -275,19 +350,21 @@ def _simulated_ppl(
     model: Any,
     windows: torch.Tensor,
     cfg: MethodConfig,
-    key: tuple[str, str, str],
+    key: tuple[str, str, str, str],
     base: float,
     hessian_windows: torch.Tensor | None = None,
 ) -> float:
     """Calibration perplexity of ``model`` computing as one runtime's precision would: ``key`` is
-    (runtime, linear scheme, embedding scheme), one of them fp32 at most (fp32 alone is ``base``,
+    (runtime, linear scheme, lm_head scheme, embedding scheme), not all fp32 (that is ``base``,
     which the caller takes without simulating)."""
-    runtime, linear, table = key
+    runtime, linear, head, table = key
     with contextlib.ExitStack() as stack:
-        n = stack.enter_context(simulated(model, linear, hessian_windows)) if linear != FP32 else 0
+        n = 0
+        if linear != FP32 or head != FP32:
+            n = stack.enter_context(simulated(model, None if linear == FP32 else linear, hessian_windows, head))
         if table != FP32:
             stack.enter_context(simulated_embedding(model, table, runtime))
-        what = precision_text(linear, table)
+        what = precision_text(None if linear == FP32 else linear, table, head if head != linear else None) or "fp32"
         ppl = perplexity(model, windows, batch_size=cfg.batch_size, desc=f"simulated {what}")
     log.info("%s simulated (%d Linear modules): calibration perplexity %.3f (fp32 %.3f)", what, n, ppl, base)
     return ppl
@@ -338,7 +415,8 @@ def _reason(best: Candidate, rest: list[Candidate]) -> str:
         why += " (none fits by quantization and moderate pruning; the pruning method goes further)"
     if rest:
         runner_up = rest[0]
-        worst_r = f"{runner_up.worst_ratio:.3f}x" if math.isfinite(runner_up.worst_ratio) else "unpriced"
+        bound = ">= " if runner_up.bound_only else ""
+        worst_r = f"{bound}{runner_up.worst_ratio:.3f}x" if math.isfinite(runner_up.worst_ratio) else "unpriced"
         why += f"; next: {runner_up.label()} ({worst_r})"
     return why
 
@@ -349,7 +427,9 @@ def fitted_profile(profile: DeviceProfile, fit: dict[str, Any] | None) -> Device
     if fit is None:
         return profile
     fitted = profile.with_quantize(
-        {**fit["quantize"], **profile.quantize}, {**fit.get("quantize_embedding", {}), **profile.quantize_embedding}
+        {**fit["quantize"], **profile.quantize},
+        {**fit.get("quantize_embedding", {}), **profile.quantize_embedding},
+        {**fit.get("quantize_head", {}), **profile.quantize_head},
     )
     chunk = fit.get("prefill_tokens")
     return fitted.model_copy(update={"prefill_tokens": chunk}) if chunk else fitted

@@ -22,6 +22,7 @@ How each runtime quantizes (the exporters in ``exporters/quantize.py``):
 - ``8da8w`` / ``8da4w`` (torchao on every nn.Linear, head included): int8 per output channel or int4
   in groups of 32, symmetric; activations asymmetric int8 per token. ``8da4w`` leaves a Linear whose
   input width is not a whole number of groups in fp32, as the exporter does.
+- The lm_head (``quantize_head``): its own scheme's rounding, or fp32, where it differs from the blocks'.
 - Embedding tables (``quantize_embedding``, ExecuTorch): rows rounded by the exporter's own function,
   the lm_head left as it is (``simulated_embedding``).
 """
@@ -37,7 +38,7 @@ import torch
 from torch import nn
 
 from core.arch import decoder_layers, tied_head
-from core.schemes import GROUP_SIZE, embedding_spec, scheme_spec
+from core.schemes import GROUP_SIZE, effective_head, embedding_spec, scheme_spec
 from exporters.quantized_embedding import dequantized, symmetric_grid
 from exporters.rounding import gptq, grid_of, hessians_of
 
@@ -128,45 +129,60 @@ SIMULATIONS: dict[str, Simulation] = {
 }
 
 
-def quantized_linears(model: Any, scheme: str) -> list[nn.Linear]:
-    """The Linear modules ``scheme``'s exporter quantizes: every decoder block's, and the lm_head
-    unless it is tied and the scheme keeps a tied head fp32; never one whose input width does not
-    tile the scheme's groups when it requires whole groups."""
+def quantized_linears(model: Any, scheme: str | None, head: str | None = None) -> list[tuple[nn.Linear, str]]:
+    """The Linear modules the exporters quantize, each with its scheme: every decoder block's in
+    ``scheme`` (None: none), and the lm_head in its own scheme (``head``: ``quantize_head``'s value,
+    None following ``scheme``, ``fp32`` none), unless it is tied and that scheme keeps a tied head
+    fp32; never one whose input width does not tile its scheme's groups when it requires whole groups."""
+    picked: list[tuple[nn.Linear, str]] = []
+    if scheme is not None:
+        picked += [(m, scheme) for layer in decoder_layers(model) for m in layer.modules() if isinstance(m, nn.Linear)]
+    lm_head, head_scheme = model.get_output_embeddings(), effective_head(scheme, head)
+    quantizes = head_scheme is not None and (SIMULATIONS[head_scheme].quantizes_tied_head or not tied_head(model))
+    if isinstance(lm_head, nn.Linear) and quantizes:
+        picked.append((lm_head, head_scheme))  # type: ignore[arg-type]
+    return [(m, s) for m, s in picked if _tiles(m, s)]
+
+
+def _tiles(linear: nn.Linear, scheme: str) -> bool:
+    """Whether ``scheme`` can quantize ``linear``: groups that must be whole tile its input width."""
     spec = scheme_spec(scheme)
-    sim = SIMULATIONS[scheme]
-    linears = [m for layer in decoder_layers(model) for m in layer.modules() if isinstance(m, nn.Linear)]
-    head = model.get_output_embeddings()
-    if isinstance(head, nn.Linear) and (sim.quantizes_tied_head or not tied_head(model)):
-        linears.append(head)
-    return [m for m in linears if not spec.whole_groups or m.in_features % spec.group_size == 0]
+    return not spec.whole_groups or linear.in_features % spec.group_size == 0
 
 
 @contextmanager
-def simulated(model: Any, scheme: str, windows: torch.Tensor | None = None) -> Iterator[int]:
-    """Within the block, ``model`` computes as ``scheme``'s artifact would (weights and activations
+def simulated(
+    model: Any, scheme: str | None, windows: torch.Tensor | None = None, head: str | None = None
+) -> Iterator[int]:
+    """Within the block, ``model`` computes as an artifact with the blocks in ``scheme`` and the
+    lm_head in ``head`` (None: ``scheme``; ``fp32``: unquantized) would (weights and activations
     rounded); yields how many Linear modules were quantized. Restores every weight on exit. A scheme
     that rounds by GPTQ (``core.schemes.rounds_by_gptq``) takes its Hessians from ``windows`` (None:
     rounded to nearest, as its exporter does without calibration text)."""
-    sim = SIMULATIONS[scheme]
-    linears = quantized_linears(model, scheme)
+    linears = quantized_linears(model, scheme, head)
     saved: list[tuple[nn.Linear, Any]] = []
     handles = []
-    spec = scheme_spec(scheme)
-    start: dict[nn.Linear, torch.Tensor] = {lin: lin.weight.detach().float() for lin in linears}
-    if spec.rounding == "gptq" and windows is not None:
-        hessians = hessians_of(model, linears, windows)
-        for lin in linears:
+    start: dict[nn.Linear, torch.Tensor] = {lin: lin.weight.detach().float() for lin, _ in linears}
+    by_gptq = [(lin, s) for lin, s in linears if scheme_spec(s).rounding == "gptq"]
+    if by_gptq and windows is not None:
+        hessians = hessians_of(model, [lin for lin, _ in by_gptq], windows)
+        for lin, s in by_gptq:
+            spec = scheme_spec(s)
             if lin.in_features % spec.group_size == 0:
-                start[lin] = gptq(lin.weight, hessians.pop(lin), spec.bits, spec.group_size, grid_of(scheme))
+                start[lin] = gptq(lin.weight, hessians.pop(lin), spec.bits, spec.group_size, grid_of(s))
 
-    def round_input(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-        return (sim.activation(args[0].float()).to(args[0].dtype), *args[1:])
+    def rounding_inputs(sim: Simulation) -> Callable[[nn.Module, tuple[Any, ...]], tuple[Any, ...]]:
+        def round_input(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+            return (sim.activation(args[0].float()).to(args[0].dtype), *args[1:])
+
+        return round_input
 
     try:
-        for lin in linears:
+        for lin, s in linears:
+            sim = SIMULATIONS[s]
             saved.append((lin, lin.weight))
             lin.weight = nn.Parameter(sim.weight(start.pop(lin)).to(lin.weight.dtype), requires_grad=False)
-            handles.append(lin.register_forward_pre_hook(round_input))
+            handles.append(lin.register_forward_pre_hook(rounding_inputs(sim)))
         yield len(linears)
     finally:
         for h in handles:

@@ -13,9 +13,9 @@ from core.errors import ExportError
 from core.schemes import SCHEME_TABLE
 from exporters import get_exporter
 from exporters.base import ExportConfig, artifact_size_bytes
-from exporters.quantize import check_scheme, left_unquantized, quantize_torch
+from exporters.quantize import check_scheme, head_matmul, left_unquantized, quantize_torch
 from pipeline.fit.simulate import simulated
-from targets.budget import model_shape, weights_bytes
+from targets.budget import model_shape, weight_terms, weights_bytes
 from targets.validate import compare_generation, reference_generation, run_artifact
 from tests.conftest import QUANT_WIDE, tiny_model
 
@@ -76,6 +76,64 @@ def test_quantized_export_shrinks_runs_and_stays_close(scheme: str, wide: torch.
         with torch.no_grad():
             qref = quantize_torch(wide, scheme)(ids, use_cache=False).logits.numpy()
         assert rel(got.prefill, qref) < 0.05
+
+
+# (runtime, blocks' scheme, lm_head's scheme): the head a component of its own (quantize_head)
+HEAD_CASES = [
+    ("onnxruntime", "int8w", "int4w"),
+    ("onnxruntime", None, "int8w"),
+    ("onnxruntime", "int8", "int4w"),
+    ("onnxruntime", "int4w", "fp32"),
+    ("executorch", "8da8w", "8da4w"),
+    ("executorch", None, "8da8w"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("runtime", "blocks", "head"), HEAD_CASES)
+def test_head_apart_exports_what_was_simulated_and_sized(
+    runtime: str, blocks: str | None, head: str, wide: torch.nn.Module, tmp_path: Path
+) -> None:
+    """An lm_head in a scheme of its own: the artifact holds it so (its MatMulNBits bits, or its
+    torchao Linear), its size is what the memory model counts, and the simulation the fit prices it
+    by loses what the artifact loses."""
+    cfg = ExportConfig(seq_len=8, max_cache_len=48, quantize=blocks, quantize_head=head)
+    fp32 = get_exporter(runtime).export(wide, ExportConfig(seq_len=8, max_cache_len=48), tmp_path / "fp32")
+    q = get_exporter(runtime).export(wide, cfg, tmp_path / "q")
+    assert q.details["head_quantization"] == (head if head != "fp32" else "none")
+    assert q.details["quantization"] == (blocks or "none")
+    shape = model_shape(wide)
+    terms = weight_terms(shape, runtime, "fp32", blocks, None, "onnx", head)  # type: ignore[arg-type]
+    predicted = terms.total / weights_bytes(shape, runtime, "fp32")
+    ratio = artifact_size_bytes(q.path) / artifact_size_bytes(fp32.path)
+    assert ratio == pytest.approx(predicted, abs=0.06), (ratio, predicted)
+    if runtime == "onnxruntime":  # the head's MatMul, and only it, in the head's bits
+        import onnx
+
+        model = onnx.load(str(q.path), load_external_data=False)
+        lm_head = head_matmul(model)
+        assert lm_head is not None
+        bits = {
+            n.name: next(a.i for a in n.attribute if a.name == "bits")
+            for n in model.graph.node
+            if n.op_type == "MatMulNBits"
+        }
+        assert bits.pop(lm_head.name, None) == (None if head == "fp32" else SCHEME_TABLE[head].bits), bits  # type: ignore[index]
+        block_bits = set(bits.values())
+        spec = SCHEME_TABLE[blocks] if blocks else None  # type: ignore[index]
+        assert block_bits == ({spec.bits} if spec and spec.group_size else set()), bits
+
+    ids = torch.randint(0, 512, (1, 16), generator=torch.Generator().manual_seed(5))
+    _, got = run_artifact(runtime, q.path, ids.numpy(), tmp_path / "run", threads=1, new_tokens=2, chunk=8)
+    assert got is not None
+    ref = reference_generation(wide, ids, 2)
+
+    def rel(a: np.ndarray, b: np.ndarray) -> float:
+        return float(np.sqrt(((a - b) ** 2).mean() / (b**2).mean()))
+
+    with torch.no_grad(), simulated(wide, blocks, None, head):
+        sim = wide(ids, use_cache=False).logits.numpy()
+    assert 0.67 < rel(sim, ref.prefill) / rel(got.prefill, ref.prefill) < 1.5
 
 
 def test_schemes_are_checked_per_runtime() -> None:

@@ -145,13 +145,21 @@ def test_auto_quantizes_instead_of_pruning(tmp_path: Path, ids: torch.Tensor, mo
     shape = model_shape(model)
     assert worst(estimate_all(shape, profile)).total_mib > 26
     fit = choose_precision(model, ids, profile, profile.prune_config())
-    # executorch fp32/8da4w/8da8w x embedding fp32/int8/int4, x onnxruntime fp32/int8/int8w/int4w
-    assert len(fit.candidates) == 3 * 3 * 4
+    # executorch blocks fp32/8da4w/8da8w x head fp32/8da4w/8da8w x embedding fp32/int8/int4, x
+    # onnxruntime blocks fp32/int8/int8w/int4w x head fp32/int8w/int4w
+    assert len(fit.candidates) == 27 * 12
     chosen = [c for c in fit.candidates if c.chosen]
     assert len(chosen) == 1 and chosen[0].prune_share == 0 and chosen[0].quantize == fit.quantize
-    assert set(fit.quantize) == {"executorch", "onnxruntime"}  # fp32 fits on neither
+    assert chosen[0].quantize_head == fit.quantize_head
+    for rt in ("executorch", "onnxruntime"):  # fp32 fits on neither: each quantizes its blocks or its head
+        assert rt in fit.quantize or fit.quantize_head.get(rt, "fp32") != "fp32"
     priced = [c for c in fit.candidates if c.est_ratio]
-    assert chosen[0].worst_ratio == min(c.worst_ratio for c in priced)
+    whole = [c for c in priced if not c.bound_only]
+    assert chosen[0].worst_ratio == min(c.worst_ratio for c in whole)
+    # branch and bound: a candidate left at its components' bound could not have beaten the choice,
+    # and fewer whole precisions were simulated than there are combinations
+    assert all(c.worst_ratio >= chosen[0].worst_ratio for c in priced if c.bound_only)
+    assert len(whole) < len(priced) and fit.simulations < 27 + 12
     fp32 = next(c for c in fit.candidates if set(c.precision.values()) == {"fp32"})
     assert fp32.prune_share and fp32.prune_ppl == pytest.approx(base * (1 + 2 * fp32.prune_share))
     for c in priced:  # losses compound: each runtime's scheme times the shared pruning
@@ -262,7 +270,7 @@ def test_large_vocabulary_quantizes_its_embedding(tmp_path: Path, ids: torch.Ten
         tmp_path, runtimes=["executorch"], runtime_overhead_mib={"executorch": 0.0}, memory_budget_mib=budget
     )
     fit = choose_precision(model, ids, profile, profile.prune_config())
-    assert len(fit.candidates) == 3 * 3
+    assert len(fit.candidates) == 3 * 3 * 3  # blocks x head x table
     assert fit.quantize_embedding.get("executorch") in ("int8", "int4"), fit.reason
     assert "embedding" in fit.reason
     no_table = [c for c in fit.candidates if c.embedding["executorch"] == "fp32"]
@@ -376,9 +384,9 @@ def test_gptq_is_priced_on_held_out_hessians(tmp_path: Path, monkeypatch) -> Non
     seen: dict[str, torch.Tensor | None] = {}
     real = plan.simulated
 
-    def spy(m: nn.Module, scheme: str, windows: torch.Tensor | None = None):
-        seen[scheme] = windows
-        return real(m, scheme, windows)
+    def spy(m: nn.Module, scheme: str | None, windows: torch.Tensor | None = None, head: str | None = None):
+        seen[scheme or f"head {head}"] = windows
+        return real(m, scheme, windows, head)
 
     monkeypatch.setattr(plan, "simulated", spy)
     calib = torch.randint(0, model.config.vocab_size, (PPL_WINDOWS + 5, 16), generator=torch.Generator().manual_seed(4))

@@ -181,3 +181,29 @@ def test_genai_folder_is_counted_as_onnxruntime_genai_holds_it() -> None:
     plain_q = p.model_copy(update={"quantize": {"onnxruntime": "int4w"}})
     # the shared quantized head's packed copy (core.runtimes.GENAI_QUANTIZED_HEAD_RESIDENT)
     assert estimate(s, q, "onnxruntime").packed_mib > estimate(s, plain_q, "onnxruntime").packed_mib
+
+
+def test_lm_head_apart_takes_its_own_bytes_and_packing() -> None:
+    """quantize_head: the head's bytes are its own scheme's, its load transient and packed copy its
+    own scheme's constants, the blocks' terms unchanged; fp32 keeps a tied head reading the table."""
+    from core.schemes import runtime_cost
+
+    shape = model_shape(tiny_model("llama"))
+    base = load_profile("android-go").with_quantize({"onnxruntime": "int8w"})
+    apart = base.with_quantize({"onnxruntime": "int8w"}, None, {"onnxruntime": "int4w"})
+    same, mixed = estimate(shape, base, "onnxruntime"), estimate(shape, apart, "onnxruntime")
+    assert mixed.block_weights_mib == same.block_weights_mib
+    assert mixed.head_weights_mib == pytest.approx(same.head_weights_mib * (0.5 + 4 / 32) / (1 + 4 / 32))
+    int4 = runtime_cost("onnxruntime", "int4w")
+    int8 = runtime_cost("onnxruntime", "int8w")
+    assert mixed.load_transient_mib == pytest.approx(
+        int8.gemm_transient_ratio * mixed.block_weights_mib + int4.head_transient_ratio * mixed.head_weights_mib
+    )
+    assert mixed.packed_mib == pytest.approx(
+        int8.gemm_resident_ratio * mixed.block_weights_mib + int4.head_resident_ratio * mixed.head_weights_mib
+    )
+    fp32_head = base.with_quantize({"onnxruntime": "int8w"}, None, {"onnxruntime": "fp32"})
+    kept = estimate(shape, fp32_head, "onnxruntime")
+    assert kept.weights_mapped_mib == 0.0  # the tied table is read whole as the head again
+    assert kept.head_weights_mib == pytest.approx(shape.lm_head_params * 4 / MIB)
+    assert base.head_scheme("onnxruntime") == "int8w" and fp32_head.head_scheme("onnxruntime") is None

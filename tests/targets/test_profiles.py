@@ -105,6 +105,15 @@ def test_round_trip_through_yaml(tmp_path: Path) -> None:
         (lambda d: d.update(runtimes=["executorch"], quantize={"onnxruntime": "int8"}), "not in runtimes"),
         (lambda d: d.update(quantize_embedding={"onnxruntime": "int8"}), "use one of: none"),
         (lambda d: d.update(quantize_embedding={"executorch": "int2"}), "quantize_embedding.executorch"),
+        (lambda d: d.update(quantize_head={"onnxruntime": "8da4w"}), "use one of: int8w, int4w, fp32"),
+        (lambda d: d.update(quantize_head={"onnxruntime": "int2"}), "quantize_head.onnxruntime"),
+        (lambda d: d.update(runtimes=["executorch"], quantize_head={"onnxruntime": "int4w"}), "not in runtimes"),
+        (
+            lambda d: d.update(
+                onnx_format="genai", quantize={"onnxruntime": "int4w"}, quantize_head={"onnxruntime": "fp32"}
+            ),
+            "builder stores the lm_head in the linear weights' scheme",
+        ),
         (lambda d: d.update(decode_tokens=2000), "cannot exceed context_length"),
         (lambda d: d.update(onnx_format="tflite"), "onnx_format"),
         (lambda d: d["pruning"].update(max_removed_layer_ratio=1.5), "pruning.max_removed_layer_ratio"),
@@ -178,7 +187,8 @@ def test_every_shipped_profile_runs_the_pipeline(
     gates = {g["name"]: g for g in report["validation"]["gates"]}
     for rt in profile.runtimes:
         assert gates[f"memory[{rt}]"]["passed"], gates[f"memory[{rt}]"]["detail"]
-        if rt in report["profile"]["quantize"]:  # pinned, or chosen by precision: auto
+        chosen = report["profile"]
+        if rt in chosen["quantize"] or chosen.get("quantize_head", {}).get(rt, "fp32") != "fp32":  # pinned or auto
             assert f"agreement[{rt}]" in gates
         else:
             assert gates[f"parity[{rt}]"]["passed"] and gates[f"generation[{rt}]"]["passed"], gates
