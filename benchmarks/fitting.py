@@ -97,7 +97,9 @@ def summarize(report: dict[str, Any], wall: float) -> dict[str, Any]:
         exported = ppl.get(f"exported[{name}]")
         runtimes[name] = {
             "precision": precision_text(
-                prof.get("quantize", {}).get(name, "fp32"), prof.get("quantize_embedding", {}).get(name)
+                prof.get("quantize", {}).get(name, "fp32"),
+                prof.get("quantize_embedding", {}).get(name),
+                prof.get("quantize_head", {}).get(name),
             ),
             "ppl": exported,
             "ppl_ratio": exported / ppl["dense"] if exported and ppl.get("dense") else None,

@@ -195,7 +195,8 @@ def precision_text(linear: str | None, embedding: str | None = None, head: str |
     differs (``head``: None follows the linear scheme), and, where quantized, its embedding table's:
     ``8da8w + 8da4w head + int8 embedding``. The one wording of the report, gates and logs."""
     parts = [linear] if linear else []
-    if head is not None and effective_head(linear, head) != linear:
+    blocks = None if linear in (None, HEAD_FP32) else linear  # "fp32" as candidates spell it
+    if head is not None and effective_head(blocks, head) != blocks:
         parts.append(f"{head} head")
     if embedding and embedding != "fp32":
         parts.append(f"{embedding} embedding")
