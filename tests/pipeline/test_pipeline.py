@@ -228,8 +228,11 @@ def test_auto_precision_quantizes_instead_of_pruning(
     report = run_pipeline(cfg)
     fit, val = report["fit"], report["validation"]
     # fp32 fits neither runtime: each quantizes a component (ExecuTorch's int8 table is just enough)
-    assert fit is not None and set(fit["quantize"]) | set(fit["quantize_embedding"]) == {"executorch", "onnxruntime"}
-    assert len(fit["candidates"]) == 36 and sum(c["chosen"] for c in fit["candidates"]) == 1
+    quantized = set(fit["quantize"]) | set(fit["quantize_embedding"])
+    quantized |= {rt for rt, h in fit["quantize_head"].items() if h != "fp32"}
+    assert quantized == {"executorch", "onnxruntime"}
+    # (blocks x head x table) on ExecuTorch, (blocks x head) on onnxruntime
+    assert len(fit["candidates"]) == 27 * 12 and sum(c["chosen"] for c in fit["candidates"]) == 1
     assert report["prune"]["steps"] == [] and report["prune"]["record"] is None  # quantization sufficed
     # the report's profile is the one the run used, and each export is what was chosen
     assert report["profile"]["quantize"] == fit["quantize"]
@@ -238,6 +241,8 @@ def test_auto_precision_quantizes_instead_of_pruning(
         details = report["stages"][f"export-{rt}"]["details"]
         assert details["quantization"] == fit["quantize"].get(rt, "none")
         assert details.get("embedding_quantization", "none") == fit["quantize_embedding"].get(rt, "none")
+        head = fit["quantize_head"].get(rt, fit["quantize"].get(rt, "none"))
+        assert details["head_quantization"] == (head if head != "fp32" else "none")
     for rt in val["runtimes"]:
         assert rt["projected_peak_mib"] <= 26
         assert val["perplexity"][f"exported[{rt['runtime']}]"] / val["perplexity"]["pruned"] < 1.1
@@ -250,6 +255,7 @@ def test_auto_precision_quantizes_instead_of_pruning(
     saved = yaml.safe_load((out / "profile.yaml").read_text())
     assert saved["precision"] == "auto" and saved["quantize"] == fit["quantize"]
     assert saved["quantize_embedding"] == fit["quantize_embedding"]
+    assert saved.get("quantize_head", {}) == fit["quantize_head"]
     again = validate_existing(out)  # finds the quantized artifacts the fitting chose
     assert again["validation"]["passed"] and again["fit"] == fit
 
