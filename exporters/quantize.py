@@ -121,22 +121,35 @@ def quantize_torch(model: nn.Module, scheme: str | None, copy_model: bool = True
             return Int8DynamicActivationIntxWeightConfig(weight_dtype=int4, weight_granularity=PerGroup(GROUP_SIZE))
         return Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0))
 
-    head_scheme = effective_head(scheme, head)
-    specs = {s: check_scheme("executorch", s) for s in (scheme, head_scheme) if s is not None}
+    for name in {scheme, effective_head(scheme, head)} - {None}:
+        check_scheme("executorch", name)  # type: ignore[arg-type]
     q = copy.deepcopy(model) if copy_model else model
-    lm_head = q.get_output_embeddings()  # type: ignore[operator]
-    for name, spec in specs.items():
+    assigned = linear_schemes(q, scheme, head)
+    for name in dict.fromkeys(s for _, s in assigned.values()):
 
-        def chosen(module: nn.Module, fqn: str, name: str = name, spec: SchemeSpec = spec) -> bool:
-            wanted = head_scheme if module is lm_head else scheme
-            return isinstance(module, nn.Linear) and wanted == name and _tiles(module, spec)
+        def chosen(module: nn.Module, fqn: str, name: str = name) -> bool:
+            return fqn in assigned and assigned[fqn][1] == name and tiles(module, name)  # type: ignore[arg-type]
 
         quantize_(q, config(name), filter_fn=chosen)
     return q
 
 
-def _tiles(linear: nn.Linear, spec: SchemeSpec) -> bool:
-    """Whether ``spec`` can quantize ``linear``: int4 groups must tile the input width."""
+def linear_schemes(model: nn.Module, scheme: str | None, head: str | None = None) -> dict[str, tuple[nn.Linear, str]]:
+    """Each Linear module of ``model`` that is quantized, by name, with its scheme: the lm_head's
+    ``head`` (None: ``scheme``; ``fp32``: none), every other one's ``scheme`` (None: none). Whether
+    the scheme can take it (:func:`tiles`) is the caller's to check."""
+    lm_head, head_scheme = model.get_output_embeddings(), effective_head(scheme, head)  # type: ignore[operator]
+    out = {}
+    for fqn, m in model.named_modules():
+        wanted = head_scheme if m is lm_head else scheme
+        if isinstance(m, nn.Linear) and wanted is not None:
+            out[fqn] = (m, wanted)
+    return out
+
+
+def tiles(linear: nn.Linear, scheme: str) -> bool:
+    """Whether ``scheme`` can quantize ``linear``: groups that must be whole tile its input width."""
+    spec = scheme_spec(scheme)
     return not spec.whole_groups or linear.in_features % spec.group_size == 0
 
 
@@ -144,13 +157,7 @@ def left_unquantized(model: nn.Module, scheme: str | None, head: str | None = No
     """The Linear modules the blocks' ``scheme`` and the lm_head's ``head`` (None: ``scheme``) leave in
     fp32 (a pruned input width that is not a whole number of its groups): named in the export's
     details and the report, never skipped silently."""
-    lm_head, head_scheme = model.get_output_embeddings(), effective_head(scheme, head)  # type: ignore[operator]
-    out = []
-    for fqn, m in model.named_modules():
-        wanted = head_scheme if m is lm_head else scheme
-        if isinstance(m, nn.Linear) and wanted is not None and not _tiles(m, scheme_spec(wanted)):
-            out.append(fqn)
-    return out
+    return [fqn for fqn, (m, s) in linear_schemes(model, scheme, head).items() if not tiles(m, s)]
 
 
 def head_matmul(model: onnx.ModelProto) -> Any | None:
@@ -177,10 +184,8 @@ def quantize_onnx(src: Path, dst: Path, scheme: str | None = "int8", head: str |
     head_spec = check_scheme("onnxruntime", head_scheme) if head_scheme is not None else None
     dynamic = spec is not None and not spec.group_size
     try:
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-
         if dynamic and head_scheme == scheme:  # every MatMul with a constant weight, the head's too
-            _dynamic_int8(quantize_dynamic, QuantType, src, dst, None)
+            _dynamic_int8(src, dst, None)
         else:
             import onnx
             from onnxruntime.quantization.onnx_model import ONNXModel
@@ -201,7 +206,7 @@ def quantize_onnx(src: Path, dst: Path, scheme: str | None = "int8", head: str |
             target = dst.with_name("head-" + dst.name) if dynamic else dst
             ONNXModel(model).save_model_to_file(str(target), use_external_data_format=True)
             if dynamic:  # the blocks' dynamic int8 after the head's own pass
-                _dynamic_int8(quantize_dynamic, QuantType, target, dst, apart)
+                _dynamic_int8(target, dst, apart)
     except Exception as exc:
         raise ExportError(
             f"onnxruntime {precision_text(scheme, None, head)} quantization of {src.name} failed: "
@@ -225,9 +230,11 @@ def _nbits(model: onnx.ModelProto, bits: int, exclude: list[str] | None = None) 
     return quantizer.model.model
 
 
-def _dynamic_int8(quantize_dynamic: Any, quant_type: Any, src: Path, dst: Path, exclude: list[str] | None) -> None:
+def _dynamic_int8(src: Path, dst: Path, exclude: list[str] | None) -> None:
     """onnxruntime's dynamic int8 (uint8 weights per channel, see the module docstring) of ``src``."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
     quantize_dynamic(
-        str(src), str(dst), weight_type=quant_type.QUInt8, per_channel=True, op_types_to_quantize=["MatMul", "Gemm"],
+        str(src), str(dst), weight_type=QuantType.QUInt8, per_channel=True, op_types_to_quantize=["MatMul", "Gemm"],
         use_external_data_format=True, nodes_to_exclude=exclude, extra_options={"MatMulConstBOnly": True},
     )  # fmt: skip

@@ -37,7 +37,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from core.schemes import effective_head, scheme_spec
+from core.schemes import scheme_spec
 
 log = logging.getLogger(__name__)
 
@@ -177,19 +177,17 @@ def rounded_for_export(
     """``model`` as its exporter should quantize it, the blocks in ``scheme`` and the lm_head in
     ``head`` (None: ``scheme``; ``fp32``: unquantized): GPTQ-rounded (a copy) where a scheme rounds by
     GPTQ and calibration windows were given, else ``model`` itself (to nearest, warned)."""
-    head_module = model.get_output_embeddings()  # type: ignore[operator]
-    head_scheme = effective_head(scheme, head)
-    plan: dict[str, tuple[int, int, Grid]] = {}
-    for name, mod in model.named_modules():
-        if not isinstance(mod, nn.Linear):
-            continue
-        s = head_scheme if mod is head_module else scheme
-        if s is not None and scheme_spec(s).rounding == "gptq":
-            plan[name] = (scheme_spec(s).bits, scheme_spec(s).group_size, grid_of(s))
+    from exporters.quantize import linear_schemes
+
+    plan: dict[str, tuple[int, int, Grid]] = {
+        name: (scheme_spec(s).bits, scheme_spec(s).group_size, grid_of(s))
+        for name, (_, s) in linear_schemes(model, scheme, head).items()
+        if scheme_spec(s).rounding == "gptq"
+    }
     if not plan:
         return model
     if calibration is None or not calibration.is_file():
-        log.warning("%s: no calibration windows given; weights rounded to nearest, not by GPTQ", scheme or head_scheme)
+        log.warning("%s: no calibration windows given; weights rounded to nearest, not by GPTQ", scheme or head)
         return model
     from safetensors.torch import load_file
 

@@ -39,6 +39,7 @@ from torch import nn
 
 from core.arch import decoder_layers, tied_head
 from core.schemes import GROUP_SIZE, effective_head, embedding_spec, scheme_spec
+from exporters.quantize import tiles
 from exporters.quantized_embedding import dequantized, symmetric_grid
 from exporters.rounding import gptq, grid_of, hessians_of
 
@@ -141,13 +142,7 @@ def quantized_linears(model: Any, scheme: str | None, head: str | None = None) -
     quantizes = head_scheme is not None and (SIMULATIONS[head_scheme].quantizes_tied_head or not tied_head(model))
     if isinstance(lm_head, nn.Linear) and quantizes:
         picked.append((lm_head, head_scheme))  # type: ignore[arg-type]
-    return [(m, s) for m, s in picked if _tiles(m, s)]
-
-
-def _tiles(linear: nn.Linear, scheme: str) -> bool:
-    """Whether ``scheme`` can quantize ``linear``: groups that must be whole tile its input width."""
-    spec = scheme_spec(scheme)
-    return not spec.whole_groups or linear.in_features % spec.group_size == 0
+    return [(m, s) for m, s in picked if tiles(m, s)]
 
 
 @contextmanager
