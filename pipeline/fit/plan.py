@@ -239,19 +239,31 @@ def _rank(c: Candidate) -> tuple[float, float, int, float]:
 
 @torch.no_grad()
 def choose_precision(
-    model: Any, calib: torch.Tensor, profile: DeviceProfile, cfg: MethodConfig, memo: Memo | None = None
+    model: Any,
+    calib: torch.Tensor,
+    profile: DeviceProfile,
+    cfg: MethodConfig,
+    memo: Memo | None = None,
+    held_out: Callable[[], torch.Tensor] | None = None,
 ) -> FitPlan:
     """Price every candidate of ``profile`` on ``model`` (dense, fp32) and choose one (module
     docstring). The model is left as it was. ``memo``: where the dense model's simulated perplexities
     are remembered across targets (they do not depend on the profile). A GPTQ-rounded scheme, where it
-    is priced as such (no candidate rounded to nearest fits unpruned), takes its Hessians from the
-    windows of ``calib`` after the scored ones (up to ``GPTQ_WINDOWS``), held out from its score; with
-    no more than the scored ones (generated text's head), from those, which flatters it (Gemma 3 270M
+    is priced as such (no candidate rounded to nearest fits unpruned), takes its Hessians from windows
+    held out from its score (up to ``GPTQ_WINDOWS``): ``held_out()`` where given (the run's whole
+    generated set, made only then: text of its own seed, not the scored windows), else the windows of
+    ``calib`` after the scored ones; with neither, the scored ones, which flatters it (Gemma 3 270M
     int4w: 1.09x in-sample, 1.16x held out)."""
     t0 = time.perf_counter()
     windows = calib[:PPL_WINDOWS]
-    held = calib[PPL_WINDOWS : PPL_WINDOWS + GPTQ_WINDOWS]
-    hessian_windows = held if held.shape[0] else windows
+
+    @functools.cache
+    def hessian_windows() -> torch.Tensor:
+        held = held_out()[:GPTQ_WINDOWS] if held_out is not None else calib[PPL_WINDOWS : PPL_WINDOWS + GPTQ_WINDOWS]
+        if not held.shape[0]:
+            log.warning("GPTQ priced on the %d windows it is scored on (no others): a flattered loss", len(windows))
+        return held if held.shape[0] else windows
+
     shape = model_shape(model)
     target = profile.memory_budget_mib - profile.pruning.headroom_mib
 
@@ -293,7 +305,7 @@ def choose_precision(
         if key not in quant_ppl:
             rt, lin, head, emb = key
             what = f"simulated {rt} {lin} + {head} head + {emb} embedding"
-            hessians = hessian_windows if gptq and (rounds_by_gptq(lin) or rounds_by_gptq(head)) else None
+            hessians = hessian_windows() if gptq and (rounds_by_gptq(lin) or rounds_by_gptq(head)) else None
             if hessians is not None:  # the rounding depends on the Hessians' windows too
                 what += f" (GPTQ on {windows_digest(hessians)[:16]})"
             simulate = functools.partial(_simulated_ppl, model, windows, cfg, key, base, hessians)

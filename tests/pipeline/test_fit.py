@@ -366,8 +366,8 @@ def test_a_shorter_prefill_chunk_comes_before_pruning(tmp_path: Path, ids: torch
 def test_gptq_is_priced_on_held_out_hessians(tmp_path: Path, monkeypatch) -> None:
     """GPTQ is priced only where no candidate rounded to nearest fits unpruned (else int4 is priced to
     nearest, an upper bound, and costs no minutes). Then, with more calibration windows than the 8
-    scored, its Hessians come from the others (its score is not in-sample); with only the 8
-    (generated text's head), from those."""
+    scored, its Hessians come from the others (its score is not in-sample); with generated text, from
+    the run's whole set (another seed); with only the 8 and nothing else, from those."""
     import pipeline.fit.plan as plan
     from pipeline.methods.base import PPL_WINDOWS
 
@@ -391,11 +391,22 @@ def test_gptq_is_priced_on_held_out_hessians(tmp_path: Path, monkeypatch) -> Non
     monkeypatch.setattr(plan, "simulated", spy)
     calib = torch.randint(0, model.config.vocab_size, (PPL_WINDOWS + 5, 16), generator=torch.Generator().manual_seed(4))
     roomy = _auto_profile(tmp_path, **common, pruning={"headroom_mib": 0}, memory_budget_mib=math.ceil(nearest) + 1)
-    choose_precision(model, calib, roomy, roomy.prune_config())
+    made: list[torch.Tensor] = []
+
+    def held_out() -> torch.Tensor:  # the run's whole generated set: made only if GPTQ is priced
+        made.append(calib[2:5].flip(0))
+        return made[-1]
+
+    choose_precision(model, calib, roomy, roomy.prune_config(), held_out=held_out)
     assert "int4w" in seen and seen["int4w"] is None  # fp32 or int8 fits as is: int4w priced to nearest
+    assert not made
     tight = _auto_profile(tmp_path, **common, pruning={"headroom_mib": 0}, memory_budget_mib=math.ceil(peak("int4w")))
     fit = choose_precision(model, calib, tight, tight.prune_config())
     assert fit.quantize == {"onnxruntime": "int4w"}, fit.reason
     assert seen["int4w"] is not None and torch.equal(seen["int4w"], calib[PPL_WINDOWS:])
     choose_precision(model, calib[:PPL_WINDOWS], tight, tight.prune_config())
     assert torch.equal(seen["int4w"], calib[:PPL_WINDOWS])
+    # generated text: the scored windows are the head of their own seed, the Hessians from the whole
+    # set (made once, for every GPTQ-rounded component)
+    choose_precision(model, calib[:PPL_WINDOWS], tight, tight.prune_config(), held_out=held_out)
+    assert len(made) == 1 and torch.equal(seen["int4w"], made[0])
