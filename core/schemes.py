@@ -58,21 +58,21 @@ class SchemeSpec:
 
 
 # MatMulNBits with int8 compute packs every weight into its own layout at load while the mapped source
-# pages are resident too, and keeps the packed copy while running: 0.27 / 1.29 of the block weights /
-# lm_head at load, 0.34 / 0.72 kept (fitted on SmolLM2 filled to 1024-4096, Gemma 3 270M and three
+# pages are resident too, and keeps the packed copy while running: 0.27 / 1.31 of the block weights /
+# lm_head at load, 0.30 / 0.87 kept (fitted on SmolLM2 filled to 1024-4096, Gemma 3 270M and three
 # tiny models: benchmarks/results/memory_calibration.md).
 MATMULNBITS_COST = replace(
-    RUNTIME_TABLE["onnxruntime"].cost, session_mib=4.29, gemm_transient_ratio=0.27, head_transient_ratio=1.292,
-    gemm_resident_ratio=0.339, head_resident_ratio=0.983, kv_copies=2.246,
+    RUNTIME_TABLE["onnxruntime"].cost, session_mib=4.33, gemm_transient_ratio=0.273, head_transient_ratio=1.309,
+    gemm_resident_ratio=0.301, head_resident_ratio=0.872, kv_copies=2.298, prediction_margin=0.053,
 )  # fmt: skip
 
 # XNNPACK's qd8 GEMMs (8da8w, 8da4w) pack the quantized weights at load and keep packed copies beside
-# the program's: the lm_head most (Gemma 3 270M's 262144 x 640 head). Fitted on 8da8w (SmolLM2 at 2048
-# positions, Gemma 3 270M at 1024 on the LLM kernels with its sliding layers' rings); 8da4w is assumed
-# to pack alike (no full-context point yet).
+# the program's: the lm_head most (Gemma 3 270M's 262144 x 640 head). Fitted on 8da8w (SmolLM2 at 512
+# and 2048 positions, Gemma 3 270M at 1024 on the LLM kernels with its sliding layers' rings); 8da4w
+# has its own head terms (below).
 QD8_COST = replace(
-    RUNTIME_TABLE["executorch"].cost, session_mib=13.31, gemm_transient_ratio=0.09, head_transient_ratio=1.675,
-    gemm_resident_ratio=0.0, head_resident_ratio=1.011, kv_copies=1.0,
+    RUNTIME_TABLE["executorch"].cost, session_mib=0.818, gemm_transient_ratio=0.09, head_transient_ratio=1.68,
+    gemm_resident_ratio=0.0, head_resident_ratio=1.163, kv_copies=1.0, prediction_margin=0.056,
 )  # fmt: skip
 
 SCHEME_TABLE: dict[Scheme, SchemeSpec] = {
@@ -93,14 +93,18 @@ SCHEME_TABLE: dict[Scheme, SchemeSpec] = {
         # 270M (512 positions), whose 28 and 100 MiB heads tell the block and head terms apart: the head
         # packs like int8w's (load 1.32, kept 1.04 of its bytes). The session term is held at
         # SmolLM2's fit (free, four points leave it degenerate).
-        cost=replace(MATMULNBITS_COST, session_mib=0.029, gemm_transient_ratio=0.723, head_transient_ratio=1.324,
-                     gemm_resident_ratio=0.573, head_resident_ratio=1.040, kv_copies=2.436),
+        cost=replace(MATMULNBITS_COST, session_mib=0.029, gemm_transient_ratio=0.697, head_transient_ratio=1.34,
+                     gemm_resident_ratio=0.383, head_resident_ratio=1.128, kv_copies=2.58, prediction_margin=0.037),
         rounding="gptq",
         summary="onnxruntime MatMulNBits: int4 weights in blocks of 32 (GPTQ-rounded), int8 activations per block",
     ),
     "8da4w": SchemeSpec(
         "8da4w", "executorch", weight_bytes=0.5 + 4 / GROUP_SIZE, group_size=GROUP_SIZE, bits=4, whole_groups=True,
-        cost=QD8_COST, rounding="gptq",
+        # its int4 head packs into less at load and keeps more while running than 8da8w's (fitted on
+        # SmolLM2 at 512 and 2048 positions; the session and the blocks' terms held at 8da8w's)
+        cost=replace(QD8_COST, session_mib=13.31, head_transient_ratio=0.455, head_resident_ratio=1.53,
+                     prediction_margin=0.047),
+        rounding="gptq",
         summary="torchao 8-bit dynamic activations, int4 weights in groups of 32 (XNNPACK)",
     ),
     "8da8w": SchemeSpec(

@@ -14,9 +14,9 @@ from typing import Any
 
 from core.errors import BudgetError
 from core.methods import MethodConfig
-from core.schemes import smallest_embedding_scheme, smallest_scheme
+from core.schemes import embedding_schemes_for, schemes_for
 from pipeline.methods import build_pruner
-from targets.budget import MemoryEstimate, ModelShape, estimate_all, model_shape, worst
+from targets.budget import MemoryEstimate, ModelShape, estimate, estimate_all, model_shape, worst
 from targets.profile import DeviceProfile
 
 MOST_BLOCK_REMOVAL = 0.9  # the lever "remove more blocks", evaluated at this max_removed_layer_ratio
@@ -41,13 +41,13 @@ def check_feasible(model: Any, profile: DeviceProfile, cfg: MethodConfig, shape:
     target = profile.memory_budget_mib - profile.pruning.headroom_mib
     every = estimate_all(floor_shape(model, cfg, shape), profile)
     floor = worst(every)
-    if floor.total_mib <= target:
+    if floor.bound_mib <= target:
         return
-    over = floor.total_mib - target
+    over = floor.bound_mib - target
     levers = [
         f"{text} ({saved:.1f} MiB less)" for text, saved in _levers(model, shape, profile, cfg, floor) if saved >= over
     ]
-    smallest = math.ceil(floor.total_mib + profile.pruning.headroom_mib)
+    smallest = math.ceil(floor.bound_mib + profile.pruning.headroom_mib)
     headroom = f" less {profile.pruning.headroom_mib:g} MiB headroom" if profile.pruning.headroom_mib else ""
     reach = (
         "Levers that reach it: " + "; ".join(levers) + "."
@@ -58,12 +58,14 @@ def check_feasible(model: Any, profile: DeviceProfile, cfg: MethodConfig, shape:
     run = f"KV {floor.kv_cache_mib:.1f} + activations {floor.activations_mib:.1f} at {floor.positions} positions"
     phases = f"max(load transients {floor.load_transient_mib:.1f}, {run})" if floor.load_transient_mib else run
     terms = f"weights {floor.weights_mib:.1f} + overhead {floor.overhead_mib:.1f} + {phases}"
+    if floor.margin_mib:  # the memory model's calibrated worst under-prediction (prediction_margin)
+        terms += f" + margin {floor.margin_mib:.1f}"
     if len(every) > 1:  # each runtime's own floor: which one is the obstacle, and by how much
-        terms += "; floors: " + ", ".join(f"{e.runtime} {e.total_mib:.1f} MiB" for e in every)
+        terms += "; floors: " + ", ".join(f"{e.runtime} {e.bound_mib:.1f} MiB" for e in every)
     raise BudgetError(
         f"Budget infeasible for profile '{profile.name}': even the most pruning {cfg.method} allows "
         f"(max_removed_layer_ratio={cfg.max_removed_layer_ratio}){_weights(profile)} needs "
-        f"{floor.total_mib:.1f} MiB on {floor.runtime} ({terms}), {over:.1f} MiB over the "
+        f"{floor.bound_mib:.1f} MiB on {floor.runtime} ({terms}), {over:.1f} MiB over the "
         f"{floor.budget_mib:.0f} MiB budget{headroom}. {reach} The smallest budget at which this floor fits: "
         f"memory_budget_mib: {smallest}. Nothing was pruned or exported."
     )
@@ -87,7 +89,7 @@ def _levers(
     target = profile.memory_budget_mib - profile.pruning.headroom_mib
 
     def floor_with(method_cfg: MethodConfig = cfg, **update: Any) -> float:
-        return floor_estimate(model, shape, profile.model_copy(update=update), method_cfg).total_mib
+        return floor_estimate(model, shape, profile.model_copy(update=update), method_cfg).bound_mib
 
     out: list[tuple[str, float]] = []
     # the largest context at which the floor fits (KV cache and attention scores shrink with it)
@@ -96,39 +98,50 @@ def _levers(
         while hi - lo > 1:
             mid = (lo + hi) // 2
             lo, hi = (mid, hi) if floor_with(context_length=mid) <= target else (lo, mid)
-        out.append((f"context_length: {lo}", floor.total_mib - floor_with(context_length=lo)))
-    # quantized weights on every runtime that runs fp32 today, with each runtime's smallest scheme
+        out.append((f"context_length: {lo}", floor.bound_mib - floor_with(context_length=lo)))
+    # quantized weights on every runtime that runs fp32 today, each at the scheme that makes its floor
+    # smallest (not the fewest bits: a quantized program's session can cost more than its weights save)
+    small = floor_shape(model, cfg, shape)
+
+    def smallest_peak(rt: Any, options: tuple[str, ...], field: str) -> str | None:
+        def bound(option: str) -> float:
+            trial = profile.model_copy(update={field: {**getattr(profile, field), rt: option}})
+            return estimate(small, trial, rt).bound_mib
+
+        return min(options, key=bound) if options else None
+
     fp32 = [rt for rt in profile.runtimes if rt not in profile.quantize]
+    smallest = {rt: smallest_peak(rt, schemes_for(rt), "quantize") for rt in fp32}
     if fp32:
-        smallest = {rt: smallest_scheme(rt) for rt in fp32}
         change = ", ".join(f"{rt}: {s}" for rt, s in smallest.items())
-        out.append((f"quantize: {{{change}}}", floor.total_mib - floor_with(quantize={**profile.quantize, **smallest})))
+        out.append((f"quantize: {{{change}}}", floor.bound_mib - floor_with(quantize={**profile.quantize, **smallest})))
     # a quantized embedding table where the runtime has one and the profile keeps it fp32
-    tables = {rt: smallest_embedding_scheme(rt) for rt in profile.runtimes if rt not in profile.quantize_embedding}
+    fp32_tables = [rt for rt in profile.runtimes if rt not in profile.quantize_embedding]
+    tables = {rt: smallest_peak(rt, embedding_schemes_for(rt), "quantize_embedding") for rt in fp32_tables}
     tables = {rt: s for rt, s in tables.items() if s is not None}
     if tables:
         change = ", ".join(f"{rt}: {s}" for rt, s in tables.items())
-        saved = floor.total_mib - floor_with(quantize_embedding={**profile.quantize_embedding, **tables})
+        saved = floor.bound_mib - floor_with(quantize_embedding={**profile.quantize_embedding, **tables})
         out.append((f"quantize_embedding: {{{change}}}", saved))
-    # both at once, as precision: auto would choose them (either alone may fall short where together
-    # they reach: a tiny model's quantized ExecuTorch program needs its table quantized too)
-    if fp32 and tables and profile.precision != "auto":
-        both = floor_with(
-            quantize={**profile.quantize, **smallest}, quantize_embedding={**profile.quantize_embedding, **tables}
-        )
-        out.append(("precision: auto", floor.total_mib - both))
+    # every component at once, as precision: auto would reach (either alone may fall short where
+    # together they reach: a tiny model's quantized ExecuTorch program needs its table quantized too)
+    if (fp32 or tables) and profile.precision != "auto":
+        from pipeline.fit.plan import most_compressed  # the fitting stage imports this module
+
+        auto = most_compressed(profile.model_copy(update={"precision": "auto"}), small)
+        out.append(("precision: auto", floor.bound_mib - floor_estimate(model, shape, auto, cfg).bound_mib))
     # fewer runtimes: where one runtime's floor is the obstacle and another's fits, exporting for that
     # one alone is the change (Gemma 3 270M: ExecuTorch's packed int4 lm_head alone needs ~270 MiB while
     # loading, onnxruntime's floor is ~100 MiB lower)
     if len(profile.runtimes) > 1:
         for rt in profile.runtimes:
-            alone = floor_estimate(model, shape, profile.with_runtimes([rt]), cfg).total_mib
+            alone = floor_estimate(model, shape, profile.with_runtimes([rt]), cfg).bound_mib
             if alone <= target:
                 out.append(
-                    (f"runtimes: [{rt}] (or --runtimes {rt}; its floor {alone:.1f} MiB)", floor.total_mib - alone)
+                    (f"runtimes: [{rt}] (or --runtimes {rt}; its floor {alone:.1f} MiB)", floor.bound_mib - alone)
                 )
     # more whole blocks removed, where the method removes blocks at all
     if cfg.removes_blocks:
         more = cfg.model_copy(update={"max_removed_layer_ratio": MOST_BLOCK_REMOVAL})
-        out.append((f"pruning.max_removed_layer_ratio: {MOST_BLOCK_REMOVAL}", floor.total_mib - floor_with(more)))
+        out.append((f"pruning.max_removed_layer_ratio: {MOST_BLOCK_REMOVAL}", floor.bound_mib - floor_with(more)))
     return out

@@ -76,7 +76,7 @@ def _estimates(shape: ModelShape, profile: DeviceProfile) -> dict[str, Any]:
     ests = estimate_all(shape, profile)
     return {
         "params": shape.total_params,
-        "worst_mib": round(worst(ests).total_mib, 2),
+        "worst_mib": round(worst(ests).bound_mib, 2),
         "per_runtime": [e.to_dict() for e in ests],
     }
 
@@ -86,7 +86,7 @@ def _needs_more(s: ModelShape, dense: ModelShape, profile: DeviceProfile, cfg: M
     decoder parameters when it has one, else over the budget less headroom."""
     if cfg.target_decoder_ratio is not None:
         return (dense.layer_params - s.layer_params) / dense.layer_params < cfg.target_decoder_ratio
-    return worst(estimate_all(s, profile)).total_mib > profile.memory_budget_mib - profile.pruning.headroom_mib
+    return worst(estimate_all(s, profile)).bound_mib > profile.memory_budget_mib - profile.pruning.headroom_mib
 
 
 def will_prune(model: PreTrainedModel, profile: DeviceProfile, cfg: MethodConfig) -> bool:
@@ -146,14 +146,14 @@ def prune_to_budget(
                 if pruner.applied  # planned steps change the model only in finalize
                 else float("nan")
             )
-            plan.steps.append(PruneStep(what, score, round(current.total_mib, 2), round(ppl, 3)))
+            plan.steps.append(PruneStep(what, score, round(current.bound_mib, 2), round(ppl, 3)))
             log.log(
                 logging.INFO if ppl == ppl else logging.DEBUG,
                 "removed %s (score %.4f): now %.1f MiB (target %.1f), calibration perplexity %.2f",
-                what, score, current.total_mib, target_mib, ppl,
+                what, score, current.bound_mib, target_mib, ppl,
             )  # fmt: skip
             bar.update(1)
-            bar.set_postfix(mib=f"{current.total_mib:.0f}/{target_mib:.0f}", ppl=f"{ppl:.2f}")
+            bar.set_postfix(mib=f"{current.bound_mib:.0f}/{target_mib:.0f}", ppl=f"{ppl:.2f}")
     if plan.steps:
         pruner.finalize(model)
         plan.record = PruneRecord(

@@ -16,7 +16,7 @@ measured peak.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from torch import nn
@@ -142,6 +142,7 @@ class MemoryEstimate:
     block_weights_mib: float = 0.0
     head_weights_mib: float = 0.0
     weights_mapped_mib: float = 0.0  # stored, memory-mapped and never read whole: not in weights_mib
+    margin_mib: float = 0.0  # the calibrated under-prediction of the model's part (RuntimeCost.prediction_margin)
 
     @property
     def load_mib(self) -> float:
@@ -163,11 +164,21 @@ class MemoryEstimate:
         return self.weights_mib + self.overhead_mib + max(self.load_mib, self.run_mib)
 
     @property
+    def bound_mib(self) -> float:
+        """The prediction with the calibration's worst under-prediction added: what fitting,
+        pruning and the feasibility check hold to the budget (``total_mib`` is the estimate itself,
+        what validation compares the measurement with)."""
+        return self.total_mib + self.margin_mib
+
+    @property
     def fits(self) -> bool:
-        return self.total_mib <= self.budget_mib
+        return self.bound_mib <= self.budget_mib
 
     def to_dict(self) -> dict[str, float | str | bool]:
-        return {**asdict(self), "total_mib": round(self.total_mib, 2), "fits": self.fits, "phase": self.phase}
+        return {
+            **asdict(self), "total_mib": round(self.total_mib, 2), "bound_mib": round(self.bound_mib, 2),
+            "fits": self.fits, "phase": self.phase,
+        }  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -325,7 +336,8 @@ def estimate(
     chunk = min(profile.prefill_tokens, context)
     rolling = chunk if spec.kv_windowed else None
     kv = kv_cache_bytes(shape, context, profile.batch_size, profile.float_dtype, rolling) / MIB
-    return MemoryEstimate(
+    library = library_mib(profile, runtime)
+    est = MemoryEstimate(
         runtime=runtime,
         weights_mib=terms.resident / MIB,
         kv_cache_mib=cost.kv_copies * kv,
@@ -333,7 +345,7 @@ def estimate(
             shape, chunk, context, profile.batch_size, spec.kv_windowed, spec.materializes_scores
         )
         / MIB,
-        overhead_mib=library_mib(profile, runtime) + cost.session_mib,
+        overhead_mib=library + cost.session_mib,
         budget_mib=float(profile.memory_budget_mib),
         load_transient_mib=cost.load_transient_mib(gemm_mib, 0.0) + head_cost.load_transient_mib(0.0, head_mib),
         positions=context,
@@ -344,6 +356,8 @@ def estimate(
         head_weights_mib=head_mib,
         weights_mapped_mib=(terms.total - terms.resident) / MIB,
     )
+    margin = max(cost.prediction_margin, head_cost.prediction_margin)
+    return replace(est, margin_mib=margin * (est.total_mib - library))
 
 
 def estimate_all(shape: ModelShape, profile: DeviceProfile) -> list[MemoryEstimate]:
@@ -352,4 +366,5 @@ def estimate_all(shape: ModelShape, profile: DeviceProfile) -> list[MemoryEstima
 
 
 def worst(estimates: list[MemoryEstimate]) -> MemoryEstimate:
-    return max(estimates, key=lambda e: e.total_mib)
+    """The runtime furthest from fitting: the largest bound (prediction + margin)."""
+    return max(estimates, key=lambda e: e.bound_mib)

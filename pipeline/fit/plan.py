@@ -131,7 +131,7 @@ def most_compressed(profile: DeviceProfile, floor: ModelShape) -> DeviceProfile:
         for lin, head, emb in runtime_options(profile, rt):
             q, h = _with(quantize, rt, lin), _with_head(heads, rt, lin, head)
             trial = profile.with_quantize(q, _with(tables, rt, emb), h)  # type: ignore[arg-type]
-            priced.append((estimate(floor, trial, rt).total_mib, lin, head, emb))
+            priced.append((estimate(floor, trial, rt).bound_mib, lin, head, emb))
         _, lin, head, emb = min(priced)
         quantize, tables, heads = _with(quantize, rt, lin), _with(tables, rt, emb), _with_head(heads, rt, lin, head)
     return profile.with_quantize(quantize, tables, heads)  # type: ignore[arg-type]
@@ -406,9 +406,9 @@ def _price(
     dense = {e.runtime: round(e.total_mib, 1) for e in estimate_all(shape, at)}
 
     def fits(s: ModelShape) -> bool:
-        return worst(estimate_all(s, at)).total_mib <= target
+        return worst(estimate_all(s, at)).bound_mib <= target
 
-    reachable = fits(shape) or floor_estimate(model, shape, at, cfg).total_mib <= target
+    reachable = fits(shape) or floor_estimate(model, shape, at, cfg).bound_mib <= target
     share = smallest_share(shape, fits) if reachable else None
     shorter = chunk if chunk != prof.prefill_tokens else None
     return Candidate(precision, embedding, dense, reachable, share, {}, None, prefill_tokens=shorter)
@@ -416,7 +416,7 @@ def _price(
 
 def _fits(shape: ModelShape, prof: DeviceProfile, chunk: int, target: float) -> bool:
     """Whether ``shape`` fits ``target`` on every runtime of ``prof`` prefilling ``chunk`` tokens at a time."""
-    return worst(estimate_all(shape, prof.model_copy(update={"prefill_tokens": chunk}))).total_mib <= target
+    return worst(estimate_all(shape, prof.model_copy(update={"prefill_tokens": chunk}))).bound_mib <= target
 
 
 def _reason(best: Candidate, rest: list[Candidate]) -> str:

@@ -97,13 +97,13 @@ def test_comp_prunes_to_budget_on_every_architecture(arch: str, tmp_path: Path, 
     m = tiny_model(arch, **WIDE)
     dense = model_shape(m)
     weights = worst(estimate_all(dense, profile(1000))).weights_mib
-    total = worst(estimate_all(dense, profile(1000, runtime_overhead_mib=ZERO))).total_mib
+    total = worst(estimate_all(dense, profile(1000, runtime_overhead_mib=ZERO))).bound_mib
     cfg = method_config(method="comp", width_multiple=8)
     narrow = narrowest_shape(m, dense, 8, cfg.min_keep_ratio, drop_blocks=cfg.max_removed_layer_ratio)
     floor = worst(estimate_all(narrow, profile(1000, runtime_overhead_mib=ZERO)))
     # a quarter of the weights under dense, but always reachable (the fixed session overheads of
     # a model this small can leave less than that to prune)
-    target = profile(math.ceil(max(total - 0.25 * weights, floor.total_mib + 0.5)), runtime_overhead_mib=ZERO)
+    target = profile(math.ceil(max(total - 0.25 * weights, floor.bound_mib + 0.5)), runtime_overhead_mib=ZERO)
     assert target.memory_budget_mib < total
     plan = prune_to_budget(m, calib(), target, cfg)
     after = model_shape(m)

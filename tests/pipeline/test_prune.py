@@ -109,17 +109,17 @@ def test_depth_then_width_meets_the_budget_without_a_block_of_overshoot() -> Non
     it lands between the budget and depth's result (which overshoots by part of a block)."""
     dense = tiny_model("llama", **WIDE)
     per_block = (
-        worst(estimate_all(model_shape(dense), profile(30))).total_mib
-        - worst(estimate_all(model_shape(dense).without_layers({0}), profile(30))).total_mib
+        worst(estimate_all(model_shape(dense), profile(30))).bound_mib
+        - worst(estimate_all(model_shape(dense).without_layers({0}), profile(30))).bound_mib
     )
-    start = worst(estimate_all(model_shape(dense), profile(30))).total_mib
+    start = worst(estimate_all(model_shape(dense), profile(30))).bound_mib
     budget = int(start - 1.5 * per_block)  # needs one block and a half
     p = profile(budget)
     m_depth, m_mixed = tiny_model("llama", **WIDE), tiny_model("llama", **WIDE)
     prune_to_budget(m_depth, calib(), p, method_config(method="depth", max_removed_layer_ratio=0.75))
     plan = prune_to_budget(m_mixed, calib(), p, method_config(method="depth+width", max_removed_layer_ratio=0.75))
-    depth_mib = worst(estimate_all(model_shape(m_depth), p)).total_mib
-    mixed_mib = worst(estimate_all(model_shape(m_mixed), p)).total_mib
+    depth_mib = worst(estimate_all(model_shape(m_depth), p)).bound_mib
+    mixed_mib = worst(estimate_all(model_shape(m_mixed), p)).bound_mib
     assert len(model_shape(m_depth).layers) == 6  # two blocks: 1.5 rounded up
     assert len(model_shape(m_mixed).layers) == 7  # one block, then channels
     assert depth_mib < mixed_mib <= budget

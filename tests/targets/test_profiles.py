@@ -43,10 +43,10 @@ def test_budget_model_agrees_on_which_profiles_prune_the_default(name: str) -> N
     target = profile.memory_budget_mib - profile.pruning.headroom_mib
     assert profile.precision == "auto"  # the shipped default: precision chosen with the pruning
     shape = default_model_shape()
-    need = worst(estimate_all(shape, profile)).total_mib > target
+    need = worst(estimate_all(shape, profile)).bound_mib > target
     assert need == NEEDS_PRUNING_FOR_DEFAULT[name]
     # quantized as far as auto may go, every shipped profile holds the default model unpruned
-    assert worst(estimate_all(shape, most_compressed(profile, shape))).total_mib <= target
+    assert worst(estimate_all(shape, most_compressed(profile, shape))).bound_mib <= target
 
 
 @pytest.mark.parametrize("name", SHIPPED)
