@@ -15,6 +15,7 @@ from typing import Any
 from core.errors import BudgetError
 from core.methods import MethodConfig
 from core.schemes import embedding_schemes_for, schemes_for
+from pipeline.choices import most_compressed
 from pipeline.methods import build_pruner
 from targets.budget import MemoryEstimate, ModelShape, estimate, estimate_all, model_shape, worst
 from targets.profile import DeviceProfile
@@ -126,8 +127,6 @@ def _levers(
     # every component at once, as precision: auto would reach (either alone may fall short where
     # together they reach: a tiny model's quantized ExecuTorch program needs its table quantized too)
     if (fp32 or tables) and profile.precision != "auto":
-        from pipeline.fit.plan import most_compressed  # the fitting stage imports this module
-
         auto = most_compressed(profile.model_copy(update={"precision": "auto"}), small)
         out.append(("precision: auto", floor.bound_mib - floor_estimate(model, shape, auto, cfg).bound_mib))
     # fewer runtimes: where one runtime's floor is the obstacle and another's fits, exporting for that

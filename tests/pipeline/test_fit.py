@@ -13,9 +13,9 @@ from torch import nn
 from core.errors import BudgetError
 from core.methods import method_config
 from exporters.quantize import quantize_torch
+from pipeline.choices import embedding_options, options
 from pipeline.feasibility import check_feasible, floor_shape
 from pipeline.fit import choose_precision, fitted_profile, most_compressed
-from pipeline.fit.plan import embedding_options, options
 from pipeline.fit.proxy import MAX_SHARE, STEP, PruningProxy, share_shape, smallest_share
 from pipeline.fit.simulate import SIMULATIONS, quantized_linears, simulated, simulated_embedding
 from targets.budget import estimate_all, model_shape, worst
