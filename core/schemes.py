@@ -91,10 +91,10 @@ SCHEME_TABLE: dict[Scheme, SchemeSpec] = {
         # them into a layout (codes, scales, block sums) that is not smaller than int8w's, so per stored
         # byte the packed copy is larger. Fitted on SmolLM2 (load and 1024-4096 positions) and Gemma 3
         # 270M (512 positions), whose 28 and 100 MiB heads tell the block and head terms apart: the head
-        # packs like int8w's (load 1.32, kept 1.04 of its bytes). The session term is held at
+        # packs like int8w's (load 1.34, kept 1.17 of its bytes). The session term is held at
         # SmolLM2's fit (free, four points leave it degenerate).
-        cost=replace(MATMULNBITS_COST, session_mib=0.029, gemm_transient_ratio=0.697, head_transient_ratio=1.34,
-                     gemm_resident_ratio=0.383, head_resident_ratio=1.128, kv_copies=2.58, prediction_margin=0.037),
+        cost=replace(MATMULNBITS_COST, session_mib=0.029, gemm_transient_ratio=0.693, head_transient_ratio=1.342,
+                     gemm_resident_ratio=0.31, head_resident_ratio=1.17, kv_copies=2.591, prediction_margin=0.045),
         rounding="gptq",
         summary="onnxruntime MatMulNBits: int4 weights in blocks of 32 (GPTQ-rounded), int8 activations per block",
     ),
@@ -102,8 +102,8 @@ SCHEME_TABLE: dict[Scheme, SchemeSpec] = {
         "8da4w", "executorch", weight_bytes=0.5 + 4 / GROUP_SIZE, group_size=GROUP_SIZE, bits=4, whole_groups=True,
         # its int4 head packs into less at load and keeps more while running than 8da8w's (fitted on
         # SmolLM2 at 512 and 2048 positions; the session and the blocks' terms held at 8da8w's)
-        cost=replace(QD8_COST, session_mib=13.31, head_transient_ratio=0.455, head_resident_ratio=1.53,
-                     prediction_margin=0.047),
+        cost=replace(QD8_COST, session_mib=13.31, head_transient_ratio=0.613, head_resident_ratio=1.737,
+                     prediction_margin=0.04),
         rounding="gptq",
         summary="torchao 8-bit dynamic activations, int4 weights in groups of 32 (XNNPACK)",
     ),
