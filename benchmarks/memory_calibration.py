@@ -283,12 +283,10 @@ def _row(p: dict[str, Any]) -> tuple[list[float], float]:
 
 
 def group(p: dict[str, Any]) -> str:
-    """Which constants a point calibrates: its scheme's own when the scheme table has them
-    (``core.schemes``), else its runtime's (``core.runtimes``)."""
-    from core.schemes import SCHEME_TABLE
+    """Which constants a point calibrates (``core.schemes.cost_group``)."""
+    from core.schemes import cost_group
 
-    spec = SCHEME_TABLE.get(p["scheme"])
-    return f"{p['runtime']}/{p['scheme']}" if spec is not None and spec.cost is not None else p["runtime"]
+    return cost_group(p["runtime"], p["scheme"])
 
 
 # Terms held, not fitted, where the data cannot separate them or physics fixes them: a static cache

@@ -239,3 +239,11 @@ def runtime_cost(runtime: Runtime, scheme: str | None = None) -> RuntimeCost:
     """The memory model's constants for ``runtime`` running weights quantized with ``scheme`` (None: fp32)."""
     spec = SCHEME_TABLE.get(scheme) if scheme else None  # type: ignore[call-overload]
     return spec.cost if spec is not None and spec.cost is not None else RUNTIME_TABLE[runtime].cost
+
+
+def cost_group(runtime: str, scheme: str | None = None) -> str:
+    """Which constants ``runtime`` running ``scheme`` uses, by name: ``runtime/scheme`` where the
+    scheme has its own (``runtime_cost`` returns them), else ``runtime`` (fp32's). The calibration
+    fits, and holds margins to, one set of constants per name."""
+    spec = SCHEME_TABLE.get(scheme) if scheme else None  # type: ignore[call-overload]
+    return f"{runtime}/{scheme}" if spec is not None and spec.cost is not None else runtime

@@ -40,13 +40,16 @@ def check_feasible(model: Any, profile: DeviceProfile, cfg: MethodConfig, shape:
         return  # a ratio target ignores the budget
     shape = shape or model_shape(model)
     target = profile.memory_budget_mib - profile.pruning.headroom_mib
-    every = estimate_all(floor_shape(model, cfg, shape), profile)
+    small = floor_shape(model, cfg, shape)
+    every = estimate_all(small, profile)
     floor = worst(every)
     if floor.bound_mib <= target:
         return
     over = floor.bound_mib - target
     levers = [
-        f"{text} ({saved:.1f} MiB less)" for text, saved in _levers(model, shape, profile, cfg, floor) if saved >= over
+        f"{text} ({saved:.1f} MiB less)"
+        for text, saved in _levers(model, shape, small, profile, cfg, floor)
+        if saved >= over
     ]
     smallest = math.ceil(floor.bound_mib + profile.pruning.headroom_mib)
     headroom = f" less {profile.pruning.headroom_mib:g} MiB headroom" if profile.pruning.headroom_mib else ""
@@ -84,13 +87,17 @@ def _weights(profile: DeviceProfile) -> str:
 
 
 def _levers(
-    model: Any, shape: ModelShape, profile: DeviceProfile, cfg: MethodConfig, floor: MemoryEstimate
+    model: Any, shape: ModelShape, small: ModelShape, profile: DeviceProfile, cfg: MethodConfig, floor: MemoryEstimate
 ) -> list[tuple[str, float]]:
-    """(change, MiB it saves on the worst runtime's floor) for each lever the profile has."""
+    """(change, MiB it saves on the worst runtime's floor) for each lever the profile has; ``small``
+    is ``cfg``'s floor shape (priced under every change of the profile but the method's)."""
     target = profile.memory_budget_mib - profile.pruning.headroom_mib
 
-    def floor_with(method_cfg: MethodConfig = cfg, **update: Any) -> float:
-        return floor_estimate(model, shape, profile.model_copy(update=update), method_cfg).bound_mib
+    def bound(prof: DeviceProfile) -> float:
+        return worst(estimate_all(small, prof)).bound_mib
+
+    def floor_with(**update: Any) -> float:
+        return bound(profile.model_copy(update=update))
 
     out: list[tuple[str, float]] = []
     # the largest context at which the floor fits (KV cache and attention scores shrink with it)
@@ -100,16 +107,15 @@ def _levers(
             mid = (lo + hi) // 2
             lo, hi = (mid, hi) if floor_with(context_length=mid) <= target else (lo, mid)
         out.append((f"context_length: {lo}", floor.bound_mib - floor_with(context_length=lo)))
+
     # quantized weights on every runtime that runs fp32 today, each at the scheme that makes its floor
     # smallest (not the fewest bits: a quantized program's session can cost more than its weights save)
-    small = floor_shape(model, cfg, shape)
-
     def smallest_peak(rt: Any, options: tuple[str, ...], field: str) -> str | None:
-        def bound(option: str) -> float:
+        def priced(option: str) -> float:
             trial = profile.model_copy(update={field: {**getattr(profile, field), rt: option}})
             return estimate(small, trial, rt).bound_mib
 
-        return min(options, key=bound) if options else None
+        return min(options, key=priced) if options else None
 
     fp32 = [rt for rt in profile.runtimes if rt not in profile.quantize]
     smallest = {rt: smallest_peak(rt, schemes_for(rt), "quantize") for rt in fp32}
@@ -128,13 +134,13 @@ def _levers(
     # together they reach: a tiny model's quantized ExecuTorch program needs its table quantized too)
     if (fp32 or tables) and profile.precision != "auto":
         auto = most_compressed(profile.model_copy(update={"precision": "auto"}), small)
-        out.append(("precision: auto", floor.bound_mib - floor_estimate(model, shape, auto, cfg).bound_mib))
+        out.append(("precision: auto", floor.bound_mib - bound(auto)))
     # fewer runtimes: where one runtime's floor is the obstacle and another's fits, exporting for that
     # one alone is the change (Gemma 3 270M: ExecuTorch's packed int4 lm_head alone needs ~270 MiB while
     # loading, onnxruntime's floor is ~100 MiB lower)
     if len(profile.runtimes) > 1:
         for rt in profile.runtimes:
-            alone = floor_estimate(model, shape, profile.with_runtimes([rt]), cfg).bound_mib
+            alone = bound(profile.with_runtimes([rt]))
             if alone <= target:
                 out.append(
                     (f"runtimes: [{rt}] (or --runtimes {rt}; its floor {alone:.1f} MiB)", floor.bound_mib - alone)
@@ -142,5 +148,6 @@ def _levers(
     # more whole blocks removed, where the method removes blocks at all
     if cfg.removes_blocks:
         more = cfg.model_copy(update={"max_removed_layer_ratio": MOST_BLOCK_REMOVAL})
-        out.append((f"pruning.max_removed_layer_ratio: {MOST_BLOCK_REMOVAL}", floor.bound_mib - floor_with(more)))
+        fewer = floor_estimate(model, shape, profile, more).bound_mib
+        out.append((f"pruning.max_removed_layer_ratio: {MOST_BLOCK_REMOVAL}", floor.bound_mib - fewer))
     return out

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from core.runtimes import RUNTIMES
-from core.schemes import SCHEME_TABLE, runtime_cost
+from core.schemes import cost_group, runtime_cost
 
 DATA = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "memory_calibration.json"
 
@@ -65,20 +65,13 @@ def test_every_point_within_10_percent(runtime: str) -> None:
         assert abs(err) <= 0.10 or abs(p["measured_mib"] - predicted) <= 2.0, where
 
 
-def _group(p: dict) -> str:
-    """The constants a point calibrates (as benchmarks/memory_calibration.py groups them): its
-    scheme's where the scheme table has its own, else its runtime's."""
-    spec = SCHEME_TABLE.get(p["scheme"])
-    return f"{p['runtime']}/{p['scheme']}" if spec is not None and spec.cost is not None else p["runtime"]
-
-
-@pytest.mark.parametrize("group", sorted({_group(p) for p in _points()}))
+@pytest.mark.parametrize("group", sorted({cost_group(p["runtime"], p["scheme"]) for p in _points()}))
 def test_prediction_margin_covers_every_real_model_point(group: str) -> None:
     """What fitting holds to the budget (the prediction + the constants' ``prediction_margin`` of the
     model's part) is at least every real model's measured peak in the data, per group of constants,
     and the margin is no larger than the group's worst under-prediction needs (rounded up to 0.1%):
     a plan that fits by the model fits by them, and fp32 is not charged int8w's misses."""
-    pts = [p for p in _points() if _group(p) == group]
+    pts = [p for p in _points() if cost_group(p["runtime"], p["scheme"]) == group]
     margin = runtime_cost(pts[0]["runtime"], None if pts[0]["scheme"] == "fp32" else pts[0]["scheme"]).prediction_margin
     real = [p["measured_mib"] / _predicted(p) - 1.0 for p in pts if p["source"] != "tiny"]
     assert real and max(real) <= margin <= max(max(real), 0.0) + 0.0011, (group, margin, max(real))
