@@ -255,10 +255,10 @@ def main() -> None:
                 if plan == "fixed" and same_as_auto(rows.get(f"{name}|{target}|auto")):
                     log.info("%s on %s: fixed is auto's plan (fp32, nothing pruned); not re-run", name, target)
                     rows[key] = {**rows[f"{name}|{target}|auto"], "same_as": "auto", "wall_s": 0.0}
-                    continue
-                log.info("%s on %s, plan %s", name, target, plan)
-                rows[key] = run_plan(path or None, target, plan, args.out / name / target / plan,
-                                                           args.samples)  # fmt: skip
+                else:
+                    log.info("%s on %s, plan %s", name, target, plan)
+                    rows[key] = run_plan(path or None, target, plan, args.out / name / target / plan,
+                                         args.samples)  # fmt: skip
                 atomic_write_json(json_path, rows)
                 atomic_write_text(RESULTS / "fitting.md", markdown(rows))
     log.info("wrote %s", RESULTS / "fitting.md")
