@@ -200,7 +200,8 @@ def test_sliding_window_model_decodes_past_its_window(runtime: str, tmp_path: Pa
     ids = torch.randint(0, 512, (1, 48), generator=torch.Generator().manual_seed(5))
     decoder = RUNTIMES[runtime](art.path, 1, 8)()
     got = [prefill(decoder, ids[:, :32].numpy())[0]]  # 4 chunks of 8: twice the window
-    got += [decoder.forward(ids[:, i : i + 1].numpy())[0] for i in range(32, 48)]  # 16 decode steps past it
+    # 16 decode steps past it, each copied: a runner's logits are valid until its next call
+    got += [np.array(decoder.forward(ids[:, i : i + 1].numpy())[0]) for i in range(32, 48)]
     with torch.no_grad():
         ref = model(ids, use_cache=False).logits[0].numpy()
     diff = float(np.abs(np.concatenate(got) - ref).max())
