@@ -79,16 +79,14 @@ def points_from_report(path: Path) -> list[dict[str, Any]]:
     for r in report["validation"].get("runtimes", []):
         pred, m, fill = r["predicted"], r["measured"], r.get("fill")
         scheme = report["profile"].get("quantize", {}).get(r["runtime"]) or "fp32"
-        if r["runtime"] in report["profile"].get("quantize_head", {}):  # one group's constants cannot predict it
-            log.info(
-                "%s: %s's lm_head is apart from its blocks (%s); not a calibration point", path, r["runtime"], scheme
-            )
-            continue
         common = {
             "weights_mib": pred["weights_mib"],
             "block_weights_mib": pred["block_weights_mib"],
             "head_weights_mib": pred["head_weights_mib"],
         }
+        head = report["profile"].get("quantize_head", {}).get(r["runtime"])
+        if head is not None:  # the lm_head apart from the blocks: a check of the mix, not fitted
+            common["head_scheme"] = head
         ctx = int(report["profile"]["context_length"])
         kv = pred["kv_cache_mib"] / pred.get("kv_copies", 1.0)  # one copy
         load = m["load_peak_mib"] - m.get("load_host_code_growth_mib", m["host_code_growth_mib"])
@@ -282,11 +280,33 @@ def _row(p: dict[str, Any]) -> tuple[list[float], float]:
     return row, p["measured_mib"] - p["weights_mib"] - p["activations_mib"]
 
 
+def _schemes(p: dict[str, Any]) -> tuple[str | None, str | None]:
+    """A point's (linear, effective lm_head) schemes, None for fp32 (``core.schemes.effective_head``)."""
+    from core.schemes import effective_head
+
+    linear = None if p["scheme"] == "fp32" else p["scheme"]
+    return linear, effective_head(linear, p.get("head_scheme"))
+
+
 def group(p: dict[str, Any]) -> str:
-    """Which constants a point calibrates (``core.schemes.cost_group``)."""
+    """Which constants a point calibrates: its program's (``core.schemes.component_costs``)."""
     from core.schemes import cost_group
 
-    return cost_group(p["runtime"], p["scheme"])
+    linear, head = _schemes(p)
+    return cost_group(p["runtime"], linear or head)
+
+
+def head_group(p: dict[str, Any]) -> str:
+    """Whose constants give a point's lm_head terms: the head's scheme's."""
+    from core.schemes import cost_group
+
+    return cost_group(p["runtime"], _schemes(p)[1])
+
+
+def apart(p: dict[str, Any]) -> bool:
+    """A heads-apart point (the lm_head in another scheme than the blocks): predicted by two groups'
+    constants, so it checks them and their margins but is not fitted (one group cannot absorb it)."""
+    return "head_scheme" in p
 
 
 # Terms held, not fitted, where the data cannot separate them or physics fixes them: a static cache
@@ -316,6 +336,7 @@ def fit(points: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     squares let the 2-MiB models miss by 12-16% to fit the 700-MiB ones 1% closer. A group without
     run points keeps its committed ``kv_copies``; one without load points its committed transients."""
     out: dict[str, dict[str, float]] = {}
+    points = [p for p in points if not apart(p)]
     for g in sorted({group(p) for p in points}):
         pts = [p for p in points if group(p) == g]
         committed = committed_cost(g)
@@ -343,11 +364,24 @@ def prediction_margins(points: list[dict[str, Any]]) -> dict[str, float]:
     rounded up to 0.1%: what ``prediction_margin`` must be for every plan that fits by the
     prediction to fit by the calibration's measurements too."""
     out: dict[str, float] = {}
-    for p in points:
-        if p["source"] != "tiny":
-            err = p["measured_mib"] / predicted(p) - 1.0
-            out[group(p)] = max(out.get(group(p), 0.0), math.ceil(err * 1000) / 1000)
+    real = [p for p in points if p["source"] != "tiny"]
+    for p in (p for p in real if not apart(p)):
+        out[group(p)] = max(out.get(group(p), 0.0), _needed(p))
+    # A heads-apart point is held to the larger of its two groups' margins (``targets.budget.estimate``):
+    # where that does not cover it, the larger one grows (the smaller stays what its own points need).
+    for p in (p for p in real if apart(p)):
+        pair = sorted({group(p), head_group(p)}, key=lambda g: (-out.get(g, 0.0), g != group(p)))
+        out[pair[0]] = max(out.get(pair[0], 0.0), _needed(p))
     return dict(sorted(out.items()))
+
+
+def _scheme_text(p: dict[str, Any]) -> str:
+    return f"{p['scheme']} + {p['head_scheme']} head (apart: checked, not fitted)" if apart(p) else p["scheme"]
+
+
+def _needed(p: dict[str, Any]) -> float:
+    """The margin a point needs: its under-prediction, rounded up to 0.1% (0: over-predicted)."""
+    return max(0.0, math.ceil((p["measured_mib"] / predicted(p) - 1.0) * 1000) / 1000)
 
 
 def committed_margin(g: str) -> float:
@@ -365,11 +399,12 @@ def predicted(p: dict[str, Any], constants: dict[str, float] | None = None) -> f
     """What the memory model predicts for a point's phase (no library term): with the committed
     constants, or with ``constants`` (a fit)."""
     c = constants or {t: getattr(committed_cost(group(p)), t) for t in TERMS}
+    h = c if constants or not apart(p) else {t: getattr(committed_cost(head_group(p)), t) for t in TERMS}
     if p["phase"] == "load":
         kv = p.get("kv_at_load", 0.0) * p.get("kv_mib", 0.0)
-        return p["weights_mib"] + kv + c["session_mib"] + c["gemm_transient_ratio"] * p["block_weights_mib"] + c[
+        return p["weights_mib"] + kv + c["session_mib"] + c["gemm_transient_ratio"] * p["block_weights_mib"] + h[
             "head_transient_ratio"] * p["head_weights_mib"]  # fmt: skip
-    packed = c["gemm_resident_ratio"] * p["block_weights_mib"] + c["head_resident_ratio"] * p["head_weights_mib"]
+    packed = c["gemm_resident_ratio"] * p["block_weights_mib"] + h["head_resident_ratio"] * p["head_weights_mib"]
     return p["weights_mib"] + c["session_mib"] + packed + c["kv_copies"] * p["kv_mib"] + p["activations_mib"]
 
 
@@ -443,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
         "|---|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]  # fmt: skip
     lines += [
-        f"| {p['source']} | {p['model']} | {p['runtime']} | {p['scheme']} | {p['context']} | {p['phase']} | "
+        f"| {p['source']} | {p['model']} | {p['runtime']} | {_scheme_text(p)} | {p['context']} | {p['phase']} | "
         f"{p['weights_mib']:.1f} | {p['block_weights_mib']:.1f} | {p['head_weights_mib']:.1f} | "
         f"{p.get('kv_mib', 0.0):.1f} | {p['measured_mib']:.1f} | {p['predicted_mib']:.1f} | {p['error']:+.1%} | "
         + (f"{p['holdout_error']:+.1%}" if "holdout_error" in p else "")

@@ -241,6 +241,16 @@ def runtime_cost(runtime: Runtime, scheme: str | None = None) -> RuntimeCost:
     return spec.cost if spec is not None and spec.cost is not None else RUNTIME_TABLE[runtime].cost
 
 
+def component_costs(runtime: Runtime, linear: str | None, head: str | None) -> tuple[RuntimeCost, RuntimeCost]:
+    """The constants of a program whose blocks are in ``linear`` and whose lm_head is in ``head``
+    (both None: fp32; ``head`` the effective one, :func:`effective_head`): (the program's, the
+    head's). The program's give the session, the blocks' packing and the KV copies, and are the
+    blocks' scheme's, or the head's where the blocks are fp32 (a quantized head brings the quantized
+    kernels' session); the head's give the vocabulary projection's packing. The one rule for the
+    memory model (``targets.budget.estimate``) and its calibration."""
+    return runtime_cost(runtime, linear or head), runtime_cost(runtime, head)
+
+
 def cost_group(runtime: str, scheme: str | None = None) -> str:
     """Which constants ``runtime`` running ``scheme`` uses, by name: ``runtime/scheme`` where the
     scheme has its own (``runtime_cost`` returns them), else ``runtime`` (fp32's). The calibration

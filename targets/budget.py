@@ -23,7 +23,7 @@ from torch import nn
 
 from core.arch import attention_heads, decoder_layers, head_dim, layer_windows, mlp_width, tied_head
 from core.runtimes import RUNTIME_TABLE, Runtime, format_spec
-from core.schemes import EMBEDDING_TABLE, SCHEME_TABLE, effective_head, genai_shares_quantized_table, runtime_cost
+from core.schemes import EMBEDDING_TABLE, SCHEME_TABLE, component_costs, effective_head, genai_shares_quantized_table
 from targets.profile import DeviceProfile
 
 MIB = 1024 * 1024
@@ -324,9 +324,10 @@ def estimate(
     scheme = profile.quantize.get(runtime)
     head = profile.head_scheme(runtime)
     fmt = profile.onnx_format
-    spec = format_spec(runtime, fmt, runtime_cost(runtime, scheme or head), quantized=(scheme or head) is not None)
+    program_cost, head_row = component_costs(runtime, scheme, head)
+    spec = format_spec(runtime, fmt, program_cost, quantized=(scheme or head) is not None)
     cost = spec.cost
-    head_cost = format_spec(runtime, fmt, runtime_cost(runtime, head), quantized=(scheme or head) is not None).cost
+    head_cost = format_spec(runtime, fmt, head_row, quantized=(scheme or head) is not None).cost
     context = profile.context_length if positions is None else positions
     terms = weight_terms(
         shape, runtime, profile.float_dtype, scheme, profile.quantize_embedding.get(runtime), fmt,
