@@ -48,8 +48,9 @@ def _predicted(p: dict) -> float:
     c, h = _costs(p)
     if p["phase"] == "load":  # a preallocated KV cache (ExecuTorch) is resident from load on
         kv = p.get("kv_at_load", 0.0) * p.get("kv_mib", 0.0)
-        transients = c.load_transient_mib(p["block_weights_mib"], 0.0) + h.load_transient_mib(0.0, p["head_weights_mib"])
-        return p["weights_mib"] + kv + c.session_mib + transients
+        blocks = c.load_transient_mib(p["block_weights_mib"], 0.0)
+        head = h.load_transient_mib(0.0, p["head_weights_mib"])
+        return p["weights_mib"] + kv + c.session_mib + blocks + head
     packed = c.run_resident_mib(p["block_weights_mib"], 0.0) + h.run_resident_mib(0.0, p["head_weights_mib"])
     run = packed + c.kv_copies * p["kv_mib"] + p["activations_mib"]
     return p["weights_mib"] + c.session_mib + run
