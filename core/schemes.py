@@ -68,11 +68,12 @@ MATMULNBITS_COST = replace(
 
 # XNNPACK's qd8 GEMMs (8da8w, 8da4w) pack the quantized weights at load and keep packed copies beside
 # the program's: the lm_head most (Gemma 3 270M's 262144 x 640 head). Fitted on 8da8w (SmolLM2 at 512
-# and 2048 positions, Gemma 3 270M at 1024 on the LLM kernels with its sliding layers' rings); 8da4w
-# has its own head terms (below).
+# and 2048 positions, Gemma 3 270M at 1024 on the LLM kernels with its sliding layers' rings), with the
+# program's planned activations resident from load on (RuntimeSpec.activations_at_load) and its
+# session held at fp32's; 8da4w has its own head terms (below).
 QD8_COST = replace(
-    RUNTIME_TABLE["executorch"].cost, session_mib=0.818, gemm_transient_ratio=0.09, head_transient_ratio=1.68,
-    gemm_resident_ratio=0.0, head_resident_ratio=1.163, kv_copies=1.0, prediction_margin=0.056,
+    RUNTIME_TABLE["executorch"].cost, session_mib=0.31, gemm_transient_ratio=0.09, head_transient_ratio=0.915,
+    gemm_resident_ratio=0.0, head_resident_ratio=0.222, kv_copies=1.0, prediction_margin=0.014,
 )  # fmt: skip
 
 SCHEME_TABLE: dict[Scheme, SchemeSpec] = {
@@ -102,8 +103,7 @@ SCHEME_TABLE: dict[Scheme, SchemeSpec] = {
         "8da4w", "executorch", weight_bytes=0.5 + 4 / GROUP_SIZE, group_size=GROUP_SIZE, bits=4, whole_groups=True,
         # its int4 head packs into less at load and keeps more while running than 8da8w's (fitted on
         # SmolLM2 at 512 and 2048 positions; the session and the blocks' terms held at 8da8w's)
-        cost=replace(QD8_COST, session_mib=13.31, head_transient_ratio=0.613, head_resident_ratio=1.737,
-                     prediction_margin=0.04),
+        cost=replace(QD8_COST, head_transient_ratio=0.166, head_resident_ratio=0.483, prediction_margin=0.006),
         rounding="gptq",
         summary="torchao 8-bit dynamic activations, int4 weights in groups of 32 (XNNPACK)",
     ),

@@ -60,7 +60,7 @@ def check_feasible(model: Any, profile: DeviceProfile, cfg: MethodConfig, shape:
         "pick a smaller model."
     )
     run = f"KV {floor.kv_cache_mib:.1f} + activations {floor.activations_mib:.1f} at {floor.positions} positions"
-    phases = f"max(load transients {floor.load_transient_mib:.1f}, {run})" if floor.load_transient_mib else run
+    phases = f"max(load {floor.load_mib:.1f}, {run})" if floor.load_transient_mib else run
     terms = f"weights {floor.weights_mib:.1f} + overhead {floor.overhead_mib:.1f} + {phases}"
     if floor.margin_mib:  # the memory model's calibrated worst under-prediction (prediction_margin)
         terms += f" + margin {floor.margin_mib:.1f}"

@@ -4,7 +4,7 @@ peak = weights (export precision, as the runtime stores them)
      + runtime overhead (the runtime's own code, arenas and bookkeeping)
      + the larger of
          loading: the transients of repacking weights into the kernels' layout (+ a KV cache the
-         runtime preallocates), and
+         runtime preallocates, + a chunk's activations where they are planned memory: ExecuTorch), and
          running at full context: the KV cache as the runtime holds it (every layer, every KV head,
          at the profile's context length and batch; copies where the runtime keeps more than one)
          + the activation working set (one prefill chunk attending over the whole context)
@@ -137,6 +137,7 @@ class MemoryEstimate:
     positions: int = 0  # the context the run terms are counted at
     kv_copies: float = 1.0
     kv_at_load: bool = False  # a preallocated cache (ExecuTorch's planned memory) is resident from load on
+    activations_at_load: bool = False  # so is a chunk's planned activation memory (RuntimeSpec.activations_at_load)
     packed_mib: float = 0.0  # packed weight copies the run keeps beside the stored weights
     # what the overhead's load transients are proportional to (part of weights_mib, not added again)
     block_weights_mib: float = 0.0
@@ -146,8 +147,11 @@ class MemoryEstimate:
 
     @property
     def load_mib(self) -> float:
-        """The load phase's own terms: the transients, and a preallocated KV cache."""
-        return self.load_transient_mib + (self.kv_cache_mib if self.kv_at_load else 0.0)
+        """The load phase's own terms: the transients, a preallocated KV cache and planned activations."""
+        planned = (self.kv_cache_mib if self.kv_at_load else 0.0) + (
+            self.activations_mib if self.activations_at_load else 0.0
+        )
+        return self.load_transient_mib + planned
 
     @property
     def run_mib(self) -> float:
@@ -352,6 +356,7 @@ def estimate(
         positions=context,
         kv_copies=cost.kv_copies,
         kv_at_load=spec.kv_preallocated,
+        activations_at_load=spec.activations_at_load,
         packed_mib=cost.run_resident_mib(gemm_mib, 0.0) + head_cost.run_resident_mib(0.0, head_mib),
         block_weights_mib=gemm_mib,
         head_weights_mib=head_mib,

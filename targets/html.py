@@ -86,7 +86,9 @@ def plots(out_dir: Path, report: dict[str, Any]) -> dict[str, bytes]:
                  ("load_extra", "load beyond the run")]  # fmt: skip
         for e in per_rt.values():  # the peak is the larger phase: loading's excess over the run's terms
             e.setdefault("packed_mib", 0.0)
-            load = e.get("load_transient_mib", 0.0) + (e["kv_cache_mib"] if e.get("kv_at_load") else 0.0)
+            load = e.get("load_transient_mib", 0.0) + (e["kv_cache_mib"] if e.get("kv_at_load") else 0.0) + (
+                e["activations_mib"] if e.get("activations_at_load") else 0.0
+            )
             e["load_extra"] = max(0.0, load - e["kv_cache_mib"] - e["activations_mib"] - e["packed_mib"])
         fig, ax = plt.subplots(figsize=(6, 3.5))
         bottom = [0.0] * len(names)

@@ -80,8 +80,8 @@ def test_estimate_totals_and_overrides() -> None:
     assert e.packed_mib == pytest.approx(packed)
     # the transients' bases are parts of the weights: blocks + the (separately stored) lm_head
     assert e.block_weights_mib > 0 and e.block_weights_mib + e.head_weights_mib < e.weights_mib
-    # ExecuTorch's static cache is resident from load on: in both phases
-    load, run = transient + e.kv_cache_mib, e.kv_cache_mib + e.activations_mib + packed
+    # ExecuTorch's planned memory (static cache, a chunk's activations) is resident from load on: in both phases
+    load, run = transient + e.kv_cache_mib + e.activations_mib, e.kv_cache_mib + e.activations_mib + packed
     assert e.total_mib == pytest.approx(e.weights_mib + e.overhead_mib + max(load, run))
     assert e.weights_mib == weights_bytes(s, "executorch", "fp32") / MIB
     assert e.fits  # a tiny model fits a phone
@@ -94,16 +94,20 @@ def test_fitting_holds_the_prediction_plus_the_calibrated_margin_to_the_budget()
     saw. A budget between the prediction and the bound does not fit."""
     p = load_profile("android")
     s = model_shape(tiny_model("llama"))
+    margins = {}
     for rt in ("executorch", "onnxruntime"):
         e = estimate(s, p, rt)
         scheme, head = p.quantize.get(rt), p.head_scheme(rt)
         margin = max(runtime_cost(rt, scheme or head).prediction_margin, runtime_cost(rt, head).prediction_margin)
-        assert margin > 0.02  # the calibration's worst under-predictions (memory_calibration.md)
+        margins[rt] = margin
         library = p.runtime_overhead_mib[rt]
         assert e.margin_mib == pytest.approx(margin * (e.total_mib - library))
-        assert e.bound_mib == pytest.approx(e.total_mib + e.margin_mib) and e.to_dict()["bound_mib"] > e.total_mib
-        between = p.model_copy(update={"memory_budget_mib": (e.total_mib + e.bound_mib) / 2})
-        assert not estimate(s, between, rt).fits
+        assert e.bound_mib == pytest.approx(e.total_mib + e.margin_mib)
+        if margin > 0:  # ExecuTorch fp32's is 0: its constants over-predict every real point (memory_calibration.md)
+            assert e.to_dict()["bound_mib"] > e.total_mib
+            between = p.model_copy(update={"memory_budget_mib": (e.total_mib + e.bound_mib) / 2})
+            assert not estimate(s, between, rt).fits
+    assert margins["onnxruntime"] > 0.02  # the calibration's worst under-prediction of onnxruntime fp32
 
 
 def test_mapped_embedding_that_is_only_gathered_is_not_resident() -> None:
@@ -167,7 +171,8 @@ def test_peak_is_the_larger_phase_load_or_full_context_run() -> None:
         short, full = estimate(s, p, rt, 16), estimate(s, p, rt)
         assert full.positions == p.context_length and short.positions == 16
         for e in (short, full):
-            load = e.load_transient_mib + (e.kv_cache_mib if rt == "executorch" else 0.0)
+            # ExecuTorch's planned memory (the static cache, a chunk's activations) is resident from load on
+            load = e.load_transient_mib + (e.kv_cache_mib + e.activations_mib if rt == "executorch" else 0.0)
             run = e.kv_cache_mib + e.activations_mib + e.packed_mib
             assert e.total_mib == pytest.approx(e.weights_mib + e.overhead_mib + max(load, run))
             assert e.phase == ("load" if load > run else "run")

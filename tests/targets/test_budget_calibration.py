@@ -48,6 +48,7 @@ def _predicted(p: dict) -> float:
     c, h = _costs(p)
     if p["phase"] == "load":  # a preallocated KV cache (ExecuTorch) is resident from load on
         kv = p.get("kv_at_load", 0.0) * p.get("kv_mib", 0.0)
+        kv += p.get("act_at_load", 0.0) * p.get("activations_mib", 0.0)  # ExecuTorch's planned activations too
         blocks = c.load_transient_mib(p["block_weights_mib"], 0.0)
         head = h.load_transient_mib(0.0, p["head_weights_mib"])
         return p["weights_mib"] + kv + c.session_mib + blocks + head
@@ -73,8 +74,9 @@ def test_every_point_within_10_percent(runtime: str) -> None:
     """Issues 17 and 20's goal: every point within +-10% (the default model filled to 512-4096
     positions, Gemma 3 270M, the fitting benchmark's artifacts; the worst real-model point is -7.9%,
     onnxruntime int8w at 512) or, for a model of a few MiB (the 0.8- and 3.5-MiB tiny Llamas), within 2 MiB.
-    What is under-predicted is covered by the margin (next test)."""
-    for p in (p for p in _points() if p["runtime"] == runtime):
+    What is under-predicted is covered by the margin (next test). Heads-apart points are not fitted
+    (two groups' constants predict them); they are held to the margin only."""
+    for p in (p for p in _points() if p["runtime"] == runtime and "head_scheme" not in p):
         predicted = _predicted(p)
         err = p["measured_mib"] / predicted - 1.0
         where = f"{p['source']}/{p['model']}/{p['scheme']}/{p['context']}/{p['phase']}: {err:+.1%}"
