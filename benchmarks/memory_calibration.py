@@ -525,6 +525,7 @@ def main(argv: list[str] | None = None) -> int:
         "max_abs_error": max(abs(p["error"]) for p in points if not apart(p)),
         "max_abs_holdout_error": max((abs(p["holdout_error"]) for p in held), default=None),
         "prediction_margin": margins,
+        "left_out": sorted(args.skip),  # --skip rules: what was measured and deliberately not used
         "points": points,
     }
     RESULTS.mkdir(exist_ok=True)
