@@ -107,21 +107,6 @@ def _act_at_load(runtime: str) -> float:
     return float(RUNTIME_TABLE[runtime].activations_at_load)  # type: ignore[index]
 
 
-def with_load_activations(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Points kept from before load points carried the chunk's activations get them from their run
-    point (same source, model, runtime, scheme and context: the planned memory a program allocates at
-    load is the one its full-context run uses)."""
-    runs = {_where(p): p for p in points if p["phase"] == "run"}
-    for p in points:
-        if p["phase"] == "load" and "act_at_load" not in p:
-            p["act_at_load"] = _act_at_load(p["runtime"])
-            run = runs.get(_where(p))
-            if run is None and p["act_at_load"]:
-                raise SystemExit(f"{_where(p)}: a load point without its run point; re-measure it")
-            p["activations_mib"] = run["activations_mib"] if run else 0.0
-    return points
-
-
 def _skipped(p: dict[str, Any], rules: list[str]) -> bool:
     """Whether a ``--skip SOURCE:RUNTIME[:PHASE]`` rule names the point."""
     for rule in rules:
@@ -129,10 +114,6 @@ def _skipped(p: dict[str, Any], rules: list[str]) -> bool:
         if p["source"] == source and p["runtime"] == runtime and (not phase or p["phase"] == phase[0]):
             return True
     return False
-
-
-def _where(p: dict[str, Any]) -> tuple[Any, ...]:
-    return (p["source"], p["model"], p["runtime"], p["scheme"], p["context"])
 
 
 def _fill_points(
@@ -485,7 +466,6 @@ def main(argv: list[str] | None = None) -> int:
     points: list[dict[str, Any]] = []
     if args.keep.is_file():
         points = [p for p in json.loads(args.keep.read_text())["points"] if "phase" in p]  # older: one sum per run
-        points = with_load_activations(points)
     new = [p for r in args.reports for p in points_from_report(r)]
     new += [p for d in args.run_dirs for p in points_from_run_dir(d)]
     if args.tiny:

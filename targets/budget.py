@@ -16,7 +16,7 @@ measured peak.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from torch import nn
@@ -177,6 +177,11 @@ class MemoryEstimate:
     @property
     def fits(self) -> bool:
         return self.bound_mib <= self.budget_mib
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> MemoryEstimate:
+        """The estimate a report's ``to_dict`` wrote (fields an older report lacks take their defaults)."""
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
 
     def to_dict(self) -> dict[str, float | str | bool]:
         return {

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from core.fsio import atomic_write_bytes, atomic_write_text
+from targets.budget import MemoryEstimate
 from targets.markdown import (
     DEVICE_HEADERS,
     FRONTIER_HEADERS,
@@ -86,10 +87,8 @@ def plots(out_dir: Path, report: dict[str, Any]) -> dict[str, bytes]:
                  ("load_extra", "load beyond the run")]  # fmt: skip
         for e in per_rt.values():  # the peak is the larger phase: loading's excess over the run's terms
             e.setdefault("packed_mib", 0.0)
-            load = e.get("load_transient_mib", 0.0) + (e["kv_cache_mib"] if e.get("kv_at_load") else 0.0) + (
-                e["activations_mib"] if e.get("activations_at_load") else 0.0
-            )
-            e["load_extra"] = max(0.0, load - e["kv_cache_mib"] - e["activations_mib"] - e["packed_mib"])
+            phases = MemoryEstimate.from_dict(e)
+            e["load_extra"] = max(0.0, phases.load_mib - phases.run_mib)
         fig, ax = plt.subplots(figsize=(6, 3.5))
         bottom = [0.0] * len(names)
         for key, label in terms:
