@@ -22,6 +22,7 @@
   (``GatherBlockQuantized``) saved 18 MiB more but agreement fell to 90.6%: not taken.
 - ``int4w`` (onnxruntime): the same with 4-bit blocks (``MatMulNBits`` bits=4, onnxruntime-genai's
   default precision): weights 0.625 bytes each with their scales, the same int8 activation blocks.
+  ``int4w-b128``: the lm_head alone in blocks of 128 (``quantize_head``; see ``core.schemes``).
 - ``8da4w`` / ``8da8w`` (executorch): torchao's ``Int8DynamicActivationIntxWeightConfig`` on every
   nn.Linear (lm_head included): int4 weights in groups of 32 (or int8 per channel), activations
   quantized per token at run time; the XNNPACK partitioner lowers them to its dynamically
@@ -199,10 +200,10 @@ def quantize_onnx(src: Path, dst: Path, scheme: str | None = "int8", head: str |
                 untied = untie_transposed_weights(model)
                 log.info("%s head: untied %s before quantizing", head_scheme, ", ".join(untied) or "nothing")
             if spec is not None and not dynamic:
-                model = _nbits(model, spec.bits, exclude=apart)
+                model = _nbits(model, spec, exclude=apart)
             if apart and head_spec is not None:  # only the head: every other MatMul excluded
                 others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in apart]
-                model = _nbits(model, head_spec.bits, exclude=others)
+                model = _nbits(model, head_spec, exclude=others)
             target = dst.with_name("head-" + dst.name) if dynamic else dst
             ONNXModel(model).save_model_to_file(str(target), use_external_data_format=True)
             if dynamic:  # the blocks' dynamic int8 after the head's own pass
@@ -216,14 +217,14 @@ def quantize_onnx(src: Path, dst: Path, scheme: str | None = "int8", head: str |
         raise ExportError(f"{scheme} quantization wrote no external data file beside {dst}")
 
 
-def _nbits(model: onnx.ModelProto, bits: int, exclude: list[str] | None = None) -> onnx.ModelProto:
-    """``model`` with its MatMuls (less those named in ``exclude``) in MatMulNBits. (The quantizer's
-    ``nodes_to_include`` adds to its op types, it does not narrow them.)"""
+def _nbits(model: onnx.ModelProto, spec: SchemeSpec, exclude: list[str] | None = None) -> onnx.ModelProto:
+    """``model`` with its MatMuls (less those named in ``exclude``) in MatMulNBits of ``spec``'s bits
+    and blocks. (The quantizer's ``nodes_to_include`` adds to its op types, it does not narrow them.)"""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
     quantizer = MatMulNBitsQuantizer(
-        model, bits=bits, block_size=GROUP_SIZE, is_symmetric=True, accuracy_level=INT8W_ACCURACY_LEVEL,
+        model, bits=spec.bits, block_size=spec.group_size, is_symmetric=True, accuracy_level=INT8W_ACCURACY_LEVEL,
         op_types_to_quantize=("MatMul",), nodes_to_exclude=exclude,
     )  # fmt: skip
     quantizer.process()

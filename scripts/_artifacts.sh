@@ -1,7 +1,8 @@
 # Sourced by validate_ssh.sh and validate_android.sh: pick the artifact for $runtime in $out, check
 # that the run's files are there, and read threads / prefill chunk / decode tokens / positions to fill
 # from its profile. Needs: die, $runtime, $out, $local_py.
-# Sets: files, artifact, model_ref, backend, merge_backend, inputs, threads, chunk, new_tokens, fill.
+# Sets: files, artifact, model_ref, backend, merge_backend, inputs, threads, chunk, new_tokens, fill,
+# load_flags.
 #   artifact:  the file runner.py is given (a GenAI folder's model.onnx: it loads the folder around it)
 #   model_ref: what a native runner is given ({model}): the file, or the GenAI folder apps load
 #   backend:   runner.py's --runtime (onnxruntime-genai for a GenAI folder: the Generator, as locally)
@@ -25,11 +26,14 @@ load_artifacts() {  # $1: the target named in the "run make export" hint
   [ -x "$local_py" ] || die "local Python $local_py not found: run \`make setup\` (or set PRUNEFIT_PYTHON)"
   # threads, prefill chunk, decode tokens and the context to fill (the worst case the profile claims,
   # up to fill_max_positions as the local validation does) come from the profile the artifacts were made for
-  read -r threads chunk new_tokens fill < <("$local_py" - "$out/profile.yaml" <<'PY'
+  # and how the app loads a .pte (executorch_load_mode: mmap -> the runner's --no-mlock)
+  read -r threads chunk new_tokens fill load_mode < <("$local_py" - "$out/profile.yaml" <<'PY'
 import sys, yaml
 p = yaml.safe_load(open(sys.argv[1]))
 print(p["threads"], p["prefill_tokens"], p.get("decode_tokens", 32),
-      min(p["context_length"], p.get("fill_max_positions", 8192)))
+      min(p["context_length"], p.get("fill_max_positions", 8192)), p.get("executorch_load_mode", "file"))
 PY
   )
+  load_flags=()
+  if [ "$backend" = executorch ] && [ "$load_mode" = mmap ]; then load_flags=(--no-mlock); fi
 }

@@ -107,7 +107,7 @@ fi
 
 cmd=("$python" "$remote_dir/runner.py" --runtime "$backend" --artifact "$remote_dir/$artifact"
   --inputs "$remote_dir/${backend}_inputs.npy" --logits-out "$remote_dir/generation.npz"
-  --threads "$threads" --chunk "$chunk" --new-tokens "$new_tokens" --fill "$fill")
+  --threads "$threads" --chunk "$chunk" --new-tokens "$new_tokens" --fill "$fill" ${load_flags[@]+"${load_flags[@]}"})
 if [ "$dry" = 1 ]; then
   shell "${cmd[@]}"
   run "${adb[@]}" pull "$remote_dir/generation.npz" "$generation"

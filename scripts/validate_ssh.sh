@@ -79,7 +79,7 @@ run "$scp_bin" "${scp_opts[@]}" -r -- "${files[@]}" "$inputs" "$here/targets/run
 if [ "$dry" = 1 ]; then
   remote "$python" "$remote_dir/runner.py" --runtime "$backend" --artifact "$remote_dir/$artifact" \
     --inputs "$remote_dir/${backend}_inputs.npy" --logits-out "$remote_dir/generation.npz" \
-    --threads "$threads" --chunk "$chunk" --new-tokens "$new_tokens" --fill "$fill"
+    --threads "$threads" --chunk "$chunk" --new-tokens "$new_tokens" --fill "$fill" ${load_flags[@]+"${load_flags[@]}"}
   show "$local_py" -m targets.device merge "$out" --runtime "$runtime" ${merge_backend[@]+"${merge_backend[@]}"} --label "$label" --result "$result" \
     --generation "$generation"
   exit 0
@@ -87,7 +87,7 @@ fi
 status=0
 remote "$python" "$remote_dir/runner.py" --runtime "$backend" --artifact "$remote_dir/$artifact" \
   --inputs "$remote_dir/${backend}_inputs.npy" --logits-out "$remote_dir/generation.npz" \
-  --threads "$threads" --chunk "$chunk" --new-tokens "$new_tokens" --fill "$fill" >"$result" || status=$?
+  --threads "$threads" --chunk "$chunk" --new-tokens "$new_tokens" --fill "$fill" ${load_flags[@]+"${load_flags[@]}"} >"$result" || status=$?
 if [ "$status" = 3 ]; then
   die "the runtime is missing on $host: install it there ($python -m pip install numpy $backend)" 8
 elif [ "$status" != 0 ]; then

@@ -219,6 +219,7 @@ def weight_terms(
     embedding: str | None = None,
     onnx_format: str = "onnx",
     head: str | None = None,
+    maps_weights: bool | None = None,
 ) -> WeightTerms:
     """Weights as the runtime stores them. Quantized (``scheme``): every block's linear weights take
     the scheme's bytes, a separately stored lm_head its own scheme's (``head``: ``quantize_head``'s
@@ -228,7 +229,9 @@ def weight_terms(
     ``unties_head`` (``core.schemes``) store a tied lm_head as its own quantized weight. The
     embedding table takes its own ``embedding`` scheme's bytes (codes and per-group scales), else
     ``precision``'s. A GenAI folder (``onnx_format: genai``) is laid out by onnxruntime-genai's
-    builder instead (:func:`genai_weight_terms`)."""
+    builder instead (:func:`genai_weight_terms`). ``maps_weights``: whether the runtime maps the
+    artifact (None: its row's ``RuntimeSpec.maps_weights``; ExecuTorch's depends on the profile's
+    ``executorch_load_mode``)."""
     if runtime == "onnxruntime" and onnx_format == "genai":
         return genai_weight_terms(shape, precision, scheme)
     fp = BYTES_PER_ELEMENT[precision]
@@ -256,7 +259,7 @@ def weight_terms(
         blocks=blocks,
         other=shape.other_params * fp,
         head_read=head_bytes if separate_head else shape.lm_head_params * fp,
-        embedding_resident=not (rt.maps_weights and separate_head),
+        embedding_resident=not ((rt.maps_weights if maps_weights is None else maps_weights) and separate_head),
     )
 
 
@@ -340,7 +343,7 @@ def estimate(
     context = profile.context_length if positions is None else positions
     terms = weight_terms(
         shape, runtime, profile.float_dtype, scheme, profile.quantize_embedding.get(runtime), fmt,
-        profile.quantize_head.get(runtime),
+        profile.quantize_head.get(runtime), spec.maps_weights or profile.maps_program(runtime),
     )  # fmt: skip
     gemm_mib, head_mib = terms.blocks / MIB, terms.head_read / MIB
     chunk = min(profile.prefill_tokens, context)

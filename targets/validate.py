@@ -45,12 +45,19 @@ CGROUP_SLACK_MIB = 32.0
 
 
 def _runner_cmd(
-    runtime: str, artifact: Path, ids: Path, logits: Path, threads: int, new_tokens: int, chunk: int
+    runtime: str,
+    artifact: Path,
+    ids: Path,
+    logits: Path,
+    threads: int,
+    new_tokens: int,
+    chunk: int,
+    mapped: bool = False,
 ) -> list[str]:
     return [
         sys.executable, "-m", "targets.runner", "--runtime", runtime, "--artifact", str(artifact),
         "--inputs", str(ids), "--logits-out", str(logits), "--threads", str(threads),
-        "--new-tokens", str(new_tokens), "--chunk", str(chunk),
+        "--new-tokens", str(new_tokens), "--chunk", str(chunk), *(["--no-mlock"] if mapped else []),
     ]  # fmt: skip
 
 
@@ -156,6 +163,7 @@ def run_artifact(
     eval_windows: np.ndarray | None = None,
     fill_positions: int = 0,
     harness_mib: float = 0.0,
+    mapped: bool = False,
 ) -> tuple[dict[str, Any], Generation | None]:
     """Run one artifact in a child process (``python -m targets.runner``): prefill ``inputs``, then
     greedy-decode ``new_tokens`` with the artifact's KV cache; return (measurements, generation).
@@ -171,12 +179,13 @@ def run_artifact(
     ``oom_killed`` with no logits. Without cgroups here, the run is unconfined (``confined: false``).
     ``harness_mib`` is added to the limit for what the runner itself holds and no device runner
     does (the parity run's logits for every prompt position, :func:`parity_logits_mib`); the measured
-    model peak leaves it out, so the memory gate still compares the model's own peak.
+    model peak leaves it out, so the memory gate still compares the model's own peak. ``mapped``: the
+    program is loaded mapped and unlocked (``executorch_load_mode: mmap``).
     """
     work_dir.mkdir(parents=True, exist_ok=True)
     ids_path, logits_path = work_dir / f"{runtime}_inputs.npy", work_dir / f"{runtime}_generation.npz"
     np.save(ids_path, inputs.astype(np.int64), allow_pickle=False)
-    cmd = _runner_cmd(runtime, artifact, ids_path, logits_path, threads, new_tokens, chunk)
+    cmd = _runner_cmd(runtime, artifact, ids_path, logits_path, threads, new_tokens, chunk, mapped)
     result_path, trace_path = work_dir / f"{runtime}_result.json", work_dir / f"{runtime}_fill.jsonl"
     result_path.unlink(missing_ok=True)  # never read a previous run's result
     trace_path.unlink(missing_ok=True)
@@ -361,6 +370,7 @@ class Validator:
             plan.positions,
             parity_logits_mib(self.inputs.shape[0], self.inputs.shape[1], new_tokens,
                               int(self.model.config.vocab_size)),
+            profile.maps_program(runtime),
         )  # fmt: skip
         report = self.report
         gates: list[Gate] = []

@@ -9,7 +9,7 @@ from core.runtimes import RUNTIME_TABLE
 from core.schemes import SCHEME_TABLE
 from tests.conftest import TINY_CONFIGS
 from tests.exporters.test_exporters import RUNTIME_CASES
-from tests.exporters.test_quantize import SCHEME_CASES
+from tests.exporters.test_quantize import HEAD_CASES, SCHEME_CASES
 from tests.pipeline.test_methods import METHOD_CASES
 
 
@@ -39,9 +39,12 @@ def test_every_runtime_has_a_tiny_case() -> None:
 
 
 def test_every_scheme_has_a_tiny_case_on_its_runtime() -> None:
+    """Block schemes have a whole-model case; a head-only row its lm_head case (HEAD_CASES)."""
     assert {name: runtime for name, (runtime, _) in SCHEME_CASES.items()} == {
-        name: spec.runtime for name, spec in SCHEME_TABLE.items()
+        name: spec.runtime for name, spec in SCHEME_TABLE.items() if not spec.head_only
     }
+    heads = {head: runtime for runtime, _, head in HEAD_CASES}
+    assert all(heads.get(name) == spec.runtime for name, spec in SCHEME_TABLE.items() if spec.head_only)
 
 
 def test_every_scheme_is_simulated_for_precision_auto() -> None:

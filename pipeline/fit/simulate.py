@@ -15,7 +15,9 @@ How each runtime quantizes (the exporters in ``exporters/quantize.py``):
 - ``int8w`` / ``int4w`` (``MatMulNBits`` 8- or 4-bit, accuracy level 4): symmetric weights in blocks
   of 32 along the input, scaled as MLAS scales them (the block's signed peak on the most negative
   code); activations symmetric int8 per block of 32 (MLAS's integer GEMM). The head is untied and
-  quantized.
+  quantized. ``int4w-b128`` (a lm_head's only): blocks of 128, and MLAS quantizes the activations in
+  blocks of the weights' length (measured on a 640 x 512 MatMul: its output matches 128-long
+  activation blocks, not 32).
 - ``int4w`` and ``8da4w`` are exported GPTQ-rounded (``exporters/rounding.py``); given windows, the
   simulation rounds so too, with Hessians from them (the fit passes windows held out from its score
   where it has any: in-sample flatters it, Gemma 3 270M int4w 1.09x vs 1.16x held out).
@@ -115,6 +117,11 @@ SIMULATIONS: dict[str, Simulation] = {
     "int4w": Simulation(
         weight=_in_groups(lambda w: _signed_absmax(w, 4), GROUP_SIZE),
         activation=_in_groups(lambda x: _symmetric(x, 8), GROUP_SIZE),
+        quantizes_tied_head=True,
+    ),
+    "int4w-b128": Simulation(
+        weight=_in_groups(lambda w: _signed_absmax(w, 4), 128),
+        activation=_in_groups(lambda x: _symmetric(x, 8), 128),
         quantizes_tied_head=True,
     ),
     "8da8w": Simulation(

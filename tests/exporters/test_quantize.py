@@ -84,6 +84,7 @@ HEAD_CASES = [
     ("onnxruntime", None, "int8w"),
     ("onnxruntime", "int8", "int4w"),
     ("onnxruntime", "int4w", "fp32"),
+    ("onnxruntime", "int4w", "int4w-b128"),  # a head-only row: blocks of 128
     ("executorch", "8da8w", "8da4w"),
     ("executorch", None, "8da8w"),
 ]
@@ -118,6 +119,13 @@ def test_head_apart_exports_what_was_simulated_and_sized(
             for n in model.graph.node
             if n.op_type == "MatMulNBits"
         }
+        blocks_of = {
+            n.name: next(a.i for a in n.attribute if a.name == "block_size")
+            for n in model.graph.node
+            if n.op_type == "MatMulNBits"
+        }
+        if head != "fp32":  # the head's blocks are its scheme's (int4w-b128: 128), the blocks' theirs
+            assert blocks_of[lm_head.name] == SCHEME_TABLE[head].group_size, blocks_of  # type: ignore[index]
         assert bits.pop(lm_head.name, None) == (None if head == "fp32" else SCHEME_TABLE[head].bits), bits  # type: ignore[index]
         block_bits = set(bits.values())
         spec = SCHEME_TABLE[blocks] if blocks else None  # type: ignore[index]

@@ -120,7 +120,14 @@ def test_mapped_embedding_that_is_only_gathered_is_not_resident() -> None:
     tied = model_shape(tiny_model("llama"))
     embed = 512 * 64 * 4 / MIB
     assert estimate(tied, p, "onnxruntime").weights_mapped_mib == pytest.approx(embed)
-    assert estimate(tied, p, "executorch").weights_mapped_mib == 0.0  # ExecuTorch loads its data
+    # ExecuTorch maps its program only where the profile loads it so (android-go: LOAD_MODE_MMAP);
+    # XNNPACK packs the lm_head into its own memory, so what stays mapped is the gathered table
+    assert p.executorch_load_mode == "mmap"
+    mapped = estimate(tied, p, "executorch")
+    assert mapped.weights_mapped_mib == pytest.approx(embed)
+    locked = estimate(tied, p.model_copy(update={"executorch_load_mode": "file"}), "executorch")
+    assert locked.weights_mapped_mib == 0.0 and locked.weights_mib == pytest.approx(mapped.weights_mib + embed)
+    assert locked.total_mib == pytest.approx(mapped.total_mib + embed)
     fp32 = load_profile("android")
     assert estimate(tied, fp32, "onnxruntime").weights_mapped_mib == 0.0  # read whole as the lm_head
     untied = model_shape(tiny_model("mistral"))

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.conftest import run_tiny_pipeline
 from tests.pipeline.test_pipeline import write_profile
@@ -198,3 +200,23 @@ def test_scripts_push_the_genai_folder_and_run_it_with_the_generator(
     run = next(d for d in report["device_runs"] if d["label"] == label)
     assert run["runtime"] == "onnxruntime" and run["backend"] == "onnxruntime-genai"
     assert run["tokens_equal_to_local_run"] is True and run["max_abs_logit_diff_vs_local_run"] < 1e-5
+
+
+@pytest.mark.parametrize("mode", ["file", "mmap"])
+def test_scripts_load_the_program_as_the_profile_says(artifacts: Path, tmp_path: Path, mode: str) -> None:
+    """``executorch_load_mode: mmap`` reaches the device's runner as ``--no-mlock`` (the app's
+    LOAD_MODE_MMAP), so the device measures what the memory model counted; ``file`` does not."""
+    out = tmp_path / "run"
+    shutil.copytree(artifacts, out)
+    (out / "model.pte").write_bytes(b"\0")  # a dry run reads no artifact
+    shutil.copy(out / "validation" / "onnxruntime_inputs.npy", out / "validation" / "executorch_inputs.npy")
+    profile = yaml.safe_load((out / "profile.yaml").read_text())
+    (out / "profile.yaml").write_text(yaml.safe_dump({**profile, "executorch_load_mode": mode}))
+    env = _env(tmp_path)
+    for script, target in ((ADB_SCRIPT, []), (SSH_SCRIPT, ["pi@raspberrypi"])):
+        r = subprocess.run(
+            ["bash", str(script), "--dry-run", "--runtime", "executorch", *target, str(out)],
+            capture_output=True, text=True, env=env, cwd=tmp_path, check=False,
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        assert ("--no-mlock" in r.stdout) == (mode == "mmap"), r.stdout

@@ -105,7 +105,10 @@ def test_round_trip_through_yaml(tmp_path: Path) -> None:
         (lambda d: d.update(runtimes=["executorch"], quantize={"onnxruntime": "int8"}), "not in runtimes"),
         (lambda d: d.update(quantize_embedding={"onnxruntime": "int8"}), "use one of: none"),
         (lambda d: d.update(quantize_embedding={"executorch": "int2"}), "quantize_embedding.executorch"),
-        (lambda d: d.update(quantize_head={"onnxruntime": "8da4w"}), "use one of: int8w, int4w, fp32"),
+        (lambda d: d.update(quantize_head={"onnxruntime": "8da4w"}), "use one of: int8w, int4w, int4w-b128, fp32"),
+        # a head-only row is no blocks' scheme: the blocks' list is given
+        (lambda d: d.update(quantize={"onnxruntime": "int4w-b128"}), "use one of int8, int8w, int4w"),
+        (lambda d: d.update(executorch_load_mode="lazy"), "executorch_load_mode"),
         (lambda d: d.update(quantize_head={"onnxruntime": "int2"}), "quantize_head.onnxruntime"),
         (lambda d: d.update(runtimes=["executorch"], quantize_head={"onnxruntime": "int4w"}), "not in runtimes"),
         (
