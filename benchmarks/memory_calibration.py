@@ -352,11 +352,15 @@ PINNED: dict[str, dict[str, float]] = {
         "gemm_transient_ratio": 0.09,
         "session_mib": QD8_SESSION,
     },
+    # An int4 head's load transient, from Gemma 3 270M's 100 MiB 8da4w head (beside 8da8w blocks, at
+    # android-go): its load peaked 59.5 MiB over the 0.166 SmolLM2's 17 MiB heads gave, which cannot
+    # tell it from their blocks' term; held there (SmolLM2's 8da4w loads are over-predicted by it)
     "executorch/8da4w": {
         "kv_copies": 1.0,
         "gemm_resident_ratio": 0.0,
         "gemm_transient_ratio": 0.09,
         "session_mib": QD8_SESSION,
+        "head_transient_ratio": 0.761,
     },
     "onnxruntime": {"head_resident_ratio": 0.0},
     # one session term across two models: SmolLM2 (28 MiB head) and Gemma 3 270M (100 MiB head) tell the
