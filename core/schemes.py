@@ -125,7 +125,7 @@ SCHEME_TABLE: dict[Scheme, SchemeSpec] = {
         # positions; the session and the blocks' terms held at 8da8w's); its load transient is held
         # at Gemma 3 270M's 100 MiB head's (0.761: SmolLM2's 17 MiB heads fitted 0.166 and
         # under-predicted Gemma's load by 23%)
-        cost=replace(QD8_COST, head_transient_ratio=0.761, head_resident_ratio=0.483, prediction_margin=0.006),
+        cost=replace(QD8_COST, head_transient_ratio=0.761, head_resident_ratio=0.483, prediction_margin=0.001),
         rounding="gptq",
         summary="torchao 8-bit dynamic activations, int4 weights in groups of 32 (XNNPACK)",
     ),

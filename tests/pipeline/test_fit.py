@@ -146,8 +146,8 @@ def test_auto_quantizes_instead_of_pruning(tmp_path: Path, ids: torch.Tensor, mo
     assert worst(estimate_all(shape, profile)).bound_mib > 26
     fit = choose_precision(model, ids, profile, profile.prune_config())
     # executorch blocks fp32/8da4w/8da8w x head fp32/8da4w/8da8w x embedding fp32/int8/int4, x
-    # onnxruntime blocks fp32/int8/int8w/int4w x head fp32/int8w/int4w
-    assert len(fit.candidates) == 27 * 12
+    # onnxruntime blocks fp32/int8/int8w/int4w x head fp32/int8w/int4w/int4w-b128
+    assert len(fit.candidates) == 27 * 16
     chosen = [c for c in fit.candidates if c.chosen]
     assert len(chosen) == 1 and chosen[0].prune_share == 0 and chosen[0].quantize == fit.quantize
     assert chosen[0].quantize_head == fit.quantize_head
