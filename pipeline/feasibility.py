@@ -130,6 +130,11 @@ def _levers(
         change = ", ".join(f"{rt}: {s}" for rt, s in tables.items())
         saved = floor.bound_mib - floor_with(quantize_embedding={**profile.quantize_embedding, **tables})
         out.append((f"quantize_embedding: {{{change}}}", saved))
+    # ExecuTorch's program mapped instead of resident: its gathered embedding table stays on disk
+    if "executorch" in profile.runtimes and profile.executorch_load_mode != "mmap":
+        saved = floor.bound_mib - floor_with(executorch_load_mode="mmap")
+        if saved > 0:
+            out.append(("executorch_load_mode: mmap", saved))
     # every component at once, as precision: auto would reach (either alone may fall short where
     # together they reach: a tiny model's quantized ExecuTorch program needs its table quantized too)
     if (fp32 or tables) and profile.precision != "auto":

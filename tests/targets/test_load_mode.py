@@ -55,3 +55,27 @@ def test_mapped_program_keeps_its_table_on_disk(tmp_path: Path) -> None:
     if _can_lock(int(2 * table * MIB)):  # locked by the default load: the whole table was resident
         saved = peaks[False]["load_peak_mib"] - peaks[True]["load_peak_mib"]
         assert 0.8 * table <= saved <= 1.2 * table, (saved, table, peaks)
+
+
+def test_an_infeasible_budget_names_the_mapped_load(tmp_path: Path) -> None:
+    """Where mapping the program is what reaches the budget, the BudgetError names it, with what it saves."""
+    from core.errors import BudgetError
+    from core.methods import method_config
+    from pipeline.feasibility import check_feasible, floor_estimate
+    from targets.budget import model_shape
+    from targets.profile import load_profile
+    from tests.pipeline.test_pipeline import write_profile
+
+    model = tiny_model("llama", vocab_size=VOCAB, hidden_size=HIDDEN)
+    cfg = method_config("width")
+    limits = {"method": "width", "headroom_mib": 0.0}
+    loose = load_profile(write_profile(tmp_path, memory_budget_mib=500, runtimes=["executorch"], pruning=limits))
+    shape = model_shape(model)
+    resident = floor_estimate(model, shape, loose, cfg).bound_mib
+    mapped = floor_estimate(model, shape, loose.model_copy(update={"executorch_load_mode": "mmap"}), cfg).bound_mib
+    assert resident - mapped == pytest.approx(VOCAB * HIDDEN * 4 / MIB, rel=0.05)  # the table, less its margin share
+    budget = int((resident + mapped) / 2)
+    tight = load_profile(write_profile(tmp_path, memory_budget_mib=budget, runtimes=["executorch"], pruning=limits))
+    with pytest.raises(BudgetError, match="executorch_load_mode: mmap"):
+        check_feasible(model, tight, cfg)
+    check_feasible(model, tight.model_copy(update={"executorch_load_mode": "mmap"}), cfg)  # and it fits so
