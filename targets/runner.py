@@ -251,6 +251,22 @@ CAP_IPC_LOCK = 14  # linux/capability.h
 _CAP_VERSION_3 = 0x20080522
 
 
+def mlock_allowed(nbytes: int = 4096) -> bool:
+    """Whether this process may lock ``nbytes`` in memory (root's CAP_IPC_LOCK, or a lock limit that
+    large); a libc without ``mlock`` locks nothing."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        buf = ctypes.create_string_buffer(nbytes)
+        if libc.mlock(buf, nbytes) != 0:
+            return False
+    except (AttributeError, OSError):
+        return False
+    libc.munlock(buf, nbytes)
+    return True
+
+
 def without_mlock() -> bool:
     """Make this process's ``mlock`` fail, so that ExecuTorch maps the program without locking it, as
     an app loading with ``Module.LOAD_MODE_MMAP`` does. Why: the binding's loader maps the .pte with
@@ -270,14 +286,7 @@ def without_mlock() -> bool:
         if libc.capget(header, data) == 0 and data[0] & (1 << CAP_IPC_LOCK):
             data[0] &= ~(1 << CAP_IPC_LOCK)
             libc.capset(header, data)
-    page = ctypes.create_string_buffer(4096)
-    try:
-        refused = ctypes.CDLL(None, use_errno=True).mlock(page, 4096) != 0
-    except (AttributeError, OSError):
-        return True
-    if not refused:
-        ctypes.CDLL(None).munlock(page, 4096)
-    return refused
+    return not mlock_allowed()
 
 
 def _executorch(path: Path, threads: int, chunk: int) -> Callable[[], Decoder]:

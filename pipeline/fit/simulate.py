@@ -103,27 +103,27 @@ class Simulation:
     quantizes_tied_head: bool  # a lm_head that shares the embedding's weight is quantized too
 
 
+def _matmulnbits(scheme: str) -> Simulation:
+    """A MatMulNBits scheme (accuracy level 4) as its row in ``core.schemes`` says: weights rounded as
+    MLAS rounds them, in blocks of the row's length, and activations symmetric int8 in blocks of the
+    same length (MLAS quantizes them per weight block)."""
+    spec = scheme_spec(scheme)
+    return Simulation(
+        weight=_in_groups(lambda w: _signed_absmax(w, spec.bits), spec.group_size),
+        activation=_in_groups(lambda x: _symmetric(x, 8), spec.group_size),
+        quantizes_tied_head=True,
+    )
+
+
 SIMULATIONS: dict[str, Simulation] = {
     "int8": Simulation(
         weight=lambda w: _asymmetric(w, 8, dim=-1),
         activation=lambda x: _asymmetric(x, 8, dim=None),
         quantizes_tied_head=False,
     ),
-    "int8w": Simulation(
-        weight=_in_groups(lambda w: _signed_absmax(w, 8), GROUP_SIZE),
-        activation=_in_groups(lambda x: _symmetric(x, 8), GROUP_SIZE),
-        quantizes_tied_head=True,
-    ),
-    "int4w": Simulation(
-        weight=_in_groups(lambda w: _signed_absmax(w, 4), GROUP_SIZE),
-        activation=_in_groups(lambda x: _symmetric(x, 8), GROUP_SIZE),
-        quantizes_tied_head=True,
-    ),
-    "int4w-b128": Simulation(
-        weight=_in_groups(lambda w: _signed_absmax(w, 4), 128),
-        activation=_in_groups(lambda x: _symmetric(x, 8), 128),
-        quantizes_tied_head=True,
-    ),
+    "int8w": _matmulnbits("int8w"),
+    "int4w": _matmulnbits("int4w"),
+    "int4w-b128": _matmulnbits("int4w-b128"),
     "8da8w": Simulation(
         weight=lambda w: _symmetric(w, 8),
         activation=lambda x: _asymmetric(x, 8, dim=-1),

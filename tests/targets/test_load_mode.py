@@ -3,7 +3,6 @@ and a program loaded mapped and unlocked holds its gathered embedding table on d
 
 from __future__ import annotations
 
-import ctypes
 import subprocess
 import sys
 from pathlib import Path
@@ -14,20 +13,11 @@ import torch
 from core.measure import MIB
 from exporters import get_exporter
 from exporters.base import ExportConfig
+from targets.runner import mlock_allowed
 from targets.validate import run_artifact
 from tests.conftest import tiny_model
 
 VOCAB, HIDDEN = 65536, 64  # a 16 MiB fp32 table: far above the runner's measurement noise
-
-
-def _can_lock(nbytes: int) -> bool:
-    """Whether this process may mlock ``nbytes`` (root's CAP_IPC_LOCK, or a large enough limit)."""
-    buf = ctypes.create_string_buffer(nbytes)
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.mlock(buf, nbytes) != 0:
-        return False
-    libc.munlock(buf, nbytes)
-    return True
 
 
 def test_without_mlock_refuses_locking_even_as_root() -> None:
@@ -52,7 +42,7 @@ def test_mapped_program_keeps_its_table_on_disk(tmp_path: Path) -> None:
     table = VOCAB * HIDDEN * 4 / MIB
     # mapped, the table is paged in only where rows are looked up: never more resident than locked
     assert peaks[True]["model_peak_mib"] <= peaks[False]["model_peak_mib"] + 1.0
-    if _can_lock(int(2 * table * MIB)):  # locked by the default load: the whole table was resident
+    if mlock_allowed(int(2 * table * MIB)):  # locked by the default load: the whole table was resident
         saved = peaks[False]["load_peak_mib"] - peaks[True]["load_peak_mib"]
         assert 0.8 * table <= saved <= 1.2 * table, (saved, table, peaks)
 
