@@ -147,7 +147,7 @@ def _pruning_summary(plan: dict[str, Any], fitted: bool) -> list[str]:
 
 FRONTIER_HEADERS = [
     "candidate", "predicted dense peak, worst runtime (MiB)", "pruning needed", "calibration perplexity by runtime",
-    "estimated ratio (worst runtime)", "chosen",
+    "estimated ratio (worst runtime)", "top-1 agreement with fp32 by runtime", "chosen",
 ]  # fmt: skip
 
 
@@ -202,7 +202,8 @@ def frontier_rows(fit: dict[str, Any], every: bool = False) -> list[list[str]]:
     """One row per candidate ``precision: auto`` priced (shared by md and html), best first: those it
     simulated whole and those on the frontier (no other is both smaller and loses less), or
     ``every`` one. A ratio that is only the components' bound (branch and bound never needed the
-    whole) reads ">=" ."""
+    whole) reads ">=" (its agreement "<="); a runtime whose estimate misses the profile's quantized
+    gates is marked."""
 
     def key(c: dict[str, Any]) -> tuple[bool, float]:
         return (not c["reachable"], c["worst_ratio"] if c["worst_ratio"] is not None else float("inf"))
@@ -219,7 +220,12 @@ def frontier_rows(fit: dict[str, Any], every: bool = False) -> list[list[str]]:
         bound = ">= " if c.get("bound_only") else ""
         ratio = "-" if c["worst_ratio"] is None else f"{bound}{c['worst_ratio']:.3f}x"
         chosen = "**yes**" if c["chosen"] else ""
-        rows.append([prec, _f(max(c["dense_mib"].values())), c["pruning"], ppl, ratio, chosen])
+        misses = set(c.get("gate_misses") or ())
+        top1 = ", ".join(
+            f"{'<= ' if c.get('bound_only') else ''}{v:.1%}{' (misses the gates)' if rt in misses else ''}"
+            for rt, v in (c.get("est_top1") or {}).items()
+        )
+        rows.append([prec, _f(max(c["dense_mib"].values())), c["pruning"], ppl, ratio, top1 or "-", chosen])
     return rows
 
 
@@ -242,7 +248,11 @@ def _fit(fit: dict[str, Any] | None) -> list[str]:
         return []
     rows = frontier_rows(fit)
     left = len(fit["candidates"]) - len(rows)
-    more = f" {left} more candidates, bounded by their components and beaten, are in report.json." if left else ""
+    more = (
+        f" {left} more candidates, bounded by their components (beaten or missing the gates), are in report.json."
+        if left
+        else ""
+    )
     lines = [
         "",
         "## Precision (precision: auto)",
@@ -252,7 +262,7 @@ def _fit(fit: dict[str, Any] | None) -> list[str]:
         f"MLP-channel proxy that over-states the method's loss; {fit['wall_s']:.0f} s).{more}",
         "",
         "| " + " | ".join(FRONTIER_HEADERS) + " |",
-        "|---|---:|---|---|---:|---|",
+        "|---|---:|---|---|---:|---|---|",
     ]
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
 

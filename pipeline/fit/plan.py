@@ -27,6 +27,17 @@ budget cost 31%. So the fitting stage prices every candidate before it prunes an
    loss, ties to the smaller total loss, then to the least compression. Pruning then runs only for
    what the chosen precision cannot reach. (SmolLM2-135M's two runtimes have ~300 combinations and
    ~11 component simulations; a handful of whole ones settles the choice.)
+5. **The profile's quality gates, estimated**: each simulation also counts its top-1 agreement with
+   the dense fp32 model on the scored positions, the measure validation gates a quantized artifact on
+   (``gates.quantized_min_top1``, with ``quantized_max_ppl_ratio`` on the perplexity). A runtime's
+   precision whose estimate misses a gate is not chosen: its components alone bound it (agreement
+   no higher than its least agreeing component's), so most are ruled out unsimulated. The least loss
+   within the gates wins; when every precision that fits misses them, the run stops before pruning or
+   exporting anything (:func:`_gate_error`): the gates' misses, and the smallest budget at which a
+   precision is estimated to pass. Validation still measures the artifact (the estimate is on the
+   calibration windows; Gemma 3 270M's onnxruntime int4w + int4w-b128 head: 73.8% estimated on
+   WikiText-2, 72.4% measured in onnxruntime over the prompt and evaluation text). A runtime whose
+   precision the profile pins whole is warned about, not stopped: the user chose it.
 
 Every candidate, its predicted MiB and its estimated loss (or bound) go to the report: the frontier.
 """
@@ -45,8 +56,9 @@ from typing import Any
 
 import torch
 
+from core.errors import BudgetError
 from core.methods import MethodConfig
-from core.perplexity import perplexity
+from core.perplexity import perplexity, scored
 from core.schemes import precision_text, rounds_by_gptq
 from exporters.rounding import GPTQ_WINDOWS
 from pipeline.choices import FP32, most_compressed, runtime_options
@@ -78,6 +90,11 @@ class Candidate:
     head: dict[str, str] = field(default_factory=dict)  # runtime -> the lm_head's fp32 or scheme
     # est_ratio is the components' bound, never simulated whole (branch and bound left it: it cannot win)
     bound_only: bool = False
+    # per runtime, estimated top-1 agreement with the dense fp32 model (the components' bound where
+    # bound_only), and the runtimes whose estimate misses the profile's quantized gates
+    est_top1: dict[str, float] = field(default_factory=dict)
+    gate_misses: list[str] = field(default_factory=list)
+    bound_mib: float = math.inf  # predicted dense peak with the model's margin, worst runtime
 
     @property
     def worst_ratio(self) -> float:
@@ -185,7 +202,9 @@ def choose_precision(
         "calibration perplexity (fp32)",
         lambda: perplexity(model, windows, batch_size=cfg.batch_size, desc="calibration perplexity (fp32)"),
     )
-    quant_ppl: dict[tuple[str, str, str, str], float] = {}
+    Key = tuple[str, str, str, str]  # (runtime, linear, head, embedding)
+    quant_ppl: dict[Key, float] = {}
+    quant_top1: dict[Key, float] = {}
     proxy = PruningProxy(model, windows, cfg.batch_size)
     per_runtime = [[(rt, *opt) for opt in runtime_options(profile, rt)] for rt in profile.runtimes]
 
@@ -211,20 +230,56 @@ def choose_precision(
         for _, c in priced
     )
 
-    def measured(key: tuple[str, str, str, str]) -> float:
-        """Calibration perplexity of one runtime's (linear, head, embedding) precision, simulated."""
-        if key not in quant_ppl:
-            rt, lin, head, emb = key
-            what = f"simulated {rt} {lin} + {head} head + {emb} embedding"
-            hessians = hessian_windows() if gptq and (rounds_by_gptq(lin) or rounds_by_gptq(head)) else None
-            if hessians is not None:  # the rounding depends on the Hessians' windows too
-                what += f" (GPTQ on {windows_digest(hessians)[:16]})"
-            simulate = functools.partial(_simulated_ppl, model, windows, cfg, key, base, hessians)
-            quant_ppl[key] = base if lin == head == emb == FP32 else remembered(what, simulate)
+    @functools.cache
+    def reference_top1() -> torch.Tensor:
+        """The dense fp32 model's top-1 tokens on the scored windows (agreement's reference)."""
+        return scored(model, windows, cfg.batch_size, desc="calibration top-1 (fp32)")[1]
+
+    def measure(key: Key) -> None:
+        """Calibration perplexity and top-1 agreement of one runtime's (linear, head, embedding)
+        precision, simulated (both from one pass, each remembered on its own)."""
+        if key in quant_ppl:
+            return
+        rt, lin, head, emb = key
+        if lin == head == emb == FP32:
+            quant_ppl[key], quant_top1[key] = base, 1.0
+            return
+        what = f"simulated {rt} {lin} + {head} head + {emb} embedding"
+        hessians = hessian_windows() if gptq and (rounds_by_gptq(lin) or rounds_by_gptq(head)) else None
+        if hessians is not None:  # the rounding depends on the Hessians' windows too
+            what += f" (GPTQ on {windows_digest(hessians)[:16]})"
+        both = functools.cache(functools.partial(_simulated, model, windows, cfg, key, base, hessians, reference_top1))
+        quant_ppl[key] = remembered(what, lambda: both()[0])
+        quant_top1[key] = remembered(f"{what}: top-1 agreement", lambda: both()[1])
+
+    def measured(key: Key) -> float:
+        measure(key)
         return quant_ppl[key]
 
-    def components(rt: str, lin: str, head: str, emb: str) -> list[tuple[str, str, str, str]]:
+    def agreement(key: Key) -> float:
+        measure(key)
+        return quant_top1[key]
+
+    def components(rt: str, lin: str, head: str, emb: str) -> list[Key]:
         return [(rt, lin, FP32, FP32), (rt, FP32, head, FP32), (rt, FP32, FP32, emb)]
+
+    gates = profile.gates
+
+    def within(key: Key, ppl: float, top1: float) -> bool:
+        """Whether one runtime's precision, estimated at ``ppl`` and ``top1``, passes the quantized
+        gates (an all-fp32 one is gated on parity instead: always within)."""
+        if key[1:] == (FP32, FP32, FP32):
+            return True
+        return top1 >= gates.quantized_min_top1 and _loss(ppl, base) <= gates.quantized_max_ppl_ratio
+
+    def bound_within(key: Key) -> bool:
+        """The gates on the components' bound: a precision agrees no better, and scores no better,
+        than each of its components alone."""
+        parts = components(*key)
+        return within(key, max(measured(k) for k in parts), min(agreement(k) for k in parts))
+
+    def whole_within(key: Key) -> bool:
+        return bound_within(key) and within(key, measured(key), agreement(key))
 
     prune_ppl: dict[float, float] = {}
     ranked_by_bound = []
@@ -237,22 +292,38 @@ def choose_precision(
             prune = _loss(cand.prune_ppl, base)
             # a precision scores at least what each of its components scores alone: the bound
             cand.quant_ppl = {key[0]: max(measured(k) for k in components(*key)) for key in combo}
+            cand.est_top1 = {key[0]: min(agreement(k) for k in components(*key)) for key in combo}
             cand.est_ratio = {rt: _loss(q, base) * prune for rt, q in cand.quant_ppl.items()}
             cand.bound_only = True
+            cand.gate_misses = [key[0] for key in combo if not bound_within(key)]
             ranked_by_bound.append((combo, cand))
     ranked_by_bound.sort(key=lambda pair: _rank(pair[1]))
     best: Candidate | None = None
     for combo, cand in ranked_by_bound:  # branch and bound (module docstring)
         if best is not None and cand.worst_ratio > best.worst_ratio:
             break
+        if cand.gate_misses:  # its components alone already miss a gate: it cannot pass whole
+            continue
         cand.quant_ppl = {key[0]: max(measured(key), cand.quant_ppl[key[0]]) for key in combo}
+        cand.est_top1 = {key[0]: min(agreement(key), cand.est_top1[key[0]]) for key in combo}
         prune = _loss(cand.prune_ppl, base)  # type: ignore[arg-type]
         cand.est_ratio = {rt: _loss(q, base) * prune for rt, q in cand.quant_ppl.items()}
         cand.bound_only = False
-        if best is None or _rank(cand) < _rank(best):
+        cand.gate_misses = [key[0] for key in combo if not whole_within(key)]
+        if not cand.gate_misses and (best is None or _rank(cand) < _rank(best)):
             best = cand
     candidates = [cand for _, cand in priced]
     ranked = sorted((c for c in candidates if c.reachable), key=lambda c: (c.bound_only, *_rank(c)))
+    if best is None and ranked_by_bound:  # every precision that fits misses a gate
+        pinned = {rt for rt in profile.runtimes if len(runtime_options(profile, rt)) == 1}
+        missed = {rt for _, c in ranked_by_bound for rt in c.gate_misses}
+        if missed - pinned:
+            raise _gate_error(profile, base, ranked_by_bound, priced, whole_within, measured, agreement)
+        best = ranked_by_bound[0][1]  # the user pinned these precisions: warned, not stopped
+        log.warning(
+            "precision: %s is estimated to miss the profile's quality gates on %s (pinned by the profile: "
+            "kept; validation measures it)", best.label(), ", ".join(sorted(missed)),
+        )  # fmt: skip
     if best is None:
         if not ranked:  # pragma: no cover - the run checks the most compressed floor before loading
             from pipeline.feasibility import check_feasible, floor_shape
@@ -260,7 +331,7 @@ def choose_precision(
             check_feasible(model, most_compressed(profile, floor_shape(model, cfg, shape)), cfg, shape)
         best = ranked[0]
     best.chosen = True
-    reason = _reason(best, [c for c in ranked if c is not best])
+    reason = _reason(best, [c for c in ranked if c is not best and not c.gate_misses])
     log.info("precision: %s", reason)
     wall = round(time.perf_counter() - t0, 2)
     return FitPlan(
@@ -269,18 +340,78 @@ def choose_precision(
     )  # fmt: skip
 
 
-def _simulated_ppl(
+def _gate_error(
+    profile: DeviceProfile,
+    base: float,
+    fitting: list[tuple[tuple[Any, ...], Candidate]],
+    priced: list[tuple[tuple[Any, ...], Candidate]],
+    whole_within: Callable[[Any], bool],
+    measured: Callable[[Any], float],
+    agreement: Callable[[Any], float],
+) -> BudgetError:
+    """The error for a budget every fitting precision of which misses the quality gates: per runtime
+    that misses, its best estimate within the budget; and the smallest budget at which a precision
+    (the cheapest by predicted MiB whose estimate passes) would, searched up the candidates' dense
+    predictions."""
+    g = profile.gates
+    lines = []
+    for rt in profile.runtimes:
+        keys = {key for combo, c in fitting for key in combo if key[0] == rt and rt in c.gate_misses}
+        if not keys or any(rt not in c.gate_misses for _, c in fitting):
+            continue
+        key = max(keys, key=lambda k: (agreement(k), -measured(k)))
+        what = precision_text(key[1], key[3], key[2])
+        lines.append(
+            f"{rt}: the best that fits, {what}, is estimated at {agreement(key):.1%} top-1 agreement with fp32 "
+            f"(gate quantized_min_top1 {g.quantized_min_top1:.0%}) and {_loss(measured(key), base):.3f}x "
+            f"calibration perplexity (gate quantized_max_ppl_ratio {g.quantized_max_ppl_ratio:.2f}x)"
+        )
+    needed = next(
+        (c for combo, c in sorted(priced, key=lambda pair: pair[1].bound_mib) if all(whole_within(k) for k in combo)),
+        None,
+    )
+    headroom = profile.pruning.headroom_mib
+    if needed is not None:
+        estimates = ", ".join(
+            f"{rt} {needed.runtime_precision(rt)} ({agreement(k):.1%} estimated)"
+            for rt, k in zip(needed.precision, _keys(needed), strict=True)
+        )
+        chunk = f", prefill chunk {needed.prefill_tokens}" if needed.prefill_tokens is not None else ""
+        smallest = (
+            f"The smallest budget at which a precision is estimated to pass them unpruned: memory_budget_mib "
+            f"{math.ceil(needed.bound_mib + headroom)} ({estimates}{chunk})."
+        )
+    else:
+        smallest = "No precision of these runtimes is estimated to pass them at any budget."
+    levers = "Raise memory_budget_mib, lower the profile's gates:, or leave the runtime out (RUNTIMES=...)."
+    return BudgetError(
+        f"No precision that fits {profile.name}'s {profile.memory_budget_mib:g} MiB is estimated to pass its "
+        f"quality gates (precision: auto, estimated on {profile.name}'s calibration windows): "
+        + "; ".join(lines)
+        + f". {smallest} {levers}"
+    )
+
+
+def _keys(c: Candidate) -> list[tuple[str, str, str, str]]:
+    """``c``'s (runtime, linear, head, embedding) per runtime."""
+    return [(rt, lin, c.head[rt], c.embedding[rt]) for rt, lin in c.precision.items()]
+
+
+def _simulated(
     model: Any,
     windows: torch.Tensor,
     cfg: MethodConfig,
     key: tuple[str, str, str, str],
     base: float,
-    hessian_windows: torch.Tensor | None = None,
-) -> float:
-    """Calibration perplexity of ``model`` computing as one runtime's precision would: ``key`` is
-    (runtime, linear scheme, lm_head scheme, embedding scheme), not all fp32 (that is ``base``,
-    which the caller takes without simulating)."""
+    hessian_windows: torch.Tensor | None,
+    reference_top1: Callable[[], torch.Tensor],
+) -> tuple[float, float]:
+    """Calibration perplexity of ``model`` computing as one runtime's precision would, and its top-1
+    agreement with ``reference_top1()`` (the fp32 model's): ``key`` is (runtime, linear scheme, lm_head
+    scheme, embedding scheme), not all fp32 (that is ``base``, which the caller takes without
+    simulating)."""
     runtime, linear, head, table = key
+    reference = reference_top1()  # before the weights are swapped
     with contextlib.ExitStack() as stack:
         n = 0
         if linear != FP32 or head != FP32:
@@ -288,9 +419,13 @@ def _simulated_ppl(
         if table != FP32:
             stack.enter_context(simulated_embedding(model, table, runtime))
         what = precision_text(None if linear == FP32 else linear, table, head if head != linear else None) or "fp32"
-        ppl = perplexity(model, windows, batch_size=cfg.batch_size, desc=f"simulated {what}")
-    log.info("%s simulated (%d Linear modules): calibration perplexity %.3f (fp32 %.3f)", what, n, ppl, base)
-    return ppl
+        ppl, top1 = scored(model, windows, batch_size=cfg.batch_size, desc=f"simulated {what}")
+    agree = float((top1 == reference).float().mean())
+    log.info(
+        "%s simulated (%d Linear modules): calibration perplexity %.3f (fp32 %.3f), top-1 agreement %.1f%%",
+        what, n, ppl, base, 100 * agree,
+    )  # fmt: skip
+    return ppl, agree
 
 
 def _loss(ppl: float, base: float) -> float:
@@ -314,7 +449,8 @@ def _price(
     chunk costs no quality, pruning does)."""
     chunk = next((c for c in chunks if _fits(shape, prof, c, target)), chunks[-1])
     at = prof.model_copy(update={"prefill_tokens": chunk})
-    dense = {e.runtime: round(e.total_mib, 1) for e in estimate_all(shape, at)}
+    every = estimate_all(shape, at)
+    dense = {e.runtime: round(e.total_mib, 1) for e in every}
 
     def fits(s: ModelShape) -> bool:
         return worst(estimate_all(s, at)).bound_mib <= target
@@ -322,7 +458,9 @@ def _price(
     reachable = fits(shape) or floor_estimate(model, shape, at, cfg).bound_mib <= target
     share = smallest_share(shape, fits) if reachable else None
     shorter = chunk if chunk != prof.prefill_tokens else None
-    return Candidate(precision, embedding, dense, reachable, share, {}, None, prefill_tokens=shorter)
+    cand = Candidate(precision, embedding, dense, reachable, share, {}, None, prefill_tokens=shorter)
+    cand.bound_mib = worst(every).bound_mib
+    return cand
 
 
 def _fits(shape: ModelShape, prof: DeviceProfile, chunk: int, target: float) -> bool:

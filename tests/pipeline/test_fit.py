@@ -122,7 +122,14 @@ def test_pruning_proxy_masks_what_removal_would_remove(ids: torch.Tensor) -> Non
     assert masked != pytest.approx(proxy.perplexity(0.0), rel=1e-3)
 
 
+# a random tiny model's logits are near flat, so a quantized copy's top-1 agreement with it is noise
+# (40-95%): the tests of other mechanics take loose quality gates; the gates' own tests set them
+LOOSE_GATES = {"parity_atol": 1e-4, "max_ppl_ratio": 50.0, "quantized_min_top1": 0.01, "quantized_max_ppl_ratio": 50.0}
+STRICT_GATES = {"parity_atol": 1e-4, "max_ppl_ratio": 50.0}  # the quantized gates' defaults (85%, 1.25x)
+
+
 def _auto_profile(tmp_path: Path, **overrides: object):
+    overrides = {"gates": LOOSE_GATES, **overrides}
     return load_profile(write_profile(tmp_path, name="auto", precision="auto", **overrides))
 
 
@@ -141,7 +148,7 @@ def test_auto_quantizes_instead_of_pruning(tmp_path: Path, ids: torch.Tensor, mo
 
     base = perplexity(model, ids)
     monkeypatch.setattr(plan, "PruningProxy", Proxy)
-    profile = _auto_profile(tmp_path)
+    profile = _auto_profile(tmp_path, gates=STRICT_GATES)
     shape = model_shape(model)
     assert worst(estimate_all(shape, profile)).bound_mib > 26
     fit = choose_precision(model, ids, profile, profile.prune_config())
@@ -155,10 +162,17 @@ def test_auto_quantizes_instead_of_pruning(tmp_path: Path, ids: torch.Tensor, mo
         assert rt in fit.quantize or fit.quantize_head.get(rt, "fp32") != "fp32"
     priced = [c for c in fit.candidates if c.est_ratio]
     whole = [c for c in priced if not c.bound_only]
-    assert chosen[0].worst_ratio == min(c.worst_ratio for c in whole)
+    within = [c for c in priced if not c.gate_misses]
+    assert chosen[0].worst_ratio == min(c.worst_ratio for c in whole if not c.gate_misses)
+    # the choice's estimates pass the profile's quantized gates; one that would lose less misses them
+    gates = profile.gates
+    for rt, agree in chosen[0].est_top1.items():
+        fp32 = (chosen[0].precision[rt], chosen[0].head[rt], chosen[0].embedding[rt]) == ("fp32",) * 3
+        assert agree >= gates.quantized_min_top1 or fp32
+    assert all(c.gate_misses for c in whole if c.worst_ratio < chosen[0].worst_ratio)
     # branch and bound: a candidate left at its components' bound could not have beaten the choice,
     # and fewer whole precisions were simulated than there are combinations
-    assert all(c.worst_ratio >= chosen[0].worst_ratio for c in priced if c.bound_only)
+    assert all(c.worst_ratio >= chosen[0].worst_ratio for c in within if c.bound_only)
     assert len(whole) < len(priced) and fit.simulations < 27 + 12
     fp32 = next(c for c in fit.candidates if set(c.precision.values()) == {"fp32"})
     assert fp32.prune_share and fp32.prune_ppl == pytest.approx(base * (1 + 2 * fp32.prune_share))
@@ -313,11 +327,12 @@ def test_choose_precision_reuses_the_dense_measurements(tmp_path: Path, ids: tor
     profile = _auto_profile(tmp_path)
     first = choose_precision(model, ids, profile, profile.prune_config(), Memo("tiny"))
     simulated = []
-    real = plan._simulated_ppl
-    monkeypatch.setattr(plan, "_simulated_ppl", lambda *a: simulated.append(a) or real(*a))
+    real = plan._simulated
+    monkeypatch.setattr(plan, "_simulated", lambda *a: simulated.append(a) or real(*a))
     second = choose_precision(model, ids, profile, profile.prune_config(), Memo("tiny"))
     assert simulated == [] and second.base_ppl == first.base_ppl
     assert [c.quant_ppl for c in second.candidates] == [c.quant_ppl for c in first.candidates]
+    assert [c.est_top1 for c in second.candidates] == [c.est_top1 for c in first.candidates]
     assert sum(bool(c.quant_ppl) for c in first.candidates) > 1
     choose_precision(model, ids, profile, profile.prune_config(), Memo("tiny", force=True))
     assert len(simulated) > 1
@@ -432,3 +447,63 @@ def test_gptq_is_priced_on_held_out_hessians(tmp_path: Path, monkeypatch) -> Non
     # set (made once, for every GPTQ-rounded component)
     choose_precision(model, calib[:PPL_WINDOWS], tight, tight.prune_config(), held_out=held_out)
     assert len(made) == 1 and torch.equal(seen["int4w"], made[0])
+
+
+def test_the_choice_keeps_within_the_quality_gates(tmp_path: Path, ids: torch.Tensor) -> None:
+    """Each simulation counts its top-1 agreement with the dense fp32 model: raising
+    ``quantized_min_top1`` just above the loosely gated choice's estimate moves the choice to a
+    precision estimated within it (the least loss among those), and every whole candidate that would
+    lose less is marked as missing the gates."""
+    model = tiny_model("llama", **PRUNE_WIDE)
+    loose = _auto_profile(tmp_path)
+    first = choose_precision(model, ids, loose, loose.prune_config())
+    (was,) = [c for c in first.candidates if c.chosen]
+    assert was.est_top1 and all(0.0 < v <= 1.0 for v in was.est_top1.values())
+    quantized = [rt for rt in was.est_top1 if (was.precision[rt], was.head[rt], was.embedding[rt]) != ("fp32",) * 3]
+    assert quantized  # fp32 does not fit this budget on either runtime
+    gate = min(was.est_top1[rt] for rt in quantized) + 1e-6
+    strict = _auto_profile(tmp_path, gates={**LOOSE_GATES, "quantized_min_top1": gate})
+    try:
+        fit = choose_precision(model, ids, strict, strict.prune_config())
+    except BudgetError as err:  # nothing that fits is within the gate: said before anything is pruned
+        assert "quantized_min_top1" in str(err) and "memory_budget_mib" in str(err)
+        return
+    (now,) = [c for c in fit.candidates if c.chosen]
+    assert now.label() != was.label() and not now.gate_misses
+    for rt, agree in now.est_top1.items():
+        assert agree >= gate or (now.precision[rt], now.head[rt], now.embedding[rt]) == ("fp32",) * 3
+    whole = [c for c in fit.candidates if c.est_ratio and not c.bound_only]
+    assert all(c.gate_misses for c in whole if c.worst_ratio < now.worst_ratio)
+    assert any(c.gate_misses for c in fit.candidates)
+
+
+def test_a_budget_whose_fitting_precisions_all_miss_the_gates_stops_with_the_smallest_that_passes(
+    tmp_path: Path, ids: torch.Tensor
+) -> None:
+    """onnxruntime at a budget only int4 blocks fit, with a 99% agreement gate they miss on this model:
+    the error names the gate, the best estimate that fits, and the smallest budget at which a
+    precision is estimated to pass; at that budget the fit chooses one within the gate."""
+    import re
+
+    model = tiny_model("llama", **PRUNE_WIDE)
+    shape = model_shape(model)
+    common = {"runtimes": ["onnxruntime"], "runtime_overhead_mib": {"onnxruntime": 0.0}, "pruning": {"headroom_mib": 0}}
+    probe = _auto_profile(tmp_path, **common)
+
+    def peak(scheme: str | None) -> float:
+        return worst(estimate_all(shape, probe.with_quantize({"onnxruntime": scheme} if scheme else {}))).bound_mib  # type: ignore[dict-item]
+
+    gates = {**LOOSE_GATES, "quantized_min_top1": 0.99}
+    budget = math.ceil(peak("int4w"))
+    assert budget < min(peak(s) for s in (None, "int8", "int8w"))  # int4 blocks alone fit unpruned
+    tight = _auto_profile(tmp_path, **common, memory_budget_mib=budget, gates=gates)
+    with pytest.raises(BudgetError) as err:
+        choose_precision(model, ids, tight, tight.prune_config())
+    text = str(err.value)
+    assert "quantized_min_top1 99%" in text and "onnxruntime: the best that fits, int4w" in text
+    smallest = int(re.search(r"memory_budget_mib (\d+)", text).group(1))  # type: ignore[union-attr]
+    assert budget < smallest <= math.ceil(peak(None))  # fp32 (gated on parity) passes at its own size
+    enough = _auto_profile(tmp_path, **common, memory_budget_mib=smallest, gates=gates)
+    fit = choose_precision(model, ids, enough, enough.prune_config())
+    (chosen,) = [c for c in fit.candidates if c.chosen]
+    assert not chosen.gate_misses and chosen.prune_share == 0
