@@ -278,6 +278,7 @@ def choose_precision(
         parts = components(*key)
         return within(key, max(measured(k) for k in parts), min(agreement(k) for k in parts))
 
+    @functools.cache
     def whole_within(key: Key) -> bool:
         return bound_within(key) and within(key, measured(key), agreement(key))
 
@@ -303,6 +304,10 @@ def choose_precision(
         if best is not None and cand.worst_ratio > best.worst_ratio:
             break
         if cand.gate_misses:  # its components alone already miss a gate: it cannot pass whole
+            continue
+        known: list[str] = [key[0] for key in combo if key in quant_ppl and not whole_within(key)]
+        if known:  # a runtime's precision already simulated whole and missing a gate: the others need not be
+            cand.gate_misses = known
             continue
         cand.quant_ppl = {key[0]: max(measured(key), cand.quant_ppl[key[0]]) for key in combo}
         cand.est_top1 = {key[0]: min(agreement(key), cand.est_top1[key[0]]) for key in combo}

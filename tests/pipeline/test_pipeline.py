@@ -251,6 +251,10 @@ def test_auto_precision_quantizes_instead_of_pruning(
     assert out is not None
     md = (out / "report.md").read_text()
     assert "## Precision (precision: auto)" in md and "| **yes** |" in md
+    # the choice is estimated within the quantized gates, and the table says by how much
+    (chosen,) = [c for c in fit["candidates"] if c["chosen"]]
+    assert chosen["gate_misses"] == [] and all(v >= 0.5 for v in chosen["est_top1"].values())
+    assert "top-1 agreement with fp32 by runtime" in md
     assert (out / "plots" / "frontier.png").is_file()
     saved = yaml.safe_load((out / "profile.yaml").read_text())
     assert saved["precision"] == "auto" and saved["quantize"] == fit["quantize"]
