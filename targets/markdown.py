@@ -225,7 +225,8 @@ def frontier_rows(fit: dict[str, Any], every: bool = False) -> list[list[str]]:
             f"{'<= ' if c.get('bound_only') else ''}{v:.1%}{' (misses the gates)' if rt in misses else ''}"
             for rt, v in (c.get("est_top1") or {}).items()
         )
-        rows.append([prec, _f(max(c["dense_mib"].values())), c["pruning"], ppl, ratio, top1 or "-", chosen])
+        pruning = c["pruning"] + (" (misses max_ppl_ratio)" if "pruning" in misses else "")
+        rows.append([prec, _f(max(c["dense_mib"].values())), pruning, ppl, ratio, top1 or "-", chosen])
     return rows
 
 

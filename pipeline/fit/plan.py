@@ -72,6 +72,8 @@ from targets.profile import DeviceProfile
 
 log = logging.getLogger(__name__)
 
+PRUNING = "pruning"  # Candidate.gate_misses' entry for the pruning's own gate (beside runtimes')
+
 
 @dataclass
 class Candidate:
@@ -91,7 +93,8 @@ class Candidate:
     # est_ratio is the components' bound, never simulated whole (branch and bound left it: it cannot win)
     bound_only: bool = False
     # per runtime, estimated top-1 agreement with the dense fp32 model (the components' bound where
-    # bound_only), and the runtimes whose estimate misses the profile's quantized gates
+    # bound_only), and what misses the profile's gates by estimate: runtimes (their quantized gates),
+    # and "pruning" (its proxy's loss above max_ppl_ratio)
     est_top1: dict[str, float] = field(default_factory=dict)
     gate_misses: list[str] = field(default_factory=list)
     bound_mib: float = math.inf  # predicted dense peak with the model's margin, worst runtime
@@ -297,6 +300,10 @@ def choose_precision(
             cand.est_ratio = {rt: _loss(q, base) * prune for rt, q in cand.quant_ppl.items()}
             cand.bound_only = True
             cand.gate_misses = [key[0] for key in combo if not bound_within(key)]
+            if (
+                gates.max_ppl_ratio is not None and prune > gates.max_ppl_ratio
+            ):  # the pruned model's own gate (pruned vs dense perplexity)
+                cand.gate_misses.append(PRUNING)
             ranked_by_bound.append((combo, cand))
     ranked_by_bound.sort(key=lambda pair: _rank(pair[1]))
     best: Candidate | None = None
@@ -360,9 +367,10 @@ def _gate_error(
     predictions."""
     g = profile.gates
     lines = []
+    unpruned = [(combo, c) for combo, c in fitting if PRUNING not in c.gate_misses]
     for rt in profile.runtimes:
-        keys = {key for combo, c in fitting for key in combo if key[0] == rt and rt in c.gate_misses}
-        if not keys or any(rt not in c.gate_misses for _, c in fitting):
+        keys = {key for combo, c in unpruned for key in combo if key[0] == rt and rt in c.gate_misses}
+        if not keys or any(rt not in c.gate_misses for _, c in unpruned):
             continue
         key = max(keys, key=lambda k: (agreement(k), -measured(k)))
         what = precision_text(key[1], key[3], key[2])
@@ -370,6 +378,15 @@ def _gate_error(
             f"{rt}: the best that fits, {what}, is estimated at {agreement(key):.1%} top-1 agreement with fp32 "
             f"(gate quantized_min_top1 {g.quantized_min_top1:.0%}) and {_loss(measured(key), base):.3f}x "
             f"calibration perplexity (gate quantized_max_ppl_ratio {g.quantized_max_ppl_ratio:.2f}x)"
+        )
+    pruned = [c for _, c in fitting if c.gate_misses == [PRUNING]]  # within the quantized gates, pruned past its own
+    if pruned:
+        least = min(pruned, key=lambda c: c.prune_share or 0.0)
+        within = ", ".join(f"{rt} {least.runtime_precision(rt)}" for rt in least.precision)
+        lines.append(
+            f"with a precision within the quantized gates ({within}), "
+            f"{least.pruning} would go, estimated at {_loss(least.prune_ppl or base, base):.2f}x calibration "
+            f"perplexity by the pruning proxy (gate max_ppl_ratio {g.max_ppl_ratio:.2f}x)"
         )
     needed = next(
         (c for combo, c in sorted(priced, key=lambda pair: pair[1].bound_mib) if all(whole_within(k) for k in combo)),

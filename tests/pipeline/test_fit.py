@@ -507,3 +507,31 @@ def test_a_budget_whose_fitting_precisions_all_miss_the_gates_stops_with_the_sma
     fit = choose_precision(model, ids, enough, enough.prune_config())
     (chosen,) = [c for c in fit.candidates if c.chosen]
     assert not chosen.gate_misses and chosen.prune_share == 0
+
+
+def test_pruning_past_the_pruned_models_gate_is_no_way_to_fit(tmp_path: Path, ids: torch.Tensor, monkeypatch) -> None:
+    """Below what int4 blocks need unpruned, every candidate prunes; with the proxy pricing that above
+    ``max_ppl_ratio`` (the pruned model's own gate), the fit stops and names it, with the budget at
+    which the least compressed precision within the gates fits unpruned."""
+    import re
+
+    import pipeline.fit.plan as plan
+
+    class Proxy(PruningProxy):
+        def perplexity(self, share: float) -> float:
+            return super().perplexity(0.0) * (1 + 2 * share)
+
+    monkeypatch.setattr(plan, "PruningProxy", Proxy)
+    model = tiny_model("llama", **PRUNE_WIDE)
+    shape = model_shape(model)
+    gates = {**LOOSE_GATES, "max_ppl_ratio": 1.01}
+    common = {"runtimes": ["onnxruntime"], "runtime_overhead_mib": {"onnxruntime": 0.0}, "gates": gates}
+    probe = _auto_profile(tmp_path, **common, pruning={"headroom_mib": 0})
+    int4w = worst(estimate_all(shape, probe.with_quantize({"onnxruntime": "int4w"}))).bound_mib
+    tight = _auto_profile(tmp_path, **common, pruning={"headroom_mib": 0}, memory_budget_mib=math.floor(int4w) - 1)
+    with pytest.raises(BudgetError) as err:
+        choose_precision(model, ids, tight, tight.prune_config())
+    text = str(err.value)
+    assert "gate max_ppl_ratio 1.01x" in text and "MLP channels would go" in text
+    smallest = int(re.search(r"memory_budget_mib (\d+)", text).group(1))  # type: ignore[union-attr]
+    assert smallest >= math.floor(int4w)  # unpruned: the smallest scheme's own size at least
