@@ -300,9 +300,8 @@ def choose_precision(
             cand.est_ratio = {rt: _loss(q, base) * prune for rt, q in cand.quant_ppl.items()}
             cand.bound_only = True
             cand.gate_misses = [key[0] for key in combo if not bound_within(key)]
-            if (
-                gates.max_ppl_ratio is not None and prune > gates.max_ppl_ratio
-            ):  # the pruned model's own gate (pruned vs dense perplexity)
+            # the pruned model's own gate (pruned vs dense perplexity), on the proxy's estimate
+            if gates.max_ppl_ratio is not None and prune > gates.max_ppl_ratio:
                 cand.gate_misses.append(PRUNING)
             ranked_by_bound.append((combo, cand))
     ranked_by_bound.sort(key=lambda pair: _rank(pair[1]))
