@@ -366,21 +366,23 @@ def _gate_error(
     predictions."""
     g = profile.gates
     lines = []
-    unpruned = [(combo, c) for combo, c in fitting if PRUNING not in c.gate_misses]
-    for rt in profile.runtimes:
-        keys = {key for combo, c in unpruned for key in combo if key[0] == rt and rt in c.gate_misses}
-        if not keys or any(rt not in c.gate_misses for _, c in unpruned):
+    acceptable = [(combo, c) for combo, c in fitting if PRUNING not in c.gate_misses]
+    for rt in profile.runtimes:  # a runtime none of whose precisions that fit passes (simulated whole)
+        keys = {key for combo, _ in acceptable for key in combo if key[0] == rt}
+        if not keys or any(whole_within(k) for k in keys):
             continue
         key = max(keys, key=lambda k: (agreement(k), -measured(k)))
-        what = precision_text(key[1], key[3], key[2])
+        share = min(c.prune_share or 0.0 for combo, c in acceptable if key in combo)
+        how = f"with ~{share:.0%} of MLP channels pruned" if share else "unpruned"
         lines.append(
-            f"{rt}: the best that fits, {what}, is estimated at {agreement(key):.1%} top-1 agreement with fp32 "
-            f"(gate quantized_min_top1 {g.quantized_min_top1:.0%}) and {_loss(measured(key), base):.3f}x "
-            f"calibration perplexity (gate quantized_max_ppl_ratio {g.quantized_max_ppl_ratio:.2f}x)"
+            f"{rt}: the best that fits ({how}), {precision_text(key[1], key[3], key[2])}, is estimated at "
+            f"{agreement(key):.1%} top-1 agreement with fp32 (gate quantized_min_top1 {g.quantized_min_top1:.0%}) "
+            f"and {_loss(measured(key), base):.3f}x calibration perplexity (gate quantized_max_ppl_ratio "
+            f"{g.quantized_max_ppl_ratio:.2f}x)"
         )
-    pruned = [c for _, c in fitting if c.gate_misses == [PRUNING]]  # within the quantized gates, pruned past its own
-    if pruned:
-        least = min(pruned, key=lambda c: c.prune_share or 0.0)
+    over = [c for combo, c in fitting if PRUNING in c.gate_misses and all(whole_within(k) for k in combo)]
+    if over:  # precisions within the quantized gates that fit only pruned past the pruned model's gate
+        least = min(over, key=lambda c: c.prune_share or 0.0)
         within = ", ".join(f"{rt} {least.runtime_precision(rt)}" for rt in least.precision)
         lines.append(
             f"with a precision within the quantized gates ({within}), "
