@@ -58,7 +58,7 @@ import torch
 
 from core.errors import BudgetError
 from core.methods import MethodConfig
-from core.perplexity import perplexity, scored
+from core.perplexity import scored
 from core.schemes import precision_text, rounds_by_gptq
 from exporters.rounding import GPTQ_WINDOWS
 from pipeline.choices import FP32, most_compressed, runtime_options
@@ -201,10 +201,14 @@ def choose_precision(
     def remembered(what: str, measure: Callable[[], float]) -> float:
         return memo.value(what, windows, measure, batch_size=cfg.batch_size) if memo else measure()
 
-    base = remembered(
-        "calibration perplexity (fp32)",
-        lambda: perplexity(model, windows, batch_size=cfg.batch_size, desc="calibration perplexity (fp32)"),
-    )
+    fp32_top1: list[torch.Tensor] = []  # the fp32 pass's top-1 tokens, where this call made that pass
+
+    def dense() -> float:
+        ppl, top1 = scored(model, windows, batch_size=cfg.batch_size, desc="calibration perplexity (fp32)")
+        fp32_top1.append(top1)
+        return ppl
+
+    base = remembered("calibration perplexity (fp32)", dense)
     Key = tuple[str, str, str, str]  # (runtime, linear, head, embedding)
     quant_ppl: dict[Key, float] = {}
     quant_top1: dict[Key, float] = {}
@@ -235,8 +239,9 @@ def choose_precision(
 
     @functools.cache
     def reference_top1() -> torch.Tensor:
-        """The dense fp32 model's top-1 tokens on the scored windows (agreement's reference)."""
-        return scored(model, windows, cfg.batch_size, desc="calibration top-1 (fp32)")[1]
+        """The dense fp32 model's top-1 tokens on the scored windows (agreement's reference): from the
+        fp32 perplexity's pass, or one pass of their own where that perplexity was remembered."""
+        return fp32_top1[0] if fp32_top1 else scored(model, windows, cfg.batch_size, desc="calibration top-1 (fp32)")[1]
 
     def measure(key: Key) -> None:
         """Calibration perplexity and top-1 agreement of one runtime's (linear, head, embedding)
@@ -389,16 +394,13 @@ def _gate_error(
             f"{least.pruning} would go, estimated at {_loss(least.prune_ppl or base, base):.2f}x calibration "
             f"perplexity by the pruning proxy (gate max_ppl_ratio {g.max_ppl_ratio:.2f}x)"
         )
-    needed = next(
-        (c for combo, c in sorted(priced, key=lambda pair: pair[1].bound_mib) if all(whole_within(k) for k in combo)),
-        None,
+    passing = (
+        (combo, c) for combo, c in sorted(priced, key=lambda pair: pair[1].bound_mib) if all(map(whole_within, combo))
     )
+    combo, needed = next(passing, ((), None))
     headroom = profile.pruning.headroom_mib
     if needed is not None:
-        estimates = ", ".join(
-            f"{rt} {needed.runtime_precision(rt)} ({agreement(k):.1%} estimated)"
-            for rt, k in zip(needed.precision, _keys(needed), strict=True)
-        )
+        estimates = ", ".join(f"{k[0]} {needed.runtime_precision(k[0])} ({agreement(k):.1%} estimated)" for k in combo)
         chunk = f", prefill chunk {needed.prefill_tokens}" if needed.prefill_tokens is not None else ""
         smallest = (
             f"The smallest budget at which a precision is estimated to pass them unpruned: memory_budget_mib "
@@ -413,11 +415,6 @@ def _gate_error(
         + "; ".join(lines)
         + f". {smallest} {levers}"
     )
-
-
-def _keys(c: Candidate) -> list[tuple[str, str, str, str]]:
-    """``c``'s (runtime, linear, head, embedding) per runtime."""
-    return [(rt, lin, c.head[rt], c.embedding[rt]) for rt, lin in c.precision.items()]
 
 
 def _simulated(
