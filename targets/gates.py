@@ -67,7 +67,7 @@ def quantized_gates(
     gates = [
         Gate(
             f"agreement[{runtime}]",
-            agree >= g.quantized_min_top1,
+            g.agreement_passes(agree),
             agree,
             g.quantized_min_top1,
             f"{scheme}: top-1 agreement with the fp32 pruned model {where} {agree:.1%} "
@@ -80,7 +80,7 @@ def quantized_gates(
         gates.append(
             Gate(
                 f"quality[{runtime}]",
-                ratio <= g.quantized_max_ppl_ratio,
+                g.quantized_ratio_passes(ratio),
                 ratio,
                 g.quantized_max_ppl_ratio,
                 f"{scheme}: perplexity {exported:.2f} vs fp32 pruned {pruned:.2f} = {ratio:.3f}x "
@@ -158,7 +158,7 @@ def emulated_gates(profile: DeviceProfile, runtime: str, quantized: bool, cmp: d
         return [
             Gate(
                 name,
-                agree >= need,
+                profile.gates.agreement_passes(agree),
                 agree,
                 need,
                 f"aarch64 vs local top-1 agreement over the prompt {agree:.1%} (need {need:.0%}; integer kernels "

@@ -91,6 +91,14 @@ class Gates(_Strict):
     quantized_max_ppl_ratio: float = Field(1.25, gt=1.0)
     quantized_min_top1: float = Field(0.85, gt=0.0, le=1.0)
 
+    # The quantized gates' two comparisons, in one place: validation holds a measured artifact to them
+    # (targets/gates.py) and the fit a simulated precision's estimate (pipeline/fit/plan.py).
+    def agreement_passes(self, top1: float) -> bool:
+        return top1 >= self.quantized_min_top1
+
+    def quantized_ratio_passes(self, ratio: float) -> bool:
+        return ratio <= self.quantized_max_ppl_ratio
+
 
 class DeviceProfile(_Strict):
     """A target device and the run-time constraints an exported model must meet on it."""

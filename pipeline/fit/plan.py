@@ -278,7 +278,7 @@ def choose_precision(
         gates (an all-fp32 one is gated on parity instead: always within)."""
         if key[1:] == (FP32, FP32, FP32):
             return True
-        return top1 >= gates.quantized_min_top1 and _loss(ppl, base) <= gates.quantized_max_ppl_ratio
+        return gates.agreement_passes(top1) and gates.quantized_ratio_passes(_loss(ppl, base))
 
     def bound_within(key: Key) -> bool:
         """The gates on the components' bound: a precision agrees no better, and scores no better,
@@ -304,7 +304,9 @@ def choose_precision(
             cand.est_top1 = {key[0]: min(agreement(k) for k in components(*key)) for key in combo}
             cand.est_ratio = {rt: _loss(q, base) * prune for rt, q in cand.quant_ppl.items()}
             cand.bound_only = True
-            cand.gate_misses = [key[0] for key in combo if not bound_within(key)]
+            cand.gate_misses = [
+                key[0] for key in combo if not within(key, cand.quant_ppl[key[0]], cand.est_top1[key[0]])
+            ]
             # the pruned model's own gate (pruned vs dense perplexity), on the proxy's estimate
             if gates.max_ppl_ratio is not None and prune > gates.max_ppl_ratio:
                 cand.gate_misses.append(PRUNING)
@@ -371,10 +373,14 @@ def _gate_error(
     predictions."""
     g = profile.gates
     lines = []
+    alone = []  # runtimes with a precision that fits and passes the gates: a run of theirs alone would
     acceptable = [(combo, c) for combo, c in fitting if PRUNING not in c.gate_misses]
     for rt in profile.runtimes:  # a runtime none of whose precisions that fit passes (simulated whole)
         keys = {key for combo, _ in acceptable for key in combo if key[0] == rt}
-        if not keys or any(whole_within(k) for k in keys):
+        passes = next((k for k in sorted(keys) if whole_within(k)), None)
+        if passes is not None:
+            alone.append(f"{rt} {precision_text(passes[1], passes[3], passes[2]) or 'fp32'} at {agreement(passes):.1%}")
+        if not keys or passes is not None:
             continue
         key = max(keys, key=lambda k: (agreement(k), -measured(k)))
         share = min(c.prune_share or 0.0 for combo, c in acceptable if key in combo)
@@ -402,13 +408,20 @@ def _gate_error(
     if needed is not None:
         estimates = ", ".join(f"{k[0]} {needed.runtime_precision(k[0])} ({agreement(k):.1%} estimated)" for k in combo)
         chunk = f", prefill chunk {needed.prefill_tokens}" if needed.prefill_tokens is not None else ""
+        need = math.ceil(needed.bound_mib + headroom)
         smallest = (
             f"The smallest budget at which a precision is estimated to pass them unpruned: memory_budget_mib "
-            f"{math.ceil(needed.bound_mib + headroom)} ({estimates}{chunk})."
+            f"{need}, {need - profile.memory_budget_mib:g} MiB more ({estimates}{chunk})."
         )
     else:
         smallest = "No precision of these runtimes is estimated to pass them at any budget."
     levers = "Raise memory_budget_mib, lower the profile's gates:, or leave the runtime out (RUNTIMES=...)."
+    if alone and lines:  # some runtimes pass on their own: name the run that exports them
+        names = ",".join(a.split()[0] for a in alone)
+        levers = (
+            f"Raise memory_budget_mib, lower the profile's gates:, or export only the runtimes estimated to pass "
+            f"within the budget: RUNTIMES={names} (or --runtimes {names}: {', '.join(alone)} estimated)."
+        )
     return BudgetError(
         f"No precision that fits {profile.name}'s {profile.memory_budget_mib:g} MiB is estimated to pass its "
         f"quality gates (precision: auto, estimated on {profile.name}'s calibration windows): "

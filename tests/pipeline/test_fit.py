@@ -483,8 +483,9 @@ def test_a_budget_whose_fitting_precisions_all_miss_the_gates_stops_with_the_sma
 ) -> None:
     """onnxruntime at a budget only int4 blocks fit, with a 99% agreement gate they miss on this model:
     the error names the gate, the runtime that misses it with its best estimate that fits (also when
-    ExecuTorch beside it has precisions within the gate), and the smallest budget at which a precision
-    is estimated to pass; at that budget the fit chooses one within the gate."""
+    ExecuTorch beside it has precisions within the gate: then it names the run that exports ExecuTorch
+    alone, which does choose within the gate), and the smallest budget at which a precision is
+    estimated to pass; at that budget the fit chooses one within the gate."""
     import re
 
     model = tiny_model("llama", **PRUNE_WIDE)
@@ -508,6 +509,13 @@ def test_a_budget_whose_fitting_precisions_all_miss_the_gates_stops_with_the_sma
     smallest = int(re.search(r"memory_budget_mib (\d+)", text).group(1))  # type: ignore[union-attr]
     fp32 = worst(estimate_all(shape, probe)).bound_mib
     assert budget < smallest <= math.ceil(fp32)  # fp32 (gated on parity) passes at its own size
+    assert f"memory_budget_mib {smallest}, {smallest - budget} MiB more" in text
+    if "executorch" in runtimes:
+        assert "RUNTIMES=executorch (or --runtimes executorch: executorch " in text
+        alone = tight.model_copy(update={"runtimes": ["executorch"]})
+        fit = choose_precision(model, ids, alone, alone.prune_config())
+        (chosen,) = [c for c in fit.candidates if c.chosen]
+        assert not chosen.gate_misses and chosen.est_top1["executorch"] >= 0.99
     enough = _auto_profile(tmp_path, **common, memory_budget_mib=smallest, gates=gates)
     fit = choose_precision(model, ids, enough, enough.prune_config())
     (chosen,) = [c for c in fit.candidates if c.chosen]
