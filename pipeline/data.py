@@ -330,6 +330,7 @@ class Calibration:
     head: torch.Tensor
     rest: Callable[[], torch.Tensor] | None = None
     _full: torch.Tensor | None = None
+    generated: bool = False  # the model's own text (no calibration file): its estimates run optimistic
 
     def full(self) -> torch.Tensor:
         if self.rest is None:
@@ -356,13 +357,14 @@ def load_calibration(
     """:func:`load_windows`, and with generated text first only ``scoring`` windows of their own
     (:class:`Calibration`: always those, so the choice does not depend on what is cached); the
     whole set when :meth:`Calibration.full` is called, from the cache if an earlier run made it."""
-    if cfg.source is not None or model_digest is None or cfg.num_samples <= scoring:
-        return Calibration(load_windows(cfg, model, tokenizer, model_digest, force))
+    generated = cfg.source is None
+    if not generated or model_digest is None or cfg.num_samples <= scoring:
+        return Calibration(load_windows(cfg, model, tokenizer, model_digest, force), generated=generated)
     head = generated_windows(
         model, tokenizer, scoring, cfg.seq_len, cfg.seed + SCORING_SEED_OFFSET, model_digest, force,
         "calibration text for scoring precisions",
     )  # fmt: skip
-    return Calibration(head, lambda: load_windows(cfg, model, tokenizer, model_digest, force))
+    return Calibration(head, lambda: load_windows(cfg, model, tokenizer, model_digest, force), generated=True)
 
 
 def load_windows(

@@ -167,7 +167,9 @@ def _prune_stage(cfg: RunConfig, profile: DeviceProfile, out: Path, key: str) ->
     fit = None
     if profile.precision == "auto":  # choose each runtime's precision first: prune only for what it cannot reach
         held_out = calib.full if calib.rest is not None else None  # generated: its whole set, another seed
-        fit = choose_precision(model, calib.head, profile, _prune_config(cfg, profile), memo, held_out).to_dict()
+        fit = choose_precision(
+            model, calib.head, profile, _prune_config(cfg, profile), memo, held_out, generated=calib.generated
+        ).to_dict()
         profile = fitted_profile(profile, fit)
         laps.lap("precision choice")
     # The dense perplexity is the gates' reference. When nothing is pruned the model stays dense, and

@@ -242,6 +242,16 @@ def frontier_of(fit: dict[str, Any]) -> list[dict[str, Any]]:
     return frontier
 
 
+def _discount(fit: dict[str, Any]) -> str:
+    scale = fit.get("disagreement_scale", 1.0)
+    if scale == 1.0:
+        return ""
+    return (
+        f" Agreement estimates are on the model's generated text, where they run high: each is shown with its "
+        f"disagreement scaled x{scale:.2f} (the worst measured), as the gates took it."
+    )
+
+
 def _fit(fit: dict[str, Any] | None) -> list[str]:
     """The precision section: what ``precision: auto`` chose, why, and the candidates it simulated
     whole or that lie on the frontier (report.json holds every one)."""
@@ -260,7 +270,7 @@ def _fit(fit: dict[str, Any] | None) -> list[str]:
         "",
         f"Chosen: {fit['reason']}. Calibration perplexity of the dense fp32 model: {fit['base_ppl']:.2f} "
         f"({fit['windows']} calibration windows; schemes simulated in PyTorch, pruning by an uncompensated "
-        f"MLP-channel proxy that over-states the method's loss; {fit['wall_s']:.0f} s).{more}",
+        f"MLP-channel proxy that over-states the method's loss; {fit['wall_s']:.0f} s).{more}{_discount(fit)}",
         "",
         "| " + " | ".join(FRONTIER_HEADERS) + " |",
         "|---|---:|---|---|---:|---|---|",
