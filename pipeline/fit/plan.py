@@ -298,11 +298,14 @@ def choose_precision(
             return True
         return gates.agreement_passes(top1) and gates.quantized_ratio_passes(_loss(ppl, base))
 
+    def agreement_bound(key: Key) -> float:
+        """A precision agrees no better than each of its components alone."""
+        return min(agreement(k) for k in components(*key))
+
     def bound_within(key: Key) -> bool:
         """The gates on the components' bound: a precision agrees no better, and scores no better,
         than each of its components alone."""
-        parts = components(*key)
-        return within(key, max(measured(k) for k in parts), min(agreement(k) for k in parts))
+        return within(key, max(measured(k) for k in components(*key)), agreement_bound(key))
 
     @functools.cache
     def whole_within(key: Key) -> bool:
@@ -319,7 +322,7 @@ def choose_precision(
             prune = _loss(cand.prune_ppl, base)
             # a precision scores at least what each of its components scores alone: the bound
             cand.quant_ppl = {key[0]: max(measured(k) for k in components(*key)) for key in combo}
-            cand.est_top1 = {key[0]: min(agreement(k) for k in components(*key)) for key in combo}
+            cand.est_top1 = {key[0]: agreement_bound(key) for key in combo}
             cand.est_ratio = {rt: _loss(q, base) * prune for rt, q in cand.quant_ppl.items()}
             cand.bound_only = True
             cand.gate_misses = [
@@ -354,7 +357,9 @@ def choose_precision(
         pinned = {rt for rt in profile.runtimes if len(runtime_options(profile, rt)) == 1}
         missed = {rt for _, c in ranked_by_bound for rt in c.gate_misses}
         if missed - pinned:
-            raise _gate_error(profile, base, ranked_by_bound, priced, whole_within, measured, agreement, scale)
+            raise _gate_error(
+                profile, base, ranked_by_bound, priced, whole_within, measured, agreement, agreement_bound, scale
+            )
         best = ranked_by_bound[0][1]  # the user pinned these precisions: warned, not stopped
         log.warning(
             "precision: %s is estimated to miss the profile's quality gates on %s (pinned by the profile: "
@@ -384,6 +389,7 @@ def _gate_error(
     whole_within: Callable[[Any], bool],
     measured: Callable[[Any], float],
     agreement: Callable[[Any], float],
+    agreement_bound: Callable[[Any], float],
     scale: float = 1.0,
 ) -> BudgetError:
     """The error for a budget every fitting precision of which misses the quality gates: per runtime
@@ -401,7 +407,8 @@ def _gate_error(
             alone.append(f"{rt} {precision_text(passes[1], passes[3], passes[2]) or 'fp32'} at {agreement(passes):.1%}")
         if not keys or passes is not None:
             continue
-        key = max(keys, key=lambda k: (agreement(k), -measured(k)))
+        # the best by its components' bound (known), simulated whole alone: not every precision that fits
+        key = max(sorted(keys), key=agreement_bound)
         share = min(c.prune_share or 0.0 for combo, c in acceptable if key in combo)
         how = f"with ~{share:.0%} of MLP channels pruned" if share else "unpruned"
         lines.append(
