@@ -441,14 +441,14 @@ def _gate_error(
         )
     else:
         smallest = "No precision of these runtimes is estimated to pass them at any budget."
-    # no runtime passes on its own: leaving one out (RUNTIMES=) would not help, so it is not offered
-    levers = "Raise memory_budget_mib or lower the profile's gates:."
     if alone and lines:  # some runtimes pass on their own: name the run that exports them
         names = ",".join(a.split()[0] for a in alone)
         levers = (
             f"Raise memory_budget_mib, lower the profile's gates:, or export only the runtimes estimated to pass "
             f"within the budget: RUNTIMES={names} (or --runtimes {names}: {', '.join(alone)} estimated)."
         )
+    else:  # no runtime passes on its own: leaving one out (RUNTIMES=) would not help, so it is not offered
+        levers = "Raise memory_budget_mib or lower the profile's gates:."
     where = f"{profile.name}'s calibration windows"
     if scale != 1.0:  # generated text: the estimates were discounted; text like the app's is a lever
         where = f"the model's generated calibration text, each disagreement scaled x{scale:.2f}"
