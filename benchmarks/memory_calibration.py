@@ -6,6 +6,7 @@ The model's peak is weights + overhead + the larger of two phases (``targets/bud
            (+ the KV cache, where the runtime preallocates it: ExecuTorch)
     run:   session_mib + gemm_resident_ratio x block weights + head_resident_ratio x lm_head
            + kv_copies x KV cache (at the positions filled) + one prefill chunk's activations
+           + (logits_copies - 1) x the chunk's logits (measured, held: core.runtimes.RuntimeCost)
 
 Each validated artifact gives one point per phase: the runner's load peak (``load_peak_mib``, less
 host code paged in), and the largest per-call peak of its context fill (``fill``: the run at full
@@ -83,6 +84,7 @@ def points_from_report(path: Path) -> list[dict[str, Any]]:
             "weights_mib": pred["weights_mib"],
             "block_weights_mib": pred["block_weights_mib"],
             "head_weights_mib": pred["head_weights_mib"],
+            "logits_mib": pred.get("logits_mib", 0.0),
         }
         head = report["profile"].get("quantize_head", {}).get(r["runtime"])
         if head is not None:  # the lm_head apart from the blocks: a check of the mix, not fitted
@@ -126,7 +128,7 @@ def _fill_points(
     import subprocess
 
     from core.runtimes import RUNTIME_TABLE
-    from targets.budget import MIB, activation_bytes, kv_cache_bytes, weight_terms
+    from targets.budget import MIB, activation_bytes, kv_cache_bytes, logits_bytes, weight_terms
     from targets.measurement import FillPoint
     from targets.validate import _runner_cmd
 
@@ -141,7 +143,7 @@ def _fill_points(
     terms = weight_terms(shape, runtime, "fp32", scheme, embedding)
     spec, sch = RUNTIME_TABLE[runtime], scheme or "fp32"
     common = {"weights_mib": terms.resident / MIB, "block_weights_mib": terms.blocks / MIB,
-              "head_weights_mib": terms.head_read / MIB}  # fmt: skip
+              "head_weights_mib": terms.head_read / MIB, "logits_mib": logits_bytes(shape, chunk, 1) / MIB}  # fmt: skip
 
     def kv(ctx: int) -> float:
         return kv_cache_bytes(shape, ctx, 1, "fp32", chunk if spec.kv_windowed else None) / MIB
@@ -286,17 +288,22 @@ def tiny_points(work: Path) -> list[dict[str, Any]]:
 
 
 TERMS = ("session_mib", "gemm_transient_ratio", "head_transient_ratio", "gemm_resident_ratio", "head_resident_ratio",
-         "kv_copies")  # fmt: skip
-LOAD_TERMS, RUN_TERMS = (1, 2), (3, 4, 5)  # indices into TERMS each phase alone determines
+         "kv_copies", "logits_copies")  # fmt: skip
+# indices into TERMS each phase alone determines. logits_copies is not among them: it is held at the
+# committed value in every group, measured by a repeated prefill (core.runtimes.RuntimeCost); fitted
+# free it trades against head_resident_ratio, both models' heads scaling with their vocabularies
+# (int8w fitted 3.5 copies and a negative head term)
+LOAD_TERMS, RUN_TERMS = (1, 2), (3, 4, 5)
 
 
 def _row(p: dict[str, Any]) -> tuple[list[float], float]:
     """The point as one least-squares row: (coefficients of the constants, what they must sum to)."""
     if p["phase"] == "load":  # a preallocated cache is resident at load too, one copy
         offset = p["weights_mib"] + p.get("kv_at_load", 0.0) * p.get("kv_mib", 0.0) + _planned(p)
-        return [1.0, p["block_weights_mib"], p["head_weights_mib"], 0.0, 0.0, 0.0], p["measured_mib"] - offset
-    row = [1.0, 0.0, 0.0, p["block_weights_mib"], p["head_weights_mib"], p["kv_mib"]]
-    return row, p["measured_mib"] - p["weights_mib"] - p["activations_mib"]
+        return [1.0, p["block_weights_mib"], p["head_weights_mib"], 0.0, 0.0, 0.0, 0.0], p["measured_mib"] - offset
+    logits = p.get("logits_mib", 0.0)  # one copy is in the activations: the term counts every copy
+    row = [1.0, 0.0, 0.0, p["block_weights_mib"], p["head_weights_mib"], p["kv_mib"], logits]
+    return row, p["measured_mib"] - p["weights_mib"] - p["activations_mib"] + logits
 
 
 def _schemes(p: dict[str, Any]) -> tuple[str | None, str | None]:
@@ -437,15 +444,21 @@ def committed_cost(g: str) -> Any:
 def predicted(p: dict[str, Any], constants: dict[str, float] | None = None) -> float:
     """What the memory model predicts for a point's phase (no library term): with the committed
     constants, or with ``constants`` (a fit)."""
-    c = constants or {t: getattr(committed_cost(group(p)), t) for t in TERMS}
-    h = c if constants or not apart(p) else {t: getattr(committed_cost(head_group(p)), t) for t in TERMS}
+    if constants:
+        c = h = constants
+    else:  # the committed constants, as the memory model combines them (core.schemes.component_costs)
+        from core.schemes import component_costs
+
+        program, head = component_costs(p["runtime"], *_schemes(p))  # type: ignore[arg-type]
+        c, h = ({t: getattr(x, t) for t in TERMS} for x in (program, head))
     if p["phase"] == "load":
         planned = p.get("kv_at_load", 0.0) * p.get("kv_mib", 0.0) + _planned(p)
         transients = c["gemm_transient_ratio"] * p["block_weights_mib"]
         transients += h["head_transient_ratio"] * p["head_weights_mib"]
         return p["weights_mib"] + planned + c["session_mib"] + transients
     packed = c["gemm_resident_ratio"] * p["block_weights_mib"] + h["head_resident_ratio"] * p["head_weights_mib"]
-    return p["weights_mib"] + c["session_mib"] + packed + c["kv_copies"] * p["kv_mib"] + p["activations_mib"]
+    again = (c["logits_copies"] - 1.0) * p.get("logits_mib", 0.0)
+    return p["weights_mib"] + c["session_mib"] + packed + c["kv_copies"] * p["kv_mib"] + p["activations_mib"] + again
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -518,24 +531,27 @@ def main(argv: list[str] | None = None) -> int:
         "# Memory model calibration", "",
         "Model-attributable peaks measured by the runner vs what targets/budget.py predicts for them, per phase: "
         "load = weights + session + transients x block weights and x lm_head; run (the context fill's largest "
-        "call) = weights + session + KV copies x KV cache at the context + one chunk's activations. "
+        "call) = weights + session + KV copies x KV cache at the context + one chunk's activations + its "
+        "logits held again (logits copies - 1, onnxruntime's memory pattern). "
         "Goal: every point within +-10%"
         + (f"; full-context points at {', '.join(map(str, args.holdout))} positions are also predicted by a fit "
            "without them (out of sample)." if held else "."),
         "", "| source | model | runtime | scheme | context | phase | weights MiB | of which blocks | lm_head read "
-        "| KV (one copy) MiB | measured MiB | predicted MiB | error | out of sample |",
-        "|---|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| KV (one copy) MiB | chunk's logits MiB | measured MiB | predicted MiB | error | out of sample |",
+        "|---|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]  # fmt: skip
     lines += [
         f"| {p['source']} | {p['model']} | {p['runtime']} | {_scheme_text(p)} | {p['context']} | {p['phase']} | "
         f"{p['weights_mib']:.1f} | {p['block_weights_mib']:.1f} | {p['head_weights_mib']:.1f} | "
-        f"{p.get('kv_mib', 0.0):.1f} | {p['measured_mib']:.1f} | {p['predicted_mib']:.1f} | {p['error']:+.1%} | "
+        f"{p.get('kv_mib', 0.0):.1f} | {p.get('logits_mib', 0.0):.1f} | {p['measured_mib']:.1f} | "
+        f"{p['predicted_mib']:.1f} | {p['error']:+.1%} | "
         + (f"{p['holdout_error']:+.1%}" if "holdout_error" in p else "")
         + " |"
         for p in points
     ]
     lines += ["", "| constants | | session MiB | load: x block weights | load: x lm_head | run: x block weights "
-              "| run: x lm_head | run: KV copies |", "|---|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+              "| run: x lm_head | run: KV copies | run: logits copies (held) |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for rt, f in in_sample.items():
         rows = [("fitted", f), ("committed", result["committed"][rt])]
         if rt in out_of_sample:

@@ -65,8 +65,8 @@ class SchemeSpec:
 # lm_head at load, 0.30 / 0.87 kept (fitted on SmolLM2 filled to 1024-4096, Gemma 3 270M and three
 # tiny models: benchmarks/results/memory_calibration.md).
 MATMULNBITS_COST = replace(
-    RUNTIME_TABLE["onnxruntime"].cost, session_mib=4.33, gemm_transient_ratio=0.273, head_transient_ratio=1.309,
-    gemm_resident_ratio=0.301, head_resident_ratio=0.872, kv_copies=2.298, prediction_margin=0.053,
+    RUNTIME_TABLE["onnxruntime"].cost, session_mib=4.304, gemm_transient_ratio=0.274, head_transient_ratio=1.307,
+    gemm_resident_ratio=0.324, head_resident_ratio=0.197, kv_copies=2.249, prediction_margin=0.041,
 )  # fmt: skip
 
 # XNNPACK's qd8 GEMMs (8da8w, 8da4w) pack the quantized weights at load and keep packed copies beside
@@ -80,8 +80,8 @@ QD8_COST = replace(
 )  # fmt: skip
 
 INT4W_COST = replace(
-    MATMULNBITS_COST, session_mib=0.029, gemm_transient_ratio=0.693, head_transient_ratio=1.342,
-    gemm_resident_ratio=0.31, head_resident_ratio=1.17, kv_copies=2.591, prediction_margin=0.045,
+    MATMULNBITS_COST, session_mib=0.029, gemm_transient_ratio=0.693, head_transient_ratio=1.343,
+    gemm_resident_ratio=0.161, head_resident_ratio=1.006, kv_copies=2.483, prediction_margin=0.045,
 )  # fmt: skip
 
 SCHEME_TABLE: dict[Scheme, SchemeSpec] = {
@@ -114,7 +114,7 @@ SCHEME_TABLE: dict[Scheme, SchemeSpec] = {
         # 421.5 MiB, load 344.4 -> 284.4, decode 35.0 -> 36.3 tok/s), at a coarser grid (its head
         # alone, rounded to nearest: 1.09x -> 1.17x calibration perplexity). The head's terms fitted on
         # that pair; the rest is int4w's.
-        cost=replace(INT4W_COST, head_transient_ratio=1.047, head_resident_ratio=0.654),
+        cost=replace(INT4W_COST, head_transient_ratio=1.047, head_resident_ratio=0.49),
         rounding="gptq",
         head_only=True,
         summary="onnxruntime MatMulNBits: int4 lm_head in blocks of 128 (GPTQ-rounded), int8 activations per block",
@@ -270,11 +270,19 @@ def runtime_cost(runtime: Runtime, scheme: str | None = None) -> RuntimeCost:
 def component_costs(runtime: Runtime, linear: str | None, head: str | None) -> tuple[RuntimeCost, RuntimeCost]:
     """The constants of a program whose blocks are in ``linear`` and whose lm_head is in ``head``
     (both None: fp32; ``head`` the effective one, :func:`effective_head`): (the program's, the
-    head's). The program's give the session, the blocks' packing and the KV copies, and are the
-    blocks' scheme's, or the head's where the blocks are fp32 (a quantized head brings the quantized
-    kernels' session); the head's give the vocabulary projection's packing. The one rule for the
+    head's). The program's give the session, the KV and logits copies and the blocks' packing: the
+    blocks' scheme's, or, where the blocks are fp32, the head's session and copies (a quantized head
+    brings the quantized kernels' session) with fp32's packing, since fp32 blocks pack as fp32 whatever
+    the head (Gemma 3 270M's fp32 blocks + int8w head loaded 793.8 MiB; int8w's block ratios predicted
+    907.1, fp32's 811). The head's give the vocabulary projection's packing. The one rule for the
     memory model (``targets.budget.estimate``) and its calibration."""
-    return runtime_cost(runtime, linear or head), runtime_cost(runtime, head)
+    program, head_cost = runtime_cost(runtime, linear or head), runtime_cost(runtime, head)
+    if linear is None and head is not None:
+        fp32 = runtime_cost(runtime)
+        program = replace(
+            program, gemm_transient_ratio=fp32.gemm_transient_ratio, gemm_resident_ratio=fp32.gemm_resident_ratio
+        )
+    return program, head_cost
 
 
 def cost_group(runtime: str, scheme: str | None = None) -> str:

@@ -59,7 +59,10 @@ def check_feasible(model: Any, profile: DeviceProfile, cfg: MethodConfig, shape:
         else "No single change of the profile reaches it (context, prefill, quantization, block removal); "
         "pick a smaller model."
     )
-    run = f"KV {floor.kv_cache_mib:.1f} + activations {floor.activations_mib:.1f} at {floor.positions} positions"
+    run = f"KV {floor.kv_cache_mib:.1f} + activations {floor.activations_mib:.1f}"
+    if floor.repeated_logits_mib:  # onnxruntime's memory pattern: a repeated call shape holds them again
+        run += f" + logits again {floor.repeated_logits_mib:.1f}"
+    run += f" at {floor.positions} positions"
     phases = f"max(load {floor.load_mib:.1f}, {run})" if floor.load_transient_mib else run
     terms = f"weights {floor.weights_mib:.1f} + overhead {floor.overhead_mib:.1f} + {phases}"
     if floor.margin_mib:  # the memory model's calibrated worst under-prediction (prediction_margin)

@@ -7,7 +7,8 @@ peak = weights (export precision, as the runtime stores them)
          runtime preallocates, + a chunk's activations where they are planned memory: ExecuTorch), and
          running at full context: the KV cache as the runtime holds it (every layer, every KV head,
          at the profile's context length and batch; copies where the runtime keeps more than one)
-         + the activation working set (one prefill chunk attending over the whole context)
+         + the activation working set (one prefill chunk attending over the whole context; its
+         logits twice where a repeated call shape makes the runtime hold them again: onnxruntime)
 
 Shapes are read from the live modules, not the config, so per-layer widths after pruning are
 counted exactly. The pruner calls this to decide how much to remove; validation compares it with a
@@ -144,6 +145,8 @@ class MemoryEstimate:
     head_weights_mib: float = 0.0
     weights_mapped_mib: float = 0.0  # stored, memory-mapped and never read whole: not in weights_mib
     margin_mib: float = 0.0  # the calibrated under-prediction of the model's part (RuntimeCost.prediction_margin)
+    logits_mib: float = 0.0  # one prefill chunk's logits (one copy is in activations_mib)
+    logits_copies: float = 1.0  # copies of them the run holds at its peak (RuntimeCost.logits_copies)
 
     @property
     def load_mib(self) -> float:
@@ -154,9 +157,15 @@ class MemoryEstimate:
         return self.load_transient_mib + planned
 
     @property
+    def repeated_logits_mib(self) -> float:
+        """The chunk's logits held beyond the activations' one copy (onnxruntime's memory pattern)."""
+        return (self.logits_copies - 1.0) * self.logits_mib
+
+    @property
     def run_mib(self) -> float:
-        """The run phase's own terms: KV cache as held, one prefill chunk's activations, packed copies."""
-        return self.kv_cache_mib + self.activations_mib + self.packed_mib
+        """The run phase's own terms: KV cache as held, one prefill chunk's activations (their logits
+        as often as the runtime holds them), packed copies."""
+        return self.kv_cache_mib + self.activations_mib + self.repeated_logits_mib + self.packed_mib
 
     @property
     def phase(self) -> str:
@@ -321,6 +330,11 @@ def activation_bytes(
     return 4 * (residual + widest + logits)
 
 
+def logits_bytes(shape: ModelShape, tokens: int, batch: int) -> int:
+    """One prefill chunk's fp32 logits: the part of its activations a large vocabulary dominates."""
+    return 4 * batch * tokens * shape.vocab_size
+
+
 def estimate(
     shape: ModelShape, profile: DeviceProfile, runtime: Runtime, positions: int | None = None
 ) -> MemoryEstimate:
@@ -369,6 +383,8 @@ def estimate(
         block_weights_mib=gemm_mib,
         head_weights_mib=head_mib,
         weights_mapped_mib=(terms.total - terms.resident) / MIB,
+        logits_mib=logits_bytes(shape, chunk, profile.batch_size) / MIB,
+        logits_copies=cost.logits_copies,
     )
     margin = max(cost.prediction_margin, head_cost.prediction_margin)
     return replace(est, margin_mib=margin * (est.total_mib - library))

@@ -83,11 +83,13 @@ def plots(out_dir: Path, report: dict[str, Any]) -> dict[str, bytes]:
     if per_rt:
         names = list(per_rt)
         terms = [("weights_mib", "weights"), ("overhead_mib", "overhead"), ("kv_cache_mib", "KV cache"),
-                 ("activations_mib", "activations"), ("packed_mib", "packed weights kept"),
+                 ("activations_mib", "activations"), ("repeated_logits_mib", "logits held again"),
+                 ("packed_mib", "packed weights kept"),
                  ("load_extra", "load beyond the run")]  # fmt: skip
         for e in per_rt.values():  # the peak is the larger phase: loading's excess over the run's terms
             e.setdefault("packed_mib", 0.0)
             phases = MemoryEstimate.from_dict(e)
+            e["repeated_logits_mib"] = phases.repeated_logits_mib
             e["load_extra"] = max(0.0, phases.load_mib - phases.run_mib)
         fig, ax = plt.subplots(figsize=(6, 3.5))
         bottom = [0.0] * len(names)

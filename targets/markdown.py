@@ -8,12 +8,19 @@ from __future__ import annotations
 from typing import Any
 
 from core.schemes import precision_text
+from targets.budget import MemoryEstimate
 from targets.fill import FillSummary
 from targets.results import Report
 
 
 def _f(x: Any, nd: int = 1) -> str:
     return f"{x:.{nd}f}" if isinstance(x, (int, float)) else str(x)
+
+
+def _activations(e: dict[str, Any]) -> str:
+    """A runtime's activations, with the logits it holds again (onnxruntime's memory pattern) named."""
+    again = MemoryEstimate.from_dict(e).repeated_logits_mib
+    return _f(e["activations_mib"]) + (f" (+{_f(again)} logits again)" if again else "")
 
 
 def render_markdown(typed: Report) -> str:
@@ -59,7 +66,7 @@ def render_markdown(typed: Report) -> str:
                 f"| {e['runtime']} | {when} | {_f(e['weights_mib'])} | {_f(e['overhead_mib'])} | "
                 f"{_f(e.get('load_transient_mib', 0.0))} | "
                 f"{_f(e['kv_cache_mib'])} ({_f(e.get('kv_copies', 1.0), 2)}) | "
-                f"{_f(e['activations_mib'])} | {_f(e.get('packed_mib', 0.0))} | {e.get('phase', '-')} | "
+                f"{_activations(e)} | {_f(e.get('packed_mib', 0.0))} | {e.get('phase', '-')} | "
                 f"{_f(e['total_mib'])} | "
                 f"{_f(e['budget_mib'], 0)} | {'yes' if e['fits'] else 'no'} |"
             )

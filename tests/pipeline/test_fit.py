@@ -533,7 +533,8 @@ def test_a_budget_whose_fitting_precisions_all_miss_the_gates_stops_with_the_sma
     with pytest.raises(BudgetError) as err:
         choose_precision(model, ids, tight, tight.prune_config())
     text = str(err.value)
-    assert "quantized_min_top1 99%" in text and "onnxruntime: the best that fits (unpruned), int4w" in text
+    assert "quantized_min_top1 99%" in text  # the best that fits has int4 blocks, pruned a little or not
+    assert re.search(r"onnxruntime: the best that fits \((unpruned|with ~\d+% of MLP channels pruned)\), int4w", text)
     smallest = int(re.search(r"memory_budget_mib (\d+)", text).group(1))  # type: ignore[union-attr]
     fp32 = worst(estimate_all(shape, probe)).bound_mib
     assert budget < smallest <= math.ceil(fp32)  # fp32 (gated on parity) passes at its own size

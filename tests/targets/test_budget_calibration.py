@@ -53,7 +53,8 @@ def _predicted(p: dict) -> float:
         head = h.load_transient_mib(0.0, p["head_weights_mib"])
         return p["weights_mib"] + kv + c.session_mib + blocks + head
     packed = c.run_resident_mib(p["block_weights_mib"], 0.0) + h.run_resident_mib(0.0, p["head_weights_mib"])
-    run = packed + c.kv_copies * p["kv_mib"] + p["activations_mib"]
+    again = (c.logits_copies - 1.0) * p.get("logits_mib", 0.0)  # the chunk's logits held again (onnxruntime)
+    run = packed + c.kv_copies * p["kv_mib"] + p["activations_mib"] + again
     return p["weights_mib"] + c.session_mib + run
 
 
@@ -72,8 +73,9 @@ def test_calibration_data_cover_both_runtimes_both_phases_and_three_contexts() -
 @pytest.mark.parametrize("runtime", sorted(RUNTIMES))
 def test_every_point_within_10_percent(runtime: str) -> None:
     """Issues 17 and 20's goal: every point within +-10% (the default model filled to 512-4096
-    positions, Gemma 3 270M, the fitting benchmark's artifacts; the worst real-model point is -7.9%,
-    onnxruntime int8w at 512) or, for a model of a few MiB (the 0.8- and 3.5-MiB tiny Llamas), within 2 MiB.
+    positions, Gemma 3 270M, the fitting benchmark's artifacts; the worst real-model point is -6.1%,
+    ExecuTorch 8da4w's load at 512, onnxruntime's -5.0%, int8w at 512) or, for a model of a few MiB
+    (the 0.8- and 3.5-MiB tiny Llamas), within 2 MiB.
     What is under-predicted is covered by the margin (next test). Heads-apart points are not fitted
     (two groups' constants predict them); they are held to the margin only."""
     for p in (p for p in _points() if p["runtime"] == runtime and "head_scheme" not in p):
