@@ -62,8 +62,9 @@ class SchemeSpec:
 
 # MatMulNBits with int8 compute packs every weight into its own layout at load while the mapped source
 # pages are resident too, and keeps the packed copy while running: 0.27 / 1.31 of the block weights /
-# lm_head at load, 0.30 / 0.87 kept (fitted on SmolLM2 filled to 1024-4096, Gemma 3 270M and three
-# tiny models: benchmarks/results/memory_calibration.md).
+# lm_head at load, 0.32 / 0.20 kept (fitted on SmolLM2 filled to 1024-4096, Gemma 3 270M and three
+# tiny models, with the chunk's logits held twice: benchmarks/results/memory_calibration.md; counted
+# once, Gemma's excess had gone into the head's term, 0.87).
 MATMULNBITS_COST = replace(
     RUNTIME_TABLE["onnxruntime"].cost, session_mib=4.304, gemm_transient_ratio=0.274, head_transient_ratio=1.307,
     gemm_resident_ratio=0.324, head_resident_ratio=0.197, kv_copies=2.249, prediction_margin=0.041,
@@ -100,7 +101,7 @@ SCHEME_TABLE: dict[Scheme, SchemeSpec] = {
         # them into a layout (codes, scales, block sums) that is not smaller than int8w's, so per stored
         # byte the packed copy is larger. Fitted on SmolLM2 (load and 1024-4096 positions) and Gemma 3
         # 270M (512 positions), whose 28 and 100 MiB heads tell the block and head terms apart: the head
-        # packs like int8w's (load 1.34, kept 1.17 of its bytes). The session term is held at
+        # packs like int8w's at load (1.34 of its bytes; kept 1.01). The session term is held at
         # SmolLM2's fit (free, four points leave it degenerate).
         cost=INT4W_COST,
         rounding="gptq",
@@ -112,8 +113,8 @@ SCHEME_TABLE: dict[Scheme, SchemeSpec] = {
         # scale and a block sum per block, so on Gemma 3 270M's 262144 x 640 head the packed copy is
         # 45 MiB smaller, its stored codes 15 MiB (the dense model at 512 positions: run peak 497.9 ->
         # 421.5 MiB, load 344.4 -> 284.4, decode 35.0 -> 36.3 tok/s), at a coarser grid (its head
-        # alone, rounded to nearest: 1.09x -> 1.17x calibration perplexity). The head's terms fitted on
-        # that pair; the rest is int4w's.
+        # alone, rounded to nearest: 1.09x -> 1.17x calibration perplexity). The head's terms: int4w's
+        # less that pair's measured difference (load 1.047; kept 1.006 - 0.516); the rest is int4w's.
         cost=replace(INT4W_COST, head_transient_ratio=1.047, head_resident_ratio=0.49),
         rounding="gptq",
         head_only=True,
