@@ -326,12 +326,12 @@ def activation_bytes(
         attn = 2 * batch * layer.num_heads * tokens * keys if scores else 0  # + softmax
         mlp = 3 * bt * layer.intermediate_size  # gate, up, act*up
         widest = max(widest, qkv + attn, mlp)
-    logits = bt * shape.vocab_size
-    return 4 * (residual + widest + logits)
+    return 4 * (residual + widest) + logits_bytes(shape, tokens, batch)
 
 
 def logits_bytes(shape: ModelShape, tokens: int, batch: int) -> int:
-    """One prefill chunk's fp32 logits: the part of its activations a large vocabulary dominates."""
+    """One prefill chunk's fp32 logits: the part of its activations (:func:`activation_bytes`) a
+    large vocabulary dominates, and what onnxruntime holds again (``RuntimeCost.logits_copies``)."""
     return 4 * batch * tokens * shape.vocab_size
 
 
